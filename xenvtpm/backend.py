@@ -1,0 +1,181 @@
+"""The dom0 side of the vTPM split driver.
+
+It discovers devices under ``backend/vtpm/<domid>/<devid>`` (written by the toolstack),
+maps each frontend's ring and data pages once at connect, and then, per request:
+copies it out of shared memory exactly once, validates that private copy, prefixes the
+instance id, and hands it to the vTPM manager. Everything runs on one thread, so a slow
+or dead instance never stalls another: the manager is asked, not waited for.
+
+    frontend -> ring + event channel -> [Backend] -> manager socket (the seed's /dev/vtpm)
+
+The guest controls the shared pages and may change them at any moment, so nothing is
+read from them twice and no guest value indexes anything (XSA-155).
+
+Spec: seed interface.tex "Virtual TPM"; DESIGN.md section 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from xenvtpm.backend_device import BackendDevice, DeviceKey
+from xenvtpm.errors import XenStoreError
+from xenvtpm.loop import Loop
+from xenvtpm.manager_link import ManagerLink
+from xenvtpm.xen import open_hypervisor
+from xenvtpm.xen.interface import Hypervisor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 120.0  # TPM2 "long" commands (RSA key generation) may take a while
+DEVICES_TOKEN = "devices"
+RELEASE_TOKEN = "release"
+
+
+class Backend:
+    """Every vTPM device whose backend is this domain."""
+
+    def __init__(
+        self, hv: Hypervisor, loop: Loop, manager_path: str, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.hv = hv
+        self.xs = hv.xenstore
+        self.loop = loop
+        self.timeout = timeout
+        self.devices: dict[DeviceKey, BackendDevice] = {}
+        self.manager = ManagerLink(manager_path, loop, self._on_manager_up)
+        self._started = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        try:
+            self.manager.start()
+            self.loop.add_reader(self.xs.fileno(), self._on_xenstore)
+            self.xs.watch("backend/vtpm", DEVICES_TOKEN)
+            self.xs.watch("@releaseDomain", RELEASE_TOKEN)
+        except BaseException:
+            self.close()
+            raise
+        log.info("backend serving backend/vtpm, manager at %s", self.manager.path)
+
+    def close(self) -> None:
+        """Disconnect every device (Closed, pages unmapped) and the manager. Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        for dev in list(self.devices.values()):
+            dev.remove(publish=True)
+        self.devices.clear()
+        self.loop.remove_reader(self.xs.fileno())
+        self.manager.close()
+
+    # -- xenstore ------------------------------------------------------------------
+
+    def _on_xenstore(self) -> None:
+        rescan = release = False
+        touched: set[DeviceKey] = set()
+        for event in self.xs.read_watches():
+            if event.token == DEVICES_TOKEN:
+                rescan = True
+            elif event.token == RELEASE_TOKEN:
+                release = True
+            else:
+                key = DeviceKey.from_token(event.token)
+                if key is not None:
+                    touched.add(key)
+        if rescan:
+            self._rescan()
+        if release:
+            self._reap_dead_domains()
+        for key in touched:
+            dev = self.devices.get(key)
+            if dev is not None:
+                dev.on_frontend_changed()
+
+    def _rescan(self) -> None:
+        """Add devices the toolstack created and drop the ones it removed."""
+        present: set[DeviceKey] = set()
+        for domid in self._list("backend/vtpm"):
+            for devid in self._list(f"backend/vtpm/{domid}"):
+                key = DeviceKey.parse(domid, devid)
+                if key is not None:
+                    present.add(key)
+        for key in self.devices.keys() - present:
+            self.devices.pop(key).remove(publish=False)
+        for key in present - self.devices.keys():
+            dev = BackendDevice(key, self)
+            self.devices[key] = dev
+            dev.start()
+
+    def _reap_dead_domains(self) -> None:
+        for key, _dev in list(self.devices.items()):
+            if not self._domain_exists(key.domid):
+                log.info("domain %d is gone: removing its vTPM %d", key.domid, key.devid)
+                self.devices.pop(key).remove(publish=True)
+
+    def _domain_exists(self, domid: int) -> bool:
+        try:
+            self.xs.read(f"/local/domain/{domid}")
+        except XenStoreError as e:
+            return e.errno_name != "ENOENT"
+        return True
+
+    def _list(self, path: str) -> list[str]:
+        try:
+            return self.xs.directory(path)
+        except XenStoreError as e:
+            if e.errno_name == "ENOENT":
+                return []
+            raise
+
+    # -- the manager ---------------------------------------------------------------
+
+    def device_for_instance(self, instance: int) -> BackendDevice | None:
+        for dev in self.devices.values():
+            if dev.instance == instance and dev.connected:
+                return dev
+        return None
+
+    def _on_manager_up(self) -> None:
+        for dev in self.devices.values():
+            dev.on_manager_up()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python3 -m xenvtpm backend",
+        description="dom0 side of the Xen vTPM split driver: serves every backend/vtpm device "
+        "of this domain and forwards well-formed requests to the vTPM manager.",
+    )
+    p.add_argument("--manager", required=True, help="the vTPM manager's socket (/dev/vtpm)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds a vTPM may take per command (default {DEFAULT_TIMEOUT:.0f})",
+    )
+    p.add_argument("--log-level", default=os.environ.get("XENVTPM_LOG_LEVEL", "INFO"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s backend %(name)s: %(message)s"
+    )
+    loop = Loop()
+    loop.stop_on_signals()
+    hv = open_hypervisor()
+    backend = Backend(hv, loop, args.manager, args.timeout)
+    try:
+        backend.start()
+        loop.run()
+    finally:
+        backend.close()
+        loop.close()
+        hv.close()
+    return 0

@@ -1,0 +1,270 @@
+"""The guest side of the vTPM split driver.
+
+It grants one ring page and ten data pages to the backend once, at start, and keeps
+them for its whole life; runs the xenbus handshake (and runs it again whenever the
+backend goes away and comes back); and serves the guest's TPM endpoint, one command
+at a time: the 2006 ring holds exactly one request.
+
+    TPM client -> endpoint -> [Frontend] -> ring + event channel -> backend
+
+Spec: seed interface.tex "Virtual TPM"; DESIGN.md section 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+from dataclasses import dataclass
+
+from xenvtpm import tpm, tpmif
+from xenvtpm.endpoint import EndpointClient, SocketEndpoint
+from xenvtpm.errors import MalformedMessage, XenStoreError
+from xenvtpm.loop import Loop, Timer
+from xenvtpm.xen import open_hypervisor
+from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
+from xenvtpm.xenbus import FRONTEND_MOVES, StateNode, XenbusState, read_state
+
+log = logging.getLogger(__name__)
+
+S = XenbusState
+DATA_PAGES = tpmif.TPMIF_TX_RING_SIZE
+CAPACITY = tpmif.capacity(DATA_PAGES)
+DEFAULT_TIMEOUT = 180.0  # beyond the backend's own vTPM timeout; the backend answers first
+
+
+@dataclass
+class _InFlight:
+    client: EndpointClient
+    timer: Timer
+    abandoned: bool = False  # we gave up waiting; the late answer must be dropped
+
+
+class Frontend:
+    """One vTPM device (``device/vtpm/<devid>``) of this domain."""
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        loop: Loop,
+        endpoint: SocketEndpoint,
+        devid: int = 0,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._hv = hv
+        self._xs = hv.xenstore
+        self._loop = loop
+        self._endpoint = endpoint
+        self._timeout = timeout
+        self.node = f"device/vtpm/{devid}"
+        self.log = log.getChild(f"vtpm{devid}")
+        self._state = StateNode(self._xs, self.node, FRONTEND_MOVES, self.log)
+        self._pages: SharedPages | None = None
+        self._data_refs: tuple[int, ...] = ()
+        self._channel: EventChannel | None = None
+        self._backend_id = -1
+        self._backend_path = ""
+        self._queue: collections.deque[tuple[EndpointClient, bytes]] = collections.deque()
+        self._inflight: _InFlight | None = None
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Grant the pages, publish Initialising and start watching the backend."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            self._backend_id = int(self._xs.read(f"{self.node}/backend-id"))
+            self._backend_path = self._xs.read(f"{self.node}/backend").decode()
+            self._pages = self._hv.grants.share_pages(self._backend_id, 1 + DATA_PAGES)
+            self._state.switch(S.INITIALISING)
+            self._xs.watch(f"{self._backend_path}/state", "backend-state")
+            self._loop.add_reader(self._xs.fileno(), self._on_xenstore)
+            self._endpoint.start(self._loop, self._on_command)
+        except BaseException:
+            self.close()
+            raise
+        self.log.info(
+            "granted ring ref %d and %d data pages to domain %d",
+            self._pages.refs[0],
+            DATA_PAGES,
+            self._backend_id,
+        )
+
+    def close(self) -> None:
+        """Closing, then Closed; fail what is queued; revoke the grants. Idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        self._endpoint.close()
+        self._fail_all(tpm.TPM_RC.FAILURE)
+        self._loop.remove_reader(self._xs.fileno())
+        try:
+            if self._state.state not in (S.UNKNOWN, S.CLOSED):
+                self._state.switch(S.CLOSING)
+                self._state.switch(S.CLOSED)
+        except XenStoreError as e:
+            self.log.warning("could not publish Closed: %s", e)
+        self._drop_channel()
+        if self._pages is not None:
+            self._pages.close()
+            self._pages = None
+
+    # -- xenbus ------------------------------------------------------------------
+
+    def _on_xenstore(self) -> None:
+        if self._xs.read_watches():
+            self._react(read_state(self._xs, self._backend_path))
+
+    def _react(self, backend: XenbusState) -> None:
+        mine = self._state.state
+        if mine in (S.INITIALISED, S.CONNECTED) and backend in (
+            S.INIT_WAIT,
+            S.CLOSING,
+            S.CLOSED,
+            S.UNKNOWN,
+        ):
+            self.log.warning("backend went %s: reconnecting", backend.name)
+            self._disconnect()
+            mine = self._state.state
+        if mine == S.INITIALISING and backend == S.INIT_WAIT:
+            self._publish()
+        elif mine == S.INITIALISED and backend == S.CONNECTED:
+            self._state.switch(S.CONNECTED)
+            self.log.info("connected to backend domain %d", self._backend_id)
+            self._send_next()
+
+    def _publish(self) -> None:
+        """Write the ring refs, allocate the event channel, and say Initialised."""
+        assert self._pages is not None
+        refs = self._pages.refs
+        self._data_refs = tuple(refs[1:])
+        ring_page, data_pages = self._pages.pages[0], self._pages.pages[1:]
+        tpmif.write_ring(ring_page, tpmif.ring_entries(self._data_refs, [0] * len(data_pages)))
+        self._channel = self._hv.events.bind_unbound_port(self._backend_id)
+        self._loop.add_reader(self._channel.fileno(), self._on_event)
+        while True:
+            tx = self._xs.transaction_start()
+            self._xs.write(f"{self.node}/ring-ref", str(refs[0]), tx=tx)
+            self._xs.write(f"{self.node}/event-channel", str(self._channel.port), tx=tx)
+            self._state.switch(S.INITIALISED, tx=tx)
+            if self._xs.transaction_end(tx):
+                return
+            self._state.state = S.INITIALISING  # the retry publishes it again
+
+    def _disconnect(self) -> None:
+        """The backend left: fail the command in flight, drop the channel, start over."""
+        self._fail_inflight()
+        self._drop_channel()
+        self._state.switch(S.INITIALISING)
+
+    def _drop_channel(self) -> None:
+        if self._channel is not None:
+            self._loop.remove_reader(self._channel.fileno())
+            self._channel.close()
+            self._channel = None
+
+    # -- the ring ----------------------------------------------------------------
+
+    def _on_command(self, client: EndpointClient, command: memoryview) -> None:
+        if len(command) > CAPACITY:
+            client.reply(tpm.error_response(tpm.TPM_RC.COMMAND_SIZE))
+            return
+        self._queue.append((client, bytes(command)))
+        self._send_next()
+
+    def _send_next(self) -> None:
+        if self._inflight is not None or self._state.state != S.CONNECTED:
+            return
+        while self._queue:
+            client, command = self._queue.popleft()
+            if client.alive:
+                break
+        else:
+            return
+        assert self._pages is not None and self._channel is not None
+        pages = self._pages.pages
+        tpmif.write_packet(pages[0], pages[1:], self._data_refs, command)
+        timer = self._loop.call_later(self._timeout, self._on_timeout)
+        self._inflight = _InFlight(client, timer)
+        self._channel.notify()
+
+    def _on_event(self) -> None:
+        assert self._channel is not None
+        if not self._channel.consume():
+            self.log.warning("event channel closed by the backend")
+            self._disconnect()
+            return
+        inflight = self._inflight
+        if inflight is None:
+            return  # spurious: the backend only ever answers a request
+        assert self._pages is not None
+        pages = self._pages.pages
+        try:
+            entries = tpmif.read_ring(pages[0])
+            response = tpmif.gather(pages[1:], tpmif.packet_length(entries, DATA_PAGES))
+            tpm.validate_response(response)
+        except MalformedMessage as e:
+            self.log.warning("backend sent a malformed response: %s", e)
+            response = tpm.error_response(tpm.TPM_RC.FAILURE)
+        self._inflight = None
+        inflight.timer.cancel()
+        if not inflight.abandoned:
+            inflight.client.reply(response)
+        self._send_next()
+
+    def _on_timeout(self) -> None:
+        inflight = self._inflight
+        if inflight is None or inflight.abandoned:
+            return
+        self.log.warning("no answer from the backend in %.0f s", self._timeout)
+        inflight.abandoned = True
+        inflight.client.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
+
+    def _fail_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.timer.cancel()
+            if not inflight.abandoned:
+                inflight.client.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
+
+    def _fail_all(self, rc: int) -> None:
+        self._fail_inflight()
+        while self._queue:
+            client, _ = self._queue.popleft()
+            client.reply(tpm.error_response(rc))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python3 -m xenvtpm frontend",
+        description="Guest side of the Xen vTPM split driver: connects device/vtpm/<devid> "
+        "to its backend and serves the guest's TPM endpoint.",
+    )
+    p.add_argument("--socket", required=True, help="path of the TPM endpoint (SOCK_SEQPACKET)")
+    p.add_argument("--devid", type=int, default=0, help="vTPM device id (default 0)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per command")
+    p.add_argument("--log-level", default=os.environ.get("XENVTPM_LOG_LEVEL", "INFO"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s frontend %(name)s: %(message)s"
+    )
+    loop = Loop()
+    loop.stop_on_signals()
+    hv = open_hypervisor()
+    frontend = Frontend(hv, loop, SocketEndpoint(args.socket, CAPACITY), args.devid, args.timeout)
+    try:
+        frontend.start()
+        loop.run()
+    finally:
+        frontend.close()
+        loop.close()
+        hv.close()
+    return 0

@@ -1,0 +1,198 @@
+"""The backend's connection to the vTPM manager (the seed's ``/dev/vtpm``).
+
+One SOCK_SEQPACKET socket carries every device's traffic: each request is
+``instance (4 bytes, big-endian) + command`` and each reply carries the same prefix.
+The manager answers the requests of one instance in order, so the link matches replies
+to requests with one FIFO per instance. A request whose caller stopped waiting (a
+timeout, a device that left) keeps its place in the FIFO as an abandoned ticket, so its
+late reply is recognised and dropped instead of being taken for the next one's.
+
+While the manager is away (restarting), requests wait in a backlog and are sent once
+it is back; their callers' own timeouts bound the wait. Requests already sent when the
+connection drops are answered TPM_RC_FAILURE.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import struct
+from collections.abc import Callable
+
+from xenvtpm import tpm
+from xenvtpm.errors import MalformedMessage
+from xenvtpm.loop import Loop, Timer
+from xenvtpm.tpmif import TPMIF_TX_RING_SIZE, capacity
+
+log = logging.getLogger(__name__)
+
+_INSTANCE_I = struct.Struct(">I")
+PREFIX_SIZE = _INSTANCE_I.size
+MAX_PACKET = PREFIX_SIZE + capacity(TPMIF_TX_RING_SIZE)
+RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+_FAILURE = tpm.error_response(tpm.TPM_RC.FAILURE)
+
+ReplyCallback = Callable[[memoryview], None]
+
+
+class Ticket:
+    """One request sent (or about to be sent) to the manager."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self, callback: ReplyCallback) -> None:
+        self.callback: ReplyCallback | None = callback
+
+    def abandon(self) -> None:
+        """Nobody waits any more: the reply, when it comes, is dropped."""
+        self.callback = None
+
+    def resolve(self, response: memoryview | bytes) -> None:
+        callback, self.callback = self.callback, None
+        if callback is not None:
+            callback(memoryview(response))
+
+
+class ManagerLink:
+    """Sends instance-prefixed requests and routes each reply back to its ticket."""
+
+    def __init__(
+        self,
+        path: str,
+        loop: Loop,
+        on_up: Callable[[], None],
+    ) -> None:
+        self.path = path
+        self._loop = loop
+        self._on_up = on_up
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray(MAX_PACKET + 1)
+        self._pending: dict[int, collections.deque[Ticket]] = {}
+        self._backlog: collections.deque[tuple[int, bytes, Ticket]] = collections.deque()
+        self._retry: Timer | None = None
+        self._attempt = 0
+        self._closed = True
+        self.dropped_replies = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def start(self) -> None:
+        if not self._closed:
+            return
+        self._closed = False
+        self._connect()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        self._disconnect("closing")
+        while self._backlog:
+            self._backlog.popleft()[2].resolve(_FAILURE)
+
+    def request(self, instance: int, command: bytes, callback: ReplyCallback) -> Ticket:
+        """Send ``command`` for ``instance``; ``callback`` gets the reply (once, at most)."""
+        ticket = Ticket(callback)
+        if self._sock is None:
+            self._backlog.append((instance, command, ticket))
+        else:
+            self._send(instance, command, ticket)
+        return ticket
+
+    # -- internals -------------------------------------------------------------------
+
+    def _send(self, instance: int, command: bytes, ticket: Ticket) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.sendmsg([_INSTANCE_I.pack(instance), command])
+        except BlockingIOError:
+            log.warning("manager is not reading: instance %d answered TPM_RC_FAILURE", instance)
+            ticket.resolve(_FAILURE)
+            return
+        except OSError as e:
+            ticket.resolve(_FAILURE)
+            self._disconnect(f"send failed: {e}")
+            return
+        self._pending.setdefault(instance, collections.deque()).append(ticket)
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self._closed:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            delay = RECONNECT_DELAYS[min(self._attempt, len(RECONNECT_DELAYS) - 1)]
+            if self._attempt == 0:
+                log.warning("manager at %s unreachable (%s); retrying", self.path, e)
+            self._attempt += 1
+            self._retry = self._loop.call_later(delay, self._connect)
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sock.setblocking(False)
+        self._sock = sock
+        self._attempt = 0
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        log.info("connected to the vTPM manager at %s", self.path)
+        self._on_up()
+        while self._backlog and self._sock is not None:
+            instance, command, ticket = self._backlog.popleft()
+            if ticket.callback is not None:
+                self._send(instance, command, ticket)
+
+    def _disconnect(self, why: str) -> None:
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        self._loop.remove_reader(sock.fileno())
+        sock.close()
+        pending, self._pending = self._pending, {}
+        failed = sum(len(q) for q in pending.values())
+        log.warning("lost the vTPM manager (%s); %d requests answered TPM_RC_FAILURE", why, failed)
+        for queue in pending.values():
+            for ticket in queue:
+                ticket.resolve(_FAILURE)
+        if not self._closed:
+            self._retry = self._loop.call_later(RECONNECT_DELAYS[0], self._connect)
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            n = self._sock.recv_into(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._disconnect(str(e))
+            return
+        if n == 0:
+            self._disconnect("manager closed the connection")
+            return
+        if n < PREFIX_SIZE or n > MAX_PACKET:
+            log.error("manager sent a %d-byte packet: dropped", n)
+            return
+        view = memoryview(self._buffer)[:n]
+        (instance,) = _INSTANCE_I.unpack_from(view)
+        queue = self._pending.get(instance)
+        if not queue:
+            self.dropped_replies += 1
+            log.warning("unexpected reply for instance %d: dropped", instance)
+            return
+        ticket = queue.popleft()
+        if not queue:
+            del self._pending[instance]
+        response = view[PREFIX_SIZE:]
+        try:
+            tpm.validate_response(response)
+        except MalformedMessage as e:
+            log.error("instance %d: manager sent a malformed response (%s)", instance, e)
+            response = memoryview(_FAILURE)
+        if ticket.callback is None:
+            self.dropped_replies += 1
+        ticket.resolve(response)

@@ -1,0 +1,135 @@
+"""The toolstack's part of a vTPM device: the two xenstore directories of the seed.
+
+This is what xl's device code (libxl__device_generic_add) and hotplug scripts did for
+a ``vtpm=[...]`` guest: it runs in the backend's domain (dom0), never in a guest, and it
+alone chooses the instance, so a guest can never pick another guest's vTPM.
+
+Spec: seed interface.tex, "backend/vtpm" and "device/vtpm"; DESIGN.md section 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+from xenvtpm.errors import XenStoreError
+from xenvtpm.xen import open_hypervisor
+from xenvtpm.xen.interface import Access, Perm, XenStore
+from xenvtpm.xenbus import XenbusState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VtpmDevice:
+    """Where one vTPM device lives in xenstore."""
+
+    frontend_domid: int
+    backend_domid: int = 0
+    devid: int = 0
+
+    @property
+    def frontend_path(self) -> str:
+        return f"/local/domain/{self.frontend_domid}/device/vtpm/{self.devid}"
+
+    @property
+    def backend_path(self) -> str:
+        return f"/local/domain/{self.backend_domid}/backend/vtpm/{self.frontend_domid}/{self.devid}"
+
+
+def attach_vtpm(
+    xs: XenStore,
+    frontend_domid: int,
+    instance: int,
+    name: str,
+    backend_domid: int = 0,
+    devid: int = 0,
+    pref_instance: int | None = None,
+) -> VtpmDevice:
+    """Write both device directories in one transaction, with xl's permissions.
+
+    The guest owns its ``device/vtpm/<id>`` node and the backend may read it; the
+    backend owns ``backend/vtpm/<domid>/<id>`` and the guest may only read it.
+    """
+    dev = VtpmDevice(frontend_domid, backend_domid, devid)
+    fe_perms = [Perm(frontend_domid, Access.NONE), Perm(backend_domid, Access.READ)]
+    be_perms = [Perm(backend_domid, Access.NONE), Perm(frontend_domid, Access.READ)]
+    frontend = {
+        "backend-id": str(backend_domid),
+        "backend": dev.backend_path,
+        "state": str(int(XenbusState.INITIALISING)),
+    }
+    backend = {
+        "frontend-id": str(frontend_domid),
+        "frontend": dev.frontend_path,
+        "instance": str(instance),
+        "pref_instance": str(instance if pref_instance is None else pref_instance),
+        "domain": name,
+        "state": str(int(XenbusState.INITIALISING)),
+    }
+    while True:
+        tx = xs.transaction_start()
+        try:
+            for base, nodes, perms in (
+                (dev.frontend_path, frontend, fe_perms),
+                (dev.backend_path, backend, be_perms),
+            ):
+                xs.mkdir(base, tx=tx)
+                xs.set_perms(base, perms, tx=tx)
+                for key, value in nodes.items():
+                    xs.write(f"{base}/{key}", value, tx=tx)
+                    xs.set_perms(f"{base}/{key}", perms, tx=tx)
+        except BaseException:
+            xs.transaction_end(tx, commit=False)
+            raise
+        if xs.transaction_end(tx, commit=True):
+            break
+    log.info("attached vTPM instance %d to domain %d (%s)", instance, frontend_domid, name)
+    return dev
+
+
+def detach_vtpm(xs: XenStore, frontend_domid: int, backend_domid: int = 0, devid: int = 0) -> None:
+    """Remove both directories; the backend tears the device down when they go."""
+    dev = VtpmDevice(frontend_domid, backend_domid, devid)
+    for path in (dev.backend_path, dev.frontend_path):
+        try:
+            xs.rm(path)
+        except XenStoreError as e:
+            if e.errno_name != "ENOENT":
+                raise
+    log.info("detached vTPM %d of domain %d", devid, frontend_domid)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python3 -m xenvtpm", description="Toolstack: create or remove a vTPM device."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    attach = sub.add_parser("attach", help="write a vTPM's xenstore directories (dom0)")
+    attach.add_argument("--domid", type=int, required=True, help="the guest's domain id")
+    attach.add_argument("--instance", type=int, required=True, help="vTPM instance id")
+    attach.add_argument("--name", required=True, help="the guest's name")
+    detach = sub.add_parser("detach", help="remove a vTPM's xenstore directories (dom0)")
+    detach.add_argument("--domid", type=int, required=True)
+    for sp in (attach, detach):
+        sp.add_argument("--backend-domid", type=int, default=0)
+        sp.add_argument("--devid", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    hv = open_hypervisor()
+    try:
+        if args.command == "attach":
+            dev = attach_vtpm(
+                hv.xenstore, args.domid, args.instance, args.name, args.backend_domid, args.devid
+            )
+            print(dev.backend_path)
+        else:
+            detach_vtpm(hv.xenstore, args.domid, args.backend_domid, args.devid)
+    finally:
+        hv.close()
+    return 0

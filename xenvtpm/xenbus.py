@@ -1,0 +1,103 @@
+"""The xenbus device handshake: states, and the transitions each side may make.
+
+Both ends publish a ``state`` node and watch the other's. The frontend and the backend
+each own one table of legal moves; a move not in it raises ``StateError``, so a peer
+that jumps around (or a bug here) is caught at the first wrong step.
+
+Spec: xen/include/public/io/xenbus.h, enum xenbus_state.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+from xenvtpm.errors import StateError, XenStoreError
+from xenvtpm.xen.interface import XenStore
+
+log = logging.getLogger(__name__)
+
+
+class XenbusState(enum.IntEnum):
+    """xen/include/public/io/xenbus.h"""
+
+    UNKNOWN = 0
+    INITIALISING = 1
+    INIT_WAIT = 2
+    INITIALISED = 3
+    CONNECTED = 4
+    CLOSING = 5
+    CLOSED = 6
+    RECONFIGURING = 7
+    RECONFIGURED = 8
+
+
+S = XenbusState
+
+# Moves a frontend makes. Initialising is re-entered after the backend went away, so the
+# frontend can connect again to a restarted backend without its domain rebooting.
+FRONTEND_MOVES: dict[XenbusState, frozenset[XenbusState]] = {
+    S.UNKNOWN: frozenset({S.INITIALISING}),
+    S.INITIALISING: frozenset({S.INITIALISED, S.CLOSING, S.CLOSED}),
+    S.INITIALISED: frozenset({S.CONNECTED, S.INITIALISING, S.CLOSING, S.CLOSED}),
+    S.CONNECTED: frozenset({S.INITIALISING, S.CLOSING, S.CLOSED}),
+    S.CLOSING: frozenset({S.CLOSED}),
+    S.CLOSED: frozenset({S.INITIALISING}),
+}
+
+# Moves a backend makes. Like Linux backends (xenbus_probe_backend), a closed device
+# goes back to InitWait when its frontend starts over.
+BACKEND_MOVES: dict[XenbusState, frozenset[XenbusState]] = {
+    S.UNKNOWN: frozenset({S.INIT_WAIT, S.CLOSING, S.CLOSED}),
+    S.INITIALISING: frozenset({S.INIT_WAIT, S.CLOSING, S.CLOSED}),
+    S.INIT_WAIT: frozenset({S.CONNECTED, S.CLOSING, S.CLOSED}),
+    S.CONNECTED: frozenset({S.INIT_WAIT, S.CLOSING, S.CLOSED}),
+    S.CLOSING: frozenset({S.CLOSED, S.INIT_WAIT}),
+    S.CLOSED: frozenset({S.INIT_WAIT, S.CLOSED}),
+}
+
+
+def parse_state(raw: bytes) -> XenbusState:
+    """A peer's ``state`` node, as a state; anything unparsable reads as UNKNOWN."""
+    try:
+        return XenbusState(int(raw.strip(b"\0").decode("ascii")))
+    except (ValueError, UnicodeDecodeError):
+        return XenbusState.UNKNOWN
+
+
+def read_state(xs: XenStore, node: str) -> XenbusState:
+    """The state published at ``node/state``; a missing node reads as CLOSED."""
+    try:
+        return parse_state(xs.read(f"{node}/state"))
+    except XenStoreError as e:
+        if e.errno_name == "ENOENT":
+            return XenbusState.CLOSED
+        raise
+
+
+class StateNode:
+    """Our own side's published state, moved only along ``moves``."""
+
+    def __init__(
+        self,
+        xs: XenStore,
+        node: str,
+        moves: dict[XenbusState, frozenset[XenbusState]],
+        logger: logging.Logger = log,
+    ) -> None:
+        self._xs = xs
+        self._node = node
+        self._moves = moves
+        self._log = logger
+        self.state = XenbusState.UNKNOWN
+
+    def switch(self, new: XenbusState, tx: int = 0) -> None:
+        """Publish ``new``; raises StateError if our table has no such move."""
+        if new == self.state:
+            return
+        allowed = self._moves.get(self.state, frozenset())
+        if new not in allowed:
+            raise StateError(self.state.name, "/".join(s.name for s in sorted(allowed)))
+        self._xs.write(f"{self._node}/state", str(int(new)), tx=tx)
+        self._log.info("%s: %s -> %s", self._node, self.state.name, new.name)
+        self.state = new
