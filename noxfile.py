@@ -1,0 +1,95 @@
+"""Every entry point a user runs: ``nox -s tests``, ``nox -s sim``, ``nox -s lint``.
+
+Sessions install what they need themselves: Debian packages with apt-get when run as
+root (otherwise they print the exact command and stop), PyPI packages into nox's venv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["lint", "tests", "sim"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+ARTIFACTS = ROOT / "artifacts"
+
+# swtpm runs the vTPMs; libtss2-dev, pkg-config and gcc build tpm2-pytss.
+DEBIAN_PACKAGES = ["swtpm", "swtpm-tools", "libtss2-dev", "pkg-config", "gcc"]
+HARNESS = ["tpm2-pytss==3.0.0", "cryptography>=41", "pytest>=8", "hypothesis>=6.100"]
+LINT = ["ruff>=0.6", "mypy>=1.10", "pytest>=8", "hypothesis>=6.100"]
+
+
+def missing_debian_packages(packages: list[str]) -> list[str]:
+    missing = []
+    for package in packages:
+        result = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True
+        )
+        if "install ok installed" not in result.stdout:
+            missing.append(package)
+    return missing
+
+
+def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
+    """Install missing Debian packages as root; otherwise say exactly what to run."""
+    if shutil.which("dpkg-query") is None:
+        session.warn("not a Debian system: make sure these are installed: " + " ".join(packages))
+        return
+    missing = missing_debian_packages(packages)
+    if not missing:
+        return
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    if os.geteuid() != 0:
+        session.error(
+            "missing Debian packages; as root run:\n"
+            f"  apt-get update && {' '.join(command)}"
+        )
+    session.log(f"installing Debian packages: {' '.join(missing)}")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run("apt-get", "update", "-q", external=True, env=env)
+    session.run(*command, external=True, env=env)
+
+
+def install_harness(session: nox.Session, *extra: str) -> None:
+    ensure_debian_packages(session, DEBIAN_PACKAGES)
+    session.install(*HARNESS, *extra)
+    session.install("-e", ".", "--no-deps")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests of the driver pair over the simulated Xen."""
+    install_harness(session)
+    junit = ARTIFACTS / "tests" / "junit.xml"
+    session.run("pytest", "tests", f"--junitxml={junit}", *session.posargs)
+
+
+@nox.session
+def sim(session: nox.Session) -> None:
+    """The main job: every scenario on the simulated Xen, with 2 guests."""
+    install_harness(session)
+    out = ARTIFACTS / "sim"
+    session.run(
+        "pytest",
+        "scenarios",
+        "--target=sim",
+        "--guests=2",
+        f"--junitxml={out / 'junit.xml'}",
+        f"--artifacts={out}",
+        *session.posargs,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff and mypy over the driver pair and the harness."""
+    session.install(*LINT)
+    session.run("ruff", "check", "xenvtpm", "harness", "scenarios", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "xenvtpm", "harness")
+    session.run("mypy")
