@@ -1,0 +1,243 @@
+"""The fixtures every scenario uses, for every target (``--target sim|direct``).
+
+Chain (STYLE.md 9): ``target`` (session: brought up once, down at the end) -> ``guests``
+/ ``guest`` -> ``raw_tpm`` / ``esapi`` (per test). ``@pytest.mark.needs("cap", ...)``
+skips a scenario on targets lacking a capability, with the reason shown. A failing test's
+report lists the daemon logs; with ``--junitxml DIR/junit.xml`` (or ``--logs-dir``) every
+log of a failing run is copied to ``DIR/logs/``. A summary table ends the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from harness.target import Guest, Target
+from harness.targets import TARGETS, capabilities_of, make_target
+from harness.transport import RawTransport
+
+MARKERS = {
+    "needs(*capabilities)": "skip unless the target has every named capability",
+    "hostile": "a frontend that breaks the rules",
+    "slow": "takes more than a few seconds",
+    "xen": "needs a real Xen hypervisor",
+    "device": "needs a kernel TPM device (/dev/tpm0) in the guest",
+}
+TPM_RC_INITIALIZE = 0x100
+
+_TARGET_KEY = pytest.StashKey["Target"]()
+_FAILED_KEY = pytest.StashKey[bool]()
+_RESULTS_KEY = pytest.StashKey[dict[str, "_Result"]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("xenvtpm")
+    group.addoption("--target", default="sim", choices=TARGETS, help="where guests run")
+    group.addoption("--guests", type=int, default=2, help="number of guests (default 2)")
+    group.addoption(
+        "--logs-dir",
+        default=None,
+        help="copy every daemon log here when a test fails "
+        "(default: <dir of --junitxml>/logs when --junitxml is given)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    config.stash[_FAILED_KEY] = False
+    config.stash[_RESULTS_KEY] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    name = config.getoption("--target")
+    caps = capabilities_of(name, config.getoption("--guests"))
+    for item in items:
+        for mark in item.iter_markers("needs"):
+            for cap in mark.args:
+                if cap not in caps:
+                    item.add_marker(
+                        pytest.mark.skip(reason=f"target {name} lacks capability {cap}")
+                    )
+                    break
+
+
+# -- progress while the environment comes up --------------------------------------------
+def _progress(config: pytest.Config) -> Any:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capman = config.pluginmanager.get_plugin("capturemanager")
+
+    def say(message: str) -> None:
+        if reporter is None:
+            return
+        cm = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+        with cm:
+            reporter.write_line(f"[harness] {message}")
+
+    return say
+
+
+def _logs_dir(config: pytest.Config) -> Path | None:
+    explicit = config.getoption("--logs-dir")
+    if explicit:
+        return Path(explicit)
+    junit = config.getoption("xmlpath", None)
+    return Path(junit).parent / "logs" if junit else None
+
+
+def _all_logs(target: Target) -> dict[str, Path]:
+    logs = dict(target.logs())
+    for g in target.guests:
+        logs.update(g.logs())
+    return logs
+
+
+# -- fixtures ---------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def target(request: pytest.FixtureRequest) -> Iterator[Target]:
+    config = request.config
+    say = _progress(config)
+    tgt = make_target(config.getoption("--target"), config.getoption("--guests"), None, say)
+    say(f"bringing up target {tgt.name} with {config.getoption('--guests')} guests")
+    t0 = time.monotonic()
+    config.stash[_TARGET_KEY] = tgt
+    failed = True
+    try:
+        tgt.start()
+        say(f"target {tgt.name} ready in {time.monotonic() - t0:.1f} s")
+        yield tgt
+        failed = config.stash[_FAILED_KEY] or request.session.testsfailed > 0
+    finally:
+        try:
+            tgt.close()
+        finally:
+            logs = _all_logs(tgt)
+            dest = _logs_dir(config)
+            if failed and dest is not None:
+                dest.mkdir(parents=True, exist_ok=True)
+                for name, path in logs.items():
+                    if path.exists():
+                        shutil.copy2(path, dest / f"{name}.log")
+                say(f"copied {len(logs)} logs to {dest}")
+            if failed:
+                say(f"kept run directory {getattr(tgt, 'run_dir', '?')}")
+            else:
+                remove = getattr(tgt, "remove_run_dir", None)
+                if remove is not None:
+                    remove()
+
+
+@pytest.fixture(scope="session")
+def guests(target: Target) -> Sequence[Guest]:
+    return list(target.guests)
+
+
+@pytest.fixture
+def guest(guests: Sequence[Guest]) -> Guest:
+    return guests[0]
+
+
+@pytest.fixture
+def raw_tpm(guest: Guest) -> Iterator[RawTransport]:
+    with guest.transport() as transport:
+        yield transport
+
+
+@pytest.fixture
+def esapi(guest: Guest) -> Iterator[Any]:
+    """A fresh ESAPI per test: Startup(CLEAR) done, transients and sessions flushed after."""
+    from tpm2_pytss import ESAPI, TSS2_Exception
+    from tpm2_pytss.constants import TPM2_SU
+
+    from harness.tpmwire import flush_all
+
+    tcti = guest.tcti()
+    ctx = ESAPI(tcti)
+    try:
+        try:
+            ctx.startup(TPM2_SU.CLEAR)
+        except TSS2_Exception as e:
+            if e.rc != TPM_RC_INITIALIZE:
+                raise
+        yield ctx
+    finally:
+        ctx.close()
+        tcti.close()
+        # Raw commands on a new connection: works even if the test killed the context.
+        with guest.transport() as transport:
+            flush_all(transport)
+
+
+# -- reporting ---------------------------------------------------------------------------
+@dataclass
+class _Result:
+    outcome: str = "passed"
+    duration: float = 0.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if report.failed:
+        item.config.stash[_FAILED_KEY] = True
+        tgt = item.config.stash.get(_TARGET_KEY, None)
+        if tgt is not None:
+            lines = [f"{name}: {path}" for name, path in sorted(_all_logs(tgt).items())]
+            report.sections.append(("xenvtpm logs", "\n".join(lines)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    results: dict[str, _Result] = _config_of(report).stash[_RESULTS_KEY]
+    res = results.setdefault(report.nodeid, _Result())
+    res.duration += report.duration
+    if report.failed:
+        res.outcome = "failed" if report.when == "call" else f"error ({report.when})"
+    elif report.skipped and res.outcome == "passed":
+        res.outcome = "skipped"
+    elif report.when == "call" and hasattr(report, "wasxfail"):
+        res.outcome = "xpassed" if report.passed else "xfailed"
+
+
+_CONFIG: list[pytest.Config] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG[:] = [session.config]
+
+
+def _config_of(_report: pytest.TestReport) -> pytest.Config:
+    return _CONFIG[0]
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    results: dict[str, _Result] = config.stash.get(_RESULTS_KEY, {})
+    if not results:
+        return
+    tr = terminalreporter
+    width = min(max(len(n) for n in results), 90)
+    tr.section(f"xenvtpm summary (target {config.getoption('--target')})")
+    tr.write_line(f"{'scenario':<{width}}  {'result':<16} {'time':>8}")
+    for nodeid, res in results.items():
+        name = nodeid if len(nodeid) <= width else "..." + nodeid[-(width - 3) :]
+        tr.write_line(f"{name:<{width}}  {res.outcome:<16} {res.duration:>7.2f}s")
+    counts: dict[str, int] = {}
+    for res in results.values():
+        counts[res.outcome] = counts.get(res.outcome, 0) + 1
+    tr.write_line(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+
+if os.environ.get("XENVTPM_HARNESS_DEBUG"):
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)

@@ -1,0 +1,113 @@
+"""What a target is, as the fixtures and scenarios see it: small protocols and names.
+
+A *target* brings up guests that each have a vTPM, and can disturb them (restart a
+component, reboot a guest, kill a swtpm). What a target can do is announced as a set of
+capability names; scenarios ask for them with ``@pytest.mark.needs(...)`` and are skipped
+on targets that lack them. Targets live in ``harness/targets/`` and register their name
+in ``harness.targets.TARGETS`` (sim, direct; later xen under QEMU and ssh://host).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, Self, runtime_checkable
+
+from harness.transport import RawTransport
+
+
+class Capability(enum.StrEnum):
+    """Names a scenario can require. A StrEnum so plain strings compare equal."""
+
+    MULTI_GUEST = "multi-guest"  # at least two guests with separate vTPMs
+    RESTART_FRONTEND = "restart-frontend"  # target.restart("frontend")
+    RESTART_BACKEND = "restart-backend"  # target.restart("backend")
+    RESTART_MANAGER = "restart-manager"  # target.restart("manager")
+    REBOOT = "reboot"  # target.reboot(guest): new domain, same vTPM instance
+    KILL_SWTPM = "kill-swtpm"  # target.kill_swtpm(guest), target.swtpm_pid(guest)
+    XEN_PROBE = "xen-probe"  # guest.probe(...): xenstore/grant/evtchn as that domain
+
+
+Component = Literal["frontend", "backend", "manager"]
+COMPONENT_CAPABILITY: dict[str, Capability] = {
+    "frontend": Capability.RESTART_FRONTEND,
+    "backend": Capability.RESTART_BACKEND,
+    "manager": Capability.RESTART_MANAGER,
+}
+
+
+@runtime_checkable
+class Guest(Protocol):
+    """One guest with one vTPM, as seen from the host running the scenarios."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def domid(self) -> int | None:
+        """The Xen domain id now (changes on reboot); None on targets without domains."""
+        ...
+
+    @property
+    def instance(self) -> int:
+        """The vTPM instance id the toolstack bound to this guest."""
+        ...
+
+    def transport(self) -> RawTransport:
+        """A new connection to this guest's TPM."""
+        ...
+
+    def tcti(self) -> Any:
+        """A ``tpm2_pytss.PyTCTI`` over a new transport (``harness.tcti.TransportTCTI``)."""
+        ...
+
+    def logs(self) -> dict[str, Path]:
+        """This guest's own logs (frontend, its swtpm), by name."""
+        ...
+
+    def probe(self, *args: str) -> dict[str, Any]:
+        """Run ``python -m xenvtpm probe ARGS`` as this guest's domain; its JSON answer."""
+        ...
+
+
+@runtime_checkable
+class Target(Protocol):
+    """An environment of guests with vTPMs. ``start``/``close`` are idempotent."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def capabilities(self) -> frozenset[str]: ...
+
+    @property
+    def guests(self) -> Sequence[Guest]: ...
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+    def restart(self, component: Component) -> None:
+        """Restart one component; for "frontend", every guest's frontend."""
+        ...
+
+    def reboot(self, guest: Guest) -> None:
+        """Reboot a guest, as ``xl reboot``: new domid, same vTPM instance."""
+        ...
+
+    def kill_swtpm(self, guest: Guest) -> None:
+        """SIGKILL the swtpm serving ``guest``'s vTPM (its supervisor may restart it)."""
+        ...
+
+    def swtpm_pid(self, guest: Guest) -> int | None: ...
+
+    def logs(self) -> dict[str, Path]:
+        """Every log of the environment (daemons and guests), by name."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The JSON ``harness up`` prints: ``{"target": ..., "guests": [...]}``."""
+        ...
+
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...

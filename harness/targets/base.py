@@ -1,0 +1,152 @@
+"""What every target shares: run directory, capability checks, progress, lifecycle.
+
+A target's ``start`` walks off -> ready (STYLE.md 9) and rolls back on failure; ``close``
+stops everything, soft then hard, and is idempotent. ``detach`` hands the running
+processes over to the CLI's state record instead of stopping them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from harness.errors import UnsupportedOperation
+from harness.process import ProcessRecord
+from harness.target import Component, Guest
+from harness.targets import Progress
+from harness.tcti import TransportTCTI
+from harness.transport import RawTransport
+
+log = logging.getLogger(__name__)
+
+
+class BaseGuest:
+    """Shared guest behaviour: ``tcti()`` over ``transport()``; no probe by default."""
+
+    target_name: str = "base"
+
+    def transport(self) -> RawTransport:
+        raise NotImplementedError
+
+    def tcti(self) -> TransportTCTI:
+        return TransportTCTI(self.transport())
+
+    def probe(self, *args: str) -> dict[str, Any]:
+        raise UnsupportedOperation(self.target_name, "xen-probe")
+
+
+class BaseTarget:
+    name: ClassVar[str] = "base"
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self, guests: int, run_dir: Path | None = None, progress: Progress | None = None
+    ) -> None:
+        if guests < 1:
+            raise ValueError(f"a target needs at least one guest, not {guests}")
+        self.guest_count = guests
+        self.capabilities = self.capabilities_for(guests)
+        self._own_run_dir = run_dir is None
+        # Short paths: unix socket paths must fit in 108 bytes.
+        self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"xenvtpm-{self.name}-"))
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log_dir = self.run_dir / "logs"
+        self.log_dir.mkdir(exist_ok=True)
+        self._progress = progress
+        self._started = False
+        self.log = log.getChild(self.name)
+
+    @classmethod
+    def capabilities_for(cls, guests: int) -> frozenset[str]:
+        caps = set(cls.CAPABILITIES)
+        if guests < 2:
+            caps.discard("multi-guest")
+        return frozenset(caps)
+
+    # -- helpers -----------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        """A progress line (stderr for the CLI, the terminal for pytest)."""
+        self.log.info("%s", message)
+        if self._progress is not None:
+            self._progress(message)
+
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise UnsupportedOperation(self.name, capability)
+
+    def _own(self, guest: Guest) -> Any:
+        if guest not in self.guests:
+            raise ValueError(f"{guest!r} is not a guest of target {self.name}")
+        return guest
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def guests(self) -> Sequence[Any]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._started:
+            return
+        try:
+            self._start()
+        except BaseException:
+            self.say("start failed: stopping what was started")
+            self.close()
+            raise
+        self._started = True
+
+    def close(self) -> None:
+        try:
+            self._stop()
+        finally:
+            self._started = False
+
+    def detach(self) -> list[ProcessRecord]:
+        """Leave everything running; return the processes, in the order to stop them."""
+        records = self._detach()
+        self._started = False
+        return records
+
+    def remove_run_dir(self) -> None:
+        """Delete the run directory if this target made it (logs go with it)."""
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
+
+    def _detach(self) -> list[ProcessRecord]:
+        raise NotImplementedError
+
+    # -- optional operations (capabilities) --------------------------------------------
+    def restart(self, component: Component) -> None:
+        raise UnsupportedOperation(self.name, f"restart-{component}")
+
+    def reboot(self, guest: Guest) -> None:
+        raise UnsupportedOperation(self.name, "reboot")
+
+    def kill_swtpm(self, guest: Guest) -> None:
+        raise UnsupportedOperation(self.name, "kill-swtpm")
+
+    def swtpm_pid(self, guest: Guest) -> int | None:
+        raise UnsupportedOperation(self.name, "kill-swtpm")
+
+    def logs(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(self.log_dir.glob("*.log"))}
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(guests={self.guest_count}, run_dir={self.run_dir})"
