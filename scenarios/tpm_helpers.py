@@ -1,0 +1,444 @@
+"""Helpers the scenarios share: raw TPM 2.0 commands, templates, parsers, cleanup.
+
+Plain functions and frozen values, no fixtures: every target (sim, direct, qemu, ssh)
+runs the same scenarios, so nothing here knows about a target.
+
+Spec: TCG TPM 2.0 Library, Part 1 (response codes), Part 2 (structures), Part 3
+(commands); TCG EK Credential Profile 2.0 (EK certificate NV indices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from tpm2_pytss import ESAPI, ESYS_TR, TSS2_Exception
+from tpm2_pytss.constants import (
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2_HC,
+    TPM2_SU,
+    TPMA_NV,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.types import (
+    TPM2B_AUTH,
+    TPM2B_NV_PUBLIC,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_DIGEST_VALUES,
+    TPMS_NV_PUBLIC,
+    TPMT_HA,
+    TPMT_PUBLIC,
+    TPMU_HA,
+)
+
+
+class ST(IntEnum):
+    """Command and response tags. Spec: Part 2, 6.9 TPM_ST."""
+
+    NO_SESSIONS = 0x8001
+    SESSIONS = 0x8002
+
+
+class CC(IntEnum):
+    """Command codes used as raw bytes. Spec: Part 2, 6.5.2 TPM_CC."""
+
+    FLUSH_CONTEXT = 0x0165
+    GET_CAPABILITY = 0x017A
+    GET_RANDOM = 0x017B
+    PCR_READ = 0x017E
+
+
+class RC(IntEnum):
+    """Response codes the scenarios expect. Spec: Part 2, 6.6 TPM_RC."""
+
+    SUCCESS = 0x000
+    BAD_TAG = 0x01E
+    INITIALIZE = 0x100
+    FAILURE = 0x101
+    COMMAND_SIZE = 0x142
+    COMMAND_CODE = 0x143
+    # TPM_RC_VALUE (RC_FMT1 + 0x004): what swtpm/libtpms answers for an unknown tag,
+    # because the tag fails to unmarshal as TPMI_ST_COMMAND_TAG (measured: 0x084).
+    VALUE = 0x084
+
+
+TPM_HEADER = struct.Struct(">HII")  # tag, size, code: Part 1, 18.2 / 18.4
+ERROR_RESPONSE_SIZE = 10
+TPM_MAX_COMMAND_SIZE = 4096  # swtpm's TPM_PT_MAX_COMMAND_SIZE (measured)
+RING_CAPACITY = 10 * 4096  # TPMIF_TX_RING_SIZE pages: xen/include/public/io/tpmif.h
+
+# Resettable debug PCR (locality 0 may PCR_Reset it). Spec: PC Client PTP, PCR 16.
+DEBUG_PCR = 16
+
+# EK certificate NV indices. Spec: TCG EK Credential Profile 2.0, 2.2.1.4.
+EK_CERT_RSA2048 = 0x01C00002
+EK_CERT_ECC_P256 = 0x01C0000A
+EK_CERT_ECC_P384 = 0x01C00016
+# Where swtpm_setup --createek persists the EKs (measured with swtpm_setup 0.7).
+EK_PERSISTENT_RSA = 0x81010001
+
+# Per-scenario NV indices and persistent handles live in these owner ranges; each
+# scenario passes its own small offset so that scenarios never share one.
+NV_BASE = 0x01000A00
+PERSISTENT_BASE = 0x81000A00
+
+
+class Transport(Protocol):
+    """What the target's raw transport offers (``guest.transport()``)."""
+
+    def transmit(self, cmd: bytes, timeout: float = 30) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Response:
+    """A TPM 2.0 response, parsed once. Spec: Part 1, 18.4 response header."""
+
+    tag: int
+    size: int
+    code: int
+    body: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Response:
+        if len(data) < TPM_HEADER.size:
+            raise ValueError(f"response shorter than a header: {data.hex()}")
+        tag, size, code = TPM_HEADER.unpack_from(data)
+        if size != len(data):
+            raise ValueError(f"response size field {size} != length {len(data)}: {data.hex()}")
+        return cls(tag, size, code, bytes(data[TPM_HEADER.size :]))
+
+
+def command(code: int, body: bytes = b"", *, tag: int = ST.NO_SESSIONS,
+            size: int | None = None) -> bytes:
+    """Build a raw command; ``size`` overrides the header's commandSize field."""
+    total = TPM_HEADER.size + len(body) if size is None else size
+    return TPM_HEADER.pack(tag, total, code) + body
+
+
+def get_random_cmd(n: int) -> bytes:
+    """TPM2_GetRandom(bytesRequested). Spec: Part 3, 16.1."""
+    return command(CC.GET_RANDOM, struct.pack(">H", n))
+
+
+def error_response(rc: int) -> bytes:
+    """The exact 10-byte answer to a command that fails before any parameter."""
+    return TPM_HEADER.pack(ST.NO_SESSIONS, ERROR_RESPONSE_SIZE, rc)
+
+
+def rc_of(response: bytes) -> int:
+    """Response code of a raw response (the header is validated first)."""
+    return Response.from_bytes(response).code
+
+
+def tss_rc(exc: TSS2_Exception) -> int:
+    """The TPM's own response code from a TSS error, without the layer bits."""
+    return int(exc.rc) & 0xFFFF
+
+
+def assert_channel_works(transport: Transport, n: int = 8) -> bytes:
+    """GetRandom(n) through ``transport`` answers success with n bytes: the channel lives."""
+    resp = Response.from_bytes(transport.transmit(get_random_cmd(n), timeout=30))
+    assert (resp.tag, resp.code) == (ST.NO_SESSIONS, RC.SUCCESS), resp
+    (count,) = struct.unpack_from(">H", resp.body)
+    assert count == n and len(resp.body) == 2 + n, resp
+    return resp.body[2:]
+
+
+# ---- ESAPI conveniences -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_esapi(guest: Any) -> Iterator[ESAPI]:
+    """An ESAPI context on ``guest`` (for a second guest, or after a restart).
+
+    Startup(CLEAR) is sent and TPM_RC_INITIALIZE (already started) accepted, transient
+    objects are flushed when done, as the ``esapi`` fixture does for the first guest.
+    """
+    ctx = ESAPI(guest.tcti())
+    try:
+        startup(ctx)
+        yield ctx
+    finally:
+        try:
+            flush_transients(ctx)
+        finally:
+            ctx.close()
+
+
+def startup(ctx: ESAPI) -> None:
+    try:
+        ctx.startup(TPM2_SU.CLEAR)
+    except TSS2_Exception as exc:
+        if tss_rc(exc) != RC.INITIALIZE:
+            raise
+
+
+def handles(ctx: ESAPI, first: int, count: int = 64) -> list[int]:
+    """Handles the TPM lists from ``first`` on, within the same handle type."""
+    _, data = ctx.get_capability(TPM2_CAP.HANDLES, first, count)
+    kind = first >> 24
+    return [int(h) for h in data.data.handles if int(h) >> 24 == kind]
+
+
+def flush_transients(ctx: ESAPI) -> None:
+    """Flush every transient object (not sessions: those we flush ourselves)."""
+    for h in handles(ctx, TPM2_HC.TRANSIENT_FIRST):
+        ctx.flush_context(ctx.tr_from_tpmpublic(h))
+
+
+def nv_index(offset: int) -> int:
+    return NV_BASE + offset
+
+
+def persistent_handle(offset: int) -> int:
+    return PERSISTENT_BASE + offset
+
+
+def nv_exists(ctx: ESAPI, index: int) -> bool:
+    return index in handles(ctx, index, 1)
+
+
+NV_ORDINARY = (TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE
+               | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA)
+
+
+def nv_define(ctx: ESAPI, index: int, size: int, auth: bytes = b"",
+              attrs: int = NV_ORDINARY, policy: bytes = b"") -> ESYS_TR:
+    """Define an ordinary owner index (by default read/write by owner or its auth value,
+    not DA-protected, so that wrong-auth checks never lock the TPM out).
+
+    A leftover from an earlier, interrupted run is removed first.
+    """
+    nv_remove(ctx, index)
+    pub = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
+        nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs,
+        authPolicy=policy, dataSize=size))
+    return ctx.nv_define_space(TPM2B_AUTH(auth), pub)
+
+
+def nv_remove(ctx: ESAPI, index: int) -> None:
+    """Undefine ``index`` if it exists (idempotent cleanup)."""
+    if nv_exists(ctx, index):
+        ctx.nv_undefine_space(ctx.tr_from_tpmpublic(index))
+
+
+@contextlib.contextmanager
+def nv_space(ctx: ESAPI, index: int, size: int, **kw: Any) -> Iterator[ESYS_TR]:
+    """A defined NV index that is undefined again afterwards, whatever happens."""
+    tr = nv_define(ctx, index, size, **kw)
+    try:
+        yield tr
+    finally:
+        nv_remove(ctx, index)
+
+
+def nv_read_all(ctx: ESAPI, index: int) -> bytes:
+    """Read an NV index whole, in chunks of TPM_PT_NV_BUFFER_MAX (EK certs exceed it)."""
+    tr = ctx.tr_from_tpmpublic(index)
+    pub, _ = ctx.nv_read_public(tr)
+    size = pub.nvPublic.dataSize
+    chunk = get_property(ctx, TPM2_PT_NV_BUFFER_MAX)
+    out = b""
+    while len(out) < size:
+        n = min(chunk, size - len(out))
+        out += bytes(ctx.nv_read(tr, n, len(out), auth_handle=ESYS_TR.RH_OWNER))
+    return out
+
+
+def persistent_remove(ctx: ESAPI, handle: int) -> None:
+    """Evict ``handle`` if it is a persistent object (idempotent cleanup)."""
+    if handle in handles(ctx, handle, 1):
+        tr = ctx.tr_from_tpmpublic(handle)
+        ctx.evict_control(ESYS_TR.RH_OWNER, tr, handle)
+
+
+@contextlib.contextmanager
+def persistent_key(ctx: ESAPI, handle: int, template: TPM2B_PUBLIC) -> Iterator[TPMT_PUBLIC]:
+    """A primary made persistent at ``handle``, evicted again afterwards.
+
+    Yields the public area (to compare with what another context reads back).
+    """
+    persistent_remove(ctx, handle)
+    key, pub, *_ = ctx.create_primary(TPM2B_SENSITIVE_CREATE(), template)
+    try:
+        ctx.evict_control(ESYS_TR.RH_OWNER, key, handle)
+    finally:
+        ctx.flush_context(key)
+    try:
+        yield pub.publicArea
+    finally:
+        persistent_remove(ctx, handle)
+
+
+TPM2_PT_MANUFACTURER = 0x105  # Part 2, 6.13 TPM_PT (PT_FIXED + 5)
+TPM2_PT_NV_BUFFER_MAX = 0x12C
+
+
+def get_property(ctx: ESAPI, prop: int) -> int:
+    """One TPM_PT value from GetCapability(TPM_CAP_TPM_PROPERTIES)."""
+    _, data = ctx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
+    found = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+    assert prop in found, f"TPM does not report property {prop:#x}"
+    return found[prop]
+
+
+# ---- templates ----------------------------------------------------------------------
+
+STORAGE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                 | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+                 | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.NODA)
+SIGNING_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+                 | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
+                 | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.NODA)
+
+
+def template(spec: str, attrs: int) -> TPM2B_PUBLIC:
+    """A TPM2B_PUBLIC from tpm2-tools style ``spec`` ("rsa2048:aes128cfb", "ecc256")."""
+    return TPM2B_PUBLIC.parse(spec, objectAttributes=attrs, nameAlg="sha256")
+
+
+def storage_template(alg: str = "rsa2048") -> TPM2B_PUBLIC:
+    return template(f"{alg}:aes128cfb", STORAGE_ATTRS)
+
+
+def signing_template(alg: str) -> TPM2B_PUBLIC:
+    """An unrestricted signing key: "rsa2048:rsassa-sha256" or "ecc256:ecdsa-sha256"."""
+    return template(alg, SIGNING_ATTRS)
+
+
+def attestation_template(alg: str) -> TPM2B_PUBLIC:
+    """A restricted signing key, as Quote needs (no symmetric algorithm: Part 2, 12.2.3.6)."""
+    tmpl = template(alg, SIGNING_ATTRS | TPMA_OBJECT.RESTRICTED)
+    tmpl.publicArea.parameters.asymDetail.symmetric.algorithm = TPM2_ALG.NULL
+    return tmpl
+
+
+def sha256_digests(digest: bytes) -> TPML_DIGEST_VALUES:
+    """The digest list PCR_Extend takes, with one sha256 entry."""
+    return TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256,
+                                       digest=TPMU_HA(sha256=digest))])
+
+
+def public_key(pub: TPMT_PUBLIC) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The ``cryptography`` key for a TPM public area, built from its raw numbers.
+
+    Building it by hand (not via tpm2-pytss) keeps the check outside the TSS too.
+    """
+    if pub.type == TPM2_ALG.RSA:
+        exponent = int(pub.parameters.rsaDetail.exponent) or 65537
+        n = int.from_bytes(bytes(pub.unique.rsa), "big")
+        return rsa.RSAPublicNumbers(exponent, n).public_key()
+    if pub.type == TPM2_ALG.ECC:
+        curves: dict[int, ec.EllipticCurve] = {
+            TPM2_ECC.NIST_P256: ec.SECP256R1(), TPM2_ECC.NIST_P384: ec.SECP384R1()}
+        curve = curves[int(pub.parameters.eccDetail.curveID)]
+        x = int.from_bytes(bytes(pub.unique.ecc.x), "big")
+        y = int.from_bytes(bytes(pub.unique.ecc.y), "big")
+        return ec.EllipticCurvePublicNumbers(x, y, curve).public_key()
+    raise ValueError(f"unsupported key type {pub.type}")
+
+
+def object_name(pub: TPMT_PUBLIC) -> bytes:
+    """Name = nameAlg || H(TPMT_PUBLIC), for SHA-256. Spec: Part 1, 16 Names."""
+    assert pub.nameAlg == TPM2_ALG.SHA256
+    return struct.pack(">H", TPM2_ALG.SHA256) + hashlib.sha256(pub.marshal()).digest()
+
+
+# ---- PCR arithmetic -----------------------------------------------------------------
+
+
+def pcr_extended(old: bytes, digest: bytes) -> bytes:
+    """PCR_Extend: new = H(old || digest). Spec: Part 1, 17.2."""
+    return hashlib.sha256(old + digest).digest()
+
+
+def pcr_selection_bytes(pcrs: list[int], alg: int = TPM2_ALG.SHA256) -> bytes:
+    """TPML_PCR_SELECTION with one bank, 3-byte bitmap. Spec: Part 2, 10.6 / 10.9.7."""
+    bitmap = bytearray(3)
+    for p in pcrs:
+        bitmap[p // 8] |= 1 << (p % 8)
+    return struct.pack(">IHB", 1, alg, 3) + bytes(bitmap)
+
+
+def read_pcr(ctx: ESAPI, pcr: int) -> bytes:
+    """The sha256 bank value of one PCR."""
+    _, _, values = ctx.pcr_read(f"sha256:{pcr}")
+    assert len(values.digests) == 1, "PCR bank sha256 not active"
+    return bytes(values.digests[0])
+
+
+# ---- attestation structures ---------------------------------------------------------
+
+TPM_GENERATED_VALUE = 0xFF544347  # Part 2, 6.2
+TPM_ST_ATTEST_QUOTE = 0x8018  # Part 2, 6.9
+
+
+@dataclass(frozen=True)
+class QuoteInfo:
+    """TPMS_ATTEST carrying TPMS_QUOTE_INFO, parsed from the signed bytes.
+
+    Spec: Part 2, 10.12.8 TPMS_ATTEST, 10.12.1 TPMS_CLOCK_INFO, 10.12.4 TPMS_QUOTE_INFO.
+    """
+
+    magic: int
+    type: int
+    qualified_signer: bytes
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: int
+    firmware_version: int
+    pcr_select: bytes
+    pcr_digest: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> QuoteInfo:
+        view = memoryview(data)
+        pos = 0
+
+        def take(n: int) -> bytes:
+            nonlocal pos
+            if pos + n > len(view):
+                raise ValueError("attest structure truncated")
+            out = bytes(view[pos : pos + n])
+            pos += n
+            return out
+
+        def tpm2b() -> bytes:
+            (n,) = struct.unpack(">H", take(2))
+            return take(n)
+
+        magic, typ = struct.unpack(">IH", take(6))
+        signer = tpm2b()
+        extra = tpm2b()
+        clock, resets, restarts, safe = struct.unpack(">QIIB", take(17))
+        (firmware,) = struct.unpack(">Q", take(8))
+        sel_start = pos
+        (count,) = struct.unpack(">I", take(4))
+        for _ in range(count):
+            _alg, size = struct.unpack(">HB", take(3))
+            take(size)
+        pcr_select = bytes(view[sel_start:pos])
+        digest = tpm2b()
+        if pos != len(view):
+            raise ValueError("trailing bytes after TPMS_QUOTE_INFO")
+        return cls(magic, typ, signer, extra, clock, resets, restarts, safe, firmware,
+                   pcr_select, digest)
+
+
+def policy_pcr_digest(pcr_select: bytes, pcr_digest: bytes) -> bytes:
+    """policyDigest after one PolicyPCR from a fresh session. Spec: Part 3, 23.7."""
+    tpm_cc_policy_pcr = 0x0000017F
+    return hashlib.sha256(bytes(32) + struct.pack(">I", tpm_cc_policy_pcr)
+                          + pcr_select + pcr_digest).digest()
+
