@@ -1,0 +1,189 @@
+"""``python -m harness`` (console script ``harness``): bring an environment up, keep it up.
+
+    up --target sim --guests N   start everything in the background; print ONE JSON object
+    status [--json]              what runs, pids alive
+    logs [NAME] [-n LINES]       every log's path, or the tail of one
+    down                         stop everything ``up`` started; nothing is left running
+
+Progress goes to stderr, the JSON to stdout, so ``harness up | jq`` works. Exit status:
+0 success, 1 a harness error (explained on stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.errors import EnvironmentNotRunning, EnvironmentRunning, HarnessError
+from harness.process import ProcessRecord, all_procs, proc_cmdline, stop_family, tail
+from harness.state import RunRecord, RunState
+from harness.targets import TARGETS, make_target
+
+log = logging.getLogger("harness.cli")
+MAX_UNIX_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
+
+
+def _say(message: str) -> None:
+    print(f"[harness] {message}", file=sys.stderr, flush=True)
+
+
+def cmd_up(state: RunState, target_name: str, guests: int) -> int:
+    with state.locked():
+        record = state.load()
+        if record is not None:
+            alive = record.alive()
+            if alive:
+                raise EnvironmentRunning(
+                    f"an environment is already up (target {record.target}, "
+                    f"{len(record.description.get('guests', []))} guests, "
+                    f"{len(alive)} processes, run dir {record.run_dir}); "
+                    "stop it first with: python -m harness down"
+                )
+            _say(f"previous environment in {record.run_dir} is no longer running: replacing it")
+            state.clear()
+        longest = state.run_dir / "guest000.tpm.ctrl"
+        if len(str(longest)) > MAX_UNIX_PATH:
+            raise HarnessError(
+                f"{state.run_dir} is too long for unix socket paths; set XENVTPM_RUN shorter"
+            )
+        if state.run_dir.exists():
+            import shutil
+
+            shutil.rmtree(state.run_dir)
+        t0 = time.monotonic()
+        target = make_target(target_name, guests, state.run_dir, _say)
+        _say(f"bringing up target {target_name} with {guests} guests in {state.run_dir}")
+        target.start()  # rolls back by itself on failure
+        description = target.describe()
+        detach = getattr(target, "detach", None)
+        if detach is None:  # pragma: no cover - every target in TARGETS has it
+            target.close()
+            raise HarnessError(f"target {target_name} cannot be left running")
+        processes: list[ProcessRecord] = detach()
+        state.save(RunRecord(target_name, str(state.run_dir), description, processes))
+        _say(f"up in {time.monotonic() - t0:.1f} s; stop with: python -m harness down")
+        print(json.dumps(description), flush=True)
+        return 0
+
+
+def _sweep(run_dir: str) -> list[int]:
+    """Processes left whose command line names the run directory (belt and braces)."""
+    return [
+        p.pid
+        for p in all_procs()
+        if p.running and any(run_dir in arg for arg in proc_cmdline(p.pid))
+    ]
+
+
+def cmd_down(state: RunState, timeout: float) -> int:
+    with state.locked():
+        record = state.load()
+        if record is None:
+            _say("nothing is up")
+            return 0
+        for proc in record.processes:
+            if proc.alive():
+                _say(f"stopping {proc.name} (pid {proc.pid})")
+                proc.stop(timeout)
+        for pid in _sweep(record.run_dir):
+            _say(f"stopping leftover pid {pid}: {' '.join(proc_cmdline(pid))[:120]}")
+            stop_family(pid, None, timeout)
+        still = [p for p in record.processes if p.alive()] or _sweep(record.run_dir)
+        if still:
+            raise HarnessError(f"processes survived down: {still}")
+        state.clear()
+        _say(f"down; logs stay in {Path(record.run_dir) / 'logs'}")
+        return 0
+
+
+def _require(state: RunState) -> RunRecord:
+    record = state.load()
+    if record is None:
+        raise EnvironmentNotRunning("nothing is up; start one with: python -m harness up")
+    return record
+
+
+def cmd_status(state: RunState, as_json: bool) -> int:
+    record = _require(state)
+    rows = [(p, p.alive()) for p in record.processes]
+    if as_json:
+        out = record.to_json()
+        out["alive"] = {p.name: alive for p, alive in rows}
+        print(json.dumps(out, indent=2))
+    else:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
+        print(f"target {record.target}, started {started}, run dir {record.run_dir}")
+        for g in record.description.get("guests", []):
+            print(
+                f"  guest {g['name']}: domid {g.get('domid')}, "
+                f"instance {g.get('instance')}, tpm {g.get('tpm')}"
+            )
+        for p, alive in rows:
+            print(f"  {p.name:<20} pid {p.pid:<8} {'running' if alive else 'DEAD'}")
+    return 0 if all(alive for _, alive in rows) else 1
+
+
+def _log_files(state: RunState) -> dict[str, Path]:
+    record = state.load()
+    run_dir = Path(record.run_dir) if record else state.run_dir
+    return {p.stem: p for p in sorted((run_dir / "logs").glob("*.log"))}
+
+
+def cmd_logs(state: RunState, name: str | None, lines: int) -> int:
+    logs = _log_files(state)
+    if not logs:
+        raise EnvironmentNotRunning(f"no logs under {state.run_dir}; nothing was brought up")
+    if name is None:
+        width = max(len(n) for n in logs)
+        for n, path in logs.items():
+            print(f"{n:<{width}}  {path}")
+        return 0
+    if name not in logs:
+        raise HarnessError(f"no log named {name!r}; known: {', '.join(logs)}")
+    print(tail(logs[name], lines))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start an environment in the background")
+    up.add_argument("--target", default="sim", choices=TARGETS)
+    up.add_argument("--guests", type=int, default=2)
+    down = sub.add_parser("down", help="stop everything up started")
+    down.add_argument("--timeout", type=float, default=5.0, help="seconds before SIGKILL")
+    status = sub.add_parser("status", help="what runs")
+    status.add_argument("--json", action="store_true")
+    logs = sub.add_parser("logs", help="log paths, or the tail of one")
+    logs.add_argument("name", nargs="?")
+    logs.add_argument("-n", "--lines", type=int, default=50)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(name)s: %(message)s",
+    )
+    state = RunState()
+    try:
+        if args.command == "up":
+            return cmd_up(state, args.target, args.guests)
+        if args.command == "down":
+            return cmd_down(state, args.timeout)
+        if args.command == "status":
+            return cmd_status(state, args.json)
+        if args.command == "logs":
+            return cmd_logs(state, args.name, args.lines)
+    except HarnessError as e:
+        print(f"harness {args.command}: {e}", file=sys.stderr)
+        return 1
+    return 2  # pragma: no cover - argparse rejects unknown commands
