@@ -261,20 +261,27 @@ def persistent_remove(ctx: ESAPI, handle: int) -> None:
         ctx.evict_control(ESYS_TR.RH_OWNER, tr, handle)
 
 
-@contextlib.contextmanager
-def persistent_key(ctx: ESAPI, handle: int, template: TPM2B_PUBLIC) -> Iterator[TPMT_PUBLIC]:
-    """A primary made persistent at ``handle``, evicted again afterwards.
-
-    Yields the public area (to compare with what another context reads back).
-    """
+def make_persistent(ctx: ESAPI, handle: int, template: TPM2B_PUBLIC) -> TPMT_PUBLIC:
+    """Create a primary from ``template`` and EvictControl it to ``handle`` (a leftover
+    there is evicted first); return its public area."""
     persistent_remove(ctx, handle)
     key, pub, *_ = ctx.create_primary(TPM2B_SENSITIVE_CREATE(), template)
     try:
         ctx.evict_control(ESYS_TR.RH_OWNER, key, handle)
     finally:
         ctx.flush_context(key)
+    return pub.publicArea
+
+
+@contextlib.contextmanager
+def persistent_key(ctx: ESAPI, handle: int, template: TPM2B_PUBLIC) -> Iterator[TPMT_PUBLIC]:
+    """A primary made persistent at ``handle``, evicted again afterwards.
+
+    Yields the public area (to compare with what another context reads back).
+    """
+    area = make_persistent(ctx, handle, template)
     try:
-        yield pub.publicArea
+        yield area
     finally:
         persistent_remove(ctx, handle)
 
