@@ -1,0 +1,297 @@
+"""Faults: a vTPM whose swtpm dies, or whose driver restarts, fails cleanly and recovers.
+
+- swtpm killed in the middle of a command: that command gets an error (through the
+  driver, exactly TPM_RC_FAILURE; on the driverless ``direct`` target the connection
+  drops), no command hangs, and then the guest's TPM works again with committed NV data
+  intact.
+- backend or manager restarted while the guest is idle: the guest's frontend reconnects
+  by itself and the guest's open TPM connection carries commands again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import struct
+import threading
+import time
+from typing import Any
+
+import pytest
+from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
+from tpm_helpers import (
+    RC,
+    ST,
+    Response,
+    Transport,
+    assert_channel_works,
+    command,
+    error_response,
+    get_random_cmd,
+    nv_define,
+    nv_index,
+    nv_remove,
+    open_esapi,
+    startup,
+    storage_template,
+)
+
+RECOVERY_S = 30.0  # how long a guest may take to get a working TPM back
+WORKER_JOIN_S = 90.0  # a command in flight must be answered well before this
+DRIVERLESS = {"direct"}  # targets where the guest talks to swtpm itself
+
+
+def slow_create_primary_cmd() -> bytes:
+    """Raw TPM2_CreatePrimary(owner, RSA-3072 storage key, random unique): ~0.2 s of
+    swtpm time, so a kill lands inside it. Spec: Part 3, 24.1."""
+    tmpl = storage_template("rsa3072")
+    tmpl.publicArea.unique.rsa = os.urandom(384)  # no two commands alike
+    public = tmpl.marshal()
+    auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # TPM_RS_PW, empty
+    body = (struct.pack(">I", 0x40000001)  # TPM_RH_OWNER
+            + struct.pack(">I", len(auth)) + auth
+            + struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
+            + public
+            + struct.pack(">H", 0)  # outsideInfo
+            + struct.pack(">I", 0))  # creationPCR: no selection
+    return command(0x0131, body, tag=ST.SESSIONS)
+
+
+def wait_until_working(guest: Any, deadline_s: float = RECOVERY_S) -> int:
+    """Retry GetRandom on fresh transports until one succeeds; return the failures seen."""
+    failures = 0
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            with guest.transport() as t:
+                assert_channel_works(t)
+                return failures
+        except Exception:
+            failures += 1
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+
+
+class Busy(threading.Thread):
+    """Sends slow commands on its own transport until one fails or it is stopped;
+    records each answer (bytes) or the exception that ended it."""
+
+    def __init__(self, guest: Any) -> None:
+        super().__init__(daemon=True)
+        self.guest = guest
+        self.outcomes: list[bytes | Exception] = []
+        self.started_one = threading.Event()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with self.guest.transport() as t:
+                while not self.stop.is_set():
+                    self.started_one.set()
+                    resp = t.transmit(slow_create_primary_cmd(), timeout=WORKER_JOIN_S / 2)
+                    self.outcomes.append(resp)
+                    if Response.from_bytes(resp).code != RC.SUCCESS:
+                        return
+                    handle = resp[10:14]  # objectHandle: flush it, keep the TPM clean
+                    t.transmit(command(0x0165, handle), timeout=10)
+        except Exception as e:
+            self.outcomes.append(e)
+
+
+def _kill_during_command(target: Any, guest: Any) -> bytes | Exception:
+    """Kill the guest's swtpm while a slow command runs; return what that command got.
+
+    A kill that falls between two commands (the client's turn, ~1% of the time) is
+    retried: only a kill inside a command says something about this scenario.
+    """
+    for _ in range(5):
+        worker = Busy(guest)
+        worker.start()
+        assert worker.started_one.wait(10)
+        time.sleep(random.uniform(0.25, 0.6))  # past the first command's start
+        old_pid = target.swtpm_pid(guest)
+        target.kill_swtpm(guest)
+        worker.stop.set()
+        worker.join(WORKER_JOIN_S)
+        assert not worker.is_alive(), "a command stayed unanswered after swtpm died"
+        assert old_pid is not None and target.swtpm_pid(guest) != old_pid
+        last = worker.outcomes[-1]
+        if isinstance(last, Exception) or Response.from_bytes(last).code != RC.SUCCESS:
+            return last
+        wait_until_working(guest)
+    raise AssertionError("never managed to kill swtpm during a command")
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm")
+def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
+    """The command in flight when swtpm dies gets exactly TPM_RC_FAILURE (through the
+    driver); then a new connection works, and NV written before the crash is intact."""
+    index = nv_index(0x40)
+    data = os.urandom(32)
+    with open_esapi(guest) as ctx:
+        ctx.nv_write(nv_define(ctx, index, len(data)), data, 0)
+    try:
+        outcome = _kill_during_command(target, guest)
+        if target.name in DRIVERLESS:
+            assert isinstance(outcome, Exception), outcome
+        else:
+            assert outcome == error_response(RC.FAILURE)
+        wait_until_working(guest)
+        with guest.transport() as t:
+            for n in range(1, 6):
+                assert len(assert_channel_works(t, n)) == n
+        with open_esapi(guest) as ctx:
+            assert bytes(ctx.nv_read(ctx.tr_from_tpmpublic(index), len(data), 0)) == data
+    finally:
+        wait_until_working(guest)
+        with open_esapi(guest) as ctx:
+            nv_remove(ctx, index)
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm")
+def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
+    """A TSS user whose CreatePrimary is cut short by the crash gets a TSS error (TPM_RC_
+    FAILURE through the driver), not a hang; a new ESAPI context then works."""
+    errors: list[BaseException] = []
+    started = threading.Event()
+    stop = threading.Event()
+
+    def run() -> None:
+        ctx = ESAPI(guest.tcti())
+        try:
+            startup(ctx)
+            while not stop.is_set():
+                tmpl = storage_template("rsa3072")
+                tmpl.publicArea.unique.rsa = os.urandom(384)
+                started.set()
+                handle, *_ = ctx.create_primary(TPM2B_SENSITIVE_CREATE(), tmpl)
+                ctx.flush_context(handle)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            with contextlib.suppress(Exception):
+                ctx.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    time.sleep(0.4)
+    target.kill_swtpm(guest)
+    stop.set()
+    thread.join(WORKER_JOIN_S)
+    assert not thread.is_alive(), "the TSS call hung after swtpm died"
+    assert errors, "no error although swtpm was killed under a running command loop"
+    if target.name not in DRIVERLESS:
+        assert isinstance(errors[0], TSS2_Exception) and int(errors[0].rc) == RC.FAILURE
+    wait_until_working(guest)
+    with open_esapi(guest) as ctx:
+        assert len(bytes(ctx.get_random(32))) == 32
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm")
+def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) -> None:
+    """After swtpm dies between commands, a connection opened before the crash works
+    again within the recovery time (at most a few TPM_RC_FAILURE answers first)."""
+    assert_channel_works(raw_tpm)
+    old = target.swtpm_pid(guest)
+    target.kill_swtpm(guest)
+    end = time.monotonic() + RECOVERY_S
+    while True:
+        resp = raw_tpm.transmit(get_random_cmd(8), timeout=RECOVERY_S)
+        if Response.from_bytes(resp).code == RC.SUCCESS:
+            break
+        assert resp == error_response(RC.FAILURE)
+        assert time.monotonic() < end, "no recovery"
+        time.sleep(0.1)
+    assert_channel_works(raw_tpm)
+    assert target.swtpm_pid(guest) not in (None, old)
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm", "multi-guest")
+def test_swtpm_crash_leaves_other_guest_alone(target: Any, guests: Any) -> None:
+    """While guest A's swtpm is killed, every command of guest B succeeds."""
+    a, b = guests[0], guests[1]
+    failures: list[object] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        try:
+            with b.transport() as t:
+                while not stop.is_set():
+                    assert_channel_works(t, 16)
+        except BaseException as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    b_pid = target.swtpm_pid(b)
+    target.kill_swtpm(a)
+    wait_until_working(a)
+    time.sleep(0.2)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive() and failures == []
+    assert target.swtpm_pid(b) == b_pid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("component", [
+    pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
+    pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
+])
+def test_restart_while_idle_guest_reconnects(target: Any, guest: Any, component: str) -> None:
+    """After a backend or manager restart the guest's frontend reconnects by itself: a
+    TPM connection the guest opened before keeps working (after at most a few
+    TPM_RC_FAILURE answers), and new ESAPI contexts work."""
+    with guest.transport() as before:
+        assert_channel_works(before)
+        target.restart(component)
+        end = time.monotonic() + RECOVERY_S
+        while True:
+            resp = before.transmit(get_random_cmd(8), timeout=RECOVERY_S)
+            if Response.from_bytes(resp).code == RC.SUCCESS:
+                break
+            assert resp == error_response(RC.FAILURE)
+            assert time.monotonic() < end, "the guest never reconnected"
+            time.sleep(0.1)
+        assert_channel_works(before)
+    with open_esapi(guest) as ctx:
+        assert len(bytes(ctx.get_random(16))) == 16
+
+
+@pytest.mark.slow
+@pytest.mark.needs("restart-backend", "xen-probe")
+def test_backend_restart_xenbus_reconnects(target: Any, guest: Any) -> None:
+    """After a backend restart, the guest's xenstore device state is 4 (Connected) again."""
+    target.restart("backend")
+    wait_until_working(guest)
+    res = guest.probe("xs-read", f"/local/domain/{guest.domid}/device/vtpm/0/state")
+    assert res["ok"] and str(res["value"]).strip() == "4", res
+
+
+@pytest.mark.slow
+@pytest.mark.needs("restart-backend")
+def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
+    """Commands running while the backend restarts are each answered, either normally or
+    with exactly TPM_RC_FAILURE; none hangs, and the guest recovers."""
+    worker = Busy(guest)
+    worker.start()
+    assert worker.started_one.wait(10)
+    time.sleep(0.3)
+    target.restart("backend")
+    worker.stop.set()
+    worker.join(WORKER_JOIN_S)
+    assert not worker.is_alive(), "a command stayed unanswered across the backend restart"
+    for outcome in worker.outcomes:
+        assert isinstance(outcome, bytes), outcome
+        resp = Response.from_bytes(outcome)
+        assert resp.code == RC.SUCCESS or outcome == error_response(RC.FAILURE)
+    wait_until_working(guest)
