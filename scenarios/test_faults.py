@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import struct
 import threading
 import time
 from typing import Any
@@ -23,7 +22,6 @@ from tpm2_pytss import ESAPI, TSS2_Exception
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 from tpm_helpers import (
     RC,
-    ST,
     Response,
     Transport,
     assert_channel_works,
@@ -34,6 +32,7 @@ from tpm_helpers import (
     nv_index,
     nv_remove,
     open_esapi,
+    slow_create_primary_cmd,
     startup,
     storage_template,
 )
@@ -41,22 +40,6 @@ from tpm_helpers import (
 RECOVERY_S = 30.0  # how long a guest may take to get a working TPM back
 WORKER_JOIN_S = 90.0  # a command in flight must be answered well before this
 DRIVERLESS = {"direct"}  # targets where the guest talks to swtpm itself
-
-
-def slow_create_primary_cmd() -> bytes:
-    """Raw TPM2_CreatePrimary(owner, RSA-3072 storage key, random unique): ~0.2 s of
-    swtpm time, so a kill lands inside it. Spec: Part 3, 24.1."""
-    tmpl = storage_template("rsa3072")
-    tmpl.publicArea.unique.rsa = os.urandom(384)  # no two commands alike
-    public = tmpl.marshal()
-    auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # TPM_RS_PW, empty
-    body = (struct.pack(">I", 0x40000001)  # TPM_RH_OWNER
-            + struct.pack(">I", len(auth)) + auth
-            + struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
-            + public
-            + struct.pack(">H", 0)  # outsideInfo
-            + struct.pack(">I", 0))  # creationPCR: no selection
-    return command(0x0131, body, tag=ST.SESSIONS)
 
 
 def wait_until_working(guest: Any, deadline_s: float = RECOVERY_S) -> int:

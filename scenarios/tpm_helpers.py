@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -358,6 +359,22 @@ def object_name(pub: TPMT_PUBLIC) -> bytes:
     """Name = nameAlg || H(TPMT_PUBLIC), for SHA-256. Spec: Part 1, 16 Names."""
     assert pub.nameAlg == TPM2_ALG.SHA256
     return struct.pack(">H", TPM2_ALG.SHA256) + hashlib.sha256(pub.marshal()).digest()
+
+
+def slow_create_primary_cmd() -> bytes:
+    """Raw TPM2_CreatePrimary(owner, RSA-3072 storage key, random unique): ~0.2 s of
+    swtpm time, so a kill or a client timeout lands inside it. Spec: Part 3, 24.1."""
+    tmpl = storage_template("rsa3072")
+    tmpl.publicArea.unique.rsa = os.urandom(384)  # no two commands alike
+    public = tmpl.marshal()
+    auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # TPM_RS_PW, empty
+    body = (struct.pack(">I", 0x40000001)  # TPM_RH_OWNER
+            + struct.pack(">I", len(auth)) + auth
+            + struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
+            + public
+            + struct.pack(">H", 0)  # outsideInfo
+            + struct.pack(">I", 0))  # creationPCR: no selection
+    return command(0x0131, body, tag=ST.SESSIONS)
 
 
 # ---- PCR arithmetic -----------------------------------------------------------------
