@@ -222,7 +222,7 @@ def test_quotas(s: Session) -> None:
     used = s.server.owned_nodes(1)
     for i in range(20 - used):
         s.write(G1, f"n{i}", b"")
-    assert s.err(G1, XsType.XS_WRITE, encode_write("one-more", b"")) == "EQUOTA"
+    assert s.err(G1, XsType.XS_WRITE, encode_write("one-more", b"")) == "ENOSPC"
     s.ok(G1, XsType.XS_RM, join_strings("n0"))
     s.write(G1, "one-more", b"")
 

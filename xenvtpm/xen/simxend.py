@@ -266,6 +266,8 @@ class SimXen:
     # --- xenstore --------------------------------------------------------------------------
 
     def _xs_io(self, conn: _Conn, mask: int) -> None:
+        if conn.id not in self._conns:
+            return  # dropped earlier in this select() batch (destroy_domain)
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and conn.id in self._conns:
@@ -327,6 +329,8 @@ class SimXen:
     # --- hypercalls --------------------------------------------------------------------------
 
     def _hc_readable(self, conn: _Conn) -> None:
+        if conn.id not in self._conns:
+            return
         try:
             data, fds, flags, _ = socket.recv_fds(conn.sock, HC_MSG_MAX, SCM_MAX_FD)
         except BlockingIOError:

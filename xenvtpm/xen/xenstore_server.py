@@ -34,7 +34,7 @@ Delivery = tuple[int, XsPacket]  # (connection id, packet to send it)
 
 NODE_QUOTA = 2048  # nodes owned per unprivileged domain (xenstored -N default)
 WATCH_QUOTA = 128  # watches per connection (xenstored -W default)
-TRANSACTION_QUOTA = 16  # open transactions per connection (xenstored -t default... ish)
+TRANSACTION_QUOTA = 16  # open transactions per connection
 
 RELEASE_DOMAIN = "@releaseDomain"
 INTRODUCE_DOMAIN = "@introduceDomain"
@@ -299,7 +299,7 @@ class XenStoreServer:
         """Write (or with ``create_only``, mkdir) ``path``, creating missing ancestors.
 
         A created node inherits its parent's permissions, with an unprivileged creator
-        as owner (xenstored_core.c, create_node). Quota: EQUOTA past ``node_quota``.
+        as owner (xenstored_core.c, create_node). Quota: ENOSPC past ``node_quota``.
         """
         missing: list[str] = []
         probe = path
@@ -307,7 +307,7 @@ class XenStoreServer:
             missing.append(probe)
             probe = parent_of(probe)
         if domid != 0 and missing and view.owned[domid] + len(missing) > self.node_quota:
-            raise _Fail("EQUOTA")
+            raise _Fail("ENOSPC")  # xenstored_core.c, create_node
         for new in reversed(missing):
             parent = view.nodes[parent_of(new)]
             perms = parent.perms
