@@ -67,8 +67,9 @@ class RC(IntEnum):
     FAILURE = 0x101
     COMMAND_SIZE = 0x142
     COMMAND_CODE = 0x143
-    # TPM_RC_VALUE (RC_FMT1 + 0x004): what swtpm/libtpms answers for an unknown tag,
-    # because the tag fails to unmarshal as TPMI_ST_COMMAND_TAG (measured: 0x084).
+    # TPM_RC_VALUE (RC_FMT1 + 0x004): what swtpm/libtpms answers for a tag that is no
+    # TPM_ST value at all (measured: 0x084); BAD_TAG is for a TPM_ST that is not a
+    # command tag (test_errors.BAD_TAGS).
     VALUE = 0x084
 
 
