@@ -249,7 +249,7 @@ class XenStoreClient:
 
     def directory(self, path: str, tx: int = 0) -> list[str]:
         reply = self._request(XsType.XS_DIRECTORY, join_strings(path), "directory", path, tx)
-        return split_strings(reply)
+        return [name for name in split_strings(reply) if name]  # tolerate b"\0" for none
 
     def get_perms(self, path: str, tx: int = 0) -> list[Perm]:
         reply = self._request(XsType.XS_GET_PERMS, join_strings(path), "get_perms", path, tx)

@@ -486,7 +486,7 @@ class XenStoreServer:
     # --- transactions ------------------------------------------------------------------
 
     def _do_transaction_start(self, conn: _Conn) -> bytes:
-        if len(conn.transactions) >= self.transaction_quota:
+        if conn.domid != 0 and len(conn.transactions) >= self.transaction_quota:
             raise _Fail("ENOSPC")  # xenstored_transaction.c, do_transaction_start
         tx_id = self._next_tx
         self._next_tx = self._next_tx % 0xFFFFFFFF + 1  # never 0: that means "none"
