@@ -244,6 +244,11 @@ MALFORMED = [
         TPM_RC.COMMAND_SIZE,
     ),
     (
+        "8000 bytes, consistent",
+        bytes.fromhex("8001") + (8000).to_bytes(4, "big") + bytes.fromhex("0000017b") + bytes(7990),
+        TPM_RC.COMMAND_SIZE,
+    ),
+    (
         "over 40 KiB",
         bytes.fromhex("8001") + (50000).to_bytes(4, "big") + bytes(49994),
         TPM_RC.COMMAND_SIZE,
@@ -258,10 +263,14 @@ def test_malformed_answered_exactly(
     mgr: RunningManager, name: str, command: bytes, rc: int
 ) -> None:
     with mgr.client() as c:
+        random_bytes(c.transact(1, get_random_command(8)))
+        pid = swtpm_pid(mgr.root, 1)
         c.send_packet(pfx(1) + command)
         assert c.recv_packet() == err(1, rc)
-        # the instance still works afterwards
+        # the instance still works afterwards, and swtpm never saw the packet (had it,
+        # a long write would have desynchronised and restarted it)
         assert len(random_bytes(c.transact(1, get_random_command(8)))) == 8
+        assert swtpm_pid(mgr.root, 1) == pid
 
 
 def test_unknown_command_code_is_swtpms_answer(mgr: RunningManager) -> None:
@@ -383,6 +392,9 @@ def test_start_failure_answers_failure_and_retries(tmp_root: Path) -> None:
         with m.client() as c:
             assert c.transact(9, get_random_command(8)) == err(9, TPM_RC.FAILURE)[4:]
             assert c.transact(9, get_random_command(8)) == err(9, TPM_RC.FAILURE)[4:]
+            # a malformed packet is answered without another start attempt
+            c.send_packet(pfx(9) + bytes.fromhex("80030000000c0000017b0010"))
+            assert c.recv_packet() == err(9, TPM_RC.VALUE)
         log = m.stderr()
         assert log.count("vTPM instance 9: /bin/false --tpm2") == 2, log
         assert "failed (exit 1)" in log

@@ -421,16 +421,19 @@ class Manager:
                 log.debug("instance %d: malformed command (%s)", instance, exc)
             req = _Request(conn, _Kind.REPLY, error_response(exc.rc))
         inst = self._instances.get(instance)
-        if inst is None:
-            if req is not None and req.kind is _Kind.REPLY:
+        if req is not None and req.kind is _Kind.REPLY:
+            if inst is None or (inst.inflight is None and not inst.queue):
+                # nothing of this instance is pending: answer now, start nothing
                 self._reply(conn, _PREFIX_I.pack(instance), req.payload)
                 return
+        elif inst is None:
             if len(self._instances) >= self.max_instances:
                 log.error("instance %d refused: %d instances", instance, self.max_instances)
                 self._reply(conn, _PREFIX_I.pack(instance), _FAILURE)
                 return
             inst = _Instance(instance, self.config, self._on_swtpm_event)
             self._instances[instance] = inst
+        assert inst is not None
         if self._debug:
             log.debug("instance %d: %d-byte command", instance, end - PREFIX_SIZE)
         if req is None and inst.state is InstanceState.RUNNING and inst.inflight is None:
