@@ -40,7 +40,7 @@ from xenvtpm.xen.sim_hypercall import (
 from xenvtpm.xen.xenstore_server import Delivery, XenStoreServer
 from xenvtpm.xen.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket
 
-log = logging.getLogger("xenvtpm.xen.simxend")
+log = logging.getLogger("xenvtpm.xen.simxend")  # not __name__: that is "__main__" under -m
 
 XENSTORED_SOCK = "xenstored.sock"
 PRIVCMD_SOCK = "privcmd.sock"
@@ -241,7 +241,9 @@ class SimXen:
             self._sel.register(sock, selectors.EVENT_READ, lambda m: self._xs_io(conn, m))
         else:
             self._sel.register(sock, selectors.EVENT_READ, lambda _m: self._hc_readable(conn))
-        log.debug("dom%d: %s connection %d", domid, "xenstore" if xenstore else "hc", conn.id)
+        log.getChild(f"dom{domid}").debug(
+            "%s connection %d", "xenstore" if xenstore else "hypercall", conn.id
+        )
         return conn
 
     def _drop(self, conn_id: int) -> None:
@@ -249,7 +251,7 @@ class SimXen:
         conn = self._conns.pop(conn_id, None)
         if conn is None:
             return
-        log.debug("dom%d: connection %d closed", conn.domid, conn.id)
+        log.getChild(f"dom{conn.domid}").debug("connection %d closed", conn.id)
         dom = self._domains.get(conn.domid)
         if dom is not None:
             dom.conns.discard(conn.id)
