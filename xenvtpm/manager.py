@@ -59,7 +59,8 @@ from pathlib import Path
 from queue import SimpleQueue
 from types import FrameType
 
-from .errors import ChannelClosed, InstanceStartError, MalformedMessage, VTPMError
+from .errors import InstanceStartError, MalformedMessage, VTPMError
+from .manager_client import PREFIX_SIZE, ManagerClient
 from .swtpm import Swtpm, SwtpmConfig
 from .tpm import (
     HEADER_SIZE,
@@ -81,7 +82,6 @@ __all__ = ["InstanceStatus", "Manager", "ManagerClient", "build_parser", "main"]
 # "xenvtpm.manager" also when run as ``python -m xenvtpm.manager``
 log = logging.getLogger("xenvtpm.manager")
 
-PREFIX_SIZE = 4
 _PREFIX_I = struct.Struct(">I")  # instance id, network byte order (seed)
 _HEADER_SIZE_AT_2_I = struct.Struct(">I")  # responseSize at offset 2 of the TPM header
 _RX_PACKET_BYTES = PREFIX_SIZE + MAX_COMMAND_SIZE + 1  # one more: detects oversize
@@ -202,7 +202,8 @@ class Manager:
         self._wake_w = -1
         self._done: SimpleQueue[tuple[int, int, Swtpm | None, BaseException | None]]
         self._done = SimpleQueue()
-        self._threads: set[threading.Thread] = set()
+        self._threads: set[threading.Thread] = set()  # loop thread only
+        self._wake_lock = threading.RLock()  # re-entrant: signal handlers wake too
         self._rx = bytearray(_RX_PACKET_BYTES)
         self._rxview = memoryview(self._rx)
         self._stop = False
@@ -279,8 +280,9 @@ class Manager:
         self._wake()
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"\0")
+        with self._wake_lock, contextlib.suppress(OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"\0")
 
     def close(self) -> None:
         """Stop accepting, stop every swtpm (soft, then hard), unlink the socket."""
@@ -309,10 +311,12 @@ class Manager:
                 if isinstance(key.fileobj, socket.socket) and key.fileobj is not self._listener:
                     key.fileobj.close()
             self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        with self._wake_lock:  # a late worker must never write to a reused fd
+            fds = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
 
     # -- status -----------------------------------------------------------------------
 
@@ -641,6 +645,7 @@ class Manager:
         inst.swtpm = Swtpm(inst.id, self.config)
         if self._closed or self._stop:
             return
+        self._threads = {t for t in self._threads if t.is_alive()}
         t = threading.Thread(
             target=self._worker,
             args=(inst.id, inst.generation, inst.swtpm, old),
@@ -659,7 +664,6 @@ class Manager:
         except BaseException as exc:  # reported to the loop, which logs it
             err = exc
         finally:
-            self._threads.discard(threading.current_thread())
             self._done.put((instance, generation, None if err else new, err))
             self._wake()
 
@@ -688,65 +692,6 @@ class Manager:
         inst.state = InstanceState.RUNNING
         inst.dirty = False
         self._pump(inst)
-
-
-class ManagerClient:
-    """A small synchronous backend-side client, for tests and benchmarks.
-
-    One request at a time: :meth:`transact` sends ``prefix + command`` and returns the
-    TPM response after checking that the reply carries the same prefix and that
-    ``4 + responseSize == len(reply)``.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 30.0) -> None:
-        self.path = str(path)
-        self.timeout = timeout
-        self._buf = bytearray(PREFIX_SIZE + MAX_RESPONSE_SIZE + 1)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(self.path)
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def __enter__(self) -> ManagerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def send_packet(self, packet: bytes) -> None:
-        """Send one raw packet (prefix included), as a backend would."""
-        self.sock.send(packet)
-
-    def recv_packet(self, timeout: float | None = None) -> bytes:
-        """Receive one raw reply packet.  Raises TimeoutError or :class:`ChannelClosed`."""
-        self.sock.settimeout(self.timeout if timeout is None else timeout)
-        n = self.sock.recv_into(self._buf)
-        if n == 0:
-            raise ChannelClosed(f"manager at {self.path} closed the connection")
-        return bytes(self._buf[:n])
-
-    def transact(self, instance: int, command: bytes, timeout: float | None = None) -> bytes:
-        """Send ``command`` to ``instance``; return its TPM response (without prefix)."""
-        prefix = _PREFIX_I.pack(instance)
-        self.sock.settimeout(self.timeout if timeout is None else timeout)
-        self.sock.sendmsg([prefix, command])
-        reply = self.recv_packet(timeout)
-        if reply[:PREFIX_SIZE] != prefix:
-            raise MalformedMessage(
-                f"reply for instance {instance} carries prefix {reply[:PREFIX_SIZE].hex()}"
-            )
-        response = reply[PREFIX_SIZE:]
-        validate_response(response)
-        return response
 
 
 def build_parser() -> argparse.ArgumentParser:

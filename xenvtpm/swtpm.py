@@ -357,6 +357,8 @@ class Swtpm:
             child.kill()  # swtpm_setup: its state is discarded anyway
         for sock in (self.data, self.ctrl):
             if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
                 sock.close()
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
