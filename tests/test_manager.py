@@ -461,3 +461,40 @@ def test_parser() -> None:
         "swtpm",
         "DEBUG",
     )
+
+
+def test_manager_killed_hard_leaves_no_swtpm(tmp_root: Path) -> None:
+    """swtpm's channels are socketpairs and it runs with --terminate: when the manager
+    dies, even by SIGKILL, every swtpm sees its data connection close and exits."""
+    m = start_manager(tmp_root)
+    with m.client() as c:
+        random_bytes(c.transact(1, get_random_command(4)))
+    assert len(swtpm_pids(tmp_root)) == 1
+    m.proc.kill()
+    m.proc.wait()
+    deadline = time.monotonic() + 5
+    while swtpm_pids(tmp_root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert swtpm_pids(tmp_root) == []
+
+
+def test_requests_of_a_closed_connection_are_dropped(mgr: RunningManager) -> None:
+    with mgr.client() as c:
+        random_bytes(c.transact(4, get_random_command(8)))
+    pid = swtpm_pid(mgr.root, 4)
+    gone = mgr.client()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in (1, 2, 3):
+            gone.send_packet(pfx(4) + get_random_command(n))
+        time.sleep(0.1)
+        gone.close()
+        time.sleep(0.1)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    with mgr.client() as c:
+        # the in-flight one completes (its reply is dropped); the queued ones never run
+        assert len(random_bytes(c.transact(4, get_random_command(6)))) == 6
+        r, _, _ = select.select([c], [], [], 0.2)
+        assert r == []
+    assert swtpm_pid(mgr.root, 4) == pid
