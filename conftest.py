@@ -3,7 +3,7 @@
 Chain (STYLE.md 9): ``target`` (session: brought up once, down at the end) -> ``guests``
 / ``guest`` -> ``raw_tpm`` / ``esapi`` (per test). ``@pytest.mark.needs("cap", ...)``
 skips a scenario on targets lacking a capability, with the reason shown. A failing test's
-report lists the daemon logs; with ``--junitxml DIR/junit.xml`` (or ``--logs-dir``) every
+report lists the daemon logs; with ``--artifacts DIR`` (or ``--junitxml DIR/junit.xml``) every
 log of a failing run is copied to ``DIR/logs/``. A summary table ends the run.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -44,14 +45,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--target", default="sim", choices=TARGETS, help="where guests run")
     group.addoption("--guests", type=int, default=2, help="number of guests (default 2)")
     group.addoption(
-        "--logs-dir",
+        "--artifacts",
         default=None,
-        help="copy every daemon log here when a test fails "
-        "(default: <dir of --junitxml>/logs when --junitxml is given)",
+        help="artifacts directory: every daemon log is copied to ARTIFACTS/logs/ when a "
+        "test fails (default: the directory of --junitxml, when given)",
     )
 
 
+def _terminate_as_interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM (e.g. from ``timeout``) interrupts like Ctrl-C, so teardown still runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.stash[_FAILED_KEY] = False
@@ -87,9 +95,9 @@ def _progress(config: pytest.Config) -> Any:
 
 
 def _logs_dir(config: pytest.Config) -> Path | None:
-    explicit = config.getoption("--logs-dir")
+    explicit = config.getoption("--artifacts")
     if explicit:
-        return Path(explicit)
+        return Path(explicit) / "logs"
     junit = config.getoption("xmlpath", None)
     return Path(junit).parent / "logs" if junit else None
 

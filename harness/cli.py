@@ -56,7 +56,7 @@ def cmd_up(state: RunState, target_name: str, guests: int) -> int:
 
             shutil.rmtree(state.run_dir)
         t0 = time.monotonic()
-        target = make_target(target_name, guests, state.run_dir, _say)
+        target = make_target(target_name, guests, state.run_dir, _say, detached=True)
         _say(f"bringing up target {target_name} with {guests} guests in {state.run_dir}")
         target.start()  # rolls back by itself on failure
         description = target.describe()

@@ -3,7 +3,8 @@
 Every daemon the harness starts (simxend, manager, backend, frontends, swtpm) runs in
 its own session (``start_new_session``), so that
 
-* it outlives the CLI that started it (``harness up`` returns at once), and
+* it can outlive the CLI that started it (``harness up`` returns at once; otherwise
+  ``die_with_parent`` makes the kernel SIGTERM it when its parent dies), and
 * stopping it can reach everything it started, even children it orphaned: ``stop``
   signals the leader, every process still in its session and every descendant found in
   ``/proc`` before the first signal.
@@ -163,6 +164,18 @@ def _orphans_of(pids: Sequence[int]) -> list[int]:
     return [p.pid for p in all_procs() if p.running and p.session in wanted]
 
 
+def _parent_death_signal() -> None:  # pragma: no cover - runs in the child
+    """SIGTERM this child when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL.
+
+    A test run that is killed must not leave daemons behind; ``harness up`` turns this
+    off (``die_with_parent=False``) because its daemons must outlive it.
+    """
+    import ctypes
+
+    pr_set_pdeathsig = 1  # linux/prctl.h
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def tail(path: Path | None, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
     """The last ``lines`` lines of a log file (or a note saying it is missing)."""
     if path is None:
@@ -231,8 +244,10 @@ class ManagedProcess:
         cwd: Path | None = None,
         ready: ReadyCheck | None = None,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        die_with_parent: bool = True,
     ) -> None:
         self.name = name
+        self.die_with_parent = die_with_parent
         self.argv = [str(a) for a in argv]
         self.log_path = log_path
         self.env = dict(env) if env is not None else None
@@ -283,6 +298,7 @@ class ManagedProcess:
                     cwd=self.cwd,
                     pass_fds=self.pass_fds,
                     start_new_session=True,
+                    preexec_fn=_parent_death_signal if self.die_with_parent else None,
                 )
             except OSError as e:
                 raise LaunchFailure(

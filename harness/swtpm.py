@@ -68,7 +68,9 @@ def manufacture(state_dir: Path, setup_conf: Path, log_path: Path, deadline: Dea
         raise LaunchFailure("swtpm_setup", argv, rc, tail(log_path), log_path, "failed")
 
 
-def swtpm_process(name: str, state_dir: Path, socket_path: Path, log_path: Path) -> ManagedProcess:
+def swtpm_process(
+    name: str, state_dir: Path, socket_path: Path, log_path: Path, die_with_parent: bool = True
+) -> ManagedProcess:
     """A swtpm serving ``socket_path`` (data) and ``<socket_path>.ctrl``; ready once bound."""
     argv = [
         "swtpm", "socket", "--tpm2",
@@ -85,4 +87,4 @@ def swtpm_process(name: str, state_dir: Path, socket_path: Path, log_path: Path)
             super().start()
             return self
 
-    return _Swtpm(name, argv, log_path, ready=socket_path.exists)
+    return _Swtpm(name, argv, log_path, ready=socket_path.exists, die_with_parent=die_with_parent)

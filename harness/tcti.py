@@ -11,12 +11,15 @@ caller; after one the ESAPI context is dead (DESIGN.md 3): build a new one.
 
 from __future__ import annotations
 
+import logging
+
 from tpm2_pytss import PyTCTI
 
 from harness.errors import TransportError
 from harness.transport import DEFAULT_TIMEOUT, RawTransport
 
 MAX_RESPONSE = 4096
+log = logging.getLogger(__name__)
 
 
 class TransportTCTI(PyTCTI):  # type: ignore[misc]  # tpm2_pytss has no type information
@@ -27,6 +30,7 @@ class TransportTCTI(PyTCTI):  # type: ignore[misc]  # tpm2_pytss has no type inf
         self.transport = transport
         self.timeout = timeout
         self._pending: bytes | None = None
+        self.last_error: Exception | None = None  # what the transport last raised
 
     def do_transmit(self, command: bytes) -> None:
         if self._pending is not None:
@@ -38,7 +42,13 @@ class TransportTCTI(PyTCTI):  # type: ignore[misc]  # tpm2_pytss has no type inf
         if command is None:
             raise TransportError("receive without a command in flight")
         seconds = self.timeout if timeout < 0 else max(timeout / 1000.0, self.timeout)
-        return self.transport.transmit(command, seconds)
+        try:
+            return self.transport.transmit(command, seconds)
+        except Exception as e:
+            # ESAPI turns this into "tcti:Catch all..." and drops it: keep the evidence.
+            self.last_error = e
+            log.warning("%r: command %s failed: %s", self, command[:10].hex(), e)
+            raise
 
     def do_finalize(self) -> None:
         self.transport.close()

@@ -11,17 +11,21 @@ Progress = Callable[[str], None]
 
 
 def make_target(
-    name: str, guests: int, run_dir: Path | None = None, progress: Progress | None = None
+    name: str,
+    guests: int,
+    run_dir: Path | None = None,
+    progress: Progress | None = None,
+    detached: bool = False,
 ) -> Target:
-    """Build (not start) the target called ``name``."""
+    """Build (not start) the target called ``name``; ``detached`` ones outlive us."""
     if name == "direct":
         from harness.targets.direct import DirectTarget
 
-        return DirectTarget(guests, run_dir, progress)
+        return DirectTarget(guests, run_dir, progress, detached)
     if name == "sim":
         from harness.targets.sim import SimTarget
 
-        return SimTarget(guests, run_dir, progress)
+        return SimTarget(guests, run_dir, progress, detached)
     raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
 
 

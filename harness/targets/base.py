@@ -44,7 +44,11 @@ class BaseTarget:
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
-        self, guests: int, run_dir: Path | None = None, progress: Progress | None = None
+        self,
+        guests: int,
+        run_dir: Path | None = None,
+        progress: Progress | None = None,
+        detached: bool = False,
     ) -> None:
         if guests < 1:
             raise ValueError(f"a target needs at least one guest, not {guests}")
@@ -57,6 +61,8 @@ class BaseTarget:
         self.log_dir = self.run_dir / "logs"
         self.log_dir.mkdir(exist_ok=True)
         self._progress = progress
+        # Detached targets (``harness up``) outlive this process; others die with it.
+        self.die_with_parent = not detached
         self._started = False
         self.log = log.getChild(self.name)
 

@@ -53,14 +53,21 @@ class DirectTarget(BaseTarget):
         {Capability.MULTI_GUEST, Capability.KILL_SWTPM, Capability.RESTART_MANAGER}
     )
 
-    def __init__(self, guests: int, run_dir: Path | None = None, progress: Any = None) -> None:
-        super().__init__(guests, run_dir, progress)
+    def __init__(
+        self,
+        guests: int,
+        run_dir: Path | None = None,
+        progress: Any = None,
+        detached: bool = False,
+    ) -> None:
+        super().__init__(guests, run_dir, progress, detached)
         self._guests: list[DirectGuest] = []
         for i in range(guests):
             name, instance = f"guest{i}", FIRST_INSTANCE + i
             socket = self.run_dir / f"{name}.tpm"
             state = self.run_dir / "state" / str(instance)
-            proc = swtpm_process(f"swtpm-{name}", state, socket, self.log_dir / f"swtpm-{name}.log")
+            log = self.log_dir / f"swtpm-{name}.log"
+            proc = swtpm_process(f"swtpm-{name}", state, socket, log, self.die_with_parent)
             self._guests.append(DirectGuest(name, instance, socket, state, proc))
 
     @property

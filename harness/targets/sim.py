@@ -84,8 +84,14 @@ class SimTarget(BaseTarget):
     name: ClassVar[str] = "sim"
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability)
 
-    def __init__(self, guests: int, run_dir: Path | None = None, progress: Any = None) -> None:
-        super().__init__(guests, run_dir, progress)
+    def __init__(
+        self,
+        guests: int,
+        run_dir: Path | None = None,
+        progress: Any = None,
+        detached: bool = False,
+    ) -> None:
+        super().__init__(guests, run_dir, progress, detached)
         from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 
         self._sim_dir_env, self._sim_fds_env = SIM_DIR_ENV, SIM_FDS_ENV
@@ -100,7 +106,7 @@ class SimTarget(BaseTarget):
         py = [sys.executable, "-m", "xenvtpm"]
         self.simxend = ManagedProcess(
             "simxend", [*py, "simxend", "--dir", str(self.run_dir)],
-            self.log_dir / "simxend.log", env=dom0_env,
+            self.log_dir / "simxend.log", env=dom0_env, die_with_parent=self.die_with_parent,
             ready=lambda: all((self.run_dir / s).exists()
                               for s in ("xenstored.sock", "privcmd.sock")),
         )  # fmt: skip
@@ -109,10 +115,11 @@ class SimTarget(BaseTarget):
             [*py, "manager", "--socket", str(self.manager_socket),
              "--state-root", str(self.state_root)],
             self.log_dir / "manager.log", env=dom0_env, ready=self.manager_socket.exists,
+            die_with_parent=self.die_with_parent,
         )  # fmt: skip
         self.backend = ManagedProcess(
             "backend", [*py, "backend", "--manager", str(self.manager_socket)],
-            self.log_dir / "backend.log", env=dom0_env,
+            self.log_dir / "backend.log", env=dom0_env, die_with_parent=self.die_with_parent,
         )  # fmt: skip
         self._py = py
         self._guests = [
@@ -175,7 +182,7 @@ class SimTarget(BaseTarget):
                 self.log_dir / f"frontend-{g.name}.log",
                 env=_python_env({self._sim_fds_env: f"{xs_fd},{hc_fd}"},
                                 drop=[self._sim_dir_env]),
-                pass_fds=(xs_fd, hc_fd),
+                pass_fds=(xs_fd, hc_fd), die_with_parent=self.die_with_parent,
             )  # fmt: skip
             g.frontend.start()
         finally:
