@@ -144,6 +144,29 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
                     remove()
 
 
+@pytest.fixture(autouse=True)
+def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A daemon that crashed fails the test during which it crashed (at teardown), and
+    the environment is restarted so that one crash does not fail every later test."""
+    if "target" not in request.fixturenames:
+        yield
+        return
+    tgt: Any = request.getfixturevalue("target")
+    _check_health(tgt, "before this test (after an earlier one)")
+    yield
+    _check_health(tgt, "during this test")
+
+
+def _check_health(tgt: Any, when: str) -> None:
+    problems = tgt.problems() if hasattr(tgt, "problems") else []
+    if problems:
+        tgt.recover()
+        pytest.fail(
+            f"target {tgt.name} broke {when}; it was restarted.\n" + "\n".join(problems),
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def guests(target: Target) -> Sequence[Guest]:
     return list(target.guests)

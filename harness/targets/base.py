@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from harness.errors import UnsupportedOperation
-from harness.process import ProcessRecord
+from harness.process import ManagedProcess, ProcessRecord, tail
 from harness.target import Component, Guest
 from harness.targets import Progress
 from harness.tcti import TransportTCTI
@@ -117,6 +117,23 @@ class BaseTarget:
         self._started = False
         return records
 
+    def problems(self) -> list[str]:
+        """What is broken now: each managed process that should run and does not."""
+        if not self._started:
+            return []
+        return [
+            f"{p.name} (pid {p.pid}) exited with code {p.returncode}; log {p.log_path}:\n"
+            f"{tail(p.log_path, 15)}"
+            for p in self._processes()
+            if not p.alive
+        ]
+
+    def recover(self) -> None:
+        """Stop everything and start again on the same state (after a crash)."""
+        self.say("environment broken: restarting it")
+        self.close()
+        self.start()
+
     def remove_run_dir(self) -> None:
         """Delete the run directory if this target made it (logs go with it)."""
         if self._own_run_dir:
@@ -129,6 +146,10 @@ class BaseTarget:
         raise NotImplementedError
 
     def _detach(self) -> list[ProcessRecord]:
+        raise NotImplementedError
+
+    def _processes(self) -> list[ManagedProcess]:
+        """The processes that must be running while the target is up."""
         raise NotImplementedError
 
     # -- optional operations (capabilities) --------------------------------------------

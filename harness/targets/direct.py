@@ -90,6 +90,9 @@ class DirectTarget(BaseTarget):
         for g in self._guests:
             g.process.stop()
 
+    def _processes(self) -> list[ManagedProcess]:
+        return [g.process for g in self._guests]
+
     def _detach(self) -> list[ProcessRecord]:
         return [g.process.detach() for g in self._guests]
 

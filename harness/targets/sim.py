@@ -62,7 +62,11 @@ class SimGuest(BaseGuest):
         return SeqpacketTransport(self.socket)
 
     def logs(self) -> dict[str, Path]:
-        return {f"frontend-{self.name}": self.target.log_dir / f"frontend-{self.name}.log"}
+        """The frontend's log and whatever logs the manager keeps for this instance."""
+        logs = {f"frontend-{self.name}": self.target.log_dir / f"frontend-{self.name}.log"}
+        for path in sorted((self.target.state_root / str(self.instance)).glob("*.log")):
+            logs[f"{path.stem}-{self.name}"] = path
+        return logs
 
     def probe(self, *args: str) -> dict[str, Any]:
         return self.target.probe(self, *args)
@@ -274,6 +278,10 @@ class SimTarget(BaseTarget):
             self._dom0 = self._control = None
             self.simxend.stop()
             self.manager.stop()  # stray swtpm children, if the manager left any
+
+    def _processes(self) -> list[ManagedProcess]:
+        frontends = [g.frontend for g in self._guests if g.frontend is not None]
+        return [self.simxend, self.manager, self.backend, *frontends]
 
     def _detach(self) -> list[ProcessRecord]:
         records = [g.frontend.detach() for g in self._guests if g.frontend is not None]
