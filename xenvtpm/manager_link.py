@@ -174,7 +174,7 @@ class ManagerLink:
         if n == 0:
             self._disconnect("manager closed the connection")
             return
-        if n < PREFIX_SIZE or n > MAX_PACKET:
+        if n < PREFIX_SIZE:
             log.error("manager sent a %d-byte packet: dropped", n)
             return
         view = memoryview(self._buffer)[:n]
@@ -189,6 +189,8 @@ class ManagerLink:
             del self._pending[instance]
         response = view[PREFIX_SIZE:]
         try:
+            if n > MAX_PACKET:  # the buffer holds one byte more than any legal packet
+                raise MalformedMessage(f"reply of more than {MAX_PACKET - PREFIX_SIZE} bytes")
             tpm.validate_response(response)
         except MalformedMessage as e:
             log.error("instance %d: manager sent a malformed response (%s)", instance, e)

@@ -1,0 +1,186 @@
+"""A small simulated-Xen environment for the driver pair's integration tests.
+
+Every piece is its own OS process, as in production: simxend (the hypervisor), the
+manager with real swtpm instances, the backend, and one frontend per guest domain.
+Tests reach into it only through the same interfaces a user has: the guests' TPM
+sockets, xenstore as dom0, and the hypervisor's toolstack operations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xenvtpm.toolstack import attach_vtpm
+from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
+from xenvtpm.xen.interface import Hypervisor
+from xenvtpm.xen.sim import SimControl, SimHypervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.01)
+
+
+@dataclass
+class Daemon:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+@dataclass
+class Guest:
+    name: str
+    domid: int
+    instance: int
+    socket_path: str
+    frontend: Daemon
+
+    def connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        s.settimeout(30)
+        s.connect(self.socket_path)
+        return s
+
+    def transmit(self, command: bytes, timeout: float = 30.0) -> bytes:
+        with self.connect() as s:
+            s.settimeout(timeout)
+            s.send(command)
+            return s.recv(65536)
+
+
+@dataclass
+class SimEnv:
+    workdir: Path
+    daemons: list[Daemon] = field(default_factory=list)
+    guests: list[Guest] = field(default_factory=list)
+    dom0: Hypervisor | None = None
+    control: SimControl | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / "run"
+
+    @property
+    def manager_socket(self) -> str:
+        return str(self.run_dir / "vtpm.sock")
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              pass_fds: tuple[int, ...] = ()) -> Daemon:
+        log = self.workdir / f"{name}.log"
+        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "xenvtpm", *args],
+                stdout=out, stderr=out, env=full_env, pass_fds=pass_fds,
+            )
+        daemon = Daemon(name, proc, log)
+        self.daemons.append(daemon)
+        return daemon
+
+    def start_hypervisor(self) -> None:
+        self.spawn("simxend", ["simxend", "--dir", str(self.run_dir)])
+        wait_for(lambda: (self.run_dir / "privcmd.sock").exists()
+                 and (self.run_dir / "xenstored.sock").exists(), 10, "simxend")
+        self.control = SimControl(str(self.run_dir))
+        self.dom0 = SimHypervisor.connect_dom0(str(self.run_dir))
+
+    def start_manager(self, args: list[str] | None = None) -> Daemon:
+        d = self.spawn("manager", args or ["manager", "--socket", self.manager_socket,
+                                           "--state-root", str(self.workdir / "state")])
+        wait_for(lambda: os.path.exists(self.manager_socket) or not d.alive(), 10, "manager")
+        return d
+
+    def start_backend(self, timeout: float = 10.0) -> Daemon:
+        return self.spawn(
+            "backend",
+            ["backend", "--manager", self.manager_socket, "--timeout", str(timeout)],
+            env={SIM_DIR_ENV: str(self.run_dir)},
+        )
+
+    def start_frontend(self, name: str, domid: int, socket_path: str) -> Daemon:
+        assert self.control is not None
+        xs_fd, hc_fd = self.control.connect_domain(domid)
+        try:
+            return self.spawn(
+                f"frontend-{name}",
+                ["frontend", "--socket", socket_path],
+                env={SIM_FDS_ENV: f"{xs_fd},{hc_fd}"},
+                pass_fds=(xs_fd, hc_fd),
+            )
+        finally:
+            os.close(xs_fd)
+            os.close(hc_fd)
+
+    def add_guest(self, name: str, instance: int, wait: bool = True) -> Guest:
+        assert self.control is not None and self.dom0 is not None
+        domid = self.control.create_domain(name)
+        attach_vtpm(self.dom0.xenstore, domid, instance, name)
+        path = str(self.workdir / f"{name}.tpm")
+        frontend = self.start_frontend(name, domid, path)
+        guest = Guest(name, domid, instance, path, frontend)
+        self.guests.append(guest)
+        if wait:
+            self.wait_connected(guest)
+        return guest
+
+    def frontend_state(self, guest: Guest) -> str:
+        assert self.dom0 is not None
+        try:
+            return self.dom0.xenstore.read(
+                f"/local/domain/{guest.domid}/device/vtpm/0/state").decode()
+        except Exception:
+            return "?"
+
+    def wait_connected(self, guest: Guest, timeout: float = 15) -> None:
+        def ready() -> bool:
+            if not guest.frontend.alive():
+                raise RuntimeError(f"frontend died:\n{guest.frontend.tail()}")
+            return self.frontend_state(guest) == "4" and os.path.exists(guest.socket_path)
+        wait_for(ready, timeout, f"{guest.name} to connect")
+
+    def daemon(self, name: str) -> Daemon:
+        return next(d for d in reversed(self.daemons) if d.name == name)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.name} ({d.log})\n{d.tail()}" for d in self.daemons)
+
+    def close(self) -> None:
+        for d in reversed(self.daemons):
+            d.stop()
+        if self.dom0 is not None:
+            self.dom0.close()
+        if self.control is not None:
+            self.control.close()
