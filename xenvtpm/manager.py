@@ -442,7 +442,12 @@ class Manager:
         assert inst is not None
         if self._debug:
             log.debug("instance %d: %d-byte command", instance, end - PREFIX_SIZE)
-        if req is None and inst.state is InstanceState.RUNNING and inst.inflight is None:
+        if (
+            req is None
+            and inst.inflight is None
+            and not inst.queue
+            and inst.state is InstanceState.RUNNING
+        ):
             # fast path: idle instance, send straight from the receive buffer
             self._send_command(inst, _Request(conn, _Kind.FORWARD, b""), command)
             return
