@@ -100,7 +100,8 @@ def test_validate_command_accepts_both_tags() -> None:
         (bytes.fromhex("80010000000900000000ff"), TPM_RC.COMMAND_SIZE),  # size < header
         (bytes.fromhex("00c10000000c0000017b0010"), TPM_RC.VALUE),  # TPM 1.2 tag
         (bytes.fromhex("80030000000c0000017b0010"), TPM_RC.VALUE),
-        (bytes.fromhex("80000000000c0000017b0010"), TPM_RC.VALUE),  # TPM_ST_NULL
+        (bytes.fromhex("80000000000c0000017b0010"), TPM_RC.BAD_TAG),  # TPM_ST_NULL
+        (bytes.fromhex("80180000000c0000017b0010"), TPM_RC.BAD_TAG),  # TPM_ST_ATTEST_QUOTE
         # swtpm checks the tag before the size: bad tag and bad size -> 0x084
         (bytes.fromhex("00c10000000d0000017b0010"), TPM_RC.VALUE),
     ],

@@ -45,6 +45,7 @@ __all__ = [
     "XENVTPM_CC_BIND",
     "MalformedCommand",
     "TpmHeader",
+    "bad_tag_rc",
     "bind_command",
     "error_response",
     "get_random_command",
@@ -222,9 +223,22 @@ MAX_COMMAND_SIZE = 4096
 #: swtpm 0.7.1: TPM_PT_MAX_RESPONSE_SIZE (measured).
 MAX_RESPONSE_SIZE = 4096
 
-#: What a TPM answers for a command tag that is neither NO_SESSIONS nor SESSIONS:
-#: measured on swtpm 0.7.1 as ``TPM_RC_VALUE`` (0x084), not ``TPM_RC_BAD_TAG``.
+#: What a TPM answers for a command tag that is not a TPM_ST at all (0x8003, 0x0000...):
+#: measured on swtpm 0.7.1 as ``TPM_RC_VALUE`` (0x084). See :func:`bad_tag_rc`.
 BAD_TAG_RC = TPM_RC.VALUE
+
+#: TPM_ST values libtpms knows that are not command tags; as a command tag they get
+#: ``TPM_RC_BAD_TAG`` (0x01E) instead. Measured on swtpm 0.7.1 over 0x0000..0x00FF and
+#: 0x8000..0x80FF: exactly RSP_COMMAND, NULL, the attestation tags 0x8014..0x801A and
+#: the ticket/check tags 0x8021..0x8025. Spec: Part 2, 6.9 TPM_ST; libtpms
+#: TPMI_ST_COMMAND_TAG_Unmarshal (TPM_ST_Unmarshal first, then the command check).
+_NON_COMMAND_ST = frozenset((0x00C4, 0x8000, *range(0x8014, 0x801B), *range(0x8021, 0x8026)))
+
+
+def bad_tag_rc(tag: int) -> int:
+    """The code a TPM answers for a command with this (non-command) tag."""
+    return TPM_RC.BAD_TAG if tag in _NON_COMMAND_ST else BAD_TAG_RC
+
 
 _COMMAND_TAGS = frozenset((TPM_ST.NO_SESSIONS, TPM_ST.SESSIONS))
 _RESPONSE_TAGS = frozenset((TPM_ST.NO_SESSIONS, TPM_ST.SESSIONS, TPM_ST.RSP_COMMAND))
@@ -307,7 +321,7 @@ def validate_command(
         raise MalformedCommand(TPM_RC.COMMAND_SIZE, f"command of {length} bytes < header")
     header = TpmHeader.from_bytes(data)
     if header.tag not in _COMMAND_TAGS:
-        raise MalformedCommand(BAD_TAG_RC, f"command tag 0x{header.tag:04x}")
+        raise MalformedCommand(bad_tag_rc(header.tag), f"command tag 0x{header.tag:04x}")
     if header.size != length:
         raise MalformedCommand(
             TPM_RC.COMMAND_SIZE, f"commandSize {header.size} != {length} bytes received"
