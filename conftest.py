@@ -257,7 +257,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     tr = terminalreporter
     width = min(max(len(n) for n in results), 90)
-    tr.section(f"xenvtpm summary (target {config.getoption('--target')})")
+    used = config.stash.get(_TARGET_KEY, None)
+    tr.section("xenvtpm summary" + (f" (target {used.name})" if used is not None else ""))
     tr.write_line(f"{'scenario':<{width}}  {'result':<16} {'time':>8}")
     for nodeid, res in results.items():
         name = nodeid if len(nodeid) <= width else "..." + nodeid[-(width - 3) :]

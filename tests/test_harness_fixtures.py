@@ -1,0 +1,96 @@
+"""The root conftest's contract, run as a user would: pytest on a scenario file.
+
+The direct target (plain swtpm) keeps this fast and independent of the driver pair.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.process import all_procs, proc_cmdline
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(
+    shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
+    reason="swtpm and swtpm_setup are not installed",
+)
+pytest.importorskip("tpm2_pytss")
+
+SCENARIO = """
+import struct
+import pytest
+from tpm2_pytss import TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, ESYS_TR
+from harness import tpmwire
+
+def test_raw(raw_tpm):
+    assert raw_tpm.transmit(tpmwire.get_random(8))[6:10] == b"\\0\\0\\0\\0"
+
+def test_leaves_a_transient_object(esapi):
+    esapi.create_primary(TPM2B_SENSITIVE_CREATE(), "ecc256")
+    # left loaded on purpose: the fixture must flush it
+
+def test_nothing_left_loaded(raw_tpm):
+    resp = tpmwire.Response.from_bytes(
+        raw_tpm.transmit(tpmwire.get_capability_handles(0x80000000)))
+    assert tpmwire.parse_handles(resp)[1] == []
+
+def test_guests(target, guests, guest):
+    assert len(guests) == 2 and guest is guests[0]
+    assert guests[0].instance != guests[1].instance
+    assert "kill-swtpm" in target.capabilities
+
+@pytest.mark.needs("reboot")
+def test_needs_reboot(target):
+    raise AssertionError("must be skipped on direct")
+
+@pytest.mark.needs("multi-guest", "kill-swtpm")
+def test_needs_what_direct_has(target):
+    pass
+
+def test_kill_swtpm_recovers(target, guest):
+    pid = target.swtpm_pid(guest)
+    target.kill_swtpm(guest)
+    assert target.swtpm_pid(guest) not in (None, pid)
+    with guest.transport() as t:
+        assert t.transmit(tpmwire.get_random(8))[6:10] == b"\\0\\0\\0\\0"
+
+def test_fails_on_purpose(guest):
+    assert False, "deliberate"
+"""
+
+
+def test_fixture_contract_on_direct(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_contract.py").write_text(textwrap.dedent(SCENARIO))
+    artifacts = tmp_path / "artifacts"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_contract.py", "--target", "direct",
+         "-p", "no:cacheprovider", "-rs", f"--junitxml={artifacts / 'junit.xml'}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out
+    assert "6 passed" in out and "1 failed" in out and "1 skipped" in out, out
+    assert "target direct lacks capability reboot" in out
+    # The failing test's report names the logs; the summary table lists every scenario.
+    assert "xenvtpm logs" in out and "swtpm-guest0: " in out
+    assert "xenvtpm summary (target direct)" in out
+    assert "test_contract.py::test_fails_on_purpose" in out and "failed" in out
+    # Every daemon log of a failing run lands in artifacts/logs.
+    assert (artifacts / "logs" / "swtpm-guest0.log").exists()
+    assert (artifacts / "junit.xml").exists()
+    assert "[harness] bringing up target direct" in out
+    # Nothing is left running.
+    runs = [line.split()[-1] for line in out.splitlines() if "kept run directory" in line]
+    assert runs, out
+    cmds = [proc_cmdline(p.pid) for p in all_procs() if p.running]
+    assert not [c for c in cmds if any(runs[0] in a for a in c)]
+    shutil.rmtree(runs[0], ignore_errors=True)
