@@ -27,6 +27,8 @@ class Capability(enum.StrEnum):
     REBOOT = "reboot"  # target.reboot(guest): new domain, same vTPM instance
     KILL_SWTPM = "kill-swtpm"  # target.kill_swtpm(guest), target.swtpm_pid(guest)
     XEN_PROBE = "xen-probe"  # guest.probe(...): xenstore/grant/evtchn as that domain
+    VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
+    # empty write, oversize): plain swtpm cannot even receive those as one command
 
 
 Component = Literal["frontend", "backend", "manager"]
