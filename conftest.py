@@ -45,6 +45,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--target", default="sim", choices=TARGETS, help="where guests run")
     group.addoption("--guests", type=int, default=2, help="number of guests (default 2)")
     group.addoption(
+        "--attach",
+        action="store_true",
+        help="run against the environment `python -m harness up` left running "
+        "(its target and guests; scenarios that would restart it are skipped)",
+    )
+    group.addoption(
         "--artifacts",
         default=None,
         help="artifacts directory: every daemon log is copied to ARTIFACTS/logs/ when a "
@@ -66,9 +72,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS_KEY] = {}
 
 
+def _attached_record(config: pytest.Config) -> Any:
+    """The run record of ``harness up`` for ``--attach`` (UsageError if nothing is up)."""
+    from harness.state import RunState
+
+    record = RunState().load()
+    if record is None:
+        raise pytest.UsageError("--attach: nothing is up; start it with: python -m harness up")
+    return record
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    name = config.getoption("--target")
-    caps = capabilities_of(name, config.getoption("--guests"))
+    if config.getoption("--attach"):
+        from harness.targets.attached import AttachedTarget
+
+        record = _attached_record(config)
+        name = f"{record.target} (attached)"
+        caps = AttachedTarget.capabilities_for(record)
+    else:
+        name = config.getoption("--target")
+        caps = capabilities_of(name, config.getoption("--guests"))
     for item in items:
         for mark in item.iter_markers("needs"):
             for cap in mark.args:
@@ -114,8 +137,15 @@ def _all_logs(target: Target) -> dict[str, Path]:
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     config = request.config
     say = _progress(config)
-    tgt = make_target(config.getoption("--target"), config.getoption("--guests"), None, say)
-    say(f"bringing up target {tgt.name} with {config.getoption('--guests')} guests")
+    tgt: Any
+    if config.getoption("--attach"):
+        from harness.targets.attached import AttachedTarget
+
+        tgt = AttachedTarget(_attached_record(config), say)
+        say(f"attaching to the running {tgt.name} environment in {tgt.run_dir}")
+    else:
+        tgt = make_target(config.getoption("--target"), config.getoption("--guests"), None, say)
+        say(f"bringing up target {tgt.name} with {config.getoption('--guests')} guests")
     t0 = time.monotonic()
     config.stash[_TARGET_KEY] = tgt
     failed = True
@@ -136,7 +166,7 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
                     if path.exists():
                         shutil.copy2(path, dest / f"{name}.log")
                 say(f"copied {len(logs)} logs to {dest}")
-            if failed:
+            if failed and not config.getoption("--attach"):
                 say(f"kept run directory {getattr(tgt, 'run_dir', '?')}")
             else:
                 remove = getattr(tgt, "remove_run_dir", None)

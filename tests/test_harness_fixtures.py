@@ -94,3 +94,50 @@ def test_fixture_contract_on_direct(tmp_path: Path) -> None:
     cmds = [proc_cmdline(p.pid) for p in all_procs() if p.running]
     assert not [c for c in cmds if any(runs[0] in a for a in c)]
     shutil.rmtree(runs[0], ignore_errors=True)
+
+
+ATTACHED = """
+import pytest
+from harness import tpmwire
+
+def test_raw_on_each_guest(guests):
+    for g in guests:
+        with g.transport() as t:
+            assert t.transmit(tpmwire.get_random(8))[6:10] == b"\\0\\0\\0\\0"
+
+@pytest.mark.needs("restart-manager")
+def test_would_disturb(target):
+    raise AssertionError("must be skipped when attached")
+"""
+
+
+def test_attach_to_a_running_environment(tmp_path: Path) -> None:
+    """``harness up``; ``pytest --attach`` twice against it; ``harness down``."""
+    run = Path(f"/tmp/xvt-attach-{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_attached.py").write_text(textwrap.dedent(ATTACHED))
+
+    def pytest_attached() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "test_attached.py", "--attach", "-rs",
+             "-p", "no:cacheprovider"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    harness = [sys.executable, "-m", "harness"]
+    try:
+        nothing = pytest_attached()
+        assert nothing.returncode != 0 and "nothing is up" in nothing.stdout + nothing.stderr
+        up = subprocess.run([*harness, "up", "--target", "direct"], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        for _ in range(2):  # the environment outlives each run
+            result = pytest_attached()
+            out = result.stdout + result.stderr
+            assert result.returncode == 0, out
+            assert "1 passed, 1 skipped" in out
+            assert "target direct (attached) lacks capability restart-manager" in out
+    finally:
+        subprocess.run([*harness, "down"], env=env, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(run, ignore_errors=True)

@@ -84,6 +84,45 @@ def _python_env(extra: dict[str, str], drop: Sequence[str] = ()) -> dict[str, st
     return env
 
 
+def find_swtpm(state_dir: Path) -> int | None:
+    """The pid of the swtpm running on ``state_dir`` (``--tpmstate dir=STATE[,...]``)."""
+    state = str(state_dir)
+    for p in all_procs():
+        if p.running and p.comm == "swtpm":
+            for arg in proc_cmdline(p.pid):
+                value = arg.split("=", 1)[1] if arg.startswith("dir=") else arg
+                if value.split(",", 1)[0].rstrip("/") == state:
+                    return p.pid
+    return None
+
+
+def probe_as_domain(control: Any, domid: int, args: Sequence[str]) -> dict[str, Any]:
+    """Run ``python -m xenvtpm probe ARGS`` in domain ``domid`` (a fresh connection of
+    that domain from ``SimControl.connect_domain``); return its one JSON object."""
+    from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
+
+    xs_fd, hc_fd = control.connect_domain(domid)
+    argv = [sys.executable, "-m", "xenvtpm", "probe", *args]
+    try:
+        result = subprocess.run(
+            argv, pass_fds=(xs_fd, hc_fd), capture_output=True, timeout=PROBE_TIMEOUT,
+            env=_python_env({SIM_FDS_ENV: f"{xs_fd},{hc_fd}"}, drop=[SIM_DIR_ENV]),
+            check=False, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        os.close(xs_fd)
+        os.close(hc_fd)
+    try:
+        answer: dict[str, Any] = json.loads(result.stdout)
+    except ValueError as e:
+        raise LaunchFailure(
+            "probe", argv, result.returncode,
+            (result.stdout + result.stderr).decode(errors="replace")[-2000:],
+            reason="did not print one JSON object",
+        ) from e  # fmt: skip
+    return answer
+
+
 class SimTarget(BaseTarget):
     name: ClassVar[str] = "sim"
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability)
@@ -339,15 +378,7 @@ class SimTarget(BaseTarget):
         self.say(f"{g.name}: rebooted, domain {old} -> {g.domid}")
 
     def _swtpm_of(self, g: SimGuest) -> int | None:
-        state = str(self.state_root / str(g.instance))
-        for p in all_procs():
-            if p.running and p.comm == "swtpm":
-                args = proc_cmdline(p.pid)
-                if any(a == state or a.rstrip("/").endswith(state) or f"{state}/" in a
-                       or a.endswith(f"={state}") or f"dir={state}," in a
-                       for a in args):  # fmt: skip
-                    return p.pid
-        return None
+        return find_swtpm(self.state_root / str(g.instance))
 
     def swtpm_pid(self, guest: Guest) -> int | None:
         self.require(Capability.KILL_SWTPM)
@@ -368,27 +399,9 @@ class SimTarget(BaseTarget):
     def probe(self, guest: SimGuest, *args: str) -> dict[str, Any]:
         """``python -m xenvtpm probe ARGS`` as ``guest``'s domain; its JSON answer."""
         self.require(Capability.XEN_PROBE)
-        xs_fd, hc_fd = self._control.connect_domain(guest.domid)
-        argv = [*self._py, "probe", *args]
-        try:
-            result = subprocess.run(
-                argv, pass_fds=(xs_fd, hc_fd), capture_output=True, timeout=PROBE_TIMEOUT,
-                env=_python_env({self._sim_fds_env: f"{xs_fd},{hc_fd}"},
-                                drop=[self._sim_dir_env]),
-                check=False, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        finally:
-            os.close(xs_fd)
-            os.close(hc_fd)
-        try:
-            answer: dict[str, Any] = json.loads(result.stdout)
-        except ValueError as e:
-            raise LaunchFailure(
-                "probe", argv, result.returncode,
-                (result.stdout + result.stderr).decode(errors="replace")[-2000:],
-                reason="did not print one JSON object",
-            ) from e  # fmt: skip
-        return answer
+        if guest.domid is None:
+            raise TargetNotReady(guest.name, "has no domain")
+        return probe_as_domain(self._control, guest.domid, args)
 
     # -- description -------------------------------------------------------------------
     def logs(self) -> dict[str, Path]:

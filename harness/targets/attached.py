@@ -1,0 +1,165 @@
+"""A target made from what ``harness up`` left running (``pytest --attach``).
+
+It reproduces a bug by hand: ``harness up``, then ``pytest scenarios --attach -k NAME``
+as often as needed against the same live environment, then ``harness down``. It did
+not start the daemons, so it cannot restart them: capabilities that disturb the
+environment (restarts, reboot; kill-swtpm where nothing respawns swtpm) are absent and
+those scenarios are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.errors import TargetNotReady, UnsupportedOperation
+from harness.process import tail
+from harness.state import RunRecord
+from harness.target import Capability, Component, Guest
+from harness.targets.base import BaseGuest
+from harness.transport import RawTransport, SeqpacketTransport, SwtpmTransport
+
+# What an attached environment of each kind can still do without owning its daemons.
+ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
+    "sim": frozenset(
+        {Capability.MULTI_GUEST, Capability.XEN_PROBE, Capability.VALIDATION, Capability.KILL_SWTPM}
+    ),
+    "direct": frozenset({Capability.MULTI_GUEST}),
+}
+
+
+@dataclass(eq=False)
+class AttachedGuest(BaseGuest):
+    name: str
+    domid: int | None
+    instance: int
+    tpm: Path
+    kind: str
+    target: AttachedTarget = field(repr=False)
+
+    @property
+    def target_name(self) -> str:  # type: ignore[override]
+        return self.target.name
+
+    def transport(self) -> RawTransport:
+        if self.kind == "seqpacket":
+            return SeqpacketTransport(self.tpm)
+        return SwtpmTransport(self.tpm)
+
+    def logs(self) -> dict[str, Path]:
+        return {n: p for n, p in self.target.logs().items() if n.endswith(f"-{self.name}")}
+
+    def probe(self, *args: str) -> dict[str, Any]:
+        return self.target.probe(self, *args)
+
+
+class AttachedTarget:
+    def __init__(self, record: RunRecord, progress: Any = None) -> None:
+        self.record = record
+        self.name = record.target
+        self.run_dir = Path(record.run_dir)
+        guests = record.description.get("guests", [])
+        caps = set(ATTACHED_CAPABILITIES.get(self.name, frozenset()))
+        if len(guests) < 2:
+            caps.discard(Capability.MULTI_GUEST)
+        self.capabilities = frozenset(caps)
+        self._guests = [
+            AttachedGuest(g["name"], g.get("domid"), int(g["instance"]), Path(g["tpm"]),
+                          g.get("transport", "seqpacket"), self)
+            for g in guests
+        ]  # fmt: skip
+        self._progress = progress
+        self._control: Any = None
+
+    @classmethod
+    def capabilities_for(cls, record: RunRecord) -> frozenset[str]:
+        return cls(record).capabilities
+
+    @property
+    def guests(self) -> Sequence[AttachedGuest]:
+        return list(self._guests)
+
+    def start(self) -> None:
+        dead = [p.name for p in self.record.processes if not p.alive()]
+        if dead:
+            raise TargetNotReady(
+                f"the {self.name} environment in {self.run_dir}",
+                f"{', '.join(dead)} not running; see python -m harness status",
+                self.logs(),
+            )
+        if self.name == "sim":
+            from xenvtpm.xen.sim import SimControl
+
+            self._control = SimControl(str(self.run_dir))
+
+    def close(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+
+    def problems(self) -> list[str]:
+        return [
+            f"{p.name} (pid {p.pid}) is not running; log {p.log}:\n{tail(Path(p.log), 15)}"
+            for p in self.record.processes
+            if not p.alive()
+        ]
+
+    def recover(self) -> None:
+        raise TargetNotReady(
+            f"the attached {self.name} environment",
+            "it broke and only harness can restart it: python -m harness down && "
+            "python -m harness up",
+            self.logs(),
+        )
+
+    def _require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise UnsupportedOperation(f"{self.name} (attached)", capability)
+
+    def restart(self, component: Component) -> None:
+        self._require(f"restart-{component}")
+
+    def reboot(self, guest: Guest) -> None:
+        self._require(Capability.REBOOT)
+
+    def swtpm_pid(self, guest: Guest) -> int | None:
+        self._require(Capability.KILL_SWTPM)
+        from harness.targets.sim import find_swtpm
+
+        return find_swtpm(self.run_dir / "state" / str(guest.instance))
+
+    def kill_swtpm(self, guest: Guest) -> None:
+        import os
+        import signal
+
+        pid = self.swtpm_pid(guest)
+        if pid is None:
+            raise TargetNotReady(f"swtpm of {guest.name}", "no such process", self.logs())
+        os.kill(pid, signal.SIGKILL)
+
+    def probe(self, guest: AttachedGuest, *args: str) -> dict[str, Any]:
+        self._require(Capability.XEN_PROBE)
+        from harness.targets.sim import probe_as_domain
+
+        if self._control is None or guest.domid is None:
+            raise TargetNotReady(guest.name, "not attached to a simulated hypervisor")
+        return probe_as_domain(self._control, guest.domid, args)
+
+    def logs(self) -> dict[str, Path]:
+        logs = {p.stem: p for p in sorted((self.run_dir / "logs").glob("*.log"))}
+        for g in self._guests:
+            for path in sorted((self.run_dir / "state" / str(g.instance)).glob("*.log")):
+                logs[f"{path.stem}-{g.name}"] = path
+        return logs
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.record.description)
+
+    def __enter__(self) -> AttachedTarget:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
