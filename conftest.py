@@ -37,7 +37,6 @@ TPM_RC_INITIALIZE = 0x100
 
 _TARGET_KEY = pytest.StashKey["Target"]()
 _FAILED_KEY = pytest.StashKey[bool]()
-_RESULTS_KEY = pytest.StashKey[dict[str, "_Result"]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -69,7 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.stash[_FAILED_KEY] = False
-    config.stash[_RESULTS_KEY] = {}
+    config.pluginmanager.register(_Summary(config), "xenvtpm-summary")
 
 
 def _attached_record(config: pytest.Config) -> Any:
@@ -257,46 +256,39 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.sections.append(("xenvtpm logs", "\n".join(lines)))
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    results: dict[str, _Result] = _config_of(report).stash[_RESULTS_KEY]
-    res = results.setdefault(report.nodeid, _Result())
-    res.duration += report.duration
-    if report.failed:
-        res.outcome = "failed" if report.when == "call" else f"error ({report.when})"
-    elif report.skipped and res.outcome == "passed":
-        res.outcome = "skipped"
-    elif report.when == "call" and hasattr(report, "wasxfail"):
-        res.outcome = "xpassed" if report.passed else "xfailed"
+class _Summary:
+    """Collects each test's outcome and time; prints the table at the end."""
 
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: dict[str, _Result] = {}
 
-_CONFIG: list[pytest.Config] = []
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        res = self.results.setdefault(report.nodeid, _Result())
+        res.duration += report.duration
+        first = res.outcome in ("passed", "skipped")  # keep the first failure's kind
+        if report.failed and first:
+            res.outcome = "failed" if report.when == "call" else f"error ({report.when})"
+        elif report.skipped and res.outcome == "passed":
+            res.outcome = "xfailed" if hasattr(report, "wasxfail") else "skipped"
+        elif report.passed and report.when == "call" and hasattr(report, "wasxfail"):
+            res.outcome = "xpassed"
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG[:] = [session.config]
-
-
-def _config_of(_report: pytest.TestReport) -> pytest.Config:
-    return _CONFIG[0]
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    results: dict[str, _Result] = config.stash.get(_RESULTS_KEY, {})
-    if not results:
-        return
-    tr = terminalreporter
-    width = min(max(len(n) for n in results), 90)
-    used = config.stash.get(_TARGET_KEY, None)
-    tr.section("xenvtpm summary" + (f" (target {used.name})" if used is not None else ""))
-    tr.write_line(f"{'scenario':<{width}}  {'result':<16} {'time':>8}")
-    for nodeid, res in results.items():
-        name = nodeid if len(nodeid) <= width else "..." + nodeid[-(width - 3) :]
-        tr.write_line(f"{name:<{width}}  {res.outcome:<16} {res.duration:>7.2f}s")
-    counts: dict[str, int] = {}
-    for res in results.values():
-        counts[res.outcome] = counts.get(res.outcome, 0) + 1
-    tr.write_line(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.results:
+            return
+        tr = terminalreporter
+        width = min(max(len(n) for n in self.results), 90)
+        used = self.config.stash.get(_TARGET_KEY, None)
+        tr.section("xenvtpm summary" + (f" (target {used.name})" if used is not None else ""))
+        tr.write_line(f"{'scenario':<{width}}  {'result':<16} {'time':>8}")
+        for nodeid, res in self.results.items():
+            name = nodeid if len(nodeid) <= width else "..." + nodeid[-(width - 3) :]
+            tr.write_line(f"{name:<{width}}  {res.outcome:<16} {res.duration:>7.2f}s")
+        counts: dict[str, int] = {}
+        for res in self.results.values():
+            counts[res.outcome] = counts.get(res.outcome, 0) + 1
+        tr.write_line(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
 
 
 if os.environ.get("XENVTPM_HARNESS_DEBUG"):
