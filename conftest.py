@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from harness.target import Guest, Target
-from harness.targets import TARGETS, capabilities_of, make_target
+from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
 
 MARKERS = {
@@ -41,7 +41,9 @@ _FAILED_KEY = pytest.StashKey[bool]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("xenvtpm")
-    group.addoption("--target", default="sim", choices=TARGETS, help="where guests run")
+    group.addoption(
+        "--target", default="sim", help=f"where guests run: {', '.join(TARGETS)} (default sim)"
+    )
     group.addoption("--guests", type=int, default=2, help="number of guests (default 2)")
     group.addoption(
         "--attach",
@@ -63,6 +65,10 @@ def _terminate_as_interrupt(signum: int, _frame: object) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    try:
+        target_class(config.getoption("--target"))
+    except ValueError as e:
+        raise pytest.UsageError(f"--target: {e}") from e
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     for name, text in MARKERS.items():

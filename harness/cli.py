@@ -130,8 +130,11 @@ def cmd_status(state: RunState, as_json: bool) -> int:
 
 def _log_files(state: RunState) -> dict[str, Path]:
     record = state.load()
-    run_dir = Path(record.run_dir) if record else state.run_dir
-    return {p.stem: p for p in sorted((run_dir / "logs").glob("*.log"))}
+    if record is not None:
+        from harness.targets.attached import AttachedTarget
+
+        return AttachedTarget(record).logs()  # daemons' logs and each instance's swtpm log
+    return {p.stem: p for p in sorted((state.run_dir / "logs").glob("*.log"))}
 
 
 def cmd_logs(state: RunState, name: str | None, lines: int) -> int:

@@ -1,13 +1,37 @@
-"""Target implementations, by the name ``--target`` and ``harness up --target`` take."""
+"""Target implementations, by the name ``--target`` and ``harness up --target`` take.
+
+A target class takes ``(guests, run_dir, progress, detached)``, implements
+``harness.target.Target`` and has a classmethod ``capabilities_for(guests)`` (used to
+skip scenarios at collection, before anything starts). New targets (``xen`` under QEMU,
+``ssh://user@host``) register here; names with a scheme are matched on the scheme.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from harness.target import Target
 
 Progress = Callable[[str], None]
+
+# name -> "module:Class", imported only when used (sim needs the driver package).
+REGISTRY: dict[str, str] = {
+    "sim": "harness.targets.sim:SimTarget",
+    "direct": "harness.targets.direct:DirectTarget",
+}
+TARGETS = tuple(REGISTRY)
+
+
+def target_class(name: str) -> Any:
+    """The class implementing target ``name`` (ValueError naming the known ones)."""
+    key = name.split("://", 1)[0] if "://" in name else name
+    if key not in REGISTRY:
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(REGISTRY)}")
+    module, cls = REGISTRY[key].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def make_target(
@@ -18,28 +42,11 @@ def make_target(
     detached: bool = False,
 ) -> Target:
     """Build (not start) the target called ``name``; ``detached`` ones outlive us."""
-    if name == "direct":
-        from harness.targets.direct import DirectTarget
-
-        return DirectTarget(guests, run_dir, progress, detached)
-    if name == "sim":
-        from harness.targets.sim import SimTarget
-
-        return SimTarget(guests, run_dir, progress, detached)
-    raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    target: Target = target_class(name)(guests, run_dir, progress, detached)
+    return target
 
 
 def capabilities_of(name: str, guests: int) -> frozenset[str]:
     """What ``name`` can do with ``guests`` guests, without starting it (for skipping)."""
-    if name == "direct":
-        from harness.targets.direct import DirectTarget
-
-        return DirectTarget.capabilities_for(guests)
-    if name == "sim":
-        from harness.targets.sim import SimTarget
-
-        return SimTarget.capabilities_for(guests)
-    raise ValueError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
-
-
-TARGETS = ("sim", "direct")
+    caps: frozenset[str] = target_class(name).capabilities_for(guests)
+    return caps
