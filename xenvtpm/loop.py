@@ -73,17 +73,21 @@ class Loop:
     def run(self) -> None:
         self._running = True
         while self._running:
-            timeout = self._next_timeout()
-            for key, _ in self._selector.select(timeout):
-                callback: Callback = key.data
-                callback()
+            self._dispatch(self._selector.select(self._next_timeout()))
             self._run_due_timers()
 
     def run_once(self, timeout: float = 0.0) -> None:
         """One iteration; for tests that drive the loop step by step."""
-        for key, _ in self._selector.select(timeout):
-            key.data()
+        self._dispatch(self._selector.select(timeout))
         self._run_due_timers()
+
+    def _dispatch(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
+        registered = self._selector.get_map()
+        for key, _ in ready:
+            # An earlier callback of this batch may have removed (or replaced) this one:
+            # a device torn down by a xenstore event must not see its stale channel event.
+            if registered.get(key.fd) is key:
+                key.data()
 
     def close(self) -> None:
         if self._closed:
