@@ -1,0 +1,52 @@
+"""The daemons' event loop: readiness callbacks, timers, and stopping."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from xenvtpm.loop import Loop
+
+
+def test_callback_removed_by_an_earlier_one_in_the_same_batch_is_skipped() -> None:
+    loop = Loop()
+    (r1, w1), (r2, w2) = os.pipe(), os.pipe()
+    calls: list[str] = []
+
+    def first() -> None:
+        calls.append("first")
+        os.read(r1, 1)
+        loop.remove_reader(r2)  # tears the other one down, as a device teardown does
+
+    def second() -> None:
+        calls.append("second")
+
+    loop.add_reader(r1, first)
+    loop.add_reader(r2, second)
+    os.write(w1, b"x")
+    os.write(w2, b"x")
+    loop.run_once(0.1)
+    loop.run_once(0.1)
+    assert calls in (["first"], ["second", "first"])  # never second after its removal
+    loop.close()
+    for fd in (r1, w1, r2, w2):
+        os.close(fd)
+
+
+def test_timers_run_in_order_and_cancel() -> None:
+    loop = Loop()
+    calls: list[int] = []
+    loop.call_later(0.02, lambda: calls.append(2))
+    loop.call_later(0.01, lambda: calls.append(1))
+    loop.call_later(0.0, lambda: calls.append(0)).cancel()
+    loop.call_later(0.03, loop.stop)
+    loop.run()
+    assert calls == [1, 2]
+    loop.close()
+
+
+def test_stop_from_another_thread_wakes_a_blocked_loop() -> None:
+    loop = Loop()
+    threading.Timer(0.05, loop.stop).start()
+    loop.run()  # would block forever without the self-pipe
+    loop.close()

@@ -1,0 +1,48 @@
+"""Xenbus states: numbers from xenbus.h, and the moves each side may make."""
+
+from __future__ import annotations
+
+import pytest
+
+from xenvtpm.errors import StateError
+from xenvtpm.xen.interface import Perm
+from xenvtpm.xenbus import BACKEND_MOVES, FRONTEND_MOVES, StateNode, XenbusState, parse_state
+
+
+class FakeStore:
+    """Records writes; just enough of XenStore for StateNode."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, bytes] = {}
+
+    def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
+        self.nodes[path] = value.encode() if isinstance(value, str) else value
+
+    def set_perms(self, path: str, perms: list[Perm], tx: int = 0) -> None:
+        pass
+
+
+def test_state_numbers_match_xenbus_h() -> None:
+    assert [s.value for s in XenbusState] == list(range(9))
+    assert XenbusState.CONNECTED == 4 and XenbusState.CLOSED == 6
+
+
+@pytest.mark.parametrize(("raw", "state"), [(b"4", 4), (b"6\x00", 6), (b"x", 0), (b"99", 0)])
+def test_parse_state_never_raises(raw: bytes, state: int) -> None:
+    assert parse_state(raw) == state
+
+
+def test_frontend_handshake_and_illegal_move() -> None:
+    store = FakeStore()
+    node = StateNode(store, "device/vtpm/0", FRONTEND_MOVES)  # type: ignore[arg-type]
+    for state in (XenbusState.INITIALISING, XenbusState.INITIALISED, XenbusState.CONNECTED):
+        node.switch(state)
+        assert store.nodes["device/vtpm/0/state"] == str(int(state)).encode()
+    with pytest.raises(StateError) as e:
+        node.switch(XenbusState.INIT_WAIT)  # a backend state: never the frontend's
+    assert e.value.actual == "CONNECTED"
+    assert store.nodes["device/vtpm/0/state"] == b"4"  # nothing written on refusal
+
+
+def test_backend_never_claims_initialised() -> None:
+    assert all(XenbusState.INITIALISED not in moves for moves in BACKEND_MOVES.values())
