@@ -10,6 +10,8 @@ import hashlib
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,19 +31,28 @@ def error(rc: int) -> bytes:
     return struct.pack(">HII", 0x8001, 10, rc)
 
 
-def swtpm_pid(env: SimEnv, instance: int) -> int:
-    """The swtpm process serving ``instance`` (found by its state directory).
-
-    The manager starts an instance on its first command, so send one first.
-    """
-    needle = f"dir={env.workdir / 'state' / str(instance)}".encode()
+def swtpm_processes(env: SimEnv) -> dict[int, bytes]:
+    """pid -> command line of every swtpm whose state lives in this environment."""
+    found = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"swtpm" in cmdline and needle in cmdline:
-            return int(pid)
+        if b"swtpm" in cmdline and str(env.workdir / "state").encode() in cmdline:
+            found[int(pid)] = cmdline
+    return found
+
+
+def swtpm_pid(env: SimEnv, instance: int) -> int:
+    """The swtpm process serving ``instance`` (found by its state directory).
+
+    The manager starts an instance on its first command, so send one first.
+    """
+    needle = f"dir={env.workdir / 'state' / str(instance)},".encode()
+    for pid, cmdline in swtpm_processes(env).items():
+        if needle in cmdline:
+            return pid
     raise LookupError(f"no swtpm for instance {instance}")
 
 
@@ -235,7 +246,27 @@ def test_other_domains_grants_and_xenstore_are_refused(shared_env: SimEnv) -> No
 
 def test_backend_restart_guest_reconnects(env: SimEnv) -> None:
     guest = env.guests[0]
-    env.daemon("backend").stop()
+    assert env.daemon("backend").stop() == 0  # a clean exit on SIGTERM
     env.start_backend(timeout=2.0)
     wait_for(lambda: env.frontend_state(guest) == "4", 15, "the guest to reconnect")
     get_random(guest)
+
+
+def test_daemons_exit_cleanly_on_sigterm(env: SimEnv) -> None:
+    """SIGTERM: each daemon says Closed / stops its swtpm and exits 0."""
+    assert env.dom0 is not None
+    guest = env.guests[0]
+    assert guest.frontend.stop() == 0
+    closed = env.dom0.xenstore.read(f"/local/domain/{guest.domid}/device/vtpm/0/state")
+    assert closed == b"6"
+    for name in ("backend", "manager"):
+        assert env.daemon(name).stop() == 0, env.daemon(name).tail()
+    assert swtpm_processes(env) == {}
+
+
+@pytest.mark.parametrize("command", ["frontend", "backend", "manager", "simxend", "attach"])
+def test_every_entry_point_has_help(command: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "xenvtpm", command, "--help"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
