@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from xenvtpm.backend_device import BackendDevice, DeviceKey
+from xenvtpm.daemon import default_log_level, run_service
 from xenvtpm.errors import XenStoreError
 from xenvtpm.loop import Loop
 from xenvtpm.manager_link import ManagerLink
-from xenvtpm.xen import open_hypervisor
 from xenvtpm.xen.interface import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -158,24 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help=f"seconds a vTPM may take per command (default {DEFAULT_TIMEOUT:.0f})",
     )
-    p.add_argument("--log-level", default=os.environ.get("XENVTPM_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=default_log_level())
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s backend %(name)s: %(message)s"
+    return run_service(
+        "backend", args.log_level, lambda hv, loop: Backend(hv, loop, args.manager, args.timeout)
     )
-    loop = Loop()
-    loop.stop_on_signals()
-    hv = open_hypervisor()
-    backend = Backend(hv, loop, args.manager, args.timeout)
-    try:
-        backend.start()
-        loop.run()
-    finally:
-        backend.close()
-        loop.close()
-        hv.close()
-    return 0
