@@ -8,7 +8,6 @@ under our own directory (never the system's ``/var/lib/swtpm-localca``); ``swtpm
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,28 +16,6 @@ from harness.errors import LaunchFailure
 from harness.process import ManagedProcess, tail
 
 STATE_FILE = "tpm2-00.permall"
-
-
-def write_ca_config(ca_dir: Path) -> Path:
-    """A private swtpm-localca setup under ``ca_dir``; returns the swtpm_setup config."""
-    ca_dir.mkdir(parents=True, exist_ok=True)
-    (ca_dir / "localca.conf").write_text(
-        f"statedir = {ca_dir}\n"
-        f"signingkey = {ca_dir}/signkey.pem\n"
-        f"issuercert = {ca_dir}/issuercert.pem\n"
-        f"certserial = {ca_dir}/certserial\n"
-    )
-    (ca_dir / "localca.options").write_text(
-        "--platform-manufacturer xenvtpm\n--platform-version 2.1\n--platform-model harness\n"
-    )
-    setup = ca_dir / "swtpm_setup.conf"
-    setup.write_text(
-        f"create_certs_tool = {shutil.which('swtpm_localca') or '/usr/bin/swtpm_localca'}\n"
-        f"create_certs_tool_config = {ca_dir}/localca.conf\n"
-        f"create_certs_tool_options = {ca_dir}/localca.options\n"
-        "active_pcr_banks = sha256\n"
-    )
-    return setup
 
 
 def manufacture(state_dir: Path, setup_conf: Path, log_path: Path, deadline: Deadline) -> None:

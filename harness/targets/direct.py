@@ -15,10 +15,11 @@ from typing import Any, ClassVar
 
 from harness.deadline import Deadline
 from harness.process import ManagedProcess, ProcessRecord
-from harness.swtpm import manufacture, swtpm_process, write_ca_config
+from harness.swtpm import manufacture, swtpm_process
 from harness.target import Capability, Component, Guest
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.transport import RawTransport, SwtpmTransport
+from xenvtpm.swtpm import write_ca_config
 
 START_TIMEOUT = 30.0
 FIRST_INSTANCE = 1000
@@ -76,7 +77,7 @@ class DirectTarget(BaseTarget):
 
     def _start(self) -> None:
         deadline = Deadline(START_TIMEOUT)
-        setup = write_ca_config(self.run_dir / "ca")
+        setup = write_ca_config(self.run_dir)  # the manager's own CA layout
         for g in self._guests:
             self.say(f"{g.name}: manufacturing vTPM instance {g.instance}")
             manufacture(g.state_dir, setup, self.log_dir / "swtpm_setup.log", deadline)
