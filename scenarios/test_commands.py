@@ -264,7 +264,7 @@ def test_nv_define_write_read_undefine(esapi: ESAPI) -> None:
 
 
 def test_nv_index_auth_is_enforced(esapi: ESAPI) -> None:
-    """An index with an auth value reads with it and refuses a wrong one (AUTH_FAIL)."""
+    """An index with an auth value reads with it and refuses a wrong one (BAD_AUTH)."""
     index = nv_index(0x02)
     with nv_space(esapi, index, 16, auth=b"right") as nv:
         esapi.tr_set_auth(nv, b"right")

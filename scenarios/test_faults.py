@@ -273,6 +273,7 @@ def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
     worker.stop.set()
     worker.join(WORKER_JOIN_S)
     assert not worker.is_alive(), "a command stayed unanswered across the backend restart"
+    assert worker.outcomes, "no command ran"
     for outcome in worker.outcomes:
         assert isinstance(outcome, bytes), outcome
         resp = Response.from_bytes(outcome)
