@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xenvtpm.toolstack import attach_vtpm
+from xenvtpm.toolstack import attach_vtpm, detach_vtpm
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 from xenvtpm.xen.interface import Hypervisor
 from xenvtpm.xen.sim import SimControl, SimHypervisor
@@ -155,6 +155,35 @@ class SimEnv:
         if wait:
             self.wait_connected(guest)
         return guest
+
+    def add_domain(self, name: str, instance: int) -> int:
+        """A new guest domain with a vTPM attached but no frontend (e.g. for a rogue one)."""
+        assert self.control is not None and self.dom0 is not None
+        domid = self.control.create_domain(name)
+        attach_vtpm(self.dom0.xenstore, domid, instance, name)
+        return domid
+
+    def run_in_domain(self, domid: int, args: list[str],
+                      timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+        """Run ``python -m xenvtpm ARGS`` as a process of ``domid`` and wait for it."""
+        assert self.control is not None
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop(SIM_DIR_ENV, None)
+        proc = self.control.spawn(domid, [sys.executable, "-m", "xenvtpm", *args], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def remove_domain(self, domid: int) -> None:
+        """As ``xl destroy``: remove the vTPM directories, then the domain."""
+        assert self.control is not None and self.dom0 is not None
+        detach_vtpm(self.dom0.xenstore, domid)
+        self.control.destroy_domain(domid)
 
     def frontend_state(self, guest: Guest) -> str:
         assert self.dom0 is not None

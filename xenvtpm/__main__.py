@@ -12,7 +12,9 @@ COMMANDS = {
     "simxend": ("xenvtpm.xen.simxend", "the simulated Xen hypervisor (xenstore, grants, events)"),
     "attach": ("xenvtpm.toolstack", "toolstack: write a vTPM's xenstore directories"),
     "detach": ("xenvtpm.toolstack", "toolstack: remove a vTPM's xenstore directories"),
+    "rogue": ("xenvtpm.rogue", "a hostile frontend: one attack on the backend, JSON lines"),
     "probe": ("xenvtpm.probe", "try one xenstore/grant/event operation as this domain"),
+    "relay": ("xenvtpm.relay", "guest: framed TPM commands on stdin to /dev/tpm0 (harness)"),
 }
 
 
