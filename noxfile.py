@@ -93,3 +93,14 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "xenvtpm", "harness", "scenarios", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "xenvtpm", "harness")
     session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks (issue 6): driver vs direct swtpm latency, and scale to many guests.
+
+    Options after ``--``: ``--quick`` (under 3 minutes), ``--target sim|xen``,
+    ``--out DIR`` (default artifacts/bench). Writes bench.json, a PNG and a table.
+    """
+    install_harness(session, "matplotlib>=3.7", "py-spy>=0.3")
+    session.run("python", "-m", "harness.bench", *session.posargs)
