@@ -16,12 +16,15 @@ import argparse
 import collections
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from xenvtpm import tpm, tpmif
-from xenvtpm.endpoint import EndpointClient, SocketEndpoint
+from xenvtpm.endpoint import SocketEndpoint
 from xenvtpm.errors import MalformedMessage, XenStoreError
 from xenvtpm.loop import Loop, Timer
+from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint
 from xenvtpm.xen import open_hypervisor
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
 from xenvtpm.xenbus import FRONTEND_MOVES, StateNode, XenbusState, read_state
@@ -34,9 +37,24 @@ CAPACITY = tpmif.capacity(DATA_PAGES)
 DEFAULT_TIMEOUT = 180.0  # beyond the backend's own vTPM timeout; the backend answers first
 
 
+class TpmClient(Protocol):
+    """Who sent a command: ``endpoint.EndpointClient`` or ``vtpm_proxy.ProxyClient``."""
+
+    alive: bool
+
+    def reply(self, response: bytes | memoryview) -> None: ...
+
+
+class Endpoint(Protocol):
+    """The guest's TPM endpoint: a SEQPACKET socket (sim) or a vTPM proxy device."""
+
+    def start(self, loop: Loop, on_command: Callable[[TpmClient, memoryview], None]) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass
 class _InFlight:
-    client: EndpointClient
+    client: TpmClient
     timer: Timer
     abandoned: bool = False  # we gave up waiting; the late answer must be dropped
 
@@ -48,14 +66,20 @@ class Frontend:
         self,
         hv: Hypervisor,
         loop: Loop,
-        endpoint: SocketEndpoint,
+        endpoint: Endpoint,
         devid: int = 0,
         timeout: float = DEFAULT_TIMEOUT,
+        *,
+        serve_on_connect: bool = False,
     ) -> None:
+        """``serve_on_connect`` starts the endpoint only once the ring is Connected: a
+        vTPM proxy device is probed by the kernel the moment it exists, with ~2 s
+        timeouts (DESIGN.md 4), so it must not exist before commands can flow."""
         self._hv = hv
         self._xs = hv.xenstore
         self._loop = loop
         self._endpoint = endpoint
+        self._serve_on_connect = serve_on_connect
         self._timeout = timeout
         self.node = f"device/vtpm/{devid}"
         self.log = log.getChild(f"vtpm{devid}")
@@ -65,7 +89,7 @@ class Frontend:
         self._channel: EventChannel | None = None
         self._backend_id = -1
         self._backend_path = ""
-        self._queue: collections.deque[tuple[EndpointClient, bytes]] = collections.deque()
+        self._queue: collections.deque[tuple[TpmClient, bytes]] = collections.deque()
         self._inflight: _InFlight | None = None
         self._started = False
 
@@ -83,7 +107,8 @@ class Frontend:
             self._state.switch(S.INITIALISING)
             self._xs.watch(f"{self._backend_path}/state", "backend-state")
             self._loop.add_reader(self._xs.fileno(), self._on_xenstore)
-            self._endpoint.start(self._loop, self._on_command)
+            if not self._serve_on_connect:
+                self._endpoint.start(self._loop, self._on_command)
         except BaseException:
             self.close()
             raise
@@ -135,6 +160,7 @@ class Frontend:
         elif mine == S.INITIALISED and backend == S.CONNECTED:
             self._state.switch(S.CONNECTED)
             self.log.info("connected to backend domain %d", self._backend_id)
+            self._endpoint.start(self._loop, self._on_command)  # idempotent
             self._send_next()
 
     def _publish(self) -> None:
@@ -169,7 +195,7 @@ class Frontend:
 
     # -- the ring ----------------------------------------------------------------
 
-    def _on_command(self, client: EndpointClient, command: memoryview) -> None:
+    def _on_command(self, client: TpmClient, command: memoryview) -> None:
         if len(command) > CAPACITY:
             client.reply(tpm.error_response(tpm.TPM_RC.COMMAND_SIZE))
             return
@@ -244,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Guest side of the Xen vTPM split driver: connects device/vtpm/<devid> "
         "to its backend and serves the guest's TPM endpoint.",
     )
-    p.add_argument("--socket", required=True, help="path of the TPM endpoint (SOCK_SEQPACKET)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="path of the TPM endpoint (SOCK_SEQPACKET)")
+    where.add_argument(
+        "--device",
+        action="store_true",
+        help=f"create the guest's /dev/tpmN through {VTPMX} (tpm_vtpm_proxy) once connected",
+    )
     p.add_argument("--devid", type=int, default=0, help="vTPM device id (default 0)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per command")
     p.add_argument("--log-level", default=os.environ.get("XENVTPM_LOG_LEVEL", "INFO"))
@@ -256,10 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s frontend %(name)s: %(message)s"
     )
+    if args.device and not os.path.exists(VTPMX):
+        log.error("%s is missing: modprobe tpm_vtpm_proxy", VTPMX)
+        return 1
+    endpoint: Endpoint = (
+        VtpmProxyEndpoint(CAPACITY) if args.device else SocketEndpoint(args.socket, CAPACITY)
+    )
     loop = Loop()
     loop.stop_on_signals()
     hv = open_hypervisor()
-    frontend = Frontend(hv, loop, SocketEndpoint(args.socket, CAPACITY), args.devid, args.timeout)
+    frontend = Frontend(hv, loop, endpoint, args.devid, args.timeout, serve_on_connect=args.device)
     try:
         frontend.start()
         loop.run()

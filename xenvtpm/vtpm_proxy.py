@@ -1,0 +1,227 @@
+"""The guest's ``/dev/tpmN`` on real Xen: a Linux vTPM proxy device served by the frontend.
+
+``ioctl(open("/dev/vtpmx"), VTPM_PROXY_IOC_NEW_DEV)`` creates ``/dev/tpmN`` and
+``/dev/tpmrmN`` and returns an anonymous fd. The kernel then hands that fd each command
+a TPM client writes to ``/dev/tpmN``: one ``read()`` is one whole command, one
+``write()`` is its whole response. Closing the fd removes the device.
+
+Facts (DESIGN.md 4, measured in a PV domU): at creation the kernel probes the chip at
+once (SET_LOCALITY, SelfTest, Startup, GetCapability, GetRandom) and times a short
+command out after about 2 s, so the device is created only once the ring is connected
+(the frontend starts this endpoint on Connected). ``TPM2_CC_SET_LOCALITY`` is the
+proxy's own vendor command: the fd owner answers it, it never goes to the vTPM.
+
+The kernel sends one command at a time, and sends the next only after the previous one
+was answered or timed out. A new command therefore retires the previous client: its
+late response must not be written, or the kernel would take it for the new command's.
+
+Spec: linux include/uapi/linux/vtpm_proxy.h; drivers/char/tpm/tpm_vtpm_proxy.c.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
+from types import TracebackType
+from typing import Self
+
+from xenvtpm import tpm
+from xenvtpm.errors import MalformedMessage, VTPMError
+from xenvtpm.loop import Loop
+
+log = logging.getLogger(__name__)
+
+VTPMX = "/dev/vtpmx"
+TPM_BUFSIZE = 4096  # drivers/char/tpm/tpm.h: the proxy's buffer; no command is larger
+
+
+class VtpmProxyIoctl(IntEnum):
+    """include/uapi/linux/vtpm_proxy.h"""
+
+    NEW_DEV = 0xC014A100  # _IOWR(0xa1, 0x00, struct vtpm_proxy_new_dev)
+
+
+class VtpmProxyFlag(IntEnum):
+    """include/uapi/linux/vtpm_proxy.h, enum vtpm_proxy_flags"""
+
+    TPM2 = 0x1
+
+
+#: struct vtpm_proxy_new_dev { __u32 flags, tpm_num, fd, major, minor; }
+_NEW_DEV_5I = struct.Struct("<5I")
+
+
+@dataclass(frozen=True)
+class ProxyDevice:
+    """What ``VTPM_PROXY_IOC_NEW_DEV`` returned: the fd we serve and the chip it made."""
+
+    fd: int
+    tpm_num: int
+    major: int = 0
+    minor: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"/dev/tpm{self.tpm_num}"
+
+
+def create_proxy_device(vtpmx: str = VTPMX) -> ProxyDevice:
+    """Create a TPM 2.0 proxy device. Raises VTPMError saying why (e.g. no module)."""
+    try:
+        ctl = os.open(vtpmx, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VTPMError(f"cannot open {vtpmx}: {exc.strerror} (modprobe tpm_vtpm_proxy)") from exc
+    try:
+        buf = bytearray(_NEW_DEV_5I.pack(VtpmProxyFlag.TPM2, 0, 0, 0, 0))
+        fcntl.ioctl(ctl, VtpmProxyIoctl.NEW_DEV, buf, True)
+    except OSError as exc:
+        raise VTPMError(f"VTPM_PROXY_IOC_NEW_DEV on {vtpmx}: {exc.strerror}") from exc
+    finally:
+        os.close(ctl)  # the device lives as long as the returned fd
+    _flags, tpm_num, fd, major, minor = _NEW_DEV_5I.unpack(buf)
+    os.set_inheritable(fd, False)
+    return ProxyDevice(fd, tpm_num, major, minor)
+
+
+class ProxyClient:
+    """The kernel's one outstanding command; ``reply`` writes its response once."""
+
+    def __init__(self, endpoint: VtpmProxyEndpoint) -> None:
+        self._endpoint = endpoint
+        self.alive = True
+
+    def reply(self, response: bytes | memoryview) -> None:
+        """Write the response, unless the kernel has moved on (or the device is gone)."""
+        if not self.alive:
+            return
+        self.alive = False
+        self._endpoint.write_response(response)
+
+    def retire(self) -> None:
+        self.alive = False
+
+
+CommandHandler = Callable[[ProxyClient, memoryview], None]
+DeviceFactory = Callable[[], ProxyDevice]
+
+
+class VtpmProxyEndpoint:
+    """Serves the commands of one vTPM proxy device, with ``SocketEndpoint``'s shape.
+
+    ``start(loop, on_command)`` creates the device (through ``create_device``, a fake in
+    tests) and reads commands from its fd in ``loop``; ``close()`` closes the fd, which
+    removes ``/dev/tpmN``. The memoryview passed to ``on_command`` is valid only during
+    the call (the buffer is reused), as with ``SocketEndpoint``.
+    """
+
+    def __init__(
+        self,
+        max_command: int = TPM_BUFSIZE,
+        vtpmx: str = VTPMX,
+        create_device: DeviceFactory | None = None,
+    ) -> None:
+        self.vtpmx = vtpmx
+        self._create = create_device or (lambda: create_proxy_device(vtpmx))
+        self._buffer = bytearray(max(max_command, TPM_BUFSIZE) + 1)
+        self._device: ProxyDevice | None = None
+        self._loop: Loop | None = None
+        self._on_command: CommandHandler | None = None
+        self._client: ProxyClient | None = None
+        self.commands = 0
+
+    @property
+    def device(self) -> ProxyDevice | None:
+        return self._device
+
+    def start(self, loop: Loop, on_command: CommandHandler) -> None:
+        """Create the device and serve it at once (the kernel probes it right away)."""
+        if self._device is not None:
+            return
+        device = self._create()
+        self._device, self._loop, self._on_command = device, loop, on_command
+        try:
+            loop.add_reader(device.fd, self._receive)
+        except BaseException:
+            self.close()
+            raise
+        log.info("created %s (and /dev/tpmrm%d)", device.name, device.tpm_num)
+
+    def close(self) -> None:
+        """Close the proxy fd: the kernel removes the device. Idempotent."""
+        device, self._device = self._device, None
+        if self._client is not None:
+            self._client.retire()
+            self._client = None
+        if device is None:
+            return
+        if self._loop is not None:
+            self._loop.remove_reader(device.fd)
+        with contextlib.suppress(OSError):
+            os.close(device.fd)
+        log.info("closed %s", device.name)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- the fd ----------------------------------------------------------------------
+
+    def _receive(self) -> None:
+        device = self._device
+        assert device is not None and self._on_command is not None
+        try:
+            n = os.readv(device.fd, [self._buffer])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # EPIPE: the chip is being torn down; anything else would repeat forever.
+            log.error("reading %s's proxy fd: %s: no more commands", device.name, exc)
+            self._stop_reading()
+            return
+        if n == 0:
+            log.error("%s's proxy fd reached end of file", device.name)
+            self._stop_reading()
+            return
+        command = memoryview(self._buffer)[:n]
+        if self._client is not None:
+            self._client.retire()  # the kernel gave up on it: drop its late response
+        self.commands += 1
+        client = ProxyClient(self)
+        self._client = client
+        if self._is_set_locality(command):
+            client.reply(tpm.success_response())
+            return
+        self._on_command(client, command)
+
+    @staticmethod
+    def _is_set_locality(command: memoryview) -> bool:
+        try:
+            return tpm.TpmHeader.from_bytes(command).code == tpm.VTPM_PROXY_CC_SET_LOCALITY
+        except MalformedMessage:
+            return False
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None and self._device is not None:
+            self._loop.remove_reader(self._device.fd)
+
+    def write_response(self, response: bytes | memoryview) -> None:
+        """One write = one response. EIO means the kernel no longer waits for one."""
+        device = self._device
+        if device is None:
+            return
+        try:
+            os.write(device.fd, response)
+        except OSError as exc:
+            level = logging.INFO if exc.errno == errno.EIO else logging.WARNING
+            log.log(level, "response dropped by %s: %s", device.name, exc)
