@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from harness.bench import profiling, scale, stats
+from harness.bench import cli, profiling, scale, stats
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -167,3 +167,8 @@ def test_strace_summary_parser() -> None:
         "sendto": 600,
     }
     assert math.isclose(sum(profiling.parse_strace_summary(text).values()) / 300, 7.0)
+
+
+def test_xen_target_is_refused_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--target", "xen", "--quick"]) == 2
+    assert "not available yet" in capsys.readouterr().err

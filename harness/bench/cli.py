@@ -20,19 +20,23 @@ import argparse
 import datetime
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from harness.bench import floor, procs, profiling, scale, stats
+from harness.bench import floor, micro, procs, profiling, scale, stats
 from harness.bench.latency import GET_RANDOM_16, Link, PathClient, Plan, measure_workload
 from harness.bench.plot import latency_vs_instances
 from harness.deadline import Deadline
+from harness.process import tail
 from harness.targets.direct import DirectTarget
 
 QUICK_LEVELS = (1, 8, 32)
@@ -105,6 +109,7 @@ class Bench:
             "notes": [],
             "errors": [],
         }
+        self.template_dir = Path(tempfile.mkdtemp(prefix="xvbench-template-"))
         self.direct: DirectTarget | None = None
         self.level1: scale.Level | None = None
 
@@ -114,6 +119,15 @@ class Bench:
 
     # -- phases ----------------------------------------------------------------------
 
+    def check_machine(self, when: str) -> None:
+        """Name other busy processes: on a shared machine they skew every number."""
+        hogs = procs.cpu_hogs()
+        self.report["machine"][f"other_busy_processes_{when}"] = hogs
+        if hogs:
+            names = ", ".join(f"{h['comm']} (pid {h['pid']}, {h['cpu_pct']}% CPU)" for h in hogs)
+            self.note(f"{when}: other processes were busy on this machine: {names}; "
+                      "latencies and throughput are lower bounds of what it can do")  # fmt: skip
+
     def bring_up(self) -> None:
         _say("bringing up the direct target (plain swtpm) and a 1-guest sim target")
         t0 = time.monotonic()
@@ -121,7 +135,11 @@ class Bench:
         self.direct.start()
         direct_s = time.monotonic() - t0
         self.level1 = scale.start_level(1, None)
+        setup = re.search(
+            r"manufactured in ([\d.]+) s", tail(self.level1.target.log_dir / "manager.log", 200)
+        )
         self.report["bringup"] = {
+            "swtpm_setup_s": float(setup.group(1)) if setup else None,
             "direct_swtpm_incl_setup_s": round(direct_s, 3),
             "sim_instance_incl_setup_s": round(self.level1.bringup_s, 3),
             "what": "target start to first GetRandom answered, including swtpm_setup "
@@ -202,6 +220,11 @@ class Bench:
             ),
         }
         self.report["profile"] = prof
+        _say("profile: Python cost of each per-command step, in-process")
+        try:
+            prof["steps"] = micro.hot_path_steps()
+        except Exception as e:  # evidence, not the benchmark: report and go on
+            prof["steps"] = {"error": f"{type(e).__name__}: {e}"}
         if self.args.no_profile:
             prof["py_spy"] = prof["strace"] = {"skipped": "--no-profile"}
             return
@@ -262,7 +285,7 @@ class Bench:
                 per_instance = max(level.bringup_s / n, 0.05)
             failed = True
             if template is None:  # the first (fresh) level's state seeds the others
-                template = scale.save_template(level, self.out / "template")
+                template = scale.save_template(level, self.template_dir)
             try:
                 _say(f"scale: {n} guests, closed loop for {duration:.0f} s")
                 entries.append(scale.measure_level(level, duration, warmup))
@@ -299,6 +322,7 @@ class Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         status = 0
         try:
+            self.check_machine("start")
             self.bring_up()
             clients = self.latency()
             try:
@@ -311,6 +335,7 @@ class Bench:
             assert self.direct is not None
             self.direct.close()
             self.scale()
+            self.check_machine("end")
         except KeyboardInterrupt:
             self.report["errors"].append("interrupted")
             status = 130
@@ -321,10 +346,12 @@ class Bench:
         finally:
             self.close()
         self.report["duration_s"] = round(time.monotonic() - t0, 1)
+        self.report["machine"]["loadavg_at_end"] = procs.loadavg()
         self.finish()
         return status
 
     def close(self) -> None:
+        shutil.rmtree(self.template_dir, ignore_errors=True)
         if self.level1 is not None:
             self.level1.close(keep_logs=self.out / "logs" / "level1")
             self.level1 = None
@@ -379,6 +406,19 @@ class Bench:
             each = ", ".join(f"{k} {v['cpu_us']}" for k, v in cost["per_process"].items())
             total = cost["cpu_us_total"]
             parts += ["", f"CPU per driver command (us), pinned, total {total}: {each}"]
+        prof = self.report.get("profile", {})
+        steps = prof.get("steps")
+        if steps and "us_per_call" in steps:
+            each = ", ".join(f"{k} {v}" for k, v in steps["us_per_call"].items())
+            parts.append(f"Python per-command steps (us per call): {each}")
+        for name, spy in sorted(prof.get("py_spy", {}).items()):
+            if isinstance(spy, dict) and spy.get("self"):
+                top = "; ".join(f"{f} {p}%" for f, p in spy["self"][:4])
+                parts.append(f"py-spy {name} (self time): {top}")
+        for name, st in sorted(prof.get("strace", {}).items()):
+            if isinstance(st, dict) and "per_op" in st:
+                calls = ", ".join(f"{k} {v}" for k, v in st["per_op"].items())
+                parts.append(f"syscalls/command {name}: {st['total_per_op']} ({calls})")
         fl = self.report.get("floor")
         if fl:
             r = self.report["ratios"]

@@ -14,6 +14,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,37 @@ def per_op(
     return out
 
 
+def _cpu_ticks() -> dict[int, tuple[str, int]]:
+    out: dict[int, tuple[str, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            raw = Path(f"/proc/{entry}/stat").read_text()
+            rpar = raw.rindex(")")
+            rest = raw[rpar + 2 :].split()
+            out[int(entry)] = (raw[raw.index("(") + 1 : rpar], int(rest[11]) + int(rest[12]))
+    return out
+
+
+def cpu_hogs(seconds: float = 0.5, threshold_pct: float = 20.0) -> list[dict[str, Any]]:
+    """Other processes using more than ``threshold_pct`` of a CPU right now: on a shared
+    machine they take CPU time from the benchmark and their presence must be reported."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before = _cpu_ticks()
+    time.sleep(seconds)
+    after = _cpu_ticks()
+    mine = {os.getpid()}
+    hogs = []
+    for pid, (comm, ticks) in after.items():
+        if pid in mine or pid not in before:
+            continue
+        pct = 100.0 * (ticks - before[pid][1]) / hz / seconds
+        if pct >= threshold_pct:
+            hogs.append({"pid": pid, "comm": comm, "cpu_pct": round(pct)})
+    return sorted(hogs, key=lambda h: -h["cpu_pct"])
+
+
 def _first_line(argv: list[str]) -> str | None:
     if shutil.which(argv[0]) is None:
         return None
@@ -165,7 +197,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "swtpm": _first_line(["swtpm", "--version"]),
-        "loadavg_at_start": _loadavg(),
+        "loadavg_at_start": loadavg(),
     }
 
 
@@ -177,7 +209,7 @@ def _os_name() -> str | None:
     return None
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     with contextlib.suppress(OSError, ValueError):
         return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
     return None
