@@ -104,3 +104,21 @@ def bench(session: nox.Session) -> None:
     """
     install_harness(session, "matplotlib>=3.7", "py-spy>=0.3")
     session.run("python", "-m", "harness.bench", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Fuzzing (issue 5): backend request intake, ring, TPM header, xenstore wire + server.
+
+    ``--seconds N`` (default 60) bounds the campaign; ``--target NAME`` (repeatable),
+    ``--engine atheris|hypothesis``. Coverage-guided with atheris when it installs,
+    else hypothesis. Crashing or hanging inputs go to artifacts/fuzz/. Last line:
+    ``fuzz: N inputs, C crashes, H hangs``.
+    """
+    session.install("hypothesis>=6.100")
+    try:
+        session.install("atheris>=2.3")
+    except nox.command.CommandFailed:
+        session.warn("atheris does not install here: fuzzing with hypothesis instead")
+    session.install("-e", ".", "--no-deps")
+    session.run("python", "-m", "harness.fuzz", *session.posargs)
