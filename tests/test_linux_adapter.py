@@ -32,6 +32,7 @@ from xenvtpm import relay, tpm
 from xenvtpm.errors import HypervisorUnavailable, VTPMError, XenStoreError
 from xenvtpm.loop import Loop
 from xenvtpm.vtpm_proxy import (
+    WARM_UP_COMMAND,
     ProxyClient,
     ProxyDevice,
     VtpmProxyEndpoint,
@@ -234,6 +235,13 @@ def proxy() -> Iterator[Proxy]:
         commands.append(bytes(command))
 
     endpoint.start(loop, on_command)
+    # The device is created only once the warm-up command came back through the ring.
+    assert (kernel.created, endpoint.device, commands) == (0, None, [WARM_UP_COMMAND])
+    endpoint.start(loop, on_command)  # idempotent: Connected again while warming up
+    assert len(commands) == 1
+    clients.pop().reply(tpm.error_response(tpm.TPM_RC.FAILURE))  # any answer will do
+    assert kernel.created == 1 and endpoint.device is not None
+    commands.clear()
     try:
         yield loop, kernel, endpoint, clients, commands
     finally:

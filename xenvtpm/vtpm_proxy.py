@@ -8,8 +8,11 @@ a TPM client writes to ``/dev/tpmN``: one ``read()`` is one whole command, one
 Facts (DESIGN.md 4, measured in a PV domU): at creation the kernel probes the chip at
 once (SET_LOCALITY, SelfTest, Startup, GetCapability, GetRandom) and times a short
 command out after about 2 s, so the device is created only once the ring is connected
-(the frontend starts this endpoint on Connected). ``TPM2_CC_SET_LOCALITY`` is the
-proxy's own vendor command: the fd owner answers it, it never goes to the vTPM.
+(the frontend starts this endpoint on Connected), and only after one warm-up command
+(GetRandom) has come back through the ring: the vTPM instance may still be starting
+(swtpm_setup, seconds under TCG), and a probe that times out makes the kernel give up
+the chip for good. ``TPM2_CC_SET_LOCALITY`` is the proxy's own vendor command: the fd
+owner answers it, it never goes to the vTPM.
 
 The kernel sends one command at a time, and sends the next only after the previous one
 was answered or timed out. A new command therefore retires the previous client: its
@@ -26,6 +29,7 @@ import fcntl
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -108,7 +112,22 @@ class ProxyClient:
         self.alive = False
 
 
-CommandHandler = Callable[[ProxyClient, memoryview], None]
+class _WarmUp:
+    """The endpoint's own first command: its answer (any answer) creates the device."""
+
+    def __init__(self, done: Callable[[bytes], None]) -> None:
+        self._done = done
+        self.alive = True
+
+    def reply(self, response: bytes | memoryview) -> None:
+        if self.alive:
+            self.alive = False
+            self._done(bytes(response))
+
+
+WARM_UP_COMMAND = tpm.get_random_command(1)
+
+CommandHandler = Callable[[ProxyClient | _WarmUp, memoryview], None]
 DeviceFactory = Callable[[], ProxyDevice]
 
 
@@ -134,6 +153,8 @@ class VtpmProxyEndpoint:
         self._loop: Loop | None = None
         self._on_command: CommandHandler | None = None
         self._client: ProxyClient | None = None
+        self._warm_up: _WarmUp | None = None
+        self.warm_up_seconds: float | None = None
         self.commands = 0
 
     @property
@@ -141,13 +162,32 @@ class VtpmProxyEndpoint:
         return self._device
 
     def start(self, loop: Loop, on_command: CommandHandler) -> None:
+        """Send the warm-up command; its answer creates the device. Idempotent."""
+        if self._device is not None or self._warm_up is not None:
+            return
+        self._loop, self._on_command = loop, on_command
+        started = time.monotonic()
+
+        def warmed(response: bytes) -> None:
+            self.warm_up_seconds = time.monotonic() - started
+            log.info(
+                "vTPM answered the warm-up in %.2f s (rc 0x%x)",
+                self.warm_up_seconds,
+                tpm.response_code(response) if len(response) >= tpm.HEADER_SIZE else -1,
+            )
+            self._create_device()
+
+        self._warm_up = _WarmUp(warmed)
+        on_command(self._warm_up, memoryview(WARM_UP_COMMAND))
+
+    def _create_device(self) -> None:
         """Create the device and serve it at once (the kernel probes it right away)."""
-        if self._device is not None:
+        if self._device is not None or self._loop is None:
             return
         device = self._create()
-        self._device, self._loop, self._on_command = device, loop, on_command
+        self._device = device
         try:
-            loop.add_reader(device.fd, self._receive)
+            self._loop.add_reader(device.fd, self._receive)
         except BaseException:
             self.close()
             raise
@@ -156,6 +196,9 @@ class VtpmProxyEndpoint:
     def close(self) -> None:
         """Close the proxy fd: the kernel removes the device. Idempotent."""
         device, self._device = self._device, None
+        if self._warm_up is not None:
+            self._warm_up.alive = False
+            self._warm_up = None
         if self._client is not None:
             self._client.retire()
             self._client = None
