@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -416,3 +417,59 @@ def test_relay_main_opens_the_device_and_reports_failure(tmp_path: Path) -> None
     assert proc.returncode == 1
     assert proc.stdout == relay.Frame(relay.FrameKind.ERROR, b"ENOENT").to_bytes()
     assert "relay --device /dev/tpm0" in relay_command()
+
+
+# -- the frontend serving a proxy device, over the simulated Xen --------------------------
+
+
+def test_frontend_creates_the_device_only_once_the_vtpm_answers(tmp_path: Path) -> None:
+    """``frontend --device`` ordering, end to end with the real backend, manager and swtpm:
+    ring Connected, then a warm-up GetRandom through it, then the device; the kernel's
+    SET_LOCALITY is answered locally and its commands reach swtpm."""
+    from simenv import SimEnv
+
+    from xenvtpm.frontend import Frontend
+    from xenvtpm.xen.sim import SimHypervisor
+
+    env = SimEnv(tmp_path)
+    loop, kernel = Loop(), FakeKernel()
+    hv: SimHypervisor | None = None
+    frontend: Frontend | None = None
+    try:
+        env.start_hypervisor()
+        env.start_manager()
+        env.start_backend()
+        assert env.control is not None
+        domid = env.add_domain("dev", instance=7)
+        hv = SimHypervisor.from_fds(*env.control.connect_domain(domid))
+        endpoint = VtpmProxyEndpoint(create_device=kernel.create)
+        frontend = Frontend(hv, loop, endpoint, serve_on_connect=True)
+        frontend.start()
+        deadline = time.monotonic() + 60
+        while not kernel.created:
+            assert time.monotonic() < deadline, env.logs()
+            loop.run_once(0.1)
+        assert endpoint.warm_up_seconds is not None
+        assert hv.xenstore.read("device/vtpm/0/state") == b"4"  # Connected before created
+        kernel.sock.send(SET_LOCALITY)
+        loop.run_once(1)
+        assert kernel.sock.recv(4096) == tpm.success_response()
+        kernel.sock.send(GET_RANDOM_16)
+        kernel.sock.setblocking(False)
+        response = b""
+        while not response:
+            assert time.monotonic() < deadline, env.logs()
+            loop.run_once(0.1)
+            with contextlib.suppress(BlockingIOError):
+                response = kernel.sock.recv(4096)
+        assert tpm.response_code(response) == tpm.TPM_RC.SUCCESS and len(response) == 28
+        frontend.close()
+        assert kernel.fd_closed()  # closing the fd removes /dev/tpmN
+    finally:
+        if frontend is not None:
+            frontend.close()
+        if hv is not None:
+            hv.close()
+        loop.close()
+        kernel.sock.close()
+        env.close()
