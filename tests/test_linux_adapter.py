@@ -203,18 +203,25 @@ class FakeKernel:
     """The kernel's side of a proxy fd: a SEQPACKET socket (one message = one command)."""
 
     def __init__(self) -> None:
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.settimeout(5)
-        self.device = ProxyDevice(theirs.detach(), tpm_num=3)
         self.created = 0
+        self.sock: socket.socket = socket.socket()  # replaced by each create()
+        self.device = ProxyDevice(-1, tpm_num=-1)
 
     def create(self) -> ProxyDevice:
+        self.sock.close()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(5)
+        self.device = ProxyDevice(theirs.detach(), tpm_num=3 + self.created)
         self.created += 1
         return self.device
 
     def fd_closed(self) -> bool:
+        return self.fd_closed_for(self.device)
+
+    @staticmethod
+    def fd_closed_for(device: ProxyDevice) -> bool:
         try:
-            os.fstat(self.device.fd)
+            os.fstat(device.fd)
         except OSError as e:
             return e.errno == errno.EBADF
         return False
@@ -283,6 +290,24 @@ def test_proxy_drops_the_late_reply_to_a_command_the_kernel_gave_up(proxy: Proxy
     first.reply(RESPONSE)  # late: must not become the second command's response
     second.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
     assert kernel.sock.recv(4096) == tpm.error_response(tpm.TPM_RC.FAILURE)
+
+
+def test_proxy_makes_a_new_device_when_the_kernel_gives_one_up(proxy: Proxy) -> None:
+    """A failed probe closes the kernel's side (reads: EPIPE); a new device is made."""
+    loop, kernel, endpoint, _clients, _commands = proxy
+    lost = kernel.device
+    kernel.sock.close()
+    loop.run_once(1)
+    assert endpoint.device is None and kernel.fd_closed_for(lost)
+    deadline = time.monotonic() + 5
+    while kernel.created < 2:
+        assert time.monotonic() < deadline
+        loop.run_once(0.2)
+    assert endpoint.device is not None and endpoint.device.name == "/dev/tpm4"
+    kernel.sock.send(SET_LOCALITY)
+    loop.run_once(1)
+    assert kernel.sock.recv(4096) == tpm.success_response()
+    assert endpoint.recreated == 1
 
 
 def test_proxy_close_closes_the_fd_once(proxy: Proxy) -> None:

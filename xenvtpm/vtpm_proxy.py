@@ -18,6 +18,10 @@ The kernel sends one command at a time, and sends the next only after the previo
 was answered or timed out. A new command therefore retires the previous client: its
 late response must not be written, or the kernel would take it for the new command's.
 
+If the kernel's probe fails anyway (``tpm_chip_register`` fails), it marks the fd closed:
+reads fail with EPIPE and ``/dev/tpmN`` never appears. The endpoint then closes that fd
+and creates a new device, a few times at most.
+
 Spec: linux include/uapi/linux/vtpm_proxy.h; drivers/char/tpm/tpm_vtpm_proxy.c.
 """
 
@@ -44,6 +48,8 @@ log = logging.getLogger(__name__)
 
 VTPMX = "/dev/vtpmx"
 TPM_BUFSIZE = 4096  # drivers/char/tpm/tpm.h: the proxy's buffer; no command is larger
+RECREATE_DELAY = 1.0  # seconds before a lost device is created again
+MAX_RECREATE = 3  # times a lost device is created again before giving up
 
 
 class VtpmProxyIoctl(IntEnum):
@@ -156,6 +162,8 @@ class VtpmProxyEndpoint:
         self._warm_up: _WarmUp | None = None
         self.warm_up_seconds: float | None = None
         self.commands = 0
+        self.recreated = 0
+        self._active = False
 
     @property
     def device(self) -> ProxyDevice | None:
@@ -166,6 +174,7 @@ class VtpmProxyEndpoint:
         if self._device is not None or self._warm_up is not None:
             return
         self._loop, self._on_command = loop, on_command
+        self._active = True
         started = time.monotonic()
 
         def warmed(response: bytes) -> None:
@@ -182,7 +191,7 @@ class VtpmProxyEndpoint:
 
     def _create_device(self) -> None:
         """Create the device and serve it at once (the kernel probes it right away)."""
-        if self._device is not None or self._loop is None:
+        if self._device is not None or self._loop is None or not self._active:
             return
         device = self._create()
         self._device = device
@@ -195,6 +204,10 @@ class VtpmProxyEndpoint:
 
     def close(self) -> None:
         """Close the proxy fd: the kernel removes the device. Idempotent."""
+        self._active = False
+        self._drop_device()
+
+    def _drop_device(self) -> None:
         device, self._device = self._device, None
         if self._warm_up is not None:
             self._warm_up.alive = False
@@ -228,13 +241,10 @@ class VtpmProxyEndpoint:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            # EPIPE: the chip is being torn down; anything else would repeat forever.
-            log.error("reading %s's proxy fd: %s: no more commands", device.name, exc)
-            self._stop_reading()
+            self._lost(device, str(exc))  # EPIPE: the kernel gave the chip up
             return
         if n == 0:
-            log.error("%s's proxy fd reached end of file", device.name)
-            self._stop_reading()
+            self._lost(device, "end of file")
             return
         command = memoryview(self._buffer)[:n]
         if self._client is not None:
@@ -254,9 +264,17 @@ class VtpmProxyEndpoint:
         except MalformedMessage:
             return False
 
-    def _stop_reading(self) -> None:
-        if self._loop is not None and self._device is not None:
-            self._loop.remove_reader(self._device.fd)
+    def _lost(self, device: ProxyDevice, why: str) -> None:
+        """The kernel closed its side (a failed probe): drop the fd, make a new device."""
+        self._drop_device()
+        if self._loop is None or not self._active:
+            return
+        if self.recreated >= MAX_RECREATE:
+            log.error("%s lost (%s) %d times: giving up", device.name, why, self.recreated + 1)
+            return
+        self.recreated += 1
+        log.warning("%s lost (%s): creating it again in %.0f s", device.name, why, RECREATE_DELAY)
+        self._loop.call_later(RECREATE_DELAY, self._create_device)
 
     def write_response(self, response: bytes | memoryview) -> None:
         """One write = one response. EIO means the kernel no longer waits for one."""
