@@ -270,7 +270,7 @@ class _Summary:
         self.results: dict[str, _Result] = {}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if not report.nodeid.startswith("scenarios/"):
+        if report.nodeid.startswith("tests/"):
             return  # unit tests have pytest's own summary; the table is for scenarios
         res = self.results.setdefault(report.nodeid, _Result())
         res.duration += report.duration
