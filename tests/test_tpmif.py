@@ -20,6 +20,7 @@ from xenvtpm.tpmif import (
     packet_length,
     page_sizes,
     pages_needed,
+    read_length,
     read_ring,
     ring_entries,
     scatter,
@@ -117,15 +118,18 @@ def test_round_trip(length: int) -> None:
     m, pages = _pages(10)
     ring = bytearray(PAGE_SIZE)
     refs = list(range(8, 18))
-    entries = write_packet(ring, pages, refs, packet)
+    write_packet(ring, pages, refs, packet)
+    entries = read_ring(memoryview(ring))
+    assert bytes(ring[:RING_BYTES]) == b"".join(
+        e.to_bytes() for e in ring_entries(refs, page_sizes(length, 10))
+    )
     used = pages_needed(length)
     assert [e.ref for e in entries] == refs
     assert all(e.addr == 0 and e.unused == 0 for e in entries)
     assert [e.size for e in entries[:used]] == [length - i * PAGE_SIZE for i in range(used)]
     assert all(e.size == 0 for e in entries[used:])
-    got_entries = read_ring(memoryview(ring))
-    assert got_entries == entries
-    n = packet_length(got_entries, len(pages))
+    n = packet_length(entries, len(pages))
+    assert read_length(memoryview(ring), len(pages)) == n
     out = gather(pages, n)
     assert type(out) is bytes and out == packet
     for p in pages:
@@ -159,3 +163,12 @@ def test_packet_length_and_gather_reject_oversize() -> None:
         gather([memoryview(bytearray(100))], 200)
     with pytest.raises(ValueError):
         ring_entries([1], [1, 2])
+
+
+def test_read_length_copies_entry_zero_and_bounds_it() -> None:
+    ring = bytearray(PAGE_SIZE)
+    write_ring(ring, ring_entries([1, 2], [8192, 4096]))
+    assert read_length(memoryview(ring), 2) == 8192
+    write_ring(ring, ring_entries([1, 2], [8193, 97]))
+    with pytest.raises(MalformedMessage):
+        read_length(memoryview(ring), 2)

@@ -248,8 +248,7 @@ class BackendDevice:
         assert self._ring is not None and self._data is not None
         self.requests += 1
         try:
-            entries = tpmif.read_ring(self._ring.pages[0])
-            length = tpmif.packet_length(entries, len(self._refs))
+            length = tpmif.read_length(self._ring.pages[0], len(self._refs))
             command = tpmif.gather(self._data.pages, length)  # the one copy
             header = tpm.validate_command(command)
         except tpm.MalformedCommand as e:

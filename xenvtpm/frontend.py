@@ -230,8 +230,7 @@ class Frontend:
         assert self._pages is not None
         pages = self._pages.pages
         try:
-            entries = tpmif.read_ring(pages[0])
-            response = tpmif.gather(pages[1:], tpmif.packet_length(entries, DATA_PAGES))
+            response = tpmif.gather(pages[1:], tpmif.read_length(pages[0], DATA_PAGES))
             tpm.validate_response(response)
         except MalformedMessage as e:
             self.log.warning("backend sent a malformed response: %s", e)

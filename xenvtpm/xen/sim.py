@@ -206,16 +206,16 @@ class SimEventChannel:
     def consume(self) -> bool:
         if self._closed or self._dead:
             return False
-        while True:
-            try:
-                data = self._sock.recv(4096)
-            except BlockingIOError:
-                return True
-            except OSError:
-                data = b""
-            if not data:
-                self._dead = True
-                return False
+        try:
+            data = self._sock.recv(4096)  # up to 4096 coalesced notifies in one call
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._dead = True
+            return False
+        return True
 
     def close(self) -> None:
         if self._closed:
