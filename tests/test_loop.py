@@ -50,3 +50,12 @@ def test_stop_from_another_thread_wakes_a_blocked_loop() -> None:
     threading.Timer(0.05, loop.stop).start()
     loop.run()  # would block forever without the self-pipe
     loop.close()
+
+
+def test_cancelled_timers_do_not_pile_up() -> None:
+    """One timeout armed and cancelled per command must not grow the heap forever."""
+    loop = Loop()
+    for _ in range(10_000):
+        loop.call_later(180.0, lambda: None).cancel()
+    assert loop.pending_timers() < 200
+    loop.close()

@@ -31,9 +31,13 @@ class Timer:
     when: float
     seq: int
     callback: Callback | None = field(compare=False)
+    loop: Loop | None = field(default=None, compare=False, repr=False)
 
     def cancel(self) -> None:
-        self.callback = None
+        if self.callback is not None:
+            self.callback = None
+            if self.loop is not None:
+                self.loop._timer_cancelled()
 
 
 class Loop:
@@ -42,6 +46,7 @@ class Loop:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._timers: list[Timer] = []
+        self._cancelled = 0
         self._seq = itertools.count()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
@@ -56,9 +61,22 @@ class Loop:
             self._selector.unregister(fd)
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
-        timer = Timer(time.monotonic() + delay, next(self._seq), callback)
+        timer = Timer(time.monotonic() + delay, next(self._seq), callback, self)
         heapq.heappush(self._timers, timer)
         return timer
+
+    def _timer_cancelled(self) -> None:
+        """Every command arms and cancels a timeout far in the future: without this,
+        cancelled timers would pile up in the heap until their time came."""
+        self._cancelled += 1
+        if self._cancelled > 64 and self._cancelled * 2 > len(self._timers):
+            self._timers = [t for t in self._timers if t.callback is not None]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def pending_timers(self) -> int:
+        """Timers in the heap, cancelled ones included (for leak checks)."""
+        return len(self._timers)
 
     def stop(self) -> None:
         """Ask ``run()`` to return; safe from signal handlers and other threads."""
@@ -107,6 +125,7 @@ class Loop:
     def _next_timeout(self) -> float | None:
         while self._timers and self._timers[0].callback is None:
             heapq.heappop(self._timers)
+            self._cancelled = max(0, self._cancelled - 1)
         if not self._timers:
             return None
         return max(0.0, self._timers[0].when - time.monotonic())
