@@ -23,6 +23,9 @@ ARTIFACTS = ROOT / "artifacts"
 DEBIAN_PACKAGES = ["swtpm", "swtpm-tools", "libtss2-dev", "pkg-config", "gcc"]
 HARNESS = ["tpm2-pytss==3.0.0", "cryptography>=41", "pytest>=8", "hypothesis>=6.100"]
 LINT = ["ruff>=0.6", "mypy>=1.10", "pytest>=8", "hypothesis>=6.100"]
+# Real Xen under QEMU (sessions images and xen only): host tools and SSH/console libraries.
+XEN_DEBIAN_PACKAGES = ["qemu-system-x86", "debootstrap", "e2fsprogs", "openssh-client"]
+XEN_PYTHON = ["paramiko>=3", "pexpect>=4.8"]
 
 
 def missing_debian_packages(packages: list[str]) -> list[str]:
@@ -104,6 +107,32 @@ def bench(session: nox.Session) -> None:
     """
     install_harness(session, "matplotlib>=3.7", "py-spy>=0.3")
     session.run("python", "-m", "harness.bench", *session.posargs)
+
+
+@nox.session
+def images(session: nox.Session) -> None:
+    """Build (or reuse from ~/.cache/xenvtpm/images) the dom0 and guest images for Xen."""
+    ensure_debian_packages(session, XEN_DEBIAN_PACKAGES)
+    session.install(*XEN_PYTHON, "cryptography>=41")
+    session.install("-e", ".", "--no-deps")
+    session.run("python", "-m", "harness.images", *session.posargs)
+
+
+@nox.session
+def xen(session: nox.Session) -> None:
+    """Boot Xen 4.17 + dom0 under QEMU, start 2 PV guests, run the xen scenarios."""
+    ensure_debian_packages(session, XEN_DEBIAN_PACKAGES)
+    install_harness(session, *XEN_PYTHON)
+    out = ARTIFACTS / "xen"
+    session.run(
+        "pytest",
+        "scenarios",
+        "--target=xen",
+        "--guests=2",
+        f"--junitxml={out / 'junit.xml'}",
+        f"--artifacts={out}",
+        *session.posargs,
+    )
 
 
 @nox.session

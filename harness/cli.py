@@ -4,6 +4,8 @@
     status [--json]              what runs, pids alive
     logs [NAME] [-n LINES]       every log's path, or the tail of one
     down                         stop everything ``up`` started; nothing is left running
+    ssh dom0|GUEST [CMD...]      (xen) a root shell or command in dom0 or a guest
+    console [dom0|GUEST]         (xen) the serial console of dom0, or xl console of a guest
 
 Progress goes to stderr, the JSON to stdout, so ``harness up | jq`` works. Exit status:
 0 success, 1 a harness error (explained on stderr), 2 bad usage.
@@ -152,6 +154,50 @@ def cmd_logs(state: RunState, name: str | None, lines: int) -> int:
     return 0
 
 
+def _xen_record(state: RunState) -> RunRecord:
+    record = _require(state)
+    if record.target != "xen":
+        raise HarnessError(f"ssh and console need the xen target; {record.target} is up")
+    return record
+
+
+def _ssh_argv(record: RunRecord, name: str, command: list[str]) -> list[str]:
+    from harness.ssh import ssh_argv
+
+    desc = record.description
+    key, port = Path(desc["ssh"]["key"]), int(desc["ssh"]["port"])
+    if name == "dom0":
+        return ssh_argv(key, port, command=command)
+    ips = {g["name"]: g["ip"] for g in desc.get("guests", [])}
+    if name not in ips:
+        raise HarnessError(f"no guest {name!r}; known: dom0, {', '.join(ips)}")
+    return ssh_argv(key, port, guest_ip=ips[name], command=command)
+
+
+def cmd_ssh(state: RunState, name: str, command: list[str]) -> int:
+    """Replace this process with OpenSSH (a real terminal; guests via dom0 as jump host)."""
+    import os
+
+    argv = _ssh_argv(_xen_record(state), name, command)
+    os.execvp(argv[0], argv)
+
+
+def cmd_console(state: RunState, name: str) -> int:
+    """dom0: QEMU's serial socket (Xen's and dom0's console; Ctrl-] quits);
+    a guest: ``xl console NAME`` in dom0 over SSH with a terminal (Ctrl-] quits)."""
+    import os
+
+    record = _xen_record(state)
+    if name == "dom0":
+        from harness.console import interact
+
+        interact(Path(record.description["console"]))
+        return 0
+    argv = _ssh_argv(record, "dom0", ["xl", "console", name])
+    argv.insert(1, "-t")  # xl console needs a terminal
+    os.execvp(argv[0], argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -166,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="log paths, or the tail of one")
     logs.add_argument("name", nargs="?")
     logs.add_argument("-n", "--lines", type=int, default=50)
+    ssh = sub.add_parser("ssh", help="(xen) root shell or command in dom0 or a guest")
+    ssh.add_argument("name", help="dom0 or a guest name (guest0, guest1, ...)")
+    ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run instead")
+    console = sub.add_parser("console", help="(xen) serial console of dom0 or a guest")
+    console.add_argument("name", nargs="?", default="dom0")
     return parser
 
 
@@ -186,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(state, args.json)
         if args.command == "logs":
             return cmd_logs(state, args.name, args.lines)
+        if args.command == "ssh":
+            return cmd_ssh(state, args.name, args.remote)
+        if args.command == "console":
+            return cmd_console(state, args.name)
     except HarnessError as e:
         print(f"harness {args.command}: {e}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ Progress = Callable[[str], None]
 REGISTRY: dict[str, str] = {
     "sim": "harness.targets.sim:SimTarget",
     "direct": "harness.targets.direct:DirectTarget",
+    "xen": "harness.targets.xen:XenTarget",  # Xen 4.17 + dom0 under QEMU, PV guests (xl)
 }
 TARGETS = tuple(REGISTRY)
 

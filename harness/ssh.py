@@ -1,0 +1,233 @@
+"""SSH and SFTP (paramiko) to dom0 through QEMU's hostfwd, and to guests through dom0.
+
+dom0 is reached on 127.0.0.1:PORT (QEMU user networking, ``restrict=on``); a guest is
+reached by a ``direct-tcpip`` channel that dom0's sshd opens to the guest's link-local
+address on the ``xenbr0`` bridge (what ``ssh -J`` does), so nothing but dom0's port is
+ever exposed on the host. Every command has a timeout; a connection that cannot be made
+before its deadline is a TargetNotReady with the last error.
+
+    host.run("xl list") -> (rc, stdout, stderr)
+    host.put(local, remote)     a file, or a directory tree (e.g. the xenvtpm/ package)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import paramiko
+
+from harness.deadline import Deadline
+from harness.errors import HarnessError, TargetNotReady
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 20.0  # one attempt; TCG makes the handshake slow
+
+
+class SshError(HarnessError):
+    """A command could not be run over SSH (not: it ran and failed, see ``run``)."""
+
+
+class CommandFailed(SshError):
+    """``run(..., check=True)`` and the command exited non-zero: carries its output."""
+
+    def __init__(self, host: str, command: str, rc: int, out: str, err: str) -> None:
+        super().__init__(
+            f"{host}: {command!r} exited {rc}\nstdout:\n{out[-2000:]}\nstderr:\n{err[-2000:]}"
+        )
+        self.host, self.command, self.rc, self.out, self.err = host, command, rc, out, err
+
+
+class SshHost:
+    """A root login on one machine (dom0, or a guest when ``via`` is dom0)."""
+
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        key_path: Path,
+        *,
+        via: SshHost | None = None,
+        user: str = "root",
+    ) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.key_path = key_path
+        self.via = via
+        self.user = user
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self.log = log.getChild(name)
+
+    # -- connection ----------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        if self._client is None:
+            return False
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
+
+    def _connect_once(self, timeout: float) -> paramiko.SSHClient:
+        sock: Any = None
+        if self.via is not None:
+            transport = self.via.client().get_transport()
+            assert transport is not None
+            sock = transport.open_channel(
+                "direct-tcpip", (self.host, self.port), ("127.0.0.1", 0), timeout=timeout
+            )
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # throw-away VMs
+        try:
+            client.connect(
+                self.host,
+                self.port,
+                username=self.user,
+                key_filename=str(self.key_path),
+                sock=sock,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+                allow_agent=False,
+                look_for_keys=False,
+            )
+        except BaseException:
+            client.close()
+            raise
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(15)
+        return client
+
+    def connect(self, deadline: Deadline, alive: Callable[[], None] | None = None) -> Self:
+        """Retry until a login works or ``deadline`` expires; ``alive`` may raise to stop
+        early (e.g. QEMU died or the console showed a panic)."""
+        last: BaseException | None = None
+        while not self.connected:
+            if alive is not None:
+                alive()
+            try:
+                self._client = self._connect_once(min(CONNECT_TIMEOUT, max(deadline.remaining, 1)))
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                last = e
+                self.log.debug("ssh %s:%d not ready: %s", self.host, self.port, e)
+                if deadline.expired:
+                    raise TargetNotReady(
+                        f"ssh to {self.name} ({self.host}:{self.port})",
+                        f"no login within {deadline.seconds:.0f} s; last error: {e!r}",
+                    ) from e
+                time.sleep(min(1.0, deadline.remaining))
+        del last
+        return self
+
+    def client(self) -> paramiko.SSHClient:
+        if not self.connected or self._client is None:
+            raise SshError(f"{self.name}: not connected")
+        return self._client
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            with contextlib.suppress(Exception):
+                self._sftp.close()
+            self._sftp = None
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+    # -- commands ------------------------------------------------------------------------
+    def run(
+        self, command: str, timeout: float = 60.0, *, check: bool = False, stdin: bytes = b""
+    ) -> tuple[int, str, str]:
+        """Run ``command`` through the login shell: (exit code, stdout, stderr)."""
+        client = self.client()
+        try:
+            chan_in, chan_out, chan_err = client.exec_command(command, timeout=timeout)
+            if stdin:
+                chan_in.write(stdin)
+            chan_in.channel.shutdown_write()
+            out = chan_out.read().decode(errors="replace")
+            err = chan_err.read().decode(errors="replace")
+            rc = chan_out.channel.recv_exit_status()
+        except (TimeoutError, paramiko.SSHException, OSError) as e:
+            raise SshError(f"{self.name}: {command!r}: {e!r}") from e
+        self.log.debug("%s -> %d", command, rc)
+        if check and rc != 0:
+            raise CommandFailed(self.name, command, rc, out, err)
+        return rc, out, err
+
+    def check(self, command: str, timeout: float = 60.0) -> str:
+        """Run, raise CommandFailed unless it exits 0, return stdout."""
+        return self.run(command, timeout, check=True)[1]
+
+    # -- files ---------------------------------------------------------------------------
+    def sftp(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            self._sftp = self.client().open_sftp()
+        return self._sftp
+
+    def put(self, local: Path | str, remote: str) -> None:
+        """Copy a file, or a directory tree (skipping ``__pycache__``), to ``remote``."""
+        local = Path(local)
+        sftp = self.sftp()
+        if local.is_dir():
+            self.run(f"mkdir -p {shlex.quote(remote)}", check=True)
+            for dirpath, dirnames, filenames in os.walk(local):
+                dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+                rel = Path(dirpath).relative_to(local)
+                target = f"{remote}/{rel}" if str(rel) != "." else remote
+                for d in dirnames:
+                    with contextlib.suppress(OSError):
+                        sftp.mkdir(f"{target}/{d}")
+                for f in filenames:
+                    if not f.endswith((".pyc", ".tmp")):
+                        sftp.put(str(Path(dirpath) / f), f"{target}/{f}")
+        else:
+            sftp.put(str(local), remote)
+            sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
+
+    def get(self, remote: str, local: Path | str) -> None:
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        self.sftp().get(remote, str(local))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        via = f" via {self.via.name}" if self.via is not None else ""
+        return f"SshHost({self.name} {self.user}@{self.host}:{self.port}{via})"
+
+
+def ssh_argv(
+    key: Path, port: int, *, guest_ip: str | None = None, command: list[str] | None = None
+) -> list[str]:
+    """An OpenSSH command line for a person: dom0, or a guest with dom0 as the jump host."""
+    opts = [
+        "-i", str(key),
+        "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR",
+        "-o", "IdentitiesOnly=yes",
+    ]  # fmt: skip
+    argv = ["ssh", *opts]
+    if guest_ip is None:
+        argv += ["-p", str(port), "root@127.0.0.1"]
+    else:
+        jump = " ".join(["ssh", *opts, "-p", str(port), "-W", "%h:%p", "root@127.0.0.1"])
+        argv += ["-o", f"ProxyCommand={jump}", f"root@{guest_ip}"]
+    return argv + (command or [])

@@ -1,0 +1,437 @@
+"""``--target xen``: Xen 4.17 and a Debian dom0 under QEMU, PV guests started with xl.
+
+Bring-up walks off -> ready (STYLE.md 9), each step with its own deadline:
+
+    images    harness.images.build_images (cached; cold build a few minutes)
+    boot      QEMU (KVM tried once per host, else TCG -cpu qemu64), the serial console
+              walked stage by stage (harness.console.DOM0_STAGES), failure patterns fatal
+    dom0      SSH on the hostfwd port (harness.ssh)
+    guests    ``xl create`` from ``images/guest.cfg.in``, then SSH to each guest through dom0
+    deploy    (separate step, ``deploy()``) the xenvtpm package into dom0 and every guest
+
+Per-run evidence lands in ``artifacts/xen/`` (``$XENVTPM_ARTIFACTS``): console.log (the
+whole raw serial console, written by QEMU), qemu.log, and on close dom0's dmesg and
+journal, ``xl dmesg``, ``/var/log/xen`` (xl and guest console logs) and daemon logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harness.console import DOM0_STAGES, ConsoleFailure, SerialConsole, Stage
+from harness.deadline import Deadline
+from harness.errors import HarnessError, LaunchFailure, TargetNotReady, UnsupportedOperation
+from harness.images import ROOT, Images, build_images, cache_root
+from harness.process import ManagedProcess, ProcessRecord
+from harness.qemu import ACCEL_ENV, Accel, MachineConfig, QemuMachine, kvm_usable, qemu_version
+from harness.ssh import SshHost
+from harness.target import Capability
+from harness.targets import Progress
+from harness.targets.base import BaseGuest, BaseTarget
+from harness.transport import RawTransport
+
+FIRST_INSTANCE = 1000
+GUEST_MEMORY_MB = 384  # 3 guests + dom0's 1024 fit in QEMU's 3072
+REMOTE_PACKAGE_DIR = "/opt/xenvtpm"  # PYTHONPATH for python3 -m xenvtpm in every domain
+REMOTE_LOG_DIR = "/var/log/xenvtpm"
+BOOT_TIMEOUT = 360.0  # QEMU start -> dom0 SSH (23-33 s idle, 130 s on a busy host)
+GUEST_TIMEOUT = 240.0  # xl create -> guest SSH (~40 s measured on an idle host)
+KVM_TRIAL: tuple[Stage, ...] = (
+    Stage("xen hypervisor (kvm)", DOM0_STAGES[0].pattern, 15),
+    Stage("dom0 kernel (kvm)", DOM0_STAGES[1].pattern, 20),
+)
+
+
+def artifacts_dir() -> Path:
+    explicit = os.environ.get("XENVTPM_ARTIFACTS")
+    return Path(explicit) if explicit else ROOT / "artifacts" / "xen"
+
+
+class XenGuest(BaseGuest):
+    """A PV guest: its xl name, domid, vTPM instance, link-local address and SSH."""
+
+    target_name = "xen"
+
+    def __init__(self, index: int, target: XenTarget) -> None:
+        self.index = index
+        self.name = f"guest{index}"
+        self.instance = FIRST_INSTANCE + index
+        self.ip = f"169.254.1.{index + 1}"
+        self.mac = f"00:16:3e:78:00:{index + 1:02x}"
+        self.disk = f"/dev/vd{chr(ord('b') + index)}"  # QEMU drive index + 1
+        self.domid: int | None = None
+        self.target = target
+        self.ssh: SshHost | None = None
+
+    # -- the coordination surface for deploying the driver pair ------------------------
+    def host(self) -> SshHost:
+        if self.ssh is None or not self.ssh.connected:
+            raise TargetNotReady(self.name, "not booted (no SSH connection)")
+        return self.ssh
+
+    def run(self, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        return self.host().run(command, timeout)
+
+    def put(self, local: Path | str, remote: str) -> None:
+        self.host().put(local, remote)
+
+    def transport(self) -> RawTransport:
+        raise UnsupportedOperation("xen", "tpm transport (the guest relay is not deployed yet)")
+
+    def logs(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(self.target.artifacts.glob(f"{self.name}*.log"))}
+
+    def xl_config(self, images: Images) -> str:
+        text = (ROOT / "images" / "guest.cfg.in").read_text()
+        values = {
+            "NAME": self.name,
+            "KERNEL": images.dom0_kernel,
+            "RAMDISK": images.dom0_initrd,
+            "IP": self.ip,
+            "MAC": self.mac,
+            "DISK": self.disk,
+            "MEMORY": str(GUEST_MEMORY_MB),
+        }
+        for key, value in values.items():
+            text = text.replace(f"@{key}@", value)
+        return text
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "domid": self.domid,
+            "instance": self.instance,
+            "ip": self.ip,
+            "tpm": "/dev/tpm0",
+            "transport": "xen-ssh",
+        }
+
+    def __repr__(self) -> str:
+        return f"XenGuest({self.name}, domid={self.domid}, ip={self.ip})"
+
+
+class XenTarget(BaseTarget):
+    name: ClassVar[str] = "xen"
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset({Capability.MULTI_GUEST})
+
+    def __init__(
+        self,
+        guests: int,
+        run_dir: Path | None = None,
+        progress: Progress | None = None,
+        detached: bool = False,
+    ) -> None:
+        if guests > 20:
+            raise ValueError(f"at most 20 guests (one QEMU drive each), not {guests}")
+        super().__init__(guests, run_dir, progress, detached)
+        self.artifacts = artifacts_dir()
+        self.images: Images | None = None
+        self.machine: QemuMachine | None = None
+        self.dom0: SshHost | None = None
+        self._guests = [XenGuest(i, self) for i in range(guests)]
+        self.accel: Accel | None = None
+        self.console: SerialConsole | None = None
+        self._boot_t0 = 0.0
+        self.timings: dict[str, float] = {}
+
+    @property
+    def guests(self) -> Sequence[XenGuest]:
+        return list(self._guests)
+
+    # -- bring-up ------------------------------------------------------------------------
+    def _start(self) -> None:
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        self.images = build_images(self.say)
+        self.timings["images_s"] = round(time.monotonic() - t0, 1)
+        self.boot()
+        self.start_guests()
+        self.say(
+            "xen target ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        )
+
+    def _accel_record(self) -> Path:
+        return cache_root() / "accel.json"
+
+    def choose_accel(self) -> Accel:
+        """KVM unless it is known (from an earlier try on this host) not to run Xen."""
+        forced = os.environ.get(ACCEL_ENV, "auto")
+        if forced in ("kvm", "tcg"):
+            return forced  # type: ignore[return-value]
+        if not kvm_usable():
+            return "tcg"
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(self._accel_record().read_text())
+            if known.get("host") == self._host_key() and not known.get("kvm_runs_xen"):
+                return "tcg"
+        return "kvm"
+
+    def _host_key(self) -> str:
+        return f"{platform.release()} | {qemu_version()}"
+
+    def _remember_accel(self, kvm_runs_xen: bool, why: str) -> None:
+        self._accel_record().parent.mkdir(parents=True, exist_ok=True)
+        self._accel_record().write_text(
+            json.dumps({"host": self._host_key(), "kvm_runs_xen": kvm_runs_xen, "why": why})
+        )
+
+    def _machine_config(self, accel: Accel) -> MachineConfig:
+        assert self.images is not None
+        return MachineConfig(
+            xen=self.images.xen,
+            kernel=self.images.kernel,
+            initrd=self.images.initrd,
+            dom0_disk=self.images.dom0,
+            guest_disks=[self.images.guest] * self.guest_count,
+            run_dir=self.run_dir,
+            console_log=self.artifacts / "console.log",
+            accel=accel,
+        )
+
+    def boot(self) -> None:
+        """QEMU -> Xen -> dom0 -> dom0 SSH; KVM falls back to TCG at its first failure."""
+        console_log = self.artifacts / "console.log"
+        console_log.unlink(missing_ok=True)
+        accel = self.choose_accel()
+        if accel == "kvm":
+            self.say("trying KVM (once per host; falls back to TCG -cpu qemu64)")
+            try:
+                self._launch("kvm", KVM_TRIAL, Deadline(45))
+                self._remember_accel(True, "Xen and dom0 booted")
+            except (ConsoleFailure, TargetNotReady, LaunchFailure) as e:
+                why = str(e).splitlines()[0]
+                self.say(f"KVM cannot boot Xen here ({why}): falling back to TCG -cpu qemu64")
+                self._remember_accel(False, why)
+                self._close_machine()
+                accel = "tcg"
+            else:
+                self.accel = "kvm"
+        if self.accel is None:
+            self.say("accelerator: TCG -cpu qemu64 (KVM " + (
+                "disabled by " + ACCEL_ENV if os.environ.get(ACCEL_ENV) == "tcg"
+                else "unusable for Xen on this host" if kvm_usable() else "unavailable"
+            ) + ")")  # fmt: skip
+            self._launch("tcg", (), Deadline(15))
+            self.accel = "tcg"
+        self._wait_dom0(Deadline(BOOT_TIMEOUT))
+
+    def _launch(self, accel: Accel, stages: Sequence[Stage], deadline: Deadline) -> None:
+        config = self._machine_config(accel)
+        self.machine = QemuMachine(config, die_with_parent=self.die_with_parent)
+        self._boot_t0 = time.monotonic()
+        self.machine.start()
+        self.say(
+            f"qemu pid {self.machine.pid} ({accel}), dom0 ssh on 127.0.0.1:{config.ssh_port}, "
+            f"console {config.console_socket}"
+        )
+        self.console = SerialConsole(config.console_socket, config.console_log, "dom0 console")
+        self.console.start()
+        if stages:
+            self.console.walk(stages, deadline, self.say)
+
+    def _wait_dom0(self, deadline: Deadline) -> None:
+        assert self.machine is not None and self.images is not None
+        machine, console = self.machine, self.console
+        assert console is not None
+        # The KVM trial has already walked the first two stages.
+        stages = DOM0_STAGES if self.accel == "tcg" else DOM0_STAGES[len(KVM_TRIAL) :]
+        seen = console.walk(stages, deadline, self.say)
+        self.timings.update({f"{k}_s": v for k, v in seen.items()})
+
+        def alive() -> None:
+            if not machine.alive:
+                raise machine.failure("exited while dom0 was booting")
+            console.poll_failures()
+
+        self.dom0 = SshHost("dom0", "127.0.0.1", machine.config.ssh_port, self.images.ssh_key)
+        try:
+            self.dom0.connect(deadline, alive=alive)
+        finally:
+            console.close()  # an unread console socket would stall the serial port
+        self.timings["qemu_to_dom0_ssh_s"] = round(time.monotonic() - self._boot_t0, 1)
+        self.say(f"dom0 ssh up {self.timings['qemu_to_dom0_ssh_s']:.1f} s after QEMU start")
+        self.dom0.run(f"mkdir -p {REMOTE_LOG_DIR}", check=True)
+
+    def start_guests(self) -> None:
+        """``xl create`` every guest, then wait for each one's SSH (they boot in parallel)."""
+        assert self.dom0 is not None and self.images is not None
+        t0 = time.monotonic()
+        for guest in self._guests:
+            self.create_guest(guest)
+        for guest in self._guests:
+            self.wait_guest(guest, Deadline(GUEST_TIMEOUT))
+        self.timings["xl_create_to_guest_ssh_s"] = round(time.monotonic() - t0, 1)
+
+    def create_guest(self, guest: XenGuest) -> None:
+        assert self.dom0 is not None and self.images is not None
+        cfg = f"/etc/xen/{guest.name}.cfg"
+        self.dom0.run(f"cat > {cfg}", stdin=guest.xl_config(self.images).encode(), check=True)
+        rc, out, err = self.dom0.run(f"xl create {cfg}", timeout=90)
+        if rc != 0:
+            self._collect_dom0()
+            raise TargetNotReady(
+                f"guest {guest.name}",
+                f"xl create {cfg} exited {rc}:\n{out}{err}",
+                {"xl logs": self.artifacts / "var-log-xen"},
+            )
+        guest.domid = int(self.dom0.check(f"xl domid {guest.name}").strip())
+        self.say(f"{guest.name}: xl create -> domain {guest.domid}, link {guest.ip}")
+
+    def wait_guest(self, guest: XenGuest, deadline: Deadline) -> None:
+        assert self.dom0 is not None and self.images is not None
+        dom0 = self.dom0
+        t0 = time.monotonic()
+
+        def alive() -> None:
+            rc, _, _ = dom0.run(f"xl domid {guest.name}", timeout=20)
+            if rc != 0:
+                raise TargetNotReady(
+                    f"guest {guest.name}", "its domain is gone (crashed?)", self.logs()
+                )
+
+        guest.ssh = SshHost(guest.name, guest.ip, 22, self.images.ssh_key, via=dom0)
+        try:
+            guest.ssh.connect(deadline, alive=alive)
+        except TargetNotReady:
+            self._collect_dom0()
+            raise
+        self.say(f"{guest.name}: ssh up {time.monotonic() - t0:.1f} s after xl create returned")
+
+    # -- deploy (coordinated with the driver work) -----------------------------------------
+    def hosts(self) -> dict[str, SshHost]:
+        """dom0 and every booted guest, by name."""
+        out: dict[str, SshHost] = {}
+        if self.dom0 is not None and self.dom0.connected:
+            out["dom0"] = self.dom0
+        for g in self._guests:
+            if g.ssh is not None and g.ssh.connected:
+                out[g.name] = g.ssh
+        return out
+
+    def deploy(self, package: Path = ROOT / "xenvtpm") -> None:
+        """Copy the driver package into dom0 and every guest (``/opt/xenvtpm``) and check
+        that ``python3 -m xenvtpm`` runs there. Starting the daemons is ``start_daemon``."""
+        for name, host in self.hosts().items():
+            t0 = time.monotonic()
+            host.run(f"rm -rf {REMOTE_PACKAGE_DIR}/xenvtpm", check=True)
+            host.put(package, f"{REMOTE_PACKAGE_DIR}/xenvtpm")
+            host.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm --help >/dev/null")
+            self.say(f"deployed {package.name}/ to {name} in {time.monotonic() - t0:.1f} s")
+
+    def start_daemon(self, host: SshHost, name: str, args: str) -> int:
+        """Start ``python3 -m xenvtpm ARGS`` in the background on ``host``; its pid.
+
+        It logs to ``/var/log/xenvtpm/NAME.log`` there (fetched into artifacts on close).
+        """
+        log = f"{REMOTE_LOG_DIR}/{name}.log"
+        command = (
+            f"mkdir -p {REMOTE_LOG_DIR} && cd {REMOTE_PACKAGE_DIR} && "
+            f"setsid nohup python3 -m xenvtpm {args} >>{log} 2>&1 </dev/null & echo $!"
+        )
+        return int(host.check(command).strip())
+
+    # -- evidence ------------------------------------------------------------------------
+    def _collect_dom0(self) -> None:
+        """dom0's dmesg and journal, xl dmesg, /var/log/xen and daemon logs -> artifacts."""
+        dom0 = self.dom0
+        if dom0 is None or not dom0.connected:
+            return
+        commands = {
+            "dom0-dmesg.log": "dmesg",
+            "dom0-journal.log": "journalctl -b --no-pager",
+            "xen-dmesg.log": "xl dmesg",
+            "xl-list.log": "xl list -l",
+        }
+        for filename, command in commands.items():
+            with contextlib.suppress(HarnessError):
+                _, out, err = dom0.run(command, timeout=30)
+                (self.artifacts / filename).write_text(out + err)
+        for remote, local in (("/var/log/xen", "var-log-xen"), (REMOTE_LOG_DIR, "dom0-daemons")):
+            with contextlib.suppress(HarnessError, OSError):
+                _fetch_tree(dom0, remote, self.artifacts / local)
+        for g in self._guests:
+            if g.ssh is not None and g.ssh.connected:
+                with contextlib.suppress(HarnessError):
+                    _, out, err = g.ssh.run("journalctl -b --no-pager", timeout=30)
+                    (self.artifacts / f"{g.name}-journal.log").write_text(out + err)
+                with contextlib.suppress(HarnessError, OSError):
+                    _fetch_tree(g.ssh, REMOTE_LOG_DIR, self.artifacts / f"{g.name}-daemons")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _close_machine(self) -> None:
+        if self.console is not None:
+            self.console.close()
+            self.console = None
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+
+    def _stop(self) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                self._collect_dom0()
+        finally:
+            for g in self._guests:
+                if g.ssh is not None:
+                    g.ssh.close()
+                    g.ssh = None
+                g.domid = None
+            if self.dom0 is not None:
+                self.dom0.close()
+                self.dom0 = None
+            self._close_machine()
+
+    def _detach(self) -> list[ProcessRecord]:
+        if self.machine is None:
+            return []
+        for g in self._guests:
+            if g.ssh is not None:
+                g.ssh.close()
+        if self.dom0 is not None:
+            self.dom0.close()
+        record = self.machine.detach()
+        self.machine = None
+        return [record]
+
+    def _processes(self) -> list[ManagedProcess]:
+        proc = self.machine._proc if self.machine is not None else None
+        return [proc] if proc is not None else []
+
+    def logs(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted(self.artifacts.glob("*.log"))} | super().logs()
+
+    def describe(self) -> dict[str, Any]:
+        machine = self.machine
+        images = self.images
+        return {
+            "target": self.name,
+            "accel": self.accel,
+            "ssh": {
+                "host": "127.0.0.1",
+                "port": machine.config.ssh_port if machine else None,
+                "key": str(images.ssh_key) if images else None,
+                "user": "root",
+            },
+            "console": str(machine.config.console_socket) if machine else None,
+            "artifacts": str(self.artifacts),
+            "timings": self.timings,
+            "guests": [g.describe() for g in self._guests],
+        }
+
+
+def _fetch_tree(host: SshHost, remote: str, local: Path) -> None:
+    """Copy the regular files under ``remote`` (one level of subdirectories) to ``local``."""
+    rc, out, _ = host.run(f"find {shlex.quote(remote)} -maxdepth 2 -type f", timeout=20)
+    if rc != 0:
+        return
+    for path in out.split():
+        rel = Path(path).relative_to(remote)
+        host.get(path, local / rel)
