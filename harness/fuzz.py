@@ -111,6 +111,13 @@ def fuzz_tpmif(data: bytes) -> None:
     try:
         length = tpmif.packet_length(entries, npages)
     except MalformedMessage:
+        length = -1
+    try:
+        fast = tpmif.read_length(data.ljust(tpmif.RING_BYTES, b"\0"), npages)
+    except MalformedMessage:
+        fast = -1
+    assert fast == length, "read_length and packet_length(read_ring) disagree"
+    if length < 0:
         return
     try:
         packet = tpmif.gather(pages, length)

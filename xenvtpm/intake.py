@@ -44,8 +44,7 @@ def intake(
     entry, and the other entries' sizes, are ignored.
     """
     try:
-        entries = tpmif.read_ring(ring)  # the one read of the ring
-        length = tpmif.packet_length(entries, npages)
+        length = tpmif.read_length(ring, npages)  # the one read of the ring (entry 0)
         command = tpmif.gather(pages[:npages], length)  # the one read of the data
         header = tpm.validate_command(command)
     except tpm.MalformedCommand as e:
