@@ -39,6 +39,7 @@ from xenvtpm.vtpm_proxy import (
     VtpmProxyEndpoint,
     VtpmProxyIoctl,
     create_proxy_device,
+    unbind_kernel_frontend,
 )
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV, open_hypervisor
 from xenvtpm.xen.interface import Access, Perm, WatchEvent
@@ -192,6 +193,17 @@ def test_new_dev_ioctl_number() -> None:
     """_IOWR(0xa1, 0x00, struct vtpm_proxy_new_dev): 20 bytes, read/write."""
     iowr = (3 << 30) | (struct.calcsize("<5I") << 16) | (0xA1 << 8) | 0x00
     assert VtpmProxyIoctl.NEW_DEV == iowr == 0xC014A100
+
+
+def test_kernel_frontend_is_unbound_when_bound(tmp_path: Path) -> None:
+    driver = tmp_path / "vtpm"
+    driver.mkdir()
+    (driver / "unbind").write_text("")
+    assert not unbind_kernel_frontend(0, str(driver))  # not bound: nothing written
+    assert (driver / "unbind").read_text() == ""
+    (driver / "vtpm-0").mkdir()
+    assert unbind_kernel_frontend(0, str(driver))
+    assert (driver / "unbind").read_text() == "vtpm-0"
 
 
 def test_missing_vtpmx_says_modprobe(tmp_path: Path) -> None:
@@ -351,12 +363,15 @@ class FakeTpm:
             if not command and any(ev & hangup for _, ev in poller.poll(0)):
                 return
             self.seen.append(command)
-            self.device.send(RESPONSE)
+            try:
+                self.device.send(RESPONSE)
+            except OSError:
+                return
 
     def close(self) -> None:
-        self.host.close()
-        self.device.close()
+        self.host.close()  # the thread sees the hang-up and returns
         self._thread.join(5)
+        self.device.close()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from xenvtpm import tpm, tpmif
 from xenvtpm.endpoint import SocketEndpoint
 from xenvtpm.errors import MalformedMessage, XenStoreError
 from xenvtpm.loop import Loop, Timer
-from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint
+from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
 from xenvtpm.xen import open_hypervisor
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
 from xenvtpm.xenbus import FRONTEND_MOVES, StateNode, XenbusState, read_state
@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device and not os.path.exists(VTPMX):
         log.error("%s is missing: modprobe tpm_vtpm_proxy", VTPMX)
         return 1
+    if args.device and unbind_kernel_frontend(args.devid):
+        log.warning("unbound the kernel's xen-tpmfront from vtpm-%d: blacklist it", args.devid)
     endpoint: Endpoint = (
         VtpmProxyEndpoint(CAPACITY) if args.device else SocketEndpoint(args.socket, CAPACITY)
     )

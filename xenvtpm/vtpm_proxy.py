@@ -47,6 +47,7 @@ from xenvtpm.loop import Loop
 log = logging.getLogger(__name__)
 
 VTPMX = "/dev/vtpmx"
+XEN_TPMFRONT_DRIVER = "/sys/bus/xen/drivers/vtpm"  # drivers/char/tpm/xen-tpmfront.c
 TPM_BUFSIZE = 4096  # drivers/char/tpm/tpm.h: the proxy's buffer; no command is larger
 RECREATE_DELAY = 1.0  # seconds before a lost device is created again
 MAX_RECREATE = 3  # times a lost device is created again before giving up
@@ -98,6 +99,29 @@ def create_proxy_device(vtpmx: str = VTPMX) -> ProxyDevice:
     _flags, tpm_num, fd, major, minor = _NEW_DEV_5I.unpack(buf)
     os.set_inheritable(fd, False)
     return ProxyDevice(fd, tpm_num, major, minor)
+
+
+def unbind_kernel_frontend(devid: int, driver_dir: str = XEN_TPMFRONT_DRIVER) -> bool:
+    """Unbind the kernel's own xen-tpmfront from ``device/vtpm/<devid>``; True if it was bound.
+
+    Measured on Xen 4.17 / Linux 6.1: as soon as the toolstack writes ``device/vtpm/N``
+    into a domain's xenstore, udev loads xen-tpmfront (modalias ``xen:vtpm``), which binds
+    the device and speaks protocol v2 over the same keys (``ring-ref``, ``event-channel``,
+    ``state``, plus ``feature-protocol-v2``): the backend then maps its page as a 2006
+    ring and fails. Blacklisting xen-tpmfront in the guest is the real fix; this is the
+    frontend's second line.
+    """
+    name = f"vtpm-{devid}"
+    if not os.path.exists(os.path.join(driver_dir, name)):
+        return False
+    try:
+        with open(os.path.join(driver_dir, "unbind"), "w") as f:
+            f.write(name)
+    except OSError as exc:
+        raise VTPMError(
+            f"xen-tpmfront holds device/vtpm/{devid} and could not be unbound: {exc}"
+        ) from exc
+    return True
 
 
 class ProxyClient:
