@@ -164,7 +164,7 @@ def _orphans_of(pids: Sequence[int]) -> list[int]:
     return [p.pid for p in all_procs() if p.running and p.session in wanted]
 
 
-def _parent_death_signal() -> None:  # pragma: no cover - runs in the child
+def parent_death_signal() -> None:  # pragma: no cover - runs in the child
     """SIGTERM this child when its parent dies (PR_SET_PDEATHSIG), even by SIGKILL.
 
     A test run that is killed must not leave daemons behind; ``harness up`` turns this
@@ -298,7 +298,7 @@ class ManagedProcess:
                     cwd=self.cwd,
                     pass_fds=self.pass_fds,
                     start_new_session=True,
-                    preexec_fn=_parent_death_signal if self.die_with_parent else None,
+                    preexec_fn=parent_death_signal if self.die_with_parent else None,
                 )
             except OSError as e:
                 raise LaunchFailure(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.process import parent_death_signal
 from xenvtpm.toolstack import attach_vtpm, detach_vtpm
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 from xenvtpm.xen.interface import Hypervisor
@@ -105,6 +106,7 @@ class SimEnv:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "xenvtpm", *args],
                 stdout=out, stderr=out, env=full_env, pass_fds=pass_fds,
+                preexec_fn=parent_death_signal,  # a killed test run leaves no daemon
             )
         daemon = Daemon(name, proc, log)
         self.daemons.append(daemon)

@@ -89,13 +89,17 @@ def shared_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimEnv]:
 def env(tmp_path: Path) -> Iterator[SimEnv]:
     """A private environment for tests that break things; short vTPM timeout."""
     env = make_env(tmp_path, guests=2, backend_timeout=2.0)
-    for guest in env.guests:
-        # Start both instances. Manufacturing one (swtpm_setup) may outlast the short
-        # backend timeout on a loaded machine; the manager finishes it regardless.
-        wait_for(lambda g=guest: tpm.response_code(g.transmit(tpm.get_random_command(8))) == 0,
-                 60, f"{guest.name}'s vTPM instance to start")
-    yield env
-    env.close()
+    try:
+        for guest in env.guests:
+            # Start both instances. Manufacturing one (swtpm_setup) may outlast the short
+            # backend timeout on a loaded machine; the manager finishes it regardless.
+            wait_for(
+                lambda g=guest: tpm.response_code(g.transmit(tpm.get_random_command(8))) == 0,
+                60, f"{guest.name}'s vTPM instance to start",
+            )
+        yield env
+    finally:
+        env.close()
 
 
 def test_get_random_round_trip(shared_env: SimEnv) -> None:

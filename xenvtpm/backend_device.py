@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from xenvtpm import tpm, tpmif
 from xenvtpm.errors import MalformedMessage, XenError, XenStoreError
+from xenvtpm.intake import Forward, intake
 from xenvtpm.loop import Timer
 from xenvtpm.manager_link import Ticket
 from xenvtpm.xen.interface import EventChannel, MappedPages
@@ -32,7 +33,6 @@ log = logging.getLogger("xenvtpm.backend")
 S = XenbusState
 _UINT = re.compile(rb"\A[0-9]{1,10}\Z")
 _FAILURE = tpm.error_response(tpm.TPM_RC.FAILURE)
-_RESERVED_CODES = frozenset({tpm.XENVTPM_CC_BIND})
 
 
 def parse_uint(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
@@ -247,20 +247,11 @@ class BackendDevice:
     def _handle_request(self) -> None:
         assert self._ring is not None and self._data is not None
         self.requests += 1
-        try:
-            length = tpmif.read_length(self._ring.pages[0], len(self._refs))
-            command = tpmif.gather(self._data.pages, length)  # the one copy
-            header = tpm.validate_command(command)
-        except tpm.MalformedCommand as e:
-            self._answer(tpm.error_response(e.rc))
+        decision = intake(self._ring.pages[0], self._data.pages, len(self._refs))
+        if not isinstance(decision, Forward):
+            self._answer(decision)  # malformed: the backend answers by itself
             return
-        except MalformedMessage:
-            self._answer(tpm.error_response(tpm.TPM_RC.COMMAND_SIZE))
-            return
-        if header.code in _RESERVED_CODES:
-            self._answer(tpm.error_response(tpm.TPM_RC.COMMAND_CODE))
-            return
-        ticket = self._backend.manager.request(self.instance, command, self._on_reply)
+        ticket = self._backend.manager.request(self.instance, decision.command, self._on_reply)
         if ticket.callback is not None:  # not already answered (manager unwritable)
             self._ticket = ticket
             self._timer = self._backend.loop.call_later(self._backend.timeout, self._on_timeout)
