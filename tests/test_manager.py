@@ -421,6 +421,24 @@ def test_sigterm_stops_every_swtpm(tmp_root: Path) -> None:
     assert "status: 2 instance(s)" in log and "stopping: 2 instance(s)" in log
 
 
+def test_sigterm_while_manufacturing_leaves_no_swtpm(tmp_root: Path) -> None:
+    """swtpm_setup runs a swtpm of its own; stopping the manager mid-setup kills both."""
+    m = start_manager(tmp_root)
+    try:
+        with m.client() as c:
+            c.send_packet(pfx(7) + get_random_command(4))  # first use: manufacturing
+            deadline = time.monotonic() + 10
+            while not swtpm_pids(tmp_root) and time.monotonic() < deadline:
+                time.sleep(0.01)  # until swtpm_setup's own swtpm is up
+            assert swtpm_pids(tmp_root), "swtpm_setup never started its swtpm"
+    finally:
+        assert m.stop() == 0
+    deadline = time.monotonic() + 5
+    while swtpm_pids(tmp_root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert swtpm_pids(tmp_root) == []
+
+
 def test_second_manager_refuses_a_served_socket(mgr: RunningManager) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "xenvtpm", "manager", "--socket", str(mgr.socket),

@@ -244,8 +244,14 @@ class Swtpm:
                 with self._lock:
                     self._check_not_closing(cmd)
                     try:
+                        # its own process group: swtpm_setup runs a swtpm of its own,
+                        # which must die with it (see terminate)
                         self._child = subprocess.Popen(
-                            cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                            cmd,
+                            stdin=subprocess.DEVNULL,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
                         )
                     except OSError as exc:
                         raise InstanceStartError(self.instance, cmd, None, str(exc)) from exc
@@ -253,7 +259,8 @@ class Swtpm:
                 try:
                     rc = child.wait(timeout=self.config.start_timeout)
                 except subprocess.TimeoutExpired:
-                    child.kill()
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.pid, signal.SIGKILL)
                     rc = child.wait()
                 finally:
                     with self._lock:
@@ -354,7 +361,9 @@ class Swtpm:
             child = self._child
             proc = self._proc
         if child is not None and child.poll() is None:
-            child.kill()  # swtpm_setup: its state is discarded anyway
+            # swtpm_setup and the swtpm it drives: their state is discarded anyway
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
         for sock in (self.data, self.ctrl):
             if sock is not None:
                 with contextlib.suppress(OSError):
