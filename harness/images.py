@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "images"
 CACHE_ENV = "XENVTPM_CACHE"
 SUITE = "bookworm"
+KEEP_BUILDS = 2  # older recipe builds are deleted after a new one is made
 DOM0_SIZE = "3G"
 GUEST_SIZE = "1536M"
 # Module trees a PV guest never needs (keeps guest.img small); depmod runs afterwards.
@@ -350,11 +351,15 @@ class Builder:
         self.configure_common(rootfs, "dom0", "/dev/vda")
         # The initrd was made at install time with MODULES=most; remake it small.
         self.run("dom0 initrd", ["chroot", str(rootfs), "update-initramfs", "-u", "-k", "all"])
-        # xenconsoled writes each guest's console to /var/log/xen/console/guest-NAME.log.
+        # xenconsoled writes each guest's console to /var/log/xen/console/guest-NAME.log
+        # (Debian's /etc/init.d/xen passes XENCONSOLED_ARGS; XENCONSOLED_TRACE is unused).
         defaults = rootfs / "etc" / "default" / "xen"
         text = defaults.read_text() if defaults.exists() else ""
-        text = re.sub(r"^#?XENCONSOLED_TRACE=.*$", "", text, flags=re.M)
-        defaults.write_text(text.rstrip() + "\nXENCONSOLED_TRACE=guest\n")
+        text = re.sub(r"^#?XENCONSOLED_(TRACE|ARGS)=.*$", "", text, flags=re.M)
+        defaults.write_text(
+            text.rstrip() + '\nXENCONSOLED_ARGS="--log=guest --log-dir=/var/log/xen/console"\n'
+        )
+        (rootfs / "var" / "log" / "xen" / "console").mkdir(parents=True, exist_ok=True)
         kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
         if not kernels:
             raise ImageBuildError(f"no kernel in {rootfs}/boot (log: {self.log_path})")
@@ -447,7 +452,20 @@ def build_images(
             out(f"images: build failed; its log stays in {b.log_path}")
             raise
         out(f"images: built in {time.monotonic() - t0:.0f} s: {final}")
+        prune(root, keep=KEEP_BUILDS)
         return Images.load(final, ssh_key, built=True)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest builds (a running QEMU keeps its open files)."""
+    builds = sorted(
+        (p.parent for p in root.glob("*/manifest.json")),
+        key=lambda d: (d / "manifest.json").stat().st_mtime,
+        reverse=True,
+    )
+    for old in builds[keep:]:
+        log.info("images: removing old build %s", old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main() -> int:  # pragma: no cover - ``python -m harness.images`` / ``nox -s images``

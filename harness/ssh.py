@@ -29,8 +29,12 @@ from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
 
 log = logging.getLogger(__name__)
+# paramiko logs every refused channel while a guest boots; connect() reports the outcome.
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
 
-CONNECT_TIMEOUT = 20.0  # one attempt; TCG makes the handshake slow
+# One login attempt. A closed port fails at once; once sshd listens, a handshake under
+# TCG on a loaded host can take tens of seconds, and giving up on it only starts over.
+CONNECT_TIMEOUT = 90.0
 
 
 class SshError(HarnessError):

@@ -43,7 +43,12 @@ GUEST_MEMORY_MB = 384  # 3 guests + dom0's 1024 fit in QEMU's 3072
 REMOTE_PACKAGE_DIR = "/opt/xenvtpm"  # PYTHONPATH for python3 -m xenvtpm in every domain
 REMOTE_LOG_DIR = "/var/log/xenvtpm"
 BOOT_TIMEOUT = 360.0  # QEMU start -> dom0 SSH (23-33 s idle, 130 s on a busy host)
-GUEST_TIMEOUT = 240.0  # xl create -> guest SSH (~40 s measured on an idle host)
+GUEST_TIMEOUT = 420.0  # xl create -> guest SSH (~40 s idle; 284 s seen on a loaded host)
+# harness.console.FAILURE_PATTERNS as one grep -E pattern, for a guest's console log.
+GUEST_FAILURES = (
+    r"Kernel panic - not syncing.*|You are in emergency mode|"
+    r"Give root password for maintenance|\(initramfs\) "
+)
 KVM_TRIAL: tuple[Stage, ...] = (
     Stage("xen hypervisor (kvm)", DOM0_STAGES[0].pattern, 15),
     Stage("dom0 kernel (kvm)", DOM0_STAGES[1].pattern, 20),
@@ -286,21 +291,33 @@ class XenTarget(BaseTarget):
         self.say(f"{guest.name}: xl create -> domain {guest.domid}, link {guest.ip}")
 
     def wait_guest(self, guest: XenGuest, deadline: Deadline) -> None:
+        """SSH to the guest through dom0; meanwhile its console log (xenconsoled's, in
+        dom0) is checked for failure patterns and ``xl`` for the domain being gone."""
         assert self.dom0 is not None and self.images is not None
         dom0 = self.dom0
         t0 = time.monotonic()
+        last_check = [0.0]
+        console = f"/var/log/xen/console/guest-{guest.name}.log"
 
         def alive() -> None:
-            rc, _, _ = dom0.run(f"xl domid {guest.name}", timeout=20)
+            if time.monotonic() - last_check[0] < 10:
+                return
+            last_check[0] = time.monotonic()
+            rc, _, _ = dom0.run(f"xl domid {guest.name}", timeout=30)
             if rc != 0:
                 raise TargetNotReady(
                     f"guest {guest.name}", "its domain is gone (crashed?)", self.logs()
                 )
+            _, seen, _ = dom0.run(
+                f"grep -aEo {shlex.quote(GUEST_FAILURES)} {console} | head -1", timeout=30
+            )
+            if seen.strip():
+                raise ConsoleFailure(f"{guest.name} console", "failure", seen.encode(), None)
 
         guest.ssh = SshHost(guest.name, guest.ip, 22, self.images.ssh_key, via=dom0)
         try:
             guest.ssh.connect(deadline, alive=alive)
-        except TargetNotReady:
+        except (TargetNotReady, ConsoleFailure):
             self._collect_dom0()
             raise
         self.say(f"{guest.name}: ssh up {time.monotonic() - t0:.1f} s after xl create returned")
