@@ -8,10 +8,11 @@ a TPM client writes to ``/dev/tpmN``: one ``read()`` is one whole command, one
 Facts (DESIGN.md 4, measured in a PV domU): at creation the kernel probes the chip at
 once (SET_LOCALITY, SelfTest, Startup, GetCapability, GetRandom) and times a short
 command out after about 2 s, so the device is created only once the ring is connected
-(the frontend starts this endpoint on Connected), and only after one warm-up command
-(GetRandom) has come back through the ring: the vTPM instance may still be starting
-(swtpm_setup, seconds under TCG), and a probe that times out makes the kernel give up
-the chip for good. ``TPM2_CC_SET_LOCALITY`` is the proxy's own vendor command: the fd
+(the frontend starts this endpoint on Connected), and only after a warm-up command
+(GetRandom) came back through the ring with success: the vTPM instance may still be
+starting (swtpm_setup takes 20-30 s in a TCG dom0), and a probe that fails or times out
+makes the kernel give the chip up. The warm-up is repeated every few seconds until the
+vTPM answers. ``TPM2_CC_SET_LOCALITY`` is the proxy's own vendor command: the fd
 owner answers it, it never goes to the vTPM.
 
 The kernel sends one command at a time, and sends the next only after the previous one
@@ -19,8 +20,8 @@ was answered or timed out. A new command therefore retires the previous client: 
 late response must not be written, or the kernel would take it for the new command's.
 
 If the kernel's probe fails anyway (``tpm_chip_register`` fails), it marks the fd closed:
-reads fail with EPIPE and ``/dev/tpmN`` never appears. The endpoint then closes that fd
-and creates a new device, a few times at most.
+reads fail with EPIPE and ``/dev/tpmN`` disappears (measured). The endpoint then closes
+that fd, warms up again and creates a new device, a few times at most.
 
 Spec: linux include/uapi/linux/vtpm_proxy.h; drivers/char/tpm/tpm_vtpm_proxy.c.
 """
@@ -42,15 +43,15 @@ from typing import Self
 
 from xenvtpm import tpm
 from xenvtpm.errors import MalformedMessage, VTPMError
-from xenvtpm.loop import Loop
+from xenvtpm.loop import Loop, Timer
 
 log = logging.getLogger(__name__)
 
 VTPMX = "/dev/vtpmx"
 XEN_TPMFRONT_DRIVER = "/sys/bus/xen/drivers/vtpm"  # drivers/char/tpm/xen-tpmfront.c
 TPM_BUFSIZE = 4096  # drivers/char/tpm/tpm.h: the proxy's buffer; no command is larger
-RECREATE_DELAY = 1.0  # seconds before a lost device is created again
-MAX_RECREATE = 3  # times a lost device is created again before giving up
+WARM_UP_RETRY = 2.0  # seconds between warm-ups while the vTPM answers with an error
+MAX_RECREATE = 5  # times a lost device is created again before giving up
 
 
 class VtpmProxyIoctl(IntEnum):
@@ -175,8 +176,10 @@ class VtpmProxyEndpoint:
         max_command: int = TPM_BUFSIZE,
         vtpmx: str = VTPMX,
         create_device: DeviceFactory | None = None,
+        warm_up_retry: float = WARM_UP_RETRY,
     ) -> None:
         self.vtpmx = vtpmx
+        self.warm_up_retry = warm_up_retry
         self._create = create_device or (lambda: create_proxy_device(vtpmx))
         self._buffer = bytearray(max(max_command, TPM_BUFSIZE) + 1)
         self._device: ProxyDevice | None = None
@@ -185,33 +188,58 @@ class VtpmProxyEndpoint:
         self._client: ProxyClient | None = None
         self._warm_up: _WarmUp | None = None
         self.warm_up_seconds: float | None = None
+        self.warm_ups = 0
         self.commands = 0
         self.recreated = 0
         self._active = False
+        self._retry: Timer | None = None
 
     @property
     def device(self) -> ProxyDevice | None:
         return self._device
 
     def start(self, loop: Loop, on_command: CommandHandler) -> None:
-        """Send the warm-up command; its answer creates the device. Idempotent."""
-        if self._device is not None or self._warm_up is not None:
-            return
+        """Warm up (the device is created once the vTPM answers). Idempotent."""
         self._loop, self._on_command = loop, on_command
         self._active = True
+        self._warm()
+
+    def _warm(self) -> None:
+        """Send the warm-up through the ring unless one is in flight or due, or a device is up."""
+        if not self._active or self._device is not None or self._warm_up is not None:
+            return
+        if self._retry is not None and self._retry.callback is not None:
+            return
+        assert self._on_command is not None
+        self._retry = None
+        self.warm_ups += 1
         started = time.monotonic()
 
         def warmed(response: bytes) -> None:
+            self._warm_up = None
+            if not self._active:
+                return
+            try:
+                rc = tpm.response_code(response)
+            except MalformedMessage:
+                rc = -1
+            if rc != tpm.TPM_RC.SUCCESS:
+                if self.warm_ups == 1 or self.warm_ups % 30 == 0:
+                    log.warning(
+                        "vTPM not answering yet (warm-up %d: rc %#x): retrying every %.0f s",
+                        self.warm_ups,
+                        rc,
+                        self.warm_up_retry,
+                    )
+                assert self._loop is not None
+                self._retry = self._loop.call_later(self.warm_up_retry, self._warm)
+                return
             self.warm_up_seconds = time.monotonic() - started
-            log.info(
-                "vTPM answered the warm-up in %.2f s (rc 0x%x)",
-                self.warm_up_seconds,
-                tpm.response_code(response) if len(response) >= tpm.HEADER_SIZE else -1,
-            )
+            log.info("vTPM answered the warm-up in %.2f s", self.warm_up_seconds)
             self._create_device()
 
         self._warm_up = _WarmUp(warmed)
-        on_command(self._warm_up, memoryview(WARM_UP_COMMAND))
+        self._on_command(self._warm_up, memoryview(WARM_UP_COMMAND))
 
     def _create_device(self) -> None:
         """Create the device and serve it at once (the kernel probes it right away)."""
@@ -229,6 +257,9 @@ class VtpmProxyEndpoint:
     def close(self) -> None:
         """Close the proxy fd: the kernel removes the device. Idempotent."""
         self._active = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._drop_device()
 
     def _drop_device(self) -> None:
@@ -297,8 +328,8 @@ class VtpmProxyEndpoint:
             log.error("%s lost (%s) %d times: giving up", device.name, why, self.recreated + 1)
             return
         self.recreated += 1
-        log.warning("%s lost (%s): creating it again in %.0f s", device.name, why, RECREATE_DELAY)
-        self._loop.call_later(RECREATE_DELAY, self._create_device)
+        log.warning("%s lost (%s): warming up to create it again", device.name, why)
+        self._warm()
 
     def write_response(self, response: bytes | memoryview) -> None:
         """One write = one response. EIO means the kernel no longer waits for one."""
