@@ -206,6 +206,10 @@ def test_kernel_frontend_is_unbound_when_bound(tmp_path: Path) -> None:
     assert (driver / "unbind").read_text() == "vtpm-0"
 
 
+def test_warm_up_is_a_full_self_test() -> None:
+    assert bytes.fromhex("80010000000b0000014301") == WARM_UP_COMMAND
+
+
 def test_missing_vtpmx_says_modprobe(tmp_path: Path) -> None:
     with pytest.raises(VTPMError, match="modprobe tpm_vtpm_proxy"):
         create_proxy_device(str(tmp_path / "vtpmx"))
