@@ -181,7 +181,7 @@ class Manager:
         swtpm: str = "swtpm",
         swtpm_setup: str = "swtpm_setup",
         command_timeout: float = 60.0,
-        start_timeout: float = 30.0,
+        start_timeout: float = 120.0,
         max_instances: int = 1024,
         swtpm_log_level: int | None = None,
     ) -> None:

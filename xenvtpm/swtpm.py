@@ -153,7 +153,7 @@ class SwtpmConfig:
     state_root: Path
     swtpm: str = "swtpm"
     swtpm_setup: str = "swtpm_setup"
-    start_timeout: float = 30.0
+    start_timeout: float = 120.0  # swtpm_setup takes 20-30 s in a TCG dom0 (measured)
     ctrl_timeout: float = 5.0
     stop_timeout: float = 2.0
     log_level: int | None = None
