@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from xenvtpm import tpm, tpmif
+from xenvtpm.daemon import configure_logging, default_log_level, run_service
 from xenvtpm.endpoint import SocketEndpoint
 from xenvtpm.errors import MalformedMessage, XenStoreError
 from xenvtpm.loop import Loop, Timer
 from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
-from xenvtpm.xen import open_hypervisor
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
 from xenvtpm.xenbus import FRONTEND_MOVES, StateNode, XenbusState, read_state
 
@@ -278,15 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--devid", type=int, default=0, help="vTPM device id (default 0)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per command")
-    p.add_argument("--log-level", default=os.environ.get("XENVTPM_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", default=default_log_level())
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s frontend %(name)s: %(message)s"
-    )
+    configure_logging("frontend", args.log_level)
     if args.device and not os.path.exists(VTPMX):
         log.error("%s is missing: modprobe tpm_vtpm_proxy", VTPMX)
         return 1
@@ -295,15 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     endpoint: Endpoint = (
         VtpmProxyEndpoint(CAPACITY) if args.device else SocketEndpoint(args.socket, CAPACITY)
     )
-    loop = Loop()
-    loop.stop_on_signals()
-    hv = open_hypervisor()
-    frontend = Frontend(hv, loop, endpoint, args.devid, args.timeout, serve_on_connect=args.device)
-    try:
-        frontend.start()
-        loop.run()
-    finally:
-        frontend.close()
-        loop.close()
-        hv.close()
-    return 0
+    return run_service(
+        "frontend",
+        args.log_level,
+        lambda hv, loop: Frontend(
+            hv, loop, endpoint, args.devid, args.timeout, serve_on_connect=args.device
+        ),
+    )
