@@ -12,11 +12,26 @@ from xenvtpm.xenbus import BACKEND_MOVES, FRONTEND_MOVES, StateNode, XenbusState
 class FakeStore:
     """Records writes; just enough of XenStore for StateNode."""
 
-    def __init__(self) -> None:
+    def __init__(self, conflicts: int = 0) -> None:
         self.nodes: dict[str, bytes] = {}
+        self.pending: dict[str, bytes] = {}
+        self.conflicts = conflicts  # transactions to fail with EAGAIN first
 
     def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
-        self.nodes[path] = value.encode() if isinstance(value, str) else value
+        data = value.encode() if isinstance(value, str) else value
+        (self.pending if tx else self.nodes)[path] = data
+
+    def transaction_start(self) -> int:
+        self.pending = {}
+        return 1
+
+    def transaction_end(self, tx: int, commit: bool = True) -> bool:
+        if commit and self.conflicts:
+            self.conflicts -= 1
+            return False
+        if commit:
+            self.nodes.update(self.pending)
+        return True
 
     def set_perms(self, path: str, perms: list[Perm], tx: int = 0) -> None:
         pass
@@ -46,3 +61,16 @@ def test_frontend_handshake_and_illegal_move() -> None:
 
 def test_backend_never_claims_initialised() -> None:
     assert all(XenbusState.INITIALISED not in moves for moves in BACKEND_MOVES.values())
+
+
+def test_publish_writes_keys_and_state_together_and_retries_eagain() -> None:
+    store = FakeStore(conflicts=2)
+    node = StateNode(store, "device/vtpm/0", FRONTEND_MOVES)  # type: ignore[arg-type]
+    node.switch(XenbusState.INITIALISING)
+    node.publish(XenbusState.INITIALISED, {"ring-ref": "8", "event-channel": "3"})
+    assert store.nodes == {
+        "device/vtpm/0/state": b"3",
+        "device/vtpm/0/ring-ref": b"8",
+        "device/vtpm/0/event-channel": b"3",
+    }
+    assert node.state == XenbusState.INITIALISED

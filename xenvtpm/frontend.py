@@ -172,14 +172,9 @@ class Frontend:
         tpmif.write_ring(ring_page, tpmif.ring_entries(self._data_refs, [0] * len(data_pages)))
         self._channel = self._hv.events.bind_unbound_port(self._backend_id)
         self._loop.add_reader(self._channel.fileno(), self._on_event)
-        while True:
-            tx = self._xs.transaction_start()
-            self._xs.write(f"{self.node}/ring-ref", str(refs[0]), tx=tx)
-            self._xs.write(f"{self.node}/event-channel", str(self._channel.port), tx=tx)
-            self._state.switch(S.INITIALISED, tx=tx)
-            if self._xs.transaction_end(tx):
-                return
-            self._state.state = S.INITIALISING  # the retry publishes it again
+        self._state.publish(
+            S.INITIALISED, {"ring-ref": str(refs[0]), "event-channel": str(self._channel.port)}
+        )
 
     def _disconnect(self) -> None:
         """The backend left: fail the command in flight, drop the channel, start over."""

@@ -91,13 +91,31 @@ class StateNode:
         self._log = logger
         self.state = XenbusState.UNKNOWN
 
-    def switch(self, new: XenbusState, tx: int = 0) -> None:
+    def switch(self, new: XenbusState) -> None:
         """Publish ``new``; raises StateError if our table has no such move."""
-        if new == self.state:
+        self.publish(new, {})
+
+    def publish(self, new: XenbusState, nodes: dict[str, str]) -> None:
+        """Write ``nodes`` (beside ``state``) and ``new`` in one transaction.
+
+        The peer sees the keys and the state change together, as Linux frontends
+        publish ring-ref and event-channel; retried while xenstored says EAGAIN.
+        """
+        if new == self.state and not nodes:
             return
         allowed = self._moves.get(self.state, frozenset())
-        if new not in allowed:
+        if new != self.state and new not in allowed:
             raise StateError(self.state.name, "/".join(s.name for s in sorted(allowed)))
-        self._xs.write(f"{self._node}/state", str(int(new)), tx=tx)
+        values = {**nodes, "state": str(int(new))}
+        while True:
+            tx = self._xs.transaction_start()
+            try:
+                for key, value in values.items():
+                    self._xs.write(f"{self._node}/{key}", value, tx=tx)
+            except BaseException:
+                self._xs.transaction_end(tx, commit=False)
+                raise
+            if self._xs.transaction_end(tx, commit=True):
+                break
         self._log.info("%s: %s -> %s", self._node, self.state.name, new.name)
         self.state = new
