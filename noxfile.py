@@ -24,7 +24,13 @@ DEBIAN_PACKAGES = ["swtpm", "swtpm-tools", "libtss2-dev", "pkg-config", "gcc"]
 HARNESS = ["tpm2-pytss==3.0.0", "cryptography>=41", "pytest>=8", "hypothesis>=6.100"]
 LINT = ["ruff>=0.6", "mypy>=1.10", "pytest>=8", "hypothesis>=6.100", "cryptography>=41"]
 # Real Xen under QEMU (sessions images and xen only): host tools and SSH/console libraries.
-XEN_DEBIAN_PACKAGES = ["qemu-system-x86", "debootstrap", "e2fsprogs", "openssh-client"]
+XEN_DEBIAN_PACKAGES = [
+    "qemu-system-x86",
+    "qemu-utils",  # qemu-img: the run's qcow2 overlays over the cached images
+    "debootstrap",
+    "e2fsprogs",
+    "openssh-client",
+]
 XEN_PYTHON = ["paramiko>=3", "pexpect>=4.8"]
 
 

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -38,7 +39,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from harness.errors import HarnessError
 from harness.process import tail
@@ -272,27 +273,48 @@ class Builder:
             logf.flush()
             env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C.UTF-8")
             proc = subprocess.Popen(
-                list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+                list(argv),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own group: an interrupt stops all of it
             )
             assert proc.stdout is not None
-            counts: dict[str, int] = {}
-            for raw in proc.stdout:
-                logf.write(raw)
-                line = raw.decode(errors="replace").strip()
-                if not progress or not line.startswith("I: "):
-                    continue
-                # One line per stage (Retrieving, Validating, Unpacking, Configuring...)
-                # and then one per 50 packages, with the count so far.
-                stage = line[3:].split(" ", 1)[0]
-                counts[stage] = n = counts.get(stage, 0) + 1
-                if n == 1 or n % 50 == 0:
-                    self.say(f"{what}: {line[3:]}" + (f" ({n} so far)" if n > 1 else ""))
+            try:
+                self._follow(what, proc, logf, progress)
+            finally:
+                if proc.poll() is None:  # interrupted: never leave a debootstrap behind
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
         if rc != 0:
             raise ImageBuildError(
                 f"{what} failed with exit code {rc}\ncommand: {' '.join(argv)}\n"
                 f"log: {self.log_path}\nlog tail:\n{tail(self.log_path, 25)}"
             )
+
+    def _follow(
+        self, what: str, proc: subprocess.Popen[bytes], logf: IO[bytes], progress: bool
+    ) -> None:
+        """Copy the step's output to the log; progress lines for debootstrap's stages."""
+        assert proc.stdout is not None
+        counts: dict[str, int] = {}
+        for raw in proc.stdout:
+            logf.write(raw)
+            line = raw.decode(errors="replace").strip()
+            if not progress or not line.startswith("I: "):
+                continue
+            # One line per stage (Retrieving, Validating, Unpacking, Configuring...)
+            # and then one per 50 packages, with the count so far.
+            stage = line[3:].split(" ", 1)[0]
+            counts[stage] = n = counts.get(stage, 0) + 1
+            if n == 1 or n % 50 == 0:
+                self.say(f"{what}: {line[3:]}" + (f" ({n} so far)" if n > 1 else ""))
 
     def debootstrap(self, name: str, packages: list[str]) -> Path:
         rootfs = self.work / f"{name}.rootfs"
@@ -333,9 +355,9 @@ class Builder:
         # Root logs in on the console without a password (autologin); SSH needs the key.
         shadow = rootfs / "etc" / "shadow"
         shadow.write_text(re.sub(r"^root:[^:]*:", "root::", shadow.read_text(), flags=re.M))
-        self.run(
-            f"{name} enable", ["chroot", str(rootfs), "systemctl", "enable", *self._units(name)]
-        )
+        systemctl = ["chroot", str(rootfs), "systemctl"]
+        self.run(f"{name} enable", [*systemctl, "enable", *self._units(name)])
+        self.run(f"{name} mask", [*systemctl, "mask", *MASKED_UNITS])
         # Nothing from the mirror is needed at run time; keep the image small.
         for leftover in (rootfs / "var" / "cache" / "apt" / "archives").glob("*.deb"):
             leftover.unlink()

@@ -14,8 +14,13 @@ logs the whole raw console to ``artifacts/xen/console.log`` whoever is attached,
 ``harness console`` or the boot watcher (``harness.console``) connect to the socket.
 
 Every guest drive is the same cached ``guest.img``: ``-snapshot`` gives each drive its
-own throw-away overlay, so N guests need no copies. Lifecycle per STYLE.md 4: ``start``
-and ``close`` are idempotent; ``close`` asks QMP to quit, then SIGTERM, then SIGKILL.
+own throw-away overlay, so N guests need no copies. With ``overlays`` the drives are
+instead qcow2 files in the run directory (``make_overlay``) whose backing file is the
+image or a saved machine's disk: ``save_state`` pauses the machine, writes its RAM and
+device state to a file (QMP ``migrate`` to ``exec:cat``) and copies the overlays, and
+``incoming`` starts a later QEMU from that state, already booted (see
+``harness.snapshot``). Lifecycle per STYLE.md 4: ``start`` and ``close`` are
+idempotent; ``close`` asks QMP to quit, then SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from harness.deadline import Deadline
 from harness.errors import DeadlineExpired, LaunchFailure
@@ -96,6 +102,10 @@ class MachineConfig:
     snapshot: bool = True
     xen_args: str = XEN_ARGS
     dom0_args: str = DOM0_ARGS
+    # qcow2 overlays, one per drive (dom0 first), used instead of -snapshot.
+    overlays: list[Path] | None = None
+    # Start from a saved machine state (a file written by QemuMachine.save_state).
+    incoming: Path | None = None
 
     @property
     def console_socket(self) -> Path:
@@ -109,7 +119,12 @@ class MachineConfig:
         for path in (self.kernel, self.initrd):
             if "," in str(path):  # QEMU's multiboot module list is comma separated
                 raise ValueError(f"{path}: a multiboot module path cannot contain a comma")
-        drives = [self.dom0_disk, *self.guest_disks]
+        if self.overlays is not None:
+            drives = [f"file={o},if=virtio,format=qcow2" for o in self.overlays]
+        else:
+            disks = [self.dom0_disk, *self.guest_disks]
+            drives = [f"file={d},if=virtio,format=raw" for d in disks]
+        snapshot = self.snapshot and self.overlays is None
         return [
             QEMU,
             *accel_args(self.accel),
@@ -119,11 +134,11 @@ class MachineConfig:
             "-display", "none",
             "-vga", "none",
             "-no-reboot",
-            *(["-snapshot"] if self.snapshot else []),
+            *(["-snapshot"] if snapshot else []),
             "-kernel", str(self.xen),
             "-append", self.xen_args,
             "-initrd", f"{self.kernel} {self.dom0_args},{self.initrd}",
-            *[a for d in drives for a in ("-drive", f"file={d},if=virtio,format=raw")],
+            *[a for d in drives for a in ("-drive", d)],
             "-netdev",
             f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
             "-device", "virtio-net-pci,netdev=net0",
@@ -133,7 +148,22 @@ class MachineConfig:
             "-serial", "chardev:con0",
             "-monitor", "none",
             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
+            *(["-incoming", f"exec:cat {self.incoming}"] if self.incoming else []),
         ]  # fmt: skip
+
+
+def make_overlay(backing: Path, overlay: Path) -> None:
+    """A new qcow2 file whose unwritten blocks read from ``backing`` (raw or qcow2)."""
+    fmt = "qcow2" if backing.suffix == ".qcow2" else "raw"
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing.resolve())]
+    try:
+        subprocess.run([*argv, str(overlay)], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", b"") or b""
+        raise LaunchFailure(
+            "qemu-img", [*argv, str(overlay)], getattr(e, "returncode", None),
+            err.decode(errors="replace"), None, "could not create an overlay",
+        ) from e  # fmt: skip
 
 
 class QemuMachine:
@@ -183,24 +213,80 @@ class QemuMachine:
         log.info("qemu pid %s (%s), ssh on 127.0.0.1:%d", self.pid, cfg.accel, cfg.ssh_port)
         return self
 
-    def qmp(self, command: str, timeout: float = 5.0) -> dict[str, object]:
+    def qmp(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> dict[str, Any]:
         """One QMP command on a fresh connection (capabilities negotiated first)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             s.connect(str(self.config.qmp_socket))
             f = s.makefile("rwb")
             json.loads(f.readline())  # greeting
-            for cmd in ("qmp_capabilities", command):
-                f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            for cmd, args in (("qmp_capabilities", None), (command, arguments)):
+                msg: dict[str, Any] = {"execute": cmd}
+                if args is not None:
+                    msg["arguments"] = args
+                f.write(json.dumps(msg).encode() + b"\n")
                 f.flush()
                 while True:
                     line = f.readline()
                     if not line:
                         return {}  # quit: QEMU closed the connection
-                    reply: dict[str, object] = json.loads(line)
+                    reply: dict[str, Any] = json.loads(line)
                     if "event" not in reply:
                         break
             return reply
+
+    def status(self) -> str:
+        """QMP run state: "running", "inmigrate", "paused", "postmigrate", ..."""
+        reply = self.qmp("query-status")
+        return str(reply.get("return", {}).get("status", "unknown"))
+
+    def wait_running(self, deadline: Deadline) -> None:
+        """After ``incoming``: wait until the saved state is loaded and the VM runs."""
+
+        def running() -> bool:
+            if not self.alive:
+                raise self.failure("exited while loading the saved machine state")
+            state = self.status()
+            if state == "paused":  # it was saved paused (save_state stops it first)
+                self.qmp("cont")
+                return False
+            if state not in ("running", "inmigrate", "prelaunch", "restore-vm"):
+                raise self.failure(f"is {state!r} instead of running after loading its state")
+            return state == "running"
+
+        try:
+            deadline.wait_for(running, "qemu to load the saved state", max_interval=0.5)
+        except DeadlineExpired as e:
+            raise self.failure("did not finish loading its saved state in time") from e
+
+    def save_state(self, state: Path, disks: Path, deadline: Deadline) -> None:
+        """Pause, write RAM and device state to ``state``, copy every overlay into
+        ``disks`` (the saved machine's disks), then resume. Needs ``overlays``."""
+        overlays = self.config.overlays
+        if overlays is None:
+            raise ValueError("save_state needs qcow2 overlays (MachineConfig.overlays)")
+        tmp = state.with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self.qmp("stop")
+        try:
+            self.qmp("migrate", {"uri": f"exec:cat > {tmp}"})
+
+            def done() -> bool:
+                info = self.qmp("query-migrate").get("return", {})
+                if info.get("status") in ("failed", "cancelled"):
+                    raise self.failure(f"migrate to a file failed: {info}")
+                return bool(info.get("status") == "completed")
+
+            deadline.wait_for(done, "qemu to write its state", max_interval=0.5)
+            disks.mkdir(parents=True, exist_ok=True)
+            for overlay in overlays:  # consistent: the VM is paused and flushed
+                shutil.copyfile(overlay, disks / overlay.name)
+            tmp.replace(state)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.qmp("cont")
 
     def close(self, timeout: float = 10.0) -> None:
         """QMP quit, then SIGTERM, then SIGKILL; idempotent; no QEMU is left behind."""

@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,15 @@ from harness.deadline import Deadline
 from harness.errors import HarnessError, LaunchFailure, TargetNotReady, UnsupportedOperation
 from harness.images import ROOT, Images, build_images, cache_root
 from harness.process import ManagedProcess, ProcessRecord
-from harness.qemu import ACCEL_ENV, Accel, MachineConfig, QemuMachine, kvm_usable, qemu_version
+from harness.qemu import (
+    ACCEL_ENV,
+    Accel,
+    MachineConfig,
+    QemuMachine,
+    kvm_usable,
+    make_overlay,
+    qemu_version,
+)
 from harness.ssh import SshHost
 from harness.target import Capability
 from harness.targets import Progress
@@ -42,6 +51,7 @@ FIRST_INSTANCE = 1000
 GUEST_MEMORY_MB = 384  # 3 guests + dom0's 1024 fit in QEMU's 3072
 REMOTE_PACKAGE_DIR = "/opt/xenvtpm"  # PYTHONPATH for python3 -m xenvtpm in every domain
 REMOTE_LOG_DIR = "/var/log/xenvtpm"
+SNAPSHOT_ENV = "XENVTPM_SNAPSHOT"  # "0": always boot cold, never save a booted machine
 BOOT_TIMEOUT = 360.0  # QEMU start -> dom0 SSH (23-33 s idle, 130 s on a busy host)
 GUEST_TIMEOUT = 420.0  # xl create -> guest SSH (~40 s idle; 284 s seen on a loaded host)
 # harness.console.FAILURE_PATTERNS as one grep -E pattern, for a guest's console log.
@@ -157,11 +167,92 @@ class XenTarget(BaseTarget):
         t0 = time.monotonic()
         self.images = build_images(self.say)
         self.timings["images_s"] = round(time.monotonic() - t0, 1)
-        self.boot()
-        self.start_guests()
+        if not (self._snapshots() and self.restore()):
+            self.boot()
+            self.start_guests()
+            if self._snapshots() and self.accel == "tcg":
+                self.save_snapshot()
         self.say(
             "xen target ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         )
+
+    # -- saved booted machines (warm start) ------------------------------------------------
+    @staticmethod
+    def _snapshots() -> bool:
+        return os.environ.get(SNAPSHOT_ENV, "1") != "0"
+
+    def snapshot_dir(self) -> Path:
+        """Where the booted machine for this recipe and guest count is saved (TCG only)."""
+        assert self.images is not None
+        return self.images.dir / f"booted-tcg-{self.guest_count}"
+
+    def restore(self) -> bool:
+        """Start from the saved booted machine: dom0 and guests already up. False (and the
+        saved machine deleted) if there is none or it does not come up."""
+        snap = self.snapshot_dir()
+        try:
+            meta = json.loads((snap / "meta.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if meta.get("qemu") != qemu_version() or self.choose_accel() != "tcg":
+            shutil.rmtree(snap, ignore_errors=True)
+            return False
+        (self.artifacts / "console.log").unlink(missing_ok=True)
+        self.say(f"restoring the booted machine saved in {snap} (no cold boot)")
+        t0 = time.monotonic()
+        try:
+            self.accel = "tcg"
+            disks = [snap / "disks" / f"disk{i}.qcow2" for i in range(self.guest_count + 1)]
+            self._launch("tcg", (), Deadline(15), backings=disks, incoming=snap / "state")
+            assert self.machine is not None
+            self.machine.wait_running(Deadline(180))
+            self.timings["restore_state_s"] = round(time.monotonic() - t0, 1)
+            self._connect_dom0(Deadline(120))
+            for guest in self._guests:
+                guest.domid = int(self._dom0().check(f"xl domid {guest.name}").strip())
+                self.wait_guest(guest, Deadline(120))
+        except HarnessError as e:
+            self.say(f"saved machine unusable ({str(e).splitlines()[0]}): booting cold")
+            self._stop()
+            self.accel = None
+            shutil.rmtree(snap, ignore_errors=True)
+            return False
+        # The saved machine's clocks stopped when it was saved: set them to now.
+        for host in self.hosts().values():
+            host.run(f"date -s @{time.time():.3f} >/dev/null", timeout=30)
+        self.timings["restore_to_guests_ssh_s"] = round(time.monotonic() - t0, 1)
+        return True
+
+    def save_snapshot(self) -> None:
+        """Save the freshly booted machine (dom0 + guests, before any deploy) for the next
+        run; the logins are closed first and made again afterwards."""
+        assert self.machine is not None
+        snap = self.snapshot_dir()
+        tmp = snap.with_name(snap.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        t0 = time.monotonic()
+        self.say(f"saving the booted machine to {snap} for the next run")
+        for host in self.hosts().values():
+            host.close()
+        try:
+            self.machine.save_state(tmp / "state", tmp / "disks", Deadline(300))
+            (tmp / "meta.json").write_text(
+                json.dumps({"qemu": qemu_version(), "guests": self.describe()["guests"]})
+            )
+            shutil.rmtree(snap, ignore_errors=True)
+            tmp.rename(snap)
+        except (HarnessError, OSError, ValueError) as e:
+            self.say(f"could not save the booted machine: {e}")
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.timings["save_snapshot_s"] = round(time.monotonic() - t0, 1)
+        self._connect_dom0(Deadline(120))
+        for guest in self._guests:
+            self.wait_guest(guest, Deadline(120))
+
+    def _dom0(self) -> SshHost:
+        if self.dom0 is None:
+            raise TargetNotReady("dom0", "not booted")
+        return self.dom0
 
     def _accel_record(self) -> Path:
         return cache_root() / "accel.json"
@@ -188,8 +279,20 @@ class XenTarget(BaseTarget):
             json.dumps({"host": self._host_key(), "kvm_runs_xen": kvm_runs_xen, "why": why})
         )
 
-    def _machine_config(self, accel: Accel) -> MachineConfig:
+    def _machine_config(
+        self, accel: Accel, backings: Sequence[Path] | None = None, incoming: Path | None = None
+    ) -> MachineConfig:
+        """Drives are qcow2 overlays in the run directory over the images (cold boot) or
+        over a saved machine's disks (``backings``, with its ``incoming`` state)."""
         assert self.images is not None
+        if backings is None:
+            backings = [self.images.dom0, *[self.images.guest] * self.guest_count]
+        overlays = []
+        for i, backing in enumerate(backings):
+            overlay = self.run_dir / f"disk{i}.qcow2"
+            overlay.unlink(missing_ok=True)
+            make_overlay(backing, overlay)
+            overlays.append(overlay)
         return MachineConfig(
             xen=self.images.xen,
             kernel=self.images.kernel,
@@ -199,6 +302,8 @@ class XenTarget(BaseTarget):
             run_dir=self.run_dir,
             console_log=self.artifacts / "console.log",
             accel=accel,
+            overlays=overlays,
+            incoming=incoming,
         )
 
     def boot(self) -> None:
@@ -228,8 +333,15 @@ class XenTarget(BaseTarget):
             self.accel = "tcg"
         self._wait_dom0(Deadline(BOOT_TIMEOUT))
 
-    def _launch(self, accel: Accel, stages: Sequence[Stage], deadline: Deadline) -> None:
-        config = self._machine_config(accel)
+    def _launch(
+        self,
+        accel: Accel,
+        stages: Sequence[Stage],
+        deadline: Deadline,
+        backings: Sequence[Path] | None = None,
+        incoming: Path | None = None,
+    ) -> None:
+        config = self._machine_config(accel, backings, incoming)
         self.machine = QemuMachine(config, die_with_parent=self.die_with_parent)
         self._boot_t0 = time.monotonic()
         self.machine.start()
@@ -243,25 +355,32 @@ class XenTarget(BaseTarget):
             self.console.walk(stages, deadline, self.say)
 
     def _wait_dom0(self, deadline: Deadline) -> None:
-        assert self.machine is not None and self.images is not None
-        machine, console = self.machine, self.console
+        console = self.console
         assert console is not None
         # The KVM trial has already walked the first two stages.
         stages = DOM0_STAGES if self.accel == "tcg" else DOM0_STAGES[len(KVM_TRIAL) :]
         seen = console.walk(stages, deadline, self.say)
         self.timings.update({f"{k}_s": v for k, v in seen.items()})
+        self._connect_dom0(deadline)
+
+    def _connect_dom0(self, deadline: Deadline) -> None:
+        """SSH to dom0 while the console is watched for failures, then let go of it."""
+        assert self.machine is not None and self.images is not None
+        machine, console = self.machine, self.console
 
         def alive() -> None:
             if not machine.alive:
                 raise machine.failure("exited while dom0 was booting")
-            console.poll_failures()
+            if console is not None:
+                console.poll_failures()
 
         self.dom0 = SshHost("dom0", "127.0.0.1", machine.config.ssh_port, self.images.ssh_key)
         try:
             self.dom0.connect(deadline, alive=alive)
         finally:
-            console.close()  # an unread console socket would stall the serial port
-        self.timings["qemu_to_dom0_ssh_s"] = round(time.monotonic() - self._boot_t0, 1)
+            if console is not None:
+                console.close()  # an unread console socket would stall the serial port
+        self.timings.setdefault("qemu_to_dom0_ssh_s", round(time.monotonic() - self._boot_t0, 1))
         self.say(f"dom0 ssh up {self.timings['qemu_to_dom0_ssh_s']:.1f} s after QEMU start")
         self.dom0.run(f"mkdir -p {REMOTE_LOG_DIR}", check=True)
 
