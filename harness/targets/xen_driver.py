@@ -1,0 +1,103 @@
+"""The driver pair on a booted Xen target: what runs where, and in which order.
+
+dom0 runs the vTPM manager and the backend; the toolstack step (``python3 -m xenvtpm
+attach``, as xl's hotplug scripts did) writes each guest's vTPM directories; each guest
+runs the frontend with ``--device``, which creates ``/dev/tpm0`` through tpm_vtpm_proxy
+once its ring is Connected. Scenarios then reach ``/dev/tpm0`` through the guest relay
+(``python3 -m xenvtpm relay`` over SSH).
+
+Kept apart from ``xen.py`` (the machine: images, QEMU, console, SSH) so the two change
+independently: this module only needs a host to run commands on.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from harness.deadline import Deadline
+from harness.errors import TargetNotReady
+
+MANAGER_SOCKET = "/run/xenvtpm/vtpm.sock"
+STATE_ROOT = "/var/lib/xenvtpm"
+DOM0_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc")
+GUEST_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "tpm_vtpm_proxy")
+# swtpm_setup alone takes 20-30 s in a TCG dom0 (measured); the warm-up retries meanwhile.
+DEVICE_TIMEOUT = 240.0
+
+
+class Host(Protocol):
+    """What this module needs of dom0 or a guest (``harness.ssh.SshHost`` has it)."""
+
+    def run(
+        self, command: str, timeout: float = 60.0, *, check: bool = False, stdin: bytes = b""
+    ) -> tuple[int, str, str]: ...
+
+    def check(self, command: str, timeout: float = 60.0) -> str: ...
+
+
+@dataclass(frozen=True)
+class GuestVtpm:
+    """One guest's vTPM as the toolstack sees it."""
+
+    name: str
+    domid: int
+    instance: int
+
+
+StartDaemon = Callable[[Host, str, str], int]
+
+
+def manager_args() -> str:
+    return f"manager --socket {MANAGER_SOCKET} --state-root {STATE_ROOT}"
+
+
+def backend_args() -> str:
+    return f"backend --manager {MANAGER_SOCKET}"
+
+
+def attach_command(guest: GuestVtpm, package_dir: str) -> str:
+    return (
+        f"cd {shlex.quote(package_dir)} && python3 -m xenvtpm attach --domid {guest.domid} "
+        f"--instance {guest.instance} --name {shlex.quote(guest.name)}"
+    )
+
+
+def modprobe_command(modules: Sequence[str]) -> str:
+    return " && ".join(f"modprobe {m}" for m in modules)
+
+
+def start_dom0(dom0: Host, start_daemon: StartDaemon) -> None:
+    """Manager first (the backend connects to it), then the backend."""
+    dom0.check(f"{modprobe_command(DOM0_MODULES)} && mkdir -p /run/xenvtpm {STATE_ROOT}")
+    start_daemon(dom0, "manager", manager_args())
+    deadline = Deadline(30)
+    while dom0.run(f"test -S {MANAGER_SOCKET}")[0] != 0:
+        if deadline.expired:
+            raise TargetNotReady("dom0", f"the vTPM manager never opened {MANAGER_SOCKET}")
+        time.sleep(0.5)
+    start_daemon(dom0, "backend", backend_args())
+
+
+def attach_guest(
+    dom0: Host, guest_host: Host, guest: GuestVtpm, package_dir: str, start_daemon: StartDaemon
+) -> None:
+    """Toolstack entries in dom0, then the frontend in the guest."""
+    dom0.check(attach_command(guest, package_dir))
+    guest_host.check(modprobe_command(GUEST_MODULES))
+    start_daemon(guest_host, "frontend", "frontend --device")
+
+
+def wait_for_device(guest_host: Host, name: str, timeout: float = DEVICE_TIMEOUT) -> float:
+    """Seconds until ``/dev/tpm0`` exists in the guest (the kernel probed it)."""
+    t0 = time.monotonic()
+    deadline = Deadline(timeout)
+    while guest_host.run("test -c /dev/tpm0")[0] != 0:
+        if deadline.expired:
+            _, log, _ = guest_host.run("tail -n 30 /var/log/xenvtpm/frontend.log")
+            raise TargetNotReady(name, f"no /dev/tpm0 after {timeout:.0f} s; frontend log:\n{log}")
+        time.sleep(1.0)
+    return time.monotonic() - t0
