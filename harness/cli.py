@@ -88,6 +88,15 @@ def cmd_down(state: RunState, timeout: float) -> int:
         if record is None:
             _say("nothing is up")
             return 0
+        if record.target == "xen" and record.alive():  # the machine's logs, while it runs
+            from harness.deadline import Deadline
+            from harness.xenlogs import collect_from_description
+
+            try:
+                where = collect_from_description(record.description, Deadline(60))
+                _say(f"dom0 and guest logs collected in {where}")
+            except HarnessError as e:
+                _say(f"could not collect the machine's logs: {str(e).splitlines()[0]}")
         for proc in record.processes:
             if proc.alive():
                 _say(f"stopping {proc.name} (pid {proc.pid})")

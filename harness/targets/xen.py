@@ -17,6 +17,7 @@ journal, ``xl dmesg``, ``/var/log/xen`` (xl and guest console logs) and daemon l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -46,18 +47,18 @@ from harness.target import Capability
 from harness.targets import Progress
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.transport import RawTransport
+from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
 
 FIRST_INSTANCE = 1000
 GUEST_MEMORY_MB = 384  # 3 guests + dom0's 1024 fit in QEMU's 3072
 REMOTE_PACKAGE_DIR = "/opt/xenvtpm"  # PYTHONPATH for python3 -m xenvtpm in every domain
-REMOTE_LOG_DIR = "/var/log/xenvtpm"
 SNAPSHOT_ENV = "XENVTPM_SNAPSHOT"  # "0": always boot cold, never save a booted machine
 BOOT_TIMEOUT = 360.0  # QEMU start -> dom0 SSH (23-33 s idle, 130 s on a busy host)
 GUEST_TIMEOUT = 420.0  # xl create -> guest SSH (~40 s idle; 284 s seen on a loaded host)
 # harness.console.FAILURE_PATTERNS as one grep -E pattern, for a guest's console log.
 GUEST_FAILURES = (
     r"Kernel panic - not syncing.*|You are in emergency mode|"
-    r"Give root password for maintenance|\(initramfs\) "
+    r"Give root password for maintenance|\(initramfs\) |Failed to start .{0,24}xenvtpm-ne"
 )
 KVM_TRIAL: tuple[Stage, ...] = (
     Stage("xen hypervisor (kvm)", DOM0_STAGES[0].pattern, 15),
@@ -194,7 +195,11 @@ class XenTarget(BaseTarget):
             meta = json.loads((snap / "meta.json").read_text())
         except (OSError, ValueError):
             return False
-        if meta.get("qemu") != qemu_version() or self.choose_accel() != "tcg":
+        if (
+            meta.get("qemu") != qemu_version()
+            or meta.get("fingerprint") != self._fingerprint()
+            or self.choose_accel() != "tcg"
+        ):
             shutil.rmtree(snap, ignore_errors=True)
             return False
         (self.artifacts / "console.log").unlink(missing_ok=True)
@@ -237,7 +242,13 @@ class XenTarget(BaseTarget):
         try:
             self.machine.save_state(tmp / "state", tmp / "disks", Deadline(300))
             (tmp / "meta.json").write_text(
-                json.dumps({"qemu": qemu_version(), "guests": self.describe()["guests"]})
+                json.dumps(
+                    {
+                        "qemu": qemu_version(),
+                        "fingerprint": self._fingerprint(),
+                        "guests": self.describe()["guests"],
+                    }
+                )
             )
             shutil.rmtree(snap, ignore_errors=True)
             tmp.rename(snap)
@@ -248,6 +259,16 @@ class XenTarget(BaseTarget):
         self._connect_dom0(Deadline(120))
         for guest in self._guests:
             self.wait_guest(guest, Deadline(120))
+
+    def _fingerprint(self) -> str:
+        """What a saved machine must match beyond the recipe: the machine's shape and the
+        guests' xl configurations (this module's constants and the template)."""
+        assert self.images is not None
+        m = MachineConfig
+        shape = [m.memory_mb, m.cpus, m.xen_args, m.dom0_args, GUEST_MEMORY_MB]
+        configs = [g.xl_config(self.images) for g in self._guests]
+        blob = json.dumps([shape, configs], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def _dom0(self) -> SshHost:
         if self.dom0 is None:
@@ -477,29 +498,9 @@ class XenTarget(BaseTarget):
     # -- evidence ------------------------------------------------------------------------
     def _collect_dom0(self) -> None:
         """dom0's dmesg and journal, xl dmesg, /var/log/xen and daemon logs -> artifacts."""
-        dom0 = self.dom0
-        if dom0 is None or not dom0.connected:
-            return
-        commands = {
-            "dom0-dmesg.log": "dmesg",
-            "dom0-journal.log": "journalctl -b --no-pager",
-            "xen-dmesg.log": "xl dmesg",
-            "xl-list.log": "xl list -l",
-        }
-        for filename, command in commands.items():
-            with contextlib.suppress(HarnessError):
-                _, out, err = dom0.run(command, timeout=30)
-                (self.artifacts / filename).write_text(out + err)
-        for remote, local in (("/var/log/xen", "var-log-xen"), (REMOTE_LOG_DIR, "dom0-daemons")):
-            with contextlib.suppress(HarnessError, OSError):
-                _fetch_tree(dom0, remote, self.artifacts / local)
-        for g in self._guests:
-            if g.ssh is not None and g.ssh.connected:
-                with contextlib.suppress(HarnessError):
-                    _, out, err = g.ssh.run("journalctl -b --no-pager", timeout=30)
-                    (self.artifacts / f"{g.name}-journal.log").write_text(out + err)
-                with contextlib.suppress(HarnessError, OSError):
-                    _fetch_tree(g.ssh, REMOTE_LOG_DIR, self.artifacts / f"{g.name}-daemons")
+        if self.dom0 is not None and self.dom0.connected:
+            guests = {g.name: g.ssh for g in self._guests if g.ssh is not None}
+            collect_logs(self.dom0, guests, self.artifacts)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _close_machine(self) -> None:
@@ -561,13 +562,3 @@ class XenTarget(BaseTarget):
             "timings": self.timings,
             "guests": [g.describe() for g in self._guests],
         }
-
-
-def _fetch_tree(host: SshHost, remote: str, local: Path) -> None:
-    """Copy the regular files under ``remote`` (one level of subdirectories) to ``local``."""
-    rc, out, _ = host.run(f"find {shlex.quote(remote)} -maxdepth 2 -type f", timeout=20)
-    if rc != 0:
-        return
-    for path in out.split():
-        rel = Path(path).relative_to(remote)
-        host.get(path, local / rel)
