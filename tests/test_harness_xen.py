@@ -124,3 +124,24 @@ def test_ssh_argv_jumps_through_dom0() -> None:
     assert "-p 2222 -W %h:%p root@127.0.0.1" in proxy
     assert argv[-2:] == ["root@169.254.1.1", "uname"]
     assert ssh.ssh_argv(Path("/k"), 2222)[-2:] == ["2222", "root@127.0.0.1"]
+
+
+def test_qemu_argv_with_overlays_and_saved_state(tmp_path: Path) -> None:
+    overlays = [tmp_path / f"disk{i}.qcow2" for i in range(3)]
+    cfg = MachineConfig(
+        xen=tmp_path / "xen.bin",
+        kernel=tmp_path / "vmlinuz",
+        initrd=tmp_path / "initrd.img",
+        dom0_disk=tmp_path / "dom0.img",
+        guest_disks=[tmp_path / "guest.img"] * 2,
+        run_dir=tmp_path,
+        console_log=tmp_path / "console.log",
+        ssh_port=2222,
+        overlays=overlays,
+        incoming=tmp_path / "state",
+    )
+    argv = cfg.argv()
+    assert "-snapshot" not in argv  # the overlays are the run's private copies
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert drives == [f"file={o},if=virtio,format=qcow2" for o in overlays]
+    assert argv[argv.index("-incoming") + 1] == f"exec:cat {tmp_path / 'state'}"

@@ -460,7 +460,7 @@ class XenTarget(BaseTarget):
         except (TargetNotReady, ConsoleFailure):
             self._collect_dom0()
             raise
-        self.say(f"{guest.name}: ssh up {time.monotonic() - t0:.1f} s after xl create returned")
+        self.say(f"{guest.name}: ssh up (waited {time.monotonic() - t0:.1f} s)")
 
     # -- deploy (coordinated with the driver work) -----------------------------------------
     def hosts(self) -> dict[str, SshHost]:
