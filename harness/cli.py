@@ -53,6 +53,9 @@ def cmd_up(state: RunState, target_name: str, guests: int) -> int:
             raise HarnessError(
                 f"{state.run_dir} is too long for unix socket paths; set XENVTPM_RUN shorter"
             )
+        for pid in _sweep(str(state.run_dir)):  # e.g. a QEMU of an `up` killed mid-start
+            _say(f"stopping leftover pid {pid}: {' '.join(proc_cmdline(pid))[:120]}")
+            stop_family(pid, None, 5.0)
         if state.run_dir.exists():
             import shutil
 

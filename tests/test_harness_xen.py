@@ -145,3 +145,10 @@ def test_qemu_argv_with_overlays_and_saved_state(tmp_path: Path) -> None:
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert drives == [f"file={o},if=virtio,format=qcow2" for o in overlays]
     assert argv[argv.index("-incoming") + 1] == f"exec:cat {tmp_path / 'state'}"
+
+
+def test_unreachable_mirror_is_named() -> None:
+    from harness.images import MirrorUnreachable, check_mirror
+
+    with pytest.raises(MirrorUnreachable, match=r"127\.0\.0\.1:9/debian"):
+        check_mirror("http://127.0.0.1:9/debian", timeout=5)
