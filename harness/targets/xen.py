@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from harness.console import DOM0_STAGES, ConsoleFailure, SerialConsole, Stage
 from harness.deadline import Deadline
-from harness.errors import HarnessError, LaunchFailure, TargetNotReady, UnsupportedOperation
+from harness.errors import HarnessError, LaunchFailure, TargetNotReady
 from harness.images import ROOT, Images, build_images, cache_root
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import (
@@ -44,9 +44,10 @@ from harness.qemu import (
 )
 from harness.ssh import SshHost
 from harness.target import Capability
-from harness.targets import Progress
+from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.transport import RawTransport
+from harness.transport_ssh import open_relay
 from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
 
 FIRST_INSTANCE = 1000
@@ -100,7 +101,10 @@ class XenGuest(BaseGuest):
         self.host().put(local, remote)
 
     def transport(self) -> RawTransport:
-        raise UnsupportedOperation("xen", "tpm transport (the guest relay is not deployed yet)")
+        """The guest's /dev/tpm0 through ``python3 -m xenvtpm relay`` over SSH."""
+        return open_relay(
+            self.host().client(), "/dev/tpm0", name=self.name, package_dir=REMOTE_PACKAGE_DIR
+        )
 
     def logs(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.target.artifacts.glob(f"{self.name}*.log"))}
@@ -173,6 +177,7 @@ class XenTarget(BaseTarget):
             self.start_guests()
             if self._snapshots() and self.accel == "tcg":
                 self.save_snapshot()
+        self.start_driver()
         self.say(
             "xen target ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         )
@@ -483,6 +488,27 @@ class XenTarget(BaseTarget):
             host.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm --help >/dev/null")
             self.say(f"deployed {package.name}/ to {name} in {time.monotonic() - t0:.1f} s")
 
+    def start_driver(self) -> None:
+        """Deploy the current driver pair and bring up every guest's /dev/tpm0."""
+        assert self.dom0 is not None
+        t0 = time.monotonic()
+        self.deploy()
+        xen_driver.start_dom0(self.dom0, self.start_daemon)  # type: ignore[arg-type]
+        for guest in self._guests:
+            assert guest.domid is not None
+            vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
+            xen_driver.attach_guest(
+                self.dom0,
+                guest.host(),
+                vtpm,
+                REMOTE_PACKAGE_DIR,
+                self.start_daemon,  # type: ignore[arg-type]
+            )
+        for guest in self._guests:
+            waited = xen_driver.wait_for_device(guest.host(), guest.name)
+            self.say(f"{guest.name}: /dev/tpm0 up {waited:.1f} s after its frontend started")
+        self.timings["driver_to_tpm0_s"] = round(time.monotonic() - t0, 1)
+
     def start_daemon(self, host: SshHost, name: str, args: str) -> int:
         """Start ``python3 -m xenvtpm ARGS`` in the background on ``host``; its pid.
 
@@ -490,7 +516,7 @@ class XenTarget(BaseTarget):
         """
         log = f"{REMOTE_LOG_DIR}/{name}.log"
         command = (
-            f"mkdir -p {REMOTE_LOG_DIR} && cd {REMOTE_PACKAGE_DIR} && "
+            f"mkdir -p {REMOTE_LOG_DIR}; cd {REMOTE_PACKAGE_DIR} || exit 1; "
             f"setsid nohup python3 -m xenvtpm {args} >>{log} 2>&1 </dev/null & echo $!"
         )
         return int(host.check(command).strip())
