@@ -15,6 +15,7 @@ import socket
 import struct
 
 from .errors import ChannelClosed, MalformedMessage
+from .lifecycle import Closeable
 from .tpm import MAX_RESPONSE_SIZE, validate_response
 
 __all__ = ["PREFIX_SIZE", "ManagerClient"]
@@ -23,7 +24,7 @@ PREFIX_SIZE = 4
 _PREFIX_I = struct.Struct(">I")  # instance id, network byte order (seed)
 
 
-class ManagerClient:
+class ManagerClient(Closeable):
     """A small synchronous backend-side client, for tests and benchmarks.
 
     One request at a time: :meth:`transact` sends ``prefix + command`` and returns the
@@ -42,12 +43,6 @@ class ManagerClient:
         except BaseException:
             self.sock.close()
             raise
-
-    def __enter__(self) -> ManagerClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         self.sock.close()

@@ -38,11 +38,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from types import TracebackType
-from typing import Self
 
 from xenvtpm import tpm
 from xenvtpm.errors import MalformedMessage, VTPMError
+from xenvtpm.lifecycle import Closeable
 from xenvtpm.loop import Loop, Timer
 
 log = logging.getLogger(__name__)
@@ -166,7 +165,7 @@ CommandHandler = Callable[[ProxyClient | _WarmUp, memoryview], None]
 DeviceFactory = Callable[[], ProxyDevice]
 
 
-class VtpmProxyEndpoint:
+class VtpmProxyEndpoint(Closeable):
     """Serves the commands of one vTPM proxy device, with ``SocketEndpoint``'s shape.
 
     ``start(loop, on_command)`` creates the device (through ``create_device``, a fake in
@@ -281,14 +280,6 @@ class VtpmProxyEndpoint:
         with contextlib.suppress(OSError):
             os.close(device.fd)
         log.info("closed %s", device.name)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # -- the fd ----------------------------------------------------------------------
 

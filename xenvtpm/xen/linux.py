@@ -31,10 +31,10 @@ import mmap
 import os
 import select
 from collections.abc import Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from xenvtpm.errors import EventChannelError, GrantError, HypervisorUnavailable
+from xenvtpm.lifecycle import Closeable
 from xenvtpm.xen.interface import (
     PAGE_SIZE,
     EventChannel,
@@ -76,7 +76,7 @@ class _Mapping:
         self._whole.release()
 
 
-class LinuxSharedPages:
+class LinuxSharedPages(Closeable):
     """Pages this domain granted (``SharedPages``): ``xengntshr_share_pages``."""
 
     def __init__(self, table: LinuxGrantTable, handle: int, addr: int, refs: Sequence[int]):
@@ -105,16 +105,8 @@ class LinuxSharedPages:
             log.warning("unshare of refs %s: %s", list(self._refs), last_error())
         self._table.forget(self)
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class LinuxMappedPages:
+class LinuxMappedPages(Closeable):
     """Another domain's pages mapped here (``MappedPages``): ``xengnttab_map_*``."""
 
     def __init__(self, table: LinuxGrantTable, handle: int, addr: int, count: int) -> None:
@@ -137,14 +129,6 @@ class LinuxMappedPages:
         if gnt.xengnttab_unmap(self._handle, self._map.addr, self._map.count) != 0:
             log.warning("unmap of %d pages: %s", self._map.count, last_error())
         self._table.forget(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class LinuxGrantTable:
@@ -236,7 +220,7 @@ class LinuxGrantTable:
             self._tab = None
 
 
-class LinuxEventChannel:
+class LinuxEventChannel(Closeable):
     """One bound port with its own xenevtchn handle (``EventChannel``)."""
 
     def __init__(self, libs: XenLibs, handle: int, port: int) -> None:
@@ -297,14 +281,6 @@ class LinuxEventChannel:
             log.debug("unbind of port %d: %s", self._port, last_error())
         self._ev.xenevtchn_close(h)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 class LinuxEventChannels:
     """``EventChannels``: each bind opens a fresh ``/dev/xen/evtchn`` handle."""
@@ -341,7 +317,7 @@ class LinuxEventChannels:
         )
 
 
-class LinuxHypervisor:
+class LinuxHypervisor(Closeable):
     """``interface.Hypervisor`` on a real Xen domain (dom0 or a PV/HVM guest)."""
 
     def __init__(self, libs: XenLibs, xs: LinuxXenStore) -> None:
@@ -383,14 +359,6 @@ class LinuxHypervisor:
             self._grants.close()
         finally:
             self._xs.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 if TYPE_CHECKING:  # mypy proves the adapter satisfies the interface's Protocols

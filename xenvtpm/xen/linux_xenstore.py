@@ -19,10 +19,10 @@ import errno as errno_mod
 import logging
 import threading
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Self
 
 from xenvtpm.errors import ChannelClosed, HypervisorUnavailable, XenStoreError
+from xenvtpm.lifecycle import Closeable
 from xenvtpm.xen.interface import Access, Perm, WatchEvent
 from xenvtpm.xen.linux_libs import (
     XS_PERM_READ,
@@ -53,7 +53,7 @@ def _path(path: str, op: str) -> bytes:
     return raw
 
 
-class LinuxXenStore:
+class LinuxXenStore(Closeable):
     """One libxenstore connection (``struct xs_handle``), as the calling domain."""
 
     def __init__(self, libs: XenLibs, handle: int) -> None:
@@ -82,14 +82,6 @@ class LinuxXenStore:
             handle, self._h = self._h, None
         if handle is not None:
             self._xs.xs_close(handle)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def _handle(self, op: str) -> int:
         handle = self._h

@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from xenvtpm.errors import (
@@ -23,6 +22,7 @@ from xenvtpm.errors import (
     GrantError,
     HypervisorUnavailable,
 )
+from xenvtpm.lifecycle import Closeable
 from xenvtpm.xen.interface import (
     PAGE_SIZE,
     EventChannel,
@@ -79,7 +79,7 @@ class _Pages:
         self._maps = []
 
 
-class SimSharedPages(_Pages):
+class SimSharedPages(_Pages, Closeable):
     """Pages this domain granted (``SharedPages``); ``close`` unshares them."""
 
     def __init__(self, hc: HypercallClient, refs: list[int], fds: list[int]) -> None:
@@ -102,16 +102,8 @@ class SimSharedPages(_Pages):
             log.warning("unshare of refs %s failed: %s", list(self._refs), exc)
         self._unmap_all()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class SimMappedPages(_Pages):
+class SimMappedPages(_Pages, Closeable):
     """Another domain's pages mapped here (``MappedPages``); ``close`` unmaps."""
 
     def __init__(self, hc: HypercallClient, handle: int, fds: list[int], writable: bool) -> None:
@@ -129,14 +121,6 @@ class SimMappedPages(_Pages):
             self._hc.call(HcOp.GNT_UNMAP, handle=self._handle)
         except (HcError, ChannelClosed) as exc:
             log.warning("unmap of handle %d failed: %s", self._handle, exc)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 class SimGrantTable:
@@ -172,7 +156,7 @@ class SimGrantTable:
         return SimMappedPages(self._hc, handle, fds, writable)
 
 
-class SimEventChannel:
+class SimEventChannel(Closeable):
     """One port: a socketpair end shared with the remote port (``EventChannel``)."""
 
     def __init__(self, hc: HypercallClient, port: int, sock: socket.socket) -> None:
@@ -227,14 +211,6 @@ class SimEventChannel:
             log.debug("unbind of port %d failed: %s", self._port, exc)
         self._sock.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 class SimEventChannels:
     """``EventChannels`` over privcmd."""
@@ -269,7 +245,7 @@ class SimEventChannels:
         )
 
 
-class SimHypervisor:
+class SimHypervisor(Closeable):
     """``interface.Hypervisor`` as one simulated domain sees it."""
 
     def __init__(self, xs: XenStoreClient, hc: HypercallClient, domid: int) -> None:
@@ -346,16 +322,8 @@ class SimHypervisor:
         self._xs.close()
         self._hc.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class SimControl:
+class SimControl(Closeable):
     """The toolstack: domain lifecycle over ``RUN/privcmd.sock`` (domain 0 only)."""
 
     def __init__(self, run_dir: str, *, timeout: float = 10.0) -> None:
@@ -413,14 +381,6 @@ class SimControl:
 
     def close(self) -> None:
         self._hc.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 if TYPE_CHECKING:  # mypy proves the adapter satisfies the interface's Protocols

@@ -15,10 +15,10 @@ import os
 import socket
 import threading
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 from xenvtpm.errors import ChannelClosed, MalformedMessage, XenError
+from xenvtpm.lifecycle import Closeable
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class HcError(XenError):
         self.errno_name = errno_name
 
 
-class HypercallClient:
+class HypercallClient(Closeable):
     """Synchronous privcmd client over a connected SOCK_SEQPACKET socket; thread-safe."""
 
     def __init__(self, sock: socket.socket, *, timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -216,11 +216,3 @@ class HypercallClient:
             if not self._closed:
                 self._closed = True
                 self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
