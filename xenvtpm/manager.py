@@ -353,8 +353,13 @@ class Manager:
             if self._busy:
                 now = time.monotonic()
                 timeout = max(min(i.deadline for i in self._busy) - now, 0.0)
-            for key, mask in sel.select(timeout):
-                key.data(mask)
+            ready = sel.select(timeout)
+            registered = sel.get_map()
+            for key, mask in ready:
+                # an earlier callback of this batch may have torn this channel down (a
+                # swtpm restarted): its readiness is stale, and acting on it would crash
+                if registered.get(key.fd) is key:
+                    key.data(mask)
             if self._busy:
                 now = time.monotonic()
                 for inst in [i for i in self._busy if i.deadline <= now]:
@@ -577,7 +582,8 @@ class Manager:
             self._read_response(inst)
 
     def _read_response(self, inst: _Instance) -> None:
-        assert inst.swtpm is not None and inst.swtpm.data is not None
+        if inst.swtpm is None or inst.swtpm.data is None:
+            return  # torn down since the event was reported
         try:
             n = inst.swtpm.data.recv_into(inst.rxview[inst.rx_len :])
         except (BlockingIOError, InterruptedError):
