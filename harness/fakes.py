@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import os
 import struct
-from types import TracebackType
-from typing import Self
 
 from harness.errors import TransportClosed
 from harness.tpmwire import CC, HEADER, RC, Cap, Tag
 from harness.transport import DEFAULT_TIMEOUT
+from xenvtpm.lifecycle import Closeable
 
 
 def response(code: int, body: bytes = b"") -> bytes:
     return HEADER.pack(Tag.NO_SESSIONS, HEADER.size + len(body), code) + body
 
 
-class FakeTPM:
+class FakeTPM(Closeable):
     """An in-memory TPM endpoint; ``handles`` are the loaded transient objects/sessions."""
 
     def __init__(self, handles: set[int] | None = None, page: int = 3) -> None:
@@ -68,11 +67,3 @@ class FakeTPM:
 
     def close(self) -> None:
         self.closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

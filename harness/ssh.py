@@ -20,13 +20,13 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import paramiko
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
+from xenvtpm.lifecycle import Closeable
 
 log = logging.getLogger(__name__)
 # paramiko logs every refused channel while a guest boots; connect() reports the outcome.
@@ -51,7 +51,7 @@ class CommandFailed(SshError):
         self.host, self.command, self.rc, self.out, self.err = host, command, rc, out, err
 
 
-class SshHost:
+class SshHost(Closeable):
     """A root login on one machine (dom0, or a guest when ``via`` is dom0)."""
 
     def __init__(
@@ -203,14 +203,6 @@ class SshHost:
     def get(self, remote: str, local: Path | str) -> None:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         self.sftp().get(remote, str(local))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         via = f" via {self.via.name}" if self.via is not None else ""

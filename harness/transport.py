@@ -28,6 +28,7 @@ from typing import Protocol, Self, runtime_checkable
 
 from harness.deadline import Deadline
 from harness.errors import TransportClosed, TransportError, TransportTimeout
+from xenvtpm.lifecycle import Closeable
 
 DEFAULT_TIMEOUT = 30.0
 MAX_MESSAGE = 65536  # larger than any TPM 2.0 response (swtpm's is 4096)
@@ -70,7 +71,7 @@ def _connect(family_type: int, path: Path, deadline: Deadline) -> socket.socket:
         time.sleep(min(0.02, deadline.remaining))
 
 
-class _Base:
+class _Base(Closeable):
     """Context management and closed-state bookkeeping shared by the transports."""
 
     def __init__(self, path: Path) -> None:
@@ -83,14 +84,6 @@ class _Base:
 
     def close(self) -> None:
         self._closed = True
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, closed={self._closed})"

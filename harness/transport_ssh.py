@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 import shlex
 from collections.abc import Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol
 
 from harness.errors import TransportClosed, TransportError, TransportTimeout
 from harness.transport import DEFAULT_TIMEOUT, RawTransport
+from xenvtpm.lifecycle import Closeable
 from xenvtpm.relay import FRAME_HEADER_CI, PROTOCOL, Frame, FrameKind, FramingError
 
 HELLO_TIMEOUT = 30.0  # python3 start-up in a TCG guest takes a few seconds
@@ -49,7 +49,7 @@ class Channel(Protocol):
     def close(self) -> Any: ...
 
 
-class RelayTransport:
+class RelayTransport(Closeable):
     """One relay session: commands in order, one at a time, until ``close``."""
 
     def __init__(
@@ -148,14 +148,6 @@ class RelayTransport:
         if channel is not None:
             with contextlib.suppress(Exception):
                 channel.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"RelayTransport({self.name!r}, device={self.device!r})"

@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Self
+from types import FrameType
+from typing import Any
 
 from harness import tpmwire
 from harness.errors import TransportClosed, TransportError, TransportTimeout
 from harness.transport import DEFAULT_TIMEOUT
+from xenvtpm.lifecycle import Closeable
 
 MAX_RESPONSE = 65536
 _HEADER = struct.Struct(">HII")
@@ -36,7 +37,7 @@ GET_RANDOM_16 = tpmwire.get_random(16)
 WATCHDOG_S = 60.0
 
 
-class Link:
+class Link(Closeable):
     """One persistent connection to a TPM; a ``RawTransport`` for the TCTI as well.
 
     ``roundtrip`` is the benchmark's raw operation; ``transmit`` (RawTransport) adds
@@ -91,14 +92,6 @@ class Link:
         if not self._closed:
             self._closed = True
             self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 @contextlib.contextmanager
