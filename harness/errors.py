@@ -94,6 +94,18 @@ class TransportTimeout(TransportError):
     """The TPM endpoint did not answer in time."""
 
 
+class DeviceRefused(TransportError):
+    """A guest kernel's TPM device refused the command (write/read failed); ``errno_name``
+    says how (``EINVAL``, ``E2BIG``, ``ENODATA``, ``EBUSY`` ...).
+
+    The transport stays usable: this is what a local TPM client would have seen.
+    """
+
+    def __init__(self, where: str, errno_name: str) -> None:
+        super().__init__(f"{where}: the TPM device refused the command: {errno_name}")
+        self.errno_name = errno_name
+
+
 class RunStateError(HarnessError):
     """The CLI's recorded environment is not in the state the command needs."""
 

@@ -27,6 +27,8 @@ class Capability(enum.StrEnum):
     REBOOT = "reboot"  # target.reboot(guest): new domain, same vTPM instance
     KILL_SWTPM = "kill-swtpm"  # target.kill_swtpm(guest), target.swtpm_pid(guest)
     XEN_PROBE = "xen-probe"  # guest.probe(...): xenstore/grant/evtchn as that domain
+    XL = "xl"  # real Xen domains: target.destroy/create(guest), detach/attach of a vTPM
+    # on a running guest, start/stop_frontend, backend_resources(), guest.run(cmd)
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 
@@ -56,11 +58,23 @@ class Guest(Protocol):
         """The vTPM instance id the toolstack bound to this guest."""
         ...
 
-    def transport(self) -> RawTransport:
-        """A new connection to this guest's TPM."""
+    @property
+    def kernel_device(self) -> bool:
+        """True when commands pass through the guest kernel's TPM character device
+        (``/dev/tpm0``), which checks a command's size before any driver sees it."""
         ...
 
-    def tcti(self) -> Any:
+    def transport(self, shared: bool = False) -> RawTransport:
+        """A new connection to this guest's TPM.
+
+        ``shared``: one that may be open beside others. A Linux guest's ``/dev/tpm0``
+        admits one opener (EBUSY for the next), so a shared connection there is the
+        kernel's resource-managed ``/dev/tpmrm0``, as concurrent TPM clients on Linux
+        use; elsewhere every connection may be shared.
+        """
+        ...
+
+    def tcti(self, shared: bool = False) -> Any:
         """A ``tpm2_pytss.PyTCTI`` over a new transport (``harness.tcti.TransportTCTI``)."""
         ...
 

@@ -17,27 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from harness.errors import TransportClosed, TransportError, TransportTimeout
+from harness.errors import DeviceRefused, TransportClosed, TransportError, TransportTimeout
 from harness.transport import DEFAULT_TIMEOUT, RawTransport
 from xenvtpm.lifecycle import Closeable
 from xenvtpm.relay import FRAME_HEADER_CI, PROTOCOL, Frame, FrameKind, FramingError
 
 HELLO_TIMEOUT = 30.0  # python3 start-up in a TCG guest takes a few seconds
+CLOSE_TIMEOUT = 60.0  # a relay blocked in write() exits when the TPM's command ends
 REMOTE_PACKAGE_DIR = "/opt/xenvtpm"
-
-
-class DeviceRefused(TransportError):
-    """The guest kernel refused the command (write/read failed); ``errno_name`` says how.
-
-    The transport stays usable: this is what a local TPM client would have seen.
-    """
-
-    def __init__(self, where: str, errno_name: str) -> None:
-        super().__init__(f"{where}: the TPM device refused the command: {errno_name}")
-        self.errno_name = errno_name
 
 
 class Channel(Protocol):
@@ -73,7 +65,7 @@ class RelayTransport(Closeable):
                 raise TransportError(f"{name}: not a xenvtpm relay: {hello}")
             self.device = text[len(PROTOCOL) + 1 :]
         except BaseException:
-            self.close()
+            self._abort()
             raise
 
     def _evidence(self) -> str:
@@ -108,16 +100,16 @@ class RelayTransport(Closeable):
             kind, length = Frame.parse_header(self._recv_exact(FRAME_HEADER_CI.size, what))
             payload = self._recv_exact(length, what) if length else b""
         except TimeoutError as e:
-            self.close()
+            self._abort()
             raise TransportTimeout(f"{self.name}: no {what} within {timeout} s") from e
         except FramingError as e:
-            self.close()
+            self._abort()
             raise TransportError(f"{self.name}: {e}{self._evidence()}") from e
         except TransportError:
-            self.close()
+            self._abort()
             raise
         except OSError as e:
-            self.close()
+            self._abort()
             raise TransportClosed(f"{self.name}: {e}") from e
         return Frame(kind, payload)
 
@@ -129,21 +121,37 @@ class RelayTransport(Closeable):
             channel.settimeout(timeout)
             channel.sendall(Frame(FrameKind.COMMAND, bytes(cmd)).to_bytes())
         except TimeoutError as e:
-            self.close()
+            self._abort()
             raise TransportTimeout(f"{self.name}: send blocked for {timeout} s") from e
         except OSError as e:
-            self.close()
+            self._abort()
             raise TransportClosed(f"{self.name}: {e}") from e
         frame = self._read_frame(timeout, "response")
         if frame.kind is FrameKind.RESPONSE:
             return frame.payload
         if frame.kind is FrameKind.ERROR:
             raise DeviceRefused(f"{self.name}: {self.device}", frame.payload.decode())
-        self.close()
+        self._abort()
         raise TransportError(f"{self.name}: unexpected {frame.kind.name} frame")
 
     def close(self) -> None:
-        """Close the channel: the relay sees end of file and exits. Idempotent."""
+        """End the relay and wait (up to ``CLOSE_TIMEOUT``) until it has exited. Idempotent.
+
+        Synchronous on purpose: the relay releases ``/dev/tpm0`` only when it exits, and
+        the kernel answers EBUSY to the next opener until then. So: end of file on its
+        stdin, then wait for its exit status (a paramiko channel) or end of file (a
+        socket), then close.
+        """
+        channel = self._channel
+        if channel is None:
+            return
+        with contextlib.suppress(Exception):
+            end_of_input(channel)
+            wait_for_exit(channel, CLOSE_TIMEOUT)
+        self._abort()
+
+    def _abort(self) -> None:
+        """Close the channel without waiting (the relay is silent or broken)."""
         channel, self._channel = self._channel, None
         if channel is not None:
             with contextlib.suppress(Exception):
@@ -151,6 +159,37 @@ class RelayTransport(Closeable):
 
     def __repr__(self) -> str:
         return f"RelayTransport({self.name!r}, device={self.device!r})"
+
+
+def end_of_input(channel: Channel) -> None:
+    """End of file on the relay's stdin: paramiko's ``shutdown_write``, a socket's
+    ``shutdown(SHUT_WR)``."""
+    shutdown_write = getattr(channel, "shutdown_write", None)
+    if shutdown_write is not None:
+        shutdown_write()
+    elif isinstance(channel, socket.socket):
+        channel.shutdown(socket.SHUT_WR)
+
+
+def wait_for_exit(channel: Channel, timeout: float) -> None:
+    """Until the relay behind ``channel`` has exited, or ``timeout`` passed.
+
+    A paramiko channel reports the remote exit status; elsewhere end of file on the
+    channel (the relay closes its device before its stdout) is the sign.
+    """
+    deadline = time.monotonic() + timeout
+    status_ready = getattr(channel, "exit_status_ready", None)
+    while time.monotonic() < deadline:
+        if status_ready is not None and status_ready():
+            return
+        channel.settimeout(max(0.01, min(1.0, deadline - time.monotonic())))
+        try:
+            if not channel.recv(65536) and status_ready is None:
+                return
+        except TimeoutError:
+            continue
+        if status_ready is not None and getattr(channel, "eof_received", False):
+            time.sleep(0.01)  # stdout closed; the exit status follows
 
 
 def relay_command(device: str = "/dev/tpm0", package_dir: str = REMOTE_PACKAGE_DIR) -> str:

@@ -4,8 +4,11 @@ The guest's TPM serialises commands, so the driver must interleave whole command
 route each answer back to the client that asked. Each client checks that every answer
 is its own: a distinct GetRandom size, its own NV index contents, its own PCR.
 
-No scenario here loads transient objects or sessions: without a resource manager, the
-TPM's few object slots are shared by all clients.
+Every client opens a *shared* connection (``guest.transport(shared=True)``): on a Linux
+guest that is the kernel's /dev/tpmrm0, the way concurrent TPM clients share a TPM
+there (/dev/tpm0 admits one opener). No scenario here loads transient objects or
+sessions: without a resource manager (sim), the TPM's few object slots are shared by
+all clients.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def test_parallel_get_random_sizes(guest: Any) -> None:
     asking client's size, so no answer went to the wrong client."""
     def client(size: int) -> Callable[[], None]:
         def run() -> None:
-            with guest.transport() as t:
+            with guest.transport(shared=True) as t:
                 for _ in range(100):
                     assert len(assert_channel_works(t, size)) == size
         return run
@@ -81,13 +84,13 @@ def test_parallel_nv_reads_not_mixed(guest: Any) -> None:
     """4 clients, each with its own ESAPI and NV index, interleave 30 writes and reads:
     every read returns that client's latest data."""
     indices = [nv_index(0x50 + i) for i in range(CLIENTS)]
-    with open_esapi(guest) as ctx:
+    with open_esapi(guest, shared=True) as ctx:
         for index in indices:
             nv_define(ctx, index, 32)
     try:
         def client(index: int) -> Callable[[], None]:
             def run() -> None:
-                with open_esapi(guest) as ctx:
+                with open_esapi(guest, shared=True) as ctx:
                     nv = ctx.tr_from_tpmpublic(index)
                     for round_ in range(30):
                         data = struct.pack(">II", index, round_) + os.urandom(24)
@@ -97,7 +100,7 @@ def test_parallel_nv_reads_not_mixed(guest: Any) -> None:
 
         run_clients([client(i) for i in indices])
     finally:
-        with open_esapi(guest) as ctx:
+        with open_esapi(guest, shared=True) as ctx:
             for index in indices:
                 nv_remove(ctx, index)
 
@@ -110,27 +113,27 @@ def test_pcr_reads_during_extends(guest: Any) -> None:
     for d in digests:
         chain.append(pcr_extended(chain[-1], d))
     valid = set(chain)
-    with open_esapi(guest) as ctx:
+    with open_esapi(guest, shared=True) as ctx:
         ctx.pcr_reset(ESYS_TR.PCR16)
     done = threading.Event()
 
     def extender() -> None:
         try:
-            with open_esapi(guest) as ctx:
+            with open_esapi(guest, shared=True) as ctx:
                 for d in digests:
                     ctx.pcr_extend(ESYS_TR.PCR16, sha256_digests(d))
         finally:
             done.set()
 
     def reader() -> None:
-        with open_esapi(guest) as ctx:
+        with open_esapi(guest, shared=True) as ctx:
             seen = 0
             while not done.is_set() or seen == 0:
                 assert read_pcr(ctx, DEBUG_PCR) in valid
                 seen += 1
 
     run_clients([extender] + [reader] * (CLIENTS - 1))
-    with open_esapi(guest) as ctx:
+    with open_esapi(guest, shared=True) as ctx:
         assert read_pcr(ctx, DEBUG_PCR) == chain[-1]
 
 
@@ -138,13 +141,13 @@ def test_mixed_raw_commands(guest: Any) -> None:
     """4 raw clients send different commands (GetRandom, PCR_Read of their own PCR,
     GetCapability, a bad tag): each answer matches the command its client sent."""
     def random_client() -> None:
-        with guest.transport() as t:
+        with guest.transport(shared=True) as t:
             for _ in range(50):
                 assert len(assert_channel_works(t, 3)) == 3
 
     def pcr_client(pcr: int) -> Callable[[], None]:
         def run() -> None:
-            with guest.transport() as t:
+            with guest.transport(shared=True) as t:
                 for _ in range(50):
                     resp = Response.from_bytes(
                         t.transmit(command(CC.PCR_READ, pcr_selection_bytes([pcr]))))
@@ -154,7 +157,7 @@ def test_mixed_raw_commands(guest: Any) -> None:
         return run
 
     def capability_client() -> None:
-        with guest.transport() as t:
+        with guest.transport(shared=True) as t:
             for _ in range(50):
                 # TPM_CAP_TPM_PROPERTIES, TPM_PT_MANUFACTURER, 1 property
                 resp = Response.from_bytes(t.transmit(
@@ -164,7 +167,7 @@ def test_mixed_raw_commands(guest: Any) -> None:
                 assert resp.body[9:13] == struct.pack(">I", 0x105)
 
     def bad_tag_client() -> None:
-        with guest.transport() as t:
+        with guest.transport(shared=True) as t:
             for _ in range(50):
                 packet = get_random_cmd(8)
                 resp = t.transmit(b"\x80\x03" + packet[2:])
@@ -177,16 +180,16 @@ def test_abandoned_command_answer_not_delivered_to_another_client(guest: Any) ->
     """A client that gives up on a slow command (CreatePrimary RSA-3072) and closes its
     connection: the next client's GetRandom gets its own answer, not the orphaned one."""
     for size in (11, 13, 17):
-        t = guest.transport()
+        t = guest.transport(shared=True)
         try:
             with pytest.raises(Exception):  # noqa: B017 - any transport timeout
                 t.transmit(slow_create_primary_cmd(), timeout=0.02)
         finally:
             t.close()
-        with guest.transport() as other:
+        with guest.transport(shared=True) as other:
             assert len(assert_channel_works(other, size)) == size
             assert len(assert_channel_works(other, size + 1)) == size + 1
-    with open_esapi(guest):
+    with open_esapi(guest, shared=True):
         pass  # flushes any primary the abandoned commands left loaded
 
 
@@ -197,14 +200,14 @@ def test_two_guests_in_parallel(guests: Sequence[Any]) -> None:
     index = nv_index(0x58)
     a, b = guests[0], guests[1]
     for g in (a, b):
-        with open_esapi(g) as ctx:
+        with open_esapi(g, shared=True) as ctx:
             nv_define(ctx, index, 16)
     try:
         def client(g: Any, tag: bytes) -> Callable[[], None]:
             def run() -> None:
                 # the two clients of one guest share its index: either may have written
                 mine = {b"A" * 16, b"a" * 16} if g is a else {b"B" * 16, b"b" * 16}
-                with open_esapi(g) as ctx:
+                with open_esapi(g, shared=True) as ctx:
                     nv = ctx.tr_from_tpmpublic(index)
                     for _ in range(30):
                         ctx.nv_write(nv, tag * 16, 0)
@@ -214,5 +217,5 @@ def test_two_guests_in_parallel(guests: Sequence[Any]) -> None:
         run_clients([client(a, b"A"), client(a, b"a"), client(b, b"B"), client(b, b"b")])
     finally:
         for g in (a, b):
-            with open_esapi(g) as ctx:
+            with open_esapi(g, shared=True) as ctx:
                 nv_remove(ctx, index)

@@ -159,13 +159,14 @@ def assert_channel_works(transport: Transport, n: int = 8) -> bytes:
 
 
 @contextlib.contextmanager
-def open_esapi(guest: Any) -> Iterator[ESAPI]:
+def open_esapi(guest: Any, shared: bool = False) -> Iterator[ESAPI]:
     """An ESAPI context on ``guest`` (for a second guest, or after a restart).
 
     Startup(CLEAR) is sent and TPM_RC_INITIALIZE (already started) accepted, transient
     objects are flushed when done, as the ``esapi`` fixture does for the first guest.
+    ``shared``: over a connection that may be open beside others (``Guest.transport``).
     """
-    ctx = ESAPI(guest.tcti())
+    ctx = ESAPI(guest.tcti(shared))
     try:
         startup(ctx)
         yield ctx

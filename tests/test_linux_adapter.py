@@ -388,12 +388,13 @@ def relay_pair() -> Iterator[RelayPair]:
     tpm_dev = FakeTpm()
     ours, theirs = socket.socketpair()
     status: list[int] = []
-    thread = threading.Thread(
-        target=lambda: status.append(
+    def relay_process() -> None:  # what the relay's exit does: its stdout closes
+        status.append(
             relay.serve(tpm_dev.host.fileno(), "/dev/tpm9", theirs.fileno(), theirs.fileno())
-        ),
-        daemon=True,
-    )
+        )
+        theirs.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=relay_process, daemon=True)
     thread.start()
     transport = RelayTransport(ours, "test", hello_timeout=5)
     try:
@@ -421,13 +422,24 @@ def test_relay_round_trip(relay_pair: RelayPair) -> None:
     assert status == [0]  # end of stdin: the relay exits cleanly
 
 
+def test_relay_transport_close_waits_for_the_relay_to_exit(relay_pair: RelayPair) -> None:
+    """close() returns only once the relay has let go of the device: the kernel answers
+    EBUSY to the next opener of /dev/tpm0 until then."""
+    transport, _, status = relay_pair
+    assert transport.transmit(GET_RANDOM_16, timeout=5) == RESPONSE
+    transport.close()
+    assert status == [0]  # no polling: the relay had already returned
+
+
 def test_relay_error_frame_carries_the_errno() -> None:
     dead, gone = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     gone.close()  # writes now fail with EPIPE, as /dev/tpm0 fails with EINVAL/ETIME
     ours, theirs = socket.socketpair()
-    thread = threading.Thread(
-        target=relay.serve, args=(dead.fileno(), "/dev/tpm0", theirs.fileno(), theirs.fileno())
-    )
+    def relay_process() -> None:  # what the relay's exit does: its stdout closes
+        relay.serve(dead.fileno(), "/dev/tpm0", theirs.fileno(), theirs.fileno())
+        theirs.shutdown(socket.SHUT_WR)
+
+    thread = threading.Thread(target=relay_process)
     thread.start()
     try:
         with RelayTransport(ours, "test", hello_timeout=5) as transport:

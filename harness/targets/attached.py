@@ -43,7 +43,7 @@ class AttachedGuest(BaseGuest):
     def target_name(self) -> str:  # type: ignore[override]
         return self.target.name
 
-    def transport(self) -> RawTransport:
+    def transport(self, shared: bool = False) -> RawTransport:
         if self.kind == "seqpacket":
             return SeqpacketTransport(self.tpm)
         return SwtpmTransport(self.tpm)

@@ -28,12 +28,13 @@ class BaseGuest:
     """Shared guest behaviour: ``tcti()`` over ``transport()``; no probe by default."""
 
     target_name: str = "base"
+    kernel_device: bool = False
 
-    def transport(self) -> RawTransport:
+    def transport(self, shared: bool = False) -> RawTransport:
         raise NotImplementedError
 
-    def tcti(self) -> TransportTCTI:
-        return TransportTCTI(self.transport())
+    def tcti(self, shared: bool = False) -> TransportTCTI:
+        return TransportTCTI(self.transport(shared))
 
     def probe(self, *args: str) -> dict[str, Any]:
         raise UnsupportedOperation(self.target_name, "xen-probe")

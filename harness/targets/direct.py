@@ -38,7 +38,7 @@ class DirectGuest(BaseGuest):
     def domid(self) -> int | None:
         return None
 
-    def transport(self) -> RawTransport:
+    def transport(self, shared: bool = False) -> RawTransport:
         return SwtpmTransport(self.socket)
 
     def logs(self) -> dict[str, Path]:

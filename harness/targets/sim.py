@@ -58,7 +58,7 @@ class SimGuest(BaseGuest):
     def backend_state_path(self) -> str:
         return f"/local/domain/0/backend/vtpm/{self.domid}/0/state"
 
-    def transport(self) -> RawTransport:
+    def transport(self, shared: bool = False) -> RawTransport:
         return SeqpacketTransport(self.socket)
 
     def logs(self) -> dict[str, Path]:
@@ -125,7 +125,7 @@ def probe_as_domain(control: Any, domid: int, args: Sequence[str]) -> dict[str, 
 
 class SimTarget(BaseTarget):
     name: ClassVar[str] = "sim"
-    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability)
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability) - {Capability.XL}
 
     def __init__(
         self,

@@ -43,7 +43,7 @@ from harness.qemu import (
     qemu_version,
 )
 from harness.ssh import SshHost
-from harness.target import Capability
+from harness.target import Capability, Component, Guest
 from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.transport import RawTransport
@@ -76,6 +76,7 @@ class XenGuest(BaseGuest):
     """A PV guest: its xl name, domid, vTPM instance, link-local address and SSH."""
 
     target_name = "xen"
+    kernel_device = True
 
     def __init__(self, index: int, target: XenTarget) -> None:
         self.index = index
@@ -100,14 +101,19 @@ class XenGuest(BaseGuest):
     def put(self, local: Path | str, remote: str) -> None:
         self.host().put(local, remote)
 
-    def transport(self) -> RawTransport:
-        """The guest's /dev/tpm0 through ``python3 -m xenvtpm relay`` over SSH."""
+    def transport(self, shared: bool = False) -> RawTransport:
+        """The guest's /dev/tpm0 (``shared``: /dev/tpmrm0) through ``python3 -m xenvtpm
+        relay`` over SSH."""
+        device = "/dev/tpmrm0" if shared else "/dev/tpm0"
         return open_relay(
-            self.host().client(), "/dev/tpm0", name=self.name, package_dir=REMOTE_PACKAGE_DIR
+            self.host().client(), device, name=self.name, package_dir=REMOTE_PACKAGE_DIR
         )
 
     def logs(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.target.artifacts.glob(f"{self.name}*.log"))}
+
+    def probe(self, *args: str) -> dict[str, Any]:
+        return self.target.probe(self, *args)
 
     def xl_config(self, images: Images) -> str:
         text = (ROOT / "images" / "guest.cfg.in").read_text()
@@ -140,7 +146,19 @@ class XenGuest(BaseGuest):
 
 class XenTarget(BaseTarget):
     name: ClassVar[str] = "xen"
-    CAPABILITIES: ClassVar[frozenset[str]] = frozenset({Capability.MULTI_GUEST})
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
+        {
+            Capability.MULTI_GUEST,
+            Capability.RESTART_FRONTEND,
+            Capability.RESTART_BACKEND,
+            Capability.RESTART_MANAGER,
+            Capability.REBOOT,
+            Capability.KILL_SWTPM,
+            Capability.XEN_PROBE,
+            Capability.VALIDATION,
+            Capability.XL,
+        }
+    )
 
     def __init__(
         self,
@@ -161,6 +179,7 @@ class XenTarget(BaseTarget):
         self.console: SerialConsole | None = None
         self._boot_t0 = 0.0
         self.timings: dict[str, float] = {}
+        self._daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
 
     @property
     def guests(self) -> Sequence[XenGuest]:
@@ -493,7 +512,7 @@ class XenTarget(BaseTarget):
         assert self.dom0 is not None
         t0 = time.monotonic()
         self.deploy()
-        xen_driver.start_dom0(self.dom0, self.start_daemon)  # type: ignore[arg-type]
+        xen_driver.start_dom0(self.dom0, self.start_daemon)
         for guest in self._guests:
             assert guest.domid is not None
             vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
@@ -502,14 +521,14 @@ class XenTarget(BaseTarget):
                 guest.host(),
                 vtpm,
                 REMOTE_PACKAGE_DIR,
-                self.start_daemon,  # type: ignore[arg-type]
+                self.start_daemon,
             )
         for guest in self._guests:
             waited = xen_driver.wait_for_device(guest.host(), guest.name)
             self.say(f"{guest.name}: /dev/tpm0 up {waited:.1f} s after its frontend started")
         self.timings["driver_to_tpm0_s"] = round(time.monotonic() - t0, 1)
 
-    def start_daemon(self, host: SshHost, name: str, args: str) -> int:
+    def start_daemon(self, host: xen_driver.Host, name: str, args: str) -> int:
         """Start ``python3 -m xenvtpm ARGS`` in the background on ``host``; its pid.
 
         It logs to ``/var/log/xenvtpm/NAME.log`` there (fetched into artifacts on close).
@@ -519,7 +538,168 @@ class XenTarget(BaseTarget):
             f"mkdir -p {REMOTE_LOG_DIR}; cd {REMOTE_PACKAGE_DIR} || exit 1; "
             f"setsid nohup python3 -m xenvtpm {args} >>{log} 2>&1 </dev/null & echo $!"
         )
-        return int(host.check(command).strip())
+        pid = int(host.check(command).strip())
+        self._daemons.setdefault(host.name, {})[name] = pid
+        return pid
+
+    def stop_daemon(self, host: xen_driver.Host, name: str) -> None:
+        """Stop a daemon ``start_daemon`` started on ``host`` (SIGTERM, then SIGKILL)."""
+        pid = self._daemons.get(host.name, {}).pop(name, None)
+        if pid is not None:
+            xen_driver.stop_daemon(host, f"{name} on {host.name}", pid)
+
+    # -- disturbing the driver (capabilities) ------------------------------------------------
+    def problems(self) -> list[str]:
+        """Daemons that should run and do not: one command per host."""
+        if not self._started:
+            return []
+        out = []
+        for name, host in self.hosts().items():
+            for daemon in xen_driver.dead_daemons(host, self._daemons.get(name, {})):
+                out.append(
+                    f"{daemon} in {name} exited; log {REMOTE_LOG_DIR}/{daemon}.log there "
+                    f"(fetched into {self.artifacts} on close)"
+                )
+        return out
+
+    def restart(self, component: Component) -> None:
+        """Stop and start one component, then wait until every guest is served again."""
+        self.require(f"restart-{component}")
+        dom0 = self._dom0()
+        if component == "frontend":
+            for guest in self._guests:
+                self.stop_daemon(guest.host(), "frontend")
+                self.start_daemon(guest.host(), "frontend", "frontend --device")
+            for guest in self._guests:
+                xen_driver.wait_for_device(guest.host(), guest.name)
+        elif component == "backend":
+            self.stop_daemon(dom0, "backend")
+            self.start_daemon(dom0, "backend", xen_driver.backend_args())
+        elif component == "manager":
+            self.stop_daemon(dom0, "manager")
+            dom0.check(f"rm -f {xen_driver.MANAGER_SOCKET}")
+            self.start_daemon(dom0, "manager", xen_driver.manager_args())
+        else:
+            raise ValueError(f"unknown component {component!r}")
+        deadline = Deadline(xen_driver.DEVICE_TIMEOUT)
+        for guest in self._guests:
+            assert guest.domid is not None
+            xen_driver.wait_connected(dom0, guest.domid, REMOTE_PACKAGE_DIR, deadline)
+        self.say(f"restarted the {component}")
+
+    def reboot(self, guest: Guest) -> None:
+        """``xl reboot``: the guest's kernel reboots, xl makes a new domain (new domid);
+        the toolstack detaches the old domain's vTPM and attaches the same instance to
+        the new one, whose frontend then brings /dev/tpm0 back."""
+        self.require(Capability.REBOOT)
+        g: XenGuest = self._own(guest)
+        dom0 = self._dom0()
+        old = g.domid
+        t0 = time.monotonic()
+        self.stop_daemon(g.host(), "frontend")
+        self._daemons.pop(g.name, None)
+        if g.ssh is not None:
+            g.ssh.close()
+        dom0.check(f"xl reboot {g.name}", timeout=60)
+        deadline = Deadline(GUEST_TIMEOUT)
+        while True:
+            rc, out, _ = dom0.run(f"xl domid {g.name}", timeout=30)
+            if rc == 0 and out.strip().isdigit() and int(out) != old:
+                g.domid = int(out)
+                break
+            if deadline.expired:
+                raise TargetNotReady(g.name, f"no new domain {GUEST_TIMEOUT:.0f} s after xl reboot")
+            time.sleep(1.0)
+        dom0.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {old}")
+        self.wait_guest(g, deadline)
+        vtpm = xen_driver.GuestVtpm(g.name, g.domid, g.instance)
+        xen_driver.attach_guest(dom0, g.host(), vtpm, REMOTE_PACKAGE_DIR, self.start_daemon)
+        xen_driver.wait_for_device(g.host(), g.name)
+        self.say(f"{g.name}: rebooted, domain {old} -> {g.domid} in {time.monotonic() - t0:.0f} s")
+
+    # -- xl: real domains, the vTPM's life beside the guest's --------------------------------
+    def stop_frontend(self, guest: XenGuest) -> None:
+        self.stop_daemon(guest.host(), "frontend")
+
+    def start_frontend(self, guest: XenGuest) -> None:
+        """Start the guest's frontend; ``/dev/tpm0`` follows (``wait_for_device``)."""
+        self.start_daemon(guest.host(), "frontend", "frontend --device")
+
+    def wait_for_device(self, guest: XenGuest) -> float:
+        return xen_driver.wait_for_device(guest.host(), guest.name)
+
+    def detach_vtpm(self, guest: XenGuest) -> None:
+        """The toolstack removes the guest's vTPM (both xenstore directories), as
+        ``xl vtpm-detach`` does; the frontend stops first, as the guest's kernel would."""
+        self.stop_frontend(guest)
+        self._dom0().check(
+            f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {guest.domid}"
+        )
+
+    def attach_vtpm(self, guest: XenGuest) -> float:
+        """Attach the guest's vTPM instance to the running guest, as ``xl vtpm-attach``
+        does; seconds until its /dev/tpm0 is up."""
+        assert guest.domid is not None
+        vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
+        xen_driver.attach_guest(
+            self._dom0(), guest.host(), vtpm, REMOTE_PACKAGE_DIR, self.start_daemon
+        )
+        return self.wait_for_device(guest)
+
+    def destroy(self, guest: XenGuest) -> None:
+        """``xl destroy``: the domain is gone at once, no shutdown; the toolstack then
+        removes its vTPM directories (the backend sees the frontend vanish first)."""
+        old = guest.domid
+        self._daemons.pop(guest.name, None)
+        if guest.ssh is not None:
+            guest.ssh.close()
+            guest.ssh = None
+        self._dom0().check(f"xl destroy {guest.name}", timeout=60)
+        self._dom0().check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {old}")
+        guest.domid = None
+
+    def create(self, guest: XenGuest) -> None:
+        """``xl create`` a destroyed guest again, then attach its vTPM (same instance)."""
+        self.create_guest(guest)
+        self.wait_guest(guest, Deadline(GUEST_TIMEOUT))
+        self.attach_vtpm(guest)
+
+    def backend_resources(self) -> dict[str, int]:
+        """What dom0's backend holds now: grant mappings (gntdev areas in its address
+        space), event channels bound by dom0's userspace, its fds and threads."""
+        pid = self._daemons.get("dom0", {}).get("backend")
+        if pid is None:
+            raise TargetNotReady("backend", "not started by this target")
+        out = self._dom0().check(
+            f"grep -c /dev/xen/gntdev /proc/{pid}/maps; "
+            "grep -c evtchn:python3 /proc/interrupts; "
+            f"ls /proc/{pid}/fd | wc -l; ls /proc/{pid}/task | wc -l"
+        )
+        mappings, ports, fds, threads = (int(x) for x in out.split())
+        return {"mappings": mappings, "ports": ports, "fds": fds, "threads": threads}
+
+    def swtpm_pid(self, guest: Guest) -> int | None:
+        self.require(Capability.KILL_SWTPM)
+        return xen_driver.swtpm_pid(self._dom0(), self._own(guest).instance)
+
+    def kill_swtpm(self, guest: Guest) -> None:
+        """SIGKILL the guest's swtpm in dom0; restarting it is the manager's job."""
+        self.require(Capability.KILL_SWTPM)
+        pid = self.swtpm_pid(guest)
+        if pid is None:
+            raise TargetNotReady(f"swtpm of {guest.name}", "no such process", self.logs())
+        self._dom0().check(f"kill -KILL {pid}")
+        Deadline(10.0).wait_for(lambda: self.swtpm_pid(guest) != pid, f"swtpm {pid} to die")
+
+    def probe(self, guest: XenGuest, *args: str) -> dict[str, Any]:
+        """``python3 -m xenvtpm probe ARGS`` inside ``guest`` (as its domain); its JSON."""
+        self.require(Capability.XEN_PROBE)
+        command = f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm probe " + shlex.join(args)
+        rc, out, err = guest.run(command)
+        if rc != 0:
+            raise TargetNotReady(guest.name, f"probe {shlex.join(args)} exited {rc}: {err}")
+        answer: dict[str, Any] = json.loads(out)
+        return answer
 
     # -- evidence ------------------------------------------------------------------------
     def _collect_dom0(self) -> None:
@@ -542,6 +722,7 @@ class XenTarget(BaseTarget):
             with contextlib.suppress(Exception):
                 self._collect_dom0()
         finally:
+            self._daemons.clear()
             for g in self._guests:
                 if g.ssh is not None:
                     g.ssh.close()

@@ -12,6 +12,7 @@ independently: this module only needs a host to run commands on.
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ DEVICE_TIMEOUT = 240.0
 
 class Host(Protocol):
     """What this module needs of dom0 or a guest (``harness.ssh.SshHost`` has it)."""
+
+    name: str
 
     def run(
         self, command: str, timeout: float = 60.0, *, check: bool = False, stdin: bytes = b""
@@ -101,3 +104,60 @@ def wait_for_device(guest_host: Host, name: str, timeout: float = DEVICE_TIMEOUT
             raise TargetNotReady(name, f"no /dev/tpm0 after {timeout:.0f} s; frontend log:\n{log}")
         time.sleep(1.0)
     return time.monotonic() - t0
+
+
+def stop_daemon(host: Host, name: str, pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM (the daemons exit 0 on it, after cleaning up), then SIGKILL at ``timeout``."""
+    script = (
+        f"kill -TERM {pid} 2>/dev/null || exit 0; "
+        f"for i in $(seq {int(timeout * 10)}); do kill -0 {pid} 2>/dev/null || exit 0; "
+        f"sleep 0.1; done; kill -KILL {pid}; exit 3"
+    )
+    rc, _, _ = host.run(script, timeout=timeout + 30)
+    if rc == 3:
+        raise TargetNotReady(name, f"pid {pid} ignored SIGTERM for {timeout:.0f} s (killed)")
+
+
+def dead_daemons(host: Host, daemons: dict[str, int]) -> list[str]:
+    """The names of ``daemons`` (name -> pid) that no longer run on ``host``: one command."""
+    if not daemons:
+        return []
+    checks = "; ".join(f"kill -0 {pid} 2>/dev/null || echo {name}" for name, pid in daemons.items())
+    _, out, _ = host.run(checks, timeout=30)
+    return out.split()
+
+
+def swtpm_pid(dom0: Host, instance: int) -> int | None:
+    """The running swtpm of ``instance`` (its pid file, checked against /proc), or None."""
+    pid_file = f"{STATE_ROOT}/{instance}/swtpm.pid"
+    rc, out, _ = dom0.run(
+        f'p=$(cat {pid_file} 2>/dev/null) && [ "$(cat /proc/$p/comm 2>/dev/null)" = swtpm ] '
+        "&& echo $p"
+    )
+    return int(out) if rc == 0 and out.strip().isdigit() else None
+
+
+def xenstore_read(dom0: Host, path: str, package_dir: str) -> str | None:
+    """A xenstore node as dom0 reads it (``python3 -m xenvtpm probe``), None if absent."""
+    rc, out, err = dom0.run(
+        f"cd {shlex.quote(package_dir)} && python3 -m xenvtpm probe xs-read {shlex.quote(path)}"
+    )
+    if rc != 0:
+        raise TargetNotReady("dom0", f"probe xs-read {path} exited {rc}: {err.strip()}")
+    answer = json.loads(out)
+    return str(answer["value"]) if answer.get("ok") else None
+
+
+def wait_connected(dom0: Host, domid: int, package_dir: str, deadline: Deadline) -> None:
+    """Until both ends of ``domid``'s vTPM are XenbusState Connected (4)."""
+    paths = (
+        f"/local/domain/{domid}/device/vtpm/0/state",
+        f"/local/domain/0/backend/vtpm/{domid}/0/state",
+    )
+    states: list[str | None] = []
+    while not deadline.expired:
+        states = [xenstore_read(dom0, p, package_dir) for p in paths]
+        if states == ["4", "4"]:
+            return
+        time.sleep(0.5)
+    raise TargetNotReady(f"domain {domid}", f"vTPM not Connected (frontend, backend: {states})")
