@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 from kernel_frontend import STATUS_IDLE, KernelFrontend, get_random_v2
-from simenv import SimEnv, wait_for
+from simenv import Guest, SimEnv, wait_for
 from test_driver_pair import BAD_REQUESTS, error, get_random, make_env, swtpm_pid
 from test_hostile import counts
 
@@ -370,10 +370,35 @@ def test_no_leak_after_v2_guests_come_and_go(env: SimEnv) -> None:
     get_random(env.guests[0])
 
 
-def test_frontend_keeps_2006_when_it_writes_no_feature(env: SimEnv) -> None:
-    """Our 2006 guest never wrote the key: its directory has none, and it is served."""
+def test_our_frontend_says_2006_explicitly(env: SimEnv) -> None:
+    """Our frontend writes feature-protocol-v2 = 0 with its ring-ref, and is served."""
     assert env.dom0 is not None
     guest = env.guests[0]
-    with pytest.raises(Exception, match="ENOENT"):
-        env.dom0.xenstore.read(f"/local/domain/{guest.domid}/device/vtpm/0/feature-protocol-v2")
+    node = f"/local/domain/{guest.domid}/device/vtpm/0/feature-protocol-v2"
+    assert env.dom0.xenstore.read(node) == b"0"
     get_random(guest)
+
+
+def test_our_frontend_after_xen_tpmfront_left_its_key(env: SimEnv) -> None:
+    """Real Xen: udev binds xen-tpmfront first; our frontend unbinds it and takes over.
+    The kernel's feature-protocol-v2 = 1 stays in the directory; our frontend's 0
+    replaces it, so the backend reads its ring as a 2006 ring, not as a v2 page."""
+    assert env.control is not None and env.dom0 is not None
+    domid = env.add_domain("takeover", V2_INSTANCE)
+    try:
+        fe = KernelFrontend.in_domain(env.control, domid)
+        with fe:
+            fe.probe()
+            fe.wait_connected()
+            get_random_v2(fe)
+        node = f"/local/domain/{domid}/device/vtpm/0"
+        assert env.dom0.xenstore.read(f"{node}/feature-protocol-v2") == b"1"
+        path = str(env.workdir / "takeover.tpm")
+        daemon = env.start_frontend("takeover", domid, path)
+        guest = Guest("takeover", domid, V2_INSTANCE, path, daemon)
+        env.wait_connected(guest)
+        assert env.dom0.xenstore.read(f"{node}/feature-protocol-v2") == b"0"
+        assert len(get_random(guest)) == 16
+        daemon.stop()
+    finally:
+        env.remove_domain(domid)

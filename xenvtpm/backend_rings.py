@@ -35,12 +35,20 @@ from typing import Protocol
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage, XenStoreError
 from xenvtpm.intake import Forward, NotSubmitted, intake, intake_v2
+from xenvtpm.tpmif_v2 import FEATURE_PROTOCOL_V2
 from xenvtpm.xen.interface import Hypervisor, MappedPages, XenStore
 from xenvtpm.xenbus import parse_uint
 
 _FAILURE = tpm.error_response(tpm.TPM_RC.FAILURE)
-#: The key both ends write; xen-tpmfront reads it as an unsigned (xenbus_read_unsigned).
-FEATURE_PROTOCOL_V2 = "feature-protocol-v2"
+__all__ = [
+    "FEATURE_PROTOCOL_V2",
+    "Ring",
+    "Ring2006",
+    "SharedPageV2",
+    "VtpmProtocol",
+    "frontend_protocol",
+    "map_ring",
+]
 
 
 class VtpmProtocol(enum.Enum):

@@ -35,6 +35,7 @@ from .errors import MalformedMessage
 from .tpmif import PAGE_SIZE
 
 __all__ = [
+    "FEATURE_PROTOCOL_V2",
     "HEADER_SIZE",
     "MAX_EXTRA_PAGES",
     "SharedHeader",
@@ -49,6 +50,11 @@ __all__ = [
     "write_packet",
     "write_state",
 ]
+
+
+#: The xenstore key of protocol v2, in both device directories: the backend advertises
+#: it, xen-tpmfront writes ``1`` next to ``ring-ref`` (and requires the backend's).
+FEATURE_PROTOCOL_V2 = "feature-protocol-v2"
 
 
 class VtpmState(enum.IntEnum):
