@@ -4,6 +4,8 @@ Targets (each a function of one byte string that raises only when a property bre
 
     intake         the backend's request intake (xenvtpm.intake): ring page + data pages
                    -> its own 10-byte error or a forward; shared memory read once
+    intake-v2      the same for protocol v2 (xen-tpmfront): shared page + extra pages
+                   -> error, forward or "not submitted"; header and data read once each
     tpmif          ring entry and ring page parsers, packet_length, gather
     tpm-command    tpm.validate_command (and validate_response)
     xs-wire        xenstore wire parsing: headers, packets, strings, writes, permissions
@@ -39,9 +41,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from xenvtpm import tpm, tpmif
+from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
-from xenvtpm.intake import RESERVED_CODES, Forward, intake
+from xenvtpm.intake import RESERVED_CODES, Forward, NotSubmitted, intake, intake_v2
 from xenvtpm.xen import xenstore_wire as wire
 from xenvtpm.xen.interface import Access, Perm
 from xenvtpm.xen.xenstore_server import XenStoreServer
@@ -94,6 +96,31 @@ def fuzz_intake(data: bytes) -> None:
     else:
         assert isinstance(result, bytes) and len(result) == tpm.HEADER_SIZE
         assert tpm.validate_response(result).size == tpm.HEADER_SIZE
+        assert tpm.response_code(result) != 0
+
+
+def fuzz_intake_v2(data: bytes) -> None:
+    """byte 0: extra pages mapped at connect (0..2); the shared page; the extra pages."""
+    nr_extra = data[0] % 3 if data else 0
+    shared = _OnceOnly(data[1 : 1 + PAGE].ljust(PAGE, b"\0"))
+    body = data[1 + PAGE :]
+    extra = [_OnceOnly(body[i * PAGE : (i + 1) * PAGE].ljust(PAGE, b"\0")) for i in range(nr_extra)]
+    result = intake_v2(shared, extra, nr_extra)  # type: ignore[arg-type]
+    assert shared.reads <= 2, f"shared page read {shared.reads} times (header + data at most)"
+    assert all(p.reads <= 1 for p in extra), "an extra page read twice (double fetch)"
+    header = tpmif_v2.SharedHeader.from_bytes(shared._data[: tpmif_v2.HEADER_SIZE])
+    if isinstance(result, NotSubmitted):
+        assert header.state != tpmif_v2.VtpmState.SUBMIT and result.state == header.state
+    elif isinstance(result, Forward):
+        assert header.state == tpmif_v2.VtpmState.SUBMIT
+        assert header.nr_extra_pages == nr_extra
+        assert len(result.command) == header.length <= tpmif_v2.capacity(nr_extra)
+        whole = shared._data[tpmif_v2.data_offset(nr_extra) :] + b"".join(p._data for p in extra)
+        assert result.command == whole[: header.length]
+        assert tpm.validate_command(result.command).code == result.code
+        assert result.code not in RESERVED_CODES and result.locality == header.locality
+    else:
+        assert isinstance(result, bytes) and len(result) == tpm.HEADER_SIZE
         assert tpm.response_code(result) != 0
 
 
@@ -195,6 +222,7 @@ def fuzz_xs_server(data: bytes) -> None:
 
 TARGETS: dict[str, Target] = {
     "intake": fuzz_intake,
+    "intake-v2": fuzz_intake_v2,
     "tpmif": fuzz_tpmif,
     "tpm-command": fuzz_tpm_command,
     "xs-wire": fuzz_xs_wire,
@@ -219,6 +247,17 @@ def seeds(name: str) -> list[bytes]:
         return [b"\x0a" + _ring(len(rand)) + rand, b"\x01" + _ring(4097, 1) + big,
                 b"\x02" + _ring(len(big), 2) + big, b"\x0a" + _ring(len(rand)) + rand[:9],
                 b"\x0a" + _ring(10) + tpm.bind_command(3)]  # fmt: skip
+    if name == "intake-v2":
+        full = struct.pack(">HII", 0x8001, 4096, 0x17B) + bytes(4086)
+
+        def v2(length: int, state: int, nr_extra: int, body: bytes) -> bytes:
+            head = struct.pack("=IBBBB", length, state, 0, 0, nr_extra) + bytes(4 * nr_extra)
+            return (head + body).ljust(PAGE, b"\0") + body[PAGE - len(head) :]
+
+        return [b"\x00" + v2(len(rand), 1, 0, rand), b"\x01" + v2(4096, 1, 1, full),
+                b"\x00" + v2(len(rand), 3, 0, rand), b"\x00" + v2(4089, 1, 0, rand),
+                b"\x00" + v2(14, 1, 0, tpm.bind_command(3)),
+                b"\x02" + v2(12, 1, 255, rand)]  # fmt: skip
     if name == "tpmif":
         return [_ring(12), _ring(40960), _ring(0) + rand]
     if name == "tpm-command":
@@ -376,7 +415,7 @@ def atheris_campaign(name: str, seconds: float, out: Path) -> Tally:
 CHILD = """
 import sys, atheris
 with atheris.instrument_imports(include=["xenvtpm"]):
-    import xenvtpm.intake, xenvtpm.tpm, xenvtpm.tpmif
+    import xenvtpm.intake, xenvtpm.tpm, xenvtpm.tpmif, xenvtpm.tpmif_v2
     import xenvtpm.xen.xenstore_server, xenvtpm.xen.xenstore_wire
 from harness.fuzz import child
 child(sys.argv[1], sys.argv[2:])

@@ -1,7 +1,9 @@
 """The dom0 side of the vTPM split driver.
 
 It discovers devices under ``backend/vtpm/<domid>/<devid>`` (written by the toolstack),
-maps each frontend's ring and data pages once at connect, and then, per request:
+maps each frontend's pages once at connect (the 2006 ring and its data pages, or the
+protocol v2 shared page of Linux xen-tpmfront, as the frontend announces: see
+:mod:`xenvtpm.backend_rings`), and then, per request:
 copies it out of shared memory exactly once, validates that private copy, prefixes the
 instance id, and hands it to the vTPM manager. Everything runs on one thread, so a slow
 or dead instance never stalls another: the manager is asked, not waited for.

@@ -1,29 +1,40 @@
 """One vTPM device as the backend sees it: its xenbus state, mapped pages and requests.
 
-Connect maps the frontend's ring page and data pages once and binds its event channel;
-each request is then copied out once, validated, and sent to the manager with a
-timeout. The frontend is untrusted: every value read from its xenstore directory or its
-pages is parsed strictly and bounded before use, and a failure costs this device only.
+Connect picks the protocol the frontend announced (the 2006 ring, or v2 of Linux
+xen-tpmfront: :mod:`xenvtpm.backend_rings`), maps its pages once and binds its event
+channel; each request is then copied out once, validated, and sent to the manager with
+a timeout. Both protocols share this class: states, channel, the one request in flight,
+its timeout and the manager link; only the page layout differs. The frontend is
+untrusted: every value read from its xenstore directory or its pages is parsed strictly
+and bounded before use, and a failure costs this device only.
 
 Spec: seed interface.tex "Virtual TPM"; DESIGN.md section 2; Linux
-drivers/xen/xenbus/xenbus_probe_backend.c for the backend's state moves.
+drivers/xen/xenbus/xenbus_probe_backend.c for the backend's state moves; Linux
+include/xen/interface/io/tpmif.h for v2's handshake and states.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from xenvtpm import tpm, tpmif
+from xenvtpm import tpm
+from xenvtpm.backend_rings import (
+    FEATURE_PROTOCOL_V2,
+    Ring,
+    VtpmProtocol,
+    frontend_protocol,
+    map_ring,
+)
 from xenvtpm.errors import MalformedMessage, XenError, XenStoreError
-from xenvtpm.intake import Forward, intake
+from xenvtpm.intake import Forward, NotSubmitted
 from xenvtpm.loop import Timer
 from xenvtpm.manager_link import Ticket
-from xenvtpm.xen.interface import EventChannel, MappedPages
-from xenvtpm.xenbus import BACKEND_MOVES, StateNode, XenbusState, read_state
+from xenvtpm.tpmif_v2 import VtpmState
+from xenvtpm.xen.interface import EventChannel
+from xenvtpm.xenbus import BACKEND_MOVES, StateNode, XenbusState, parse_uint, read_state
 
 if TYPE_CHECKING:
     from xenvtpm.backend import Backend
@@ -31,16 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("xenvtpm.backend")
 
 S = XenbusState
-_UINT = re.compile(rb"\A[0-9]{1,10}\Z")
+CANCEL = int(VtpmState.CANCEL)
 _FAILURE = tpm.error_response(tpm.TPM_RC.FAILURE)
-
-
-def parse_uint(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
-    """A decimal xenstore value, strictly: digits only, at most ``limit``."""
-    value = raw.strip(b"\0")
-    if not _UINT.match(value) or int(value) > limit:
-        raise MalformedMessage(f"not a number in 0..{limit}: {raw[:32]!r}")
-    return int(value)
+__all__ = ["BackendDevice", "DeviceKey", "parse_uint"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,7 @@ class BackendDevice:
         self._state = StateNode(self._xs, self.path, BACKEND_MOVES, self.log)
         self.frontend = ""
         self.instance = -1
-        self._ring: MappedPages | None = None
-        self._data: MappedPages | None = None
-        self._refs: tuple[int, ...] = ()
+        self._ring: Ring | None = None
         self._channel: EventChannel | None = None
         self._ticket: Ticket | None = None
         self._timer: Timer | None = None
@@ -97,6 +99,11 @@ class BackendDevice:
     @property
     def state(self) -> XenbusState:
         return self._state.state
+
+    @property
+    def protocol(self) -> VtpmProtocol | None:
+        """What the connected frontend speaks (None while not connected)."""
+        return self._ring.protocol if self._ring is not None else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -119,7 +126,8 @@ class BackendDevice:
             )
             return
         self._xs.watch(f"{self.frontend}/state", self.key.token)
-        self._state.switch(S.INIT_WAIT)
+        # Both protocols are served; xen-tpmfront refuses a backend without this key.
+        self._state.publish(S.INIT_WAIT, {FEATURE_PROTOCOL_V2: "1"})
         self.log.info(
             "vtpm %d: instance %d, waiting for %s", self.key.devid, self.instance, self.frontend
         )
@@ -157,7 +165,12 @@ class BackendDevice:
     # -- connect / disconnect --------------------------------------------------------
 
     def connect(self) -> None:
-        """Map the ring and data pages, bind the event channel, then say Connected."""
+        """Map the pages the frontend's protocol names, bind the channel, say Connected.
+
+        A v2 frontend (xen-tpmfront) may submit its first command right after
+        Initialised, before anyone listens to its event channel (its probe asks for
+        timeouts at once): that notify is lost, so the page is looked at once here.
+        """
         domid = self.key.domid
         try:
             other = self._backend.device_for_instance(self.instance)
@@ -167,17 +180,8 @@ class BackendDevice:
                 )
             ring_ref = parse_uint(self._xs.read(f"{self.frontend}/ring-ref"))
             port = parse_uint(self._xs.read(f"{self.frontend}/event-channel"))
-            self._ring = self._hv.grants.map_grant_refs(domid, [ring_ref])
-            entries = tpmif.read_ring(self._ring.pages[0])
-            refs = []
-            for entry in entries:
-                if entry.ref == 0:
-                    break
-                refs.append(entry.ref)
-            if not refs:
-                raise MalformedMessage("the ring names no data page")
-            self._refs = tuple(refs)
-            self._data = self._hv.grants.map_grant_refs(domid, self._refs)
+            protocol = frontend_protocol(self._xs, self.frontend)
+            self._ring = map_ring(protocol, self._hv, domid, ring_ref)
             channel = self._hv.events.bind_interdomain(domid, port)
         except (XenError, MalformedMessage) as e:
             self._fatal(f"connect failed: {e}")
@@ -188,12 +192,14 @@ class BackendDevice:
         self._bind()
         self._switch(S.CONNECTED)
         self.log.info(
-            "vtpm %d connected: ring ref %d, %d data pages, port %d",
+            "vtpm %d connected: ring ref %d, %s, port %d",
             self.key.devid,
             ring_ref,
-            len(self._refs),
+            self._ring.describe,
             port,
         )
+        if protocol is VtpmProtocol.V2:
+            self._handle_request()
 
     def disconnect(self) -> None:
         """Drop the request in flight (its late reply will be discarded) and unmap."""
@@ -202,10 +208,9 @@ class BackendDevice:
             self._backend.loop.remove_reader(self._channel.fileno())
             self._channel.close()
             self._channel = None
-        for pages in (self._data, self._ring):
-            if pages is not None:
-                pages.close()
-        self._data = self._ring = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
 
     def _fatal(self, message: str) -> None:
         """Like xenbus_dev_fatal: tell the frontend why, and close this device only."""
@@ -241,13 +246,29 @@ class BackendDevice:
             self._switch(S.CLOSED)
             return
         if self._ticket is not None:
-            return  # one request at a time: events while one is in flight mean nothing
+            # One request at a time: an event while one is in flight can only be a v2
+            # CANCEL (xen-tpmfront's vtpm_cancel); anything else (a second SUBMIT) is
+            # ignored. A cancelled command may still run in swtpm: its answer is dropped.
+            assert self._ring is not None
+            if self._ring.cancel_requested():
+                self._cancel_request()
+                self._ring.cancelled()
+                channel.notify()
+            return
         self._handle_request()
 
     def _handle_request(self) -> None:
-        assert self._ring is not None and self._data is not None
+        ring = self._ring
+        assert ring is not None
+        decision = ring.take()
+        if isinstance(decision, NotSubmitted):
+            # v2: nothing submitted. A CANCEL with nothing in flight (the answer crossed
+            # it, or it never came) completes at once: IDLE, so the frontend can go on.
+            if decision.state == CANCEL and self._channel is not None:
+                ring.cancelled()
+                self._channel.notify()
+            return
         self.requests += 1
-        decision = intake(self._ring.pages[0], self._data.pages, len(self._refs))
         if not isinstance(decision, Forward):
             self._answer(decision)  # malformed: the backend answers by itself
             return
@@ -283,9 +304,7 @@ class BackendDevice:
             self._timer = None
 
     def _answer(self, response: bytes | memoryview) -> None:
-        if self._channel is None or self._ring is None or self._data is None:
+        if self._channel is None or self._ring is None:
             return
-        if len(response) > tpmif.capacity(len(self._refs)):
-            response = _FAILURE
-        tpmif.write_packet(self._ring.pages[0], self._data.pages, self._refs, response)
+        self._ring.answer(response)  # a response beyond the pages becomes TPM_RC_FAILURE
         self._channel.notify()

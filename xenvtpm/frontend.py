@@ -25,6 +25,7 @@ from xenvtpm.daemon import configure_logging, default_log_level, run_service
 from xenvtpm.endpoint import SocketEndpoint
 from xenvtpm.errors import MalformedMessage, XenStoreError
 from xenvtpm.loop import Loop, Timer
+from xenvtpm.tpmif_v2 import FEATURE_PROTOCOL_V2
 from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
 from xenvtpm.xenbus import FRONTEND_MOVES, StateNode, XenbusState, read_state
@@ -164,7 +165,13 @@ class Frontend:
             self._send_next()
 
     def _publish(self) -> None:
-        """Write the ring refs, allocate the event channel, and say Initialised."""
+        """Write the ring refs, allocate the event channel, and say Initialised.
+
+        ``feature-protocol-v2 = 0`` goes in the same transaction: the backend reads the
+        protocol from this key, and the kernel's xen-tpmfront, which udev may have bound
+        to this device first (see ``vtpm_proxy.unbind_kernel_frontend``), leaves a ``1``
+        behind that would make the backend read our ring as a v2 shared page.
+        """
         assert self._pages is not None
         refs = self._pages.refs
         self._data_refs = tuple(refs[1:])
@@ -173,7 +180,12 @@ class Frontend:
         self._channel = self._hv.events.bind_unbound_port(self._backend_id)
         self._loop.add_reader(self._channel.fileno(), self._on_event)
         self._state.publish(
-            S.INITIALISED, {"ring-ref": str(refs[0]), "event-channel": str(self._channel.port)}
+            S.INITIALISED,
+            {
+                "ring-ref": str(refs[0]),
+                "event-channel": str(self._channel.port),
+                FEATURE_PROTOCOL_V2: "0",  # the 2006 ring
+            },
         )
 
     def _disconnect(self) -> None:

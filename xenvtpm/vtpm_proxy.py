@@ -107,9 +107,12 @@ def unbind_kernel_frontend(devid: int, driver_dir: str = XEN_TPMFRONT_DRIVER) ->
     Measured on Xen 4.17 / Linux 6.1: as soon as the toolstack writes ``device/vtpm/N``
     into a domain's xenstore, udev loads xen-tpmfront (modalias ``xen:vtpm``), which binds
     the device and speaks protocol v2 over the same keys (``ring-ref``, ``event-channel``,
-    ``state``, plus ``feature-protocol-v2``): the backend then maps its page as a 2006
-    ring and fails. Blacklisting xen-tpmfront in the guest is the real fix; this is the
-    frontend's second line.
+    ``state``, plus ``feature-protocol-v2``). (That measurement predates the backend's
+    v2 support: the backend then mapped its page as a 2006 ring and failed; now it
+    serves it as v2.) A guest that wants this frontend (``--device``) instead must take
+    the device back: blacklisting xen-tpmfront in the guest is the real fix; this is the
+    frontend's second line. The ``feature-protocol-v2 = 1`` xen-tpmfront leaves behind
+    is overwritten with 0 when the frontend publishes its ring.
     """
     name = f"vtpm-{devid}"
     if not os.path.exists(os.path.join(driver_dir, name)):

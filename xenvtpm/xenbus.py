@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 
-from xenvtpm.errors import StateError, XenStoreError
+from xenvtpm.errors import MalformedMessage, StateError, XenStoreError
 from xenvtpm.xen.interface import XenStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,16 @@ class XenbusState(enum.IntEnum):
 
 
 S = XenbusState
+_UINT = re.compile(rb"\A[0-9]{1,10}\Z")
+
+
+def parse_uint(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
+    """A decimal xenstore value, strictly: digits only, at most ``limit``."""
+    value = raw.strip(b"\0")
+    if not _UINT.match(value) or int(value) > limit:
+        raise MalformedMessage(f"not a number in 0..{limit}: {raw[:32]!r}")
+    return int(value)
+
 
 # Moves a frontend makes. Initialising is re-entered after the backend went away, so the
 # frontend can connect again to a restarted backend without its domain rebooting.
