@@ -124,21 +124,46 @@ def images(session: nox.Session) -> None:
     session.run("python", "-m", "harness.images", *session.posargs)
 
 
+def orphan_qemu_pids() -> set[int]:
+    """Running QEMUs whose parent is gone (reparented to pid 1): what a suite that did
+    not clean up leaves; a QEMU another running program owns has a live parent."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                comm = (entry / "comm").read_text()
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if comm.startswith("qemu-system") and ppid == 1:
+                pids.add(int(entry.name))
+    return pids
+
+
 @nox.session
 def xen(session: nox.Session) -> None:
-    """Boot Xen 4.17 + dom0 under QEMU, start 2 PV guests, run the xen scenarios."""
+    """Boot Xen 4.17 + dom0 under QEMU, start 2 PV guests, run the whole scenario suite
+    through their kernels' /dev/tpm0; fail if a QEMU of this run is left behind."""
     ensure_debian_packages(session, XEN_DEBIAN_PACKAGES)
     install_harness(session, *XEN_PYTHON)
     out = ARTIFACTS / "xen"
-    session.run(
-        "pytest",
-        "scenarios",
-        "--target=xen",
-        "--guests=2",
-        f"--junitxml={out / 'junit.xml'}",
-        f"--artifacts={out}",
-        *session.posargs,
-    )
+    before = orphan_qemu_pids()  # e.g. a `harness up` machine
+    try:
+        session.run(
+            "pytest",
+            "scenarios",
+            "--target=xen",
+            "--guests=2",
+            f"--junitxml={out / 'junit.xml'}",
+            f"--artifacts={out}",
+            *session.posargs,
+        )
+    finally:
+        left = orphan_qemu_pids() - before
+        if left:
+            for pid in left:
+                os.kill(pid, 9)
+            session.error(f"QEMU left running after the suite (killed): pids {sorted(left)}")
 
 
 @nox.session

@@ -13,10 +13,11 @@ before its deadline is a TargetNotReady with the last error.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
-import os
 import shlex
 import stat
+import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,22 +182,17 @@ class SshHost(Closeable):
         return self._sftp
 
     def put(self, local: Path | str, remote: str) -> None:
-        """Copy a file, or a directory tree (skipping ``__pycache__``), to ``remote``."""
+        """Copy a file, or a directory tree (skipping ``__pycache__``), to ``remote``.
+
+        A tree goes as one tar stream into ``tar x`` there: one round trip instead of
+        one SFTP request per file (20-30 s for the package into a TCG guest).
+        """
         local = Path(local)
-        sftp = self.sftp()
         if local.is_dir():
-            self.run(f"mkdir -p {shlex.quote(remote)}", check=True)
-            for dirpath, dirnames, filenames in os.walk(local):
-                dirnames[:] = [d for d in dirnames if d != "__pycache__"]
-                rel = Path(dirpath).relative_to(local)
-                target = f"{remote}/{rel}" if str(rel) != "." else remote
-                for d in dirnames:
-                    with contextlib.suppress(OSError):
-                        sftp.mkdir(f"{target}/{d}")
-                for f in filenames:
-                    if not f.endswith((".pyc", ".tmp")):
-                        sftp.put(str(Path(dirpath) / f), f"{target}/{f}")
+            q = shlex.quote(remote)
+            self.run(f"mkdir -p {q} && tar -xzf - -C {q}", stdin=tree_tarball(local), check=True)
         else:
+            sftp = self.sftp()
             sftp.put(str(local), remote)
             sftp.chmod(remote, stat.S_IMODE(local.stat().st_mode))
 
@@ -207,6 +203,25 @@ class SshHost(Closeable):
     def __repr__(self) -> str:
         via = f" via {self.via.name}" if self.via is not None else ""
         return f"SshHost({self.name} {self.user}@{self.host}:{self.port}{via})"
+
+
+def tree_tarball(root: Path) -> bytes:
+    """``root``'s files (no ``__pycache__``, ``*.pyc``, ``*.tmp``) as a gzipped tar, with
+    paths relative to ``root``."""
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        name = Path(info.name)
+        if "__pycache__" in name.parts or name.suffix in (".pyc", ".tmp"):
+            return None
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", compresslevel=1) as tar:
+        for child in sorted(root.iterdir()):
+            tar.add(child, arcname=child.name, filter=keep)
+    return buf.getvalue()
 
 
 def ssh_argv(

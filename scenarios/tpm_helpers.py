@@ -166,7 +166,8 @@ def open_esapi(guest: Any, shared: bool = False) -> Iterator[ESAPI]:
     objects are flushed when done, as the ``esapi`` fixture does for the first guest.
     ``shared``: over a connection that may be open beside others (``Guest.transport``).
     """
-    ctx = ESAPI(guest.tcti(shared))
+    tcti = guest.tcti(shared)
+    ctx = ESAPI(tcti)
     try:
         startup(ctx)
         yield ctx
@@ -175,6 +176,8 @@ def open_esapi(guest: Any, shared: bool = False) -> Iterator[ESAPI]:
             flush_transients(ctx)
         finally:
             ctx.close()
+            tcti.close()  # now, not at garbage collection: a Linux guest's /dev/tpm0
+            # admits one opener, and a device still open outlives its frontend
 
 
 def startup(ctx: ESAPI) -> None:

@@ -10,6 +10,7 @@ COMMANDS = {
     "backend": ("xenvtpm.backend", "dom0 side: validates requests, forwards to the manager"),
     "manager": ("xenvtpm.manager", "the seed's /dev/vtpm: one swtpm per vTPM instance"),
     "simxend": ("xenvtpm.xen.simxend", "the simulated Xen hypervisor (xenstore, grants, events)"),
+    "provision": ("xenvtpm.provision", "make vTPM instances (swtpm_setup) ahead of time"),
     "attach": ("xenvtpm.toolstack", "toolstack: write a vTPM's xenstore directories"),
     "detach": ("xenvtpm.toolstack", "toolstack: remove a vTPM's xenstore directories"),
     "rogue": ("xenvtpm.rogue", "a hostile frontend: one attack on the backend, JSON lines"),

@@ -211,14 +211,23 @@ class Swtpm:
         if self._started:
             return
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not (self.state_dir / PERMALL).exists():
-                self._manufacture()
+            self.manufacture()
             self._launch()
         except BaseException:
             self.close()
             raise
         self._started = True
+
+    def manufacture(self) -> bool:
+        """Make this instance's TPM (swtpm_setup) unless its state exists; True if made.
+
+        Blocking (20-30 s in a TCG dom0); ``start`` calls it, ``provision`` ahead of time.
+        """
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if (self.state_dir / PERMALL).exists():
+            return False
+        self._manufacture()
+        return True
 
     def _check_not_closing(self, command: list[str]) -> None:
         if self._closing:
