@@ -20,11 +20,18 @@ from harness.ssh import SshHost
 REMOTE_LOG_DIR = "/var/log/xenvtpm"  # where the driver daemons log in every domain
 
 
-def collect_logs(dom0: SshHost, guests: dict[str, SshHost], artifacts: Path) -> None:
-    """Copy the logs of a running machine into ``artifacts`` (best effort, bounded)."""
+def collect_logs(
+    dom0: SshHost, guests: dict[str, SshHost], artifacts: Path, since: float | None = None
+) -> None:
+    """Copy the logs of a running machine into ``artifacts`` (best effort, bounded).
+
+    ``since`` (a Unix time) limits the journals to this run: on a long-running host the
+    whole boot's journal is neither small nor ours.
+    """
+    journal = "journalctl -b --no-pager" + (f" --since @{int(since)}" if since else "")
     commands = {
         "dom0-dmesg.log": "dmesg",
-        "dom0-journal.log": "journalctl -b --no-pager",
+        "dom0-journal.log": journal,
         "xen-dmesg.log": "xl dmesg",
         "xl-list.log": "xl list -l",
     }
@@ -40,7 +47,7 @@ def collect_logs(dom0: SshHost, guests: dict[str, SshHost], artifacts: Path) -> 
         if not host.connected:
             continue
         with contextlib.suppress(HarnessError):
-            _, out, err = host.run("journalctl -b --no-pager", timeout=30)
+            _, out, err = host.run(journal, timeout=30)
             (artifacts / f"{name}-journal.log").write_text(out + err)
         with contextlib.suppress(HarnessError, OSError):
             _fetch_tree(host, REMOTE_LOG_DIR, artifacts / f"{name}-daemons")
