@@ -40,7 +40,7 @@ from harness.ssh import SshHost
 from harness.targets import Progress
 from harness.targets.xen import REMOTE_PACKAGE_DIR, XenGuest, XenTarget
 from harness.targets.xen_driver import DOM0_MODULES, GUEST_MODULES, STATE_ROOT
-from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
+from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR, collect_logs
 
 SSH_KEY_ENV = "XENVTPM_SSH_KEY"
 CONNECT_TIMEOUT = 60.0  # the host is up already: a login that takes longer will not come
@@ -266,11 +266,11 @@ class XenHostTarget(XenTarget):
         self._host_guest_list = [HostGuest(i, self, s) for i, s in enumerate(specs)]
         self._guests = list(self._host_guest_list)
         self.versions: dict[str, Any] = {}
-        self._since = 0.0
         self._collected = False
         # Per domain: the paths this run created and the modules it loaded (to undo).
         self._created: dict[str, list[str]] = {}
         self._loaded_before: dict[str, set[str]] = {}
+        self._cursors: dict[str, str] = {}  # journal cursors: collect this run's entries
 
     @property
     def guests(self) -> Sequence[HostGuest]:
@@ -283,7 +283,7 @@ class XenHostTarget(XenTarget):
     def _start(self) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         (self.artifacts / VERSIONS_FILE).unlink(missing_ok=True)
-        self._since, self._collected = time.time(), False
+        self._collected = False
         t0 = time.monotonic()
         self.connect_host()
         self.find_guests()
@@ -304,6 +304,7 @@ class XenHostTarget(XenTarget):
             "dom0", self.spec.host, self.spec.port, self.key, user=self.spec.user, known_hosts=True
         )
         self.dom0.connect(Deadline(CONNECT_TIMEOUT))
+        self._cursors["dom0"] = self.dom0.run(JOURNAL_CURSOR)[1].strip()
         lacking = missing(self.dom0, DOM0_CHECKS)
         if lacking:
             raise TargetNotReady(f"dom0 {self.spec}", "it lacks: " + "; ".join(lacking))
@@ -332,6 +333,7 @@ class XenHostTarget(XenTarget):
                     f"no root login at {guest.ip} through dom0 ({e}); give the right address "
                     f"with --host-guest {guest.name}=ADDRESS",
                 ) from e
+            self._cursors[guest.name] = guest.ssh.run(JOURNAL_CURSOR)[1].strip()
 
     def lookup_address(self, guest: HostGuest) -> str:
         """The guest's address from xenstore (``attr/vif/0/ipv4/0``, written by guest
@@ -351,7 +353,7 @@ class XenHostTarget(XenTarget):
             )
         return found
 
-    def clean_host(self) -> None:
+    def clean_host(self, whose: str = "left by an earlier run") -> None:
         """Stop every xenvtpm daemon (guests first, then dom0's backend and manager, then
         any swtpm of the manager's) and detach the vTPMs of the named guests and of
         domains that no longer exist. Run before deploying and on close; idempotent."""
@@ -373,7 +375,7 @@ class XenHostTarget(XenTarget):
                     f"xenstore-rm /local/domain/{domid}/device/vtpm 2>/dev/null; true"
                 )
                 if domid in listed:
-                    self.say(f"detached the vTPM of domain {domid} left by an earlier run")
+                    self.say(f"detached the vTPM of domain {domid} ({whose})")
 
     def _stop_on(self, host: SshHost, pattern: str) -> None:
         pids = host.check(stop_daemons_command(pattern), timeout=60).split()
@@ -413,7 +415,7 @@ class XenHostTarget(XenTarget):
             "host": str(self.spec),
             "hostname": info.get("host", ""),
             "driver": driver_build(),
-            "xen": {k: info[k] for k in xen_keys if k in info},
+            "xen": {k: info[k] for k in xen_keys if info.get(k)},
             "dom0": self._os_versions(dom0),
             "guests": [
                 {"name": g.name, "domid": g.domid, "address": g.ip, **self._os_versions(g.host())}
@@ -437,7 +439,7 @@ class XenHostTarget(XenTarget):
         if self._collected or self.dom0 is None or not self.dom0.connected:
             return
         guests = {g.name: g.ssh for g in self._guests if g.ssh is not None}
-        collect_logs(self.dom0, guests, self.artifacts, since=self._since)
+        collect_logs(self.dom0, guests, self.artifacts, self._cursors)
         self._collected = True
 
     def _stop(self) -> None:
@@ -446,7 +448,7 @@ class XenHostTarget(XenTarget):
         try:
             if self.dom0 is not None and self.dom0.connected:
                 with contextlib.suppress(HarnessError):
-                    self.clean_host()
+                    self.clean_host(whose="this run's")
                 with contextlib.suppress(HarnessError, OSError):
                     self._collect_dom0()
                 self._undo()
@@ -454,6 +456,7 @@ class XenHostTarget(XenTarget):
             super()._stop()
             self._created.clear()
             self._loaded_before.clear()
+            self._cursors.clear()
 
     def _undo(self) -> None:
         """Remove the directories and unload the modules this run added (best effort:
