@@ -376,6 +376,8 @@ class XenHostTarget(XenTarget):
                 )
                 if domid in listed:
                     self.say(f"detached the vTPM of domain {domid} ({whose})")
+        if listed and not dom0.run(f"xenstore-list {backends}")[1].split():
+            dom0.run(f"xenstore-rm {backends}")  # empty now: as before any vTPM was attached
 
     def _stop_on(self, host: SshHost, pattern: str) -> None:
         pids = host.check(stop_daemons_command(pattern), timeout=60).split()
