@@ -322,6 +322,8 @@ class XenHostTarget(XenTarget):
                     f"(running guests: {', '.join(running) or 'none'})",
                 )
             guest.domid = int(out.strip())
+            if guest.domid == 0:
+                raise TargetNotReady(f"guest {guest.name}", "that is dom0, not a guest")
             guest.ip = guest.given_address or self.lookup_address(guest)
             self.say(f"{guest.name}: domain {guest.domid}, ssh {guest.ip} through dom0")
             guest.ssh = SshHost(guest.name, guest.ip, 22, self.key, via=dom0, known_hosts=True)
