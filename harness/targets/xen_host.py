@@ -37,6 +37,7 @@ from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
 from harness.images import ROOT
 from harness.ssh import SshHost
+from harness.target import Capability
 from harness.targets import Progress
 from harness.targets.xen import REMOTE_PACKAGE_DIR, XenGuest, XenTarget
 from harness.targets.xen_driver import DOM0_MODULES, GUEST_MODULES, STATE_ROOT
@@ -243,7 +244,10 @@ class XenHostTarget(XenTarget):
     collection, with the machine replaced by an SSH login to the user's dom0."""
 
     name: ClassVar[str] = "xen-host"
-    CAPABILITIES: ClassVar[frozenset[str]] = XenTarget.CAPABILITIES
+    # Pinned, not XenTarget's: what disturbs the environment stays off on a user's host
+    # until reviewed there. REBOOT in particular must never be inherited: XenTarget's
+    # reboot is ``xl destroy`` + ``xl create`` from the harness's own guest template.
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset({Capability.MULTI_GUEST})
 
     def __init__(
         self,
