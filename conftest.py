@@ -1,4 +1,5 @@
-"""The fixtures every scenario uses, for every target (``--target sim|direct``).
+"""The fixtures every scenario uses, for every target (``--target sim|direct|xen`` or
+``--target ssh://root@HOST --host-guest NAME[=ADDRESS] ...``, an existing Xen host).
 
 Chain (STYLE.md 9): ``target`` (session: brought up once, down at the end) -> ``guests``
 / ``guest`` -> ``raw_tpm`` / ``esapi`` (per test). ``@pytest.mark.needs("cap", ...)``
@@ -42,9 +43,26 @@ _FAILED_KEY = pytest.StashKey[bool]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("xenvtpm")
     group.addoption(
-        "--target", default="sim", help=f"where guests run: {', '.join(TARGETS)} (default sim)"
+        "--target",
+        default="sim",
+        help=f"where guests run: {', '.join(TARGETS)}, or ssh://root@HOST[:PORT], an "
+        "existing Xen host (default sim)",
     )
     group.addoption("--guests", type=int, default=2, help="number of guests (default 2)")
+    group.addoption(
+        "--host-guest",
+        action="append",
+        default=[],
+        metavar="NAME[=ADDRESS]",
+        help="ssh:// targets: a running guest to use (xl domain name; ADDRESS: its SSH "
+        "address, reached through dom0; default: looked up); repeat for more guests",
+    )
+    group.addoption(
+        "--ssh-key",
+        default=None,
+        help="ssh:// targets: the private key for dom0 and the guests (default "
+        "$XENVTPM_SSH_KEY, else your default keys and agent)",
+    )
     group.addoption(
         "--attach",
         action="store_true",
@@ -64,11 +82,33 @@ def _terminate_as_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
+    """The guest count and the target's own options: an ``ssh://`` host's guests are
+    the ``--host-guest`` ones; other targets make ``--guests`` guests."""
+    if "://" not in config.getoption("--target"):
+        return config.getoption("--guests"), {}
+    from harness.targets.xen_host import HostSpec, parse_guests, resolve_key
+
+    HostSpec.parse(config.getoption("--target"))
+    resolve_key(config.getoption("--ssh-key"))
+    guests = parse_guests(config.getoption("--host-guest"))
+    options = {
+        "host_guests": config.getoption("--host-guest"),
+        "ssh_key": config.getoption("--ssh-key"),
+    }
+    return len(guests), options
+
+
 def pytest_configure(config: pytest.Config) -> None:
     try:
         target_class(config.getoption("--target"))
     except ValueError as e:
         raise pytest.UsageError(f"--target: {e}") from e
+    if not config.getoption("--attach"):
+        try:
+            _target_setup(config)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from e
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     for name, text in MARKERS.items():
@@ -96,7 +136,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         caps = AttachedTarget.capabilities_for(record)
     else:
         name = config.getoption("--target")
-        caps = capabilities_of(name, config.getoption("--guests"))
+        caps = capabilities_of(name, _target_setup(config)[0])
     for item in items:
         for mark in item.iter_markers("needs"):
             for cap in mark.args:
@@ -149,8 +189,9 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         tgt = AttachedTarget(_attached_record(config), say)
         say(f"attaching to the running {tgt.name} environment in {tgt.run_dir}")
     else:
-        tgt = make_target(config.getoption("--target"), config.getoption("--guests"), None, say)
-        say(f"bringing up target {tgt.name} with {config.getoption('--guests')} guests")
+        count, options = _target_setup(config)
+        tgt = make_target(config.getoption("--target"), count, None, say, **options)
+        say(f"bringing up target {tgt.name} with {count} guests")
     t0 = time.monotonic()
     config.stash[_TARGET_KEY] = tgt
     failed = True

@@ -1,4 +1,5 @@
-"""Every entry point a user runs: ``nox -s tests``, ``nox -s sim``, ``nox -s lint``.
+"""Every entry point a user runs: ``nox -s tests``, ``nox -s sim``, ``nox -s lint``;
+``nox -s xen`` (Xen under QEMU) and ``nox -s certify -- root@HOST`` (a real Xen host).
 
 Sessions install what they need themselves: Debian packages with apt-get when run as
 root (otherwise they print the exact command and stop), PyPI packages into nox's venv.
@@ -164,6 +165,52 @@ def xen(session: nox.Session) -> None:
             for pid in left:
                 os.kill(pid, 9)
             session.error(f"QEMU left running after the suite (killed): pids {sorted(left)}")
+
+
+@nox.session
+def certify(session: nox.Session) -> None:
+    """A real Xen host: the xen scenarios on an existing host, and a report of it.
+
+    ``nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] [...] [--ssh-key KEY]
+    [pytest args]``. Writes artifacts/certify/junit.xml and report.md (driver commit,
+    Xen, dom0 and guest versions, each scenario's result); the host's logs go to
+    artifacts/certify/host/. See README, "Certifying a real Xen host".
+    """
+    if not session.posargs or session.posargs[0].startswith("-"):
+        session.error(
+            "usage: nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] "
+            "[--host-guest ...] [--ssh-key KEY] [pytest args]"
+        )
+    host, rest = session.posargs[0], session.posargs[1:]
+    url = host if host.startswith("ssh://") else f"ssh://{host}"
+    install_harness(session, *XEN_PYTHON)
+    out = ARTIFACTS / "certify"
+    for stale in ("junit.xml", "report.md", "host/versions.json"):
+        (out / stale).unlink(missing_ok=True)
+    junit, report = out / "junit.xml", out / "report.md"
+    try:
+        session.run(
+            "pytest",
+            "scenarios",
+            f"--target={url}",
+            f"--junitxml={junit}",
+            f"--artifacts={out}",
+            "-o",
+            "junit_suite_name=xenvtpm-certify",
+            *rest,
+            env={"XENVTPM_ARTIFACTS": str(out / "host")},
+        )
+    finally:
+        session.run(
+            "python",
+            "-m",
+            "harness.certify_report",
+            f"--junit={junit}",
+            f"--versions={out / 'host' / 'versions.json'}",
+            f"--out={report}",
+            f"--host={url.removeprefix('ssh://')}",
+            success_codes=[0, 1],
+        )
 
 
 @nox.session

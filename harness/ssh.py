@@ -60,17 +60,23 @@ class SshHost(Closeable):
         name: str,
         host: str,
         port: int,
-        key_path: Path,
+        key_path: Path | None,
         *,
         via: SshHost | None = None,
         user: str = "root",
+        known_hosts: bool = False,
     ) -> None:
+        """``key_path`` None: the user's default keys and agent (a real host); otherwise
+        only that key. ``known_hosts`` (a real host, already up): check the host key
+        against the user's known_hosts, and fail at once on a changed key or a refused
+        login; a host not in known_hosts is accepted either way."""
         self.name = name
         self.host = host
         self.port = port
         self.key_path = key_path
         self.via = via
         self.user = user
+        self.known_hosts = known_hosts
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self.log = log.getChild(name)
@@ -92,19 +98,23 @@ class SshHost(Closeable):
                 "direct-tcpip", (self.host, self.port), ("127.0.0.1", 0), timeout=timeout
             )
         client = paramiko.SSHClient()
+        if self.known_hosts:
+            with contextlib.suppress(OSError):
+                client.load_system_host_keys()
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # throw-away VMs
+        default_keys = self.key_path is None
         try:
             client.connect(
                 self.host,
                 self.port,
                 username=self.user,
-                key_filename=str(self.key_path),
+                key_filename=None if default_keys else str(self.key_path),
                 sock=sock,
                 timeout=timeout,
                 banner_timeout=timeout,
                 auth_timeout=timeout,
-                allow_agent=False,
-                look_for_keys=False,
+                allow_agent=default_keys,
+                look_for_keys=default_keys,
             )
         except BaseException:
             client.close()
@@ -124,6 +134,10 @@ class SshHost(Closeable):
             try:
                 self._client = self._connect_once(min(CONNECT_TIMEOUT, max(deadline.remaining, 1)))
             except (paramiko.SSHException, OSError, EOFError) as e:
+                if self._fatal(e):
+                    raise TargetNotReady(  # retrying cannot help
+                        f"ssh to {self.name} ({self.user}@{self.host}:{self.port})", repr(e)
+                    ) from e
                 last = e
                 self.log.debug("ssh %s:%d not ready: %s", self.host, self.port, e)
                 if deadline.expired:
@@ -134,6 +148,17 @@ class SshHost(Closeable):
                 time.sleep(min(1.0, deadline.remaining))
         del last
         return self
+
+    def _fatal(self, error: BaseException) -> bool:
+        """On a host that is already up (``known_hosts``), a changed host key or a refused
+        key will not change by retrying; while a VM boots, only a changed key is final."""
+        if isinstance(error, paramiko.BadHostKeyException):
+            return True
+        return (
+            self.known_hosts
+            and isinstance(error, paramiko.AuthenticationException)
+            and "timeout" not in str(error)
+        )
 
     def client(self) -> paramiko.SSHClient:
         if not self.connected or self._client is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,31 @@ from harness.ssh import SshHost
 REMOTE_LOG_DIR = "/var/log/xenvtpm"  # where the driver daemons log in every domain
 
 
-def collect_logs(dom0: SshHost, guests: dict[str, SshHost], artifacts: Path) -> None:
-    """Copy the logs of a running machine into ``artifacts`` (best effort, bounded)."""
+JOURNAL_CURSOR = "journalctl -n 0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p'"
+
+
+def journal_command(cursor: str | None = None) -> str:
+    """This boot's journal, or only what follows ``cursor`` (from ``JOURNAL_CURSOR``: a
+    cursor, unlike ``--since``, survives the clock jump of a restored machine)."""
+    after = f" --after-cursor={shlex.quote(cursor)}" if cursor else ""
+    return f"journalctl -b --no-pager{after}"
+
+
+def collect_logs(
+    dom0: SshHost,
+    guests: dict[str, SshHost],
+    artifacts: Path,
+    cursors: Mapping[str, str] | None = None,
+) -> None:
+    """Copy the logs of a running machine into ``artifacts`` (best effort, bounded).
+
+    ``cursors`` (by host name: dom0 and guest names) limits each journal to this run: on
+    a long-running host the whole boot's journal is neither small nor ours.
+    """
+    cursors = cursors or {}
     commands = {
         "dom0-dmesg.log": "dmesg",
-        "dom0-journal.log": "journalctl -b --no-pager",
+        "dom0-journal.log": journal_command(cursors.get("dom0")),
         "xen-dmesg.log": "xl dmesg",
         "xl-list.log": "xl list -l",
     }
@@ -40,7 +61,7 @@ def collect_logs(dom0: SshHost, guests: dict[str, SshHost], artifacts: Path) -> 
         if not host.connected:
             continue
         with contextlib.suppress(HarnessError):
-            _, out, err = host.run("journalctl -b --no-pager", timeout=30)
+            _, out, err = host.run(journal_command(cursors.get(name)), timeout=30)
             (artifacts / f"{name}-journal.log").write_text(out + err)
         with contextlib.suppress(HarnessError, OSError):
             _fetch_tree(host, REMOTE_LOG_DIR, artifacts / f"{name}-daemons")

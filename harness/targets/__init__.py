@@ -22,15 +22,18 @@ REGISTRY: dict[str, str] = {
     "sim": "harness.targets.sim:SimTarget",
     "direct": "harness.targets.direct:DirectTarget",
     "xen": "harness.targets.xen:XenTarget",  # Xen 4.17 + dom0 under QEMU, PV guests (xl)
+    "ssh": "harness.targets.xen_host:XenHostTarget",  # ssh://root@HOST: an existing Xen host
 }
-TARGETS = tuple(REGISTRY)
+SCHEMES = frozenset({"ssh"})  # used as ``ssh://...``: the rest of the name says where
+TARGETS = tuple(n for n in REGISTRY if n not in SCHEMES)  # names usable as they are
 
 
 def target_class(name: str) -> Any:
     """The class implementing target ``name`` (ValueError naming the known ones)."""
     key = name.split("://", 1)[0] if "://" in name else name
-    if key not in REGISTRY:
-        raise ValueError(f"unknown target {name!r}; known: {', '.join(REGISTRY)}")
+    if key not in REGISTRY or (key in SCHEMES) != ("://" in name):
+        known = [*TARGETS, *(f"{s}://..." for s in sorted(SCHEMES))]
+        raise ValueError(f"unknown target {name!r}; known: {', '.join(known)}")
     module, cls = REGISTRY[key].split(":")
     return getattr(importlib.import_module(module), cls)
 
@@ -41,9 +44,16 @@ def make_target(
     run_dir: Path | None = None,
     progress: Progress | None = None,
     detached: bool = False,
+    **options: Any,
 ) -> Target:
-    """Build (not start) the target called ``name``; ``detached`` ones outlive us."""
-    target: Target = target_class(name)(guests, run_dir, progress, detached)
+    """Build (not start) the target called ``name``; ``detached`` ones outlive us.
+
+    A target named by a URL (``ssh://root@HOST``) gets it as ``url=``; ``options`` are
+    that target's own settings (e.g. ``host_guests``, ``ssh_key``).
+    """
+    if "://" in name:
+        options = {"url": name, **options}
+    target: Target = target_class(name)(guests, run_dir, progress, detached, **options)
     return target
 
 

@@ -1,0 +1,216 @@
+"""The certification report of a real Xen host: JUnit + versions -> a short markdown.
+
+``nox -s certify`` runs the scenarios on ``--target ssh://root@HOST`` with
+``--junitxml``; the target writes ``versions.json`` (driver build, Xen, dom0 and guest
+versions, ``harness.targets.xen_host``). This module only reads those two files and
+renders; it touches no host, so it is tested by feeding it files.
+
+    python -m harness.certify_report --junit J --versions V --out report.md [--host H]
+
+Spec: pytest's JUnit XML (``testsuite``/``testcase`` with ``failure``, ``error``,
+``skipped``; an xfail is ``skipped type="pytest.xfail"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed")
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """One testcase of the JUnit file."""
+
+    classname: str
+    name: str
+    outcome: str  # one of OUTCOMES
+    duration: float
+    message: str = ""
+
+    @property
+    def scenario(self) -> str:
+        return f"{self.classname}::{self.name}" if self.classname else self.name
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Every testcase, in order, and the run's wall time and start (from the file)."""
+
+    cases: tuple[CaseResult, ...]
+    time: float
+    timestamp: str
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(OUTCOMES, 0)
+        for case in self.cases:
+            out[case.outcome] += 1
+        return out
+
+    @property
+    def ok(self) -> bool:
+        counts = self.counts()
+        return counts["failed"] == 0 and counts["error"] == 0 and counts["passed"] > 0
+
+
+def _outcome(case: ET.Element) -> tuple[str, str]:
+    for kind in ("failure", "error"):
+        child = case.find(kind)
+        if child is not None:
+            outcome = "failed" if kind == "failure" else "error"
+            return outcome, child.get("message") or (child.text or "").strip()
+    skipped = case.find("skipped")
+    if skipped is not None:
+        kind = "xfailed" if skipped.get("type") == "pytest.xfail" else "skipped"
+        return kind, skipped.get("message") or ""
+    return "passed", ""
+
+
+def parse_junit(text: str | bytes) -> Suite:
+    """pytest's JUnit XML (one or more ``testsuite``), as values."""
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:
+        raise ValueError(f"not a JUnit XML file: {e}") from e
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    cases: list[CaseResult] = []
+    total, timestamp = 0.0, ""
+    for suite in suites:
+        total += float(suite.get("time") or 0.0)
+        timestamp = timestamp or suite.get("timestamp", "")
+        for case in suite.iter("testcase"):
+            outcome, message = _outcome(case)
+            cases.append(
+                CaseResult(
+                    case.get("classname", ""),
+                    case.get("name", "?"),
+                    outcome,
+                    float(case.get("time") or 0.0),
+                    message,
+                )
+            )
+    if not total:
+        total = sum(c.duration for c in cases)
+    return Suite(tuple(cases), total, timestamp)
+
+
+def _cell(text: Any) -> str:
+    """A markdown table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _driver(versions: Mapping[str, Any]) -> str:
+    driver = versions.get("driver") or {}
+    commit = driver.get("commit", "unknown")
+    if driver.get("dirty"):
+        state = f"dirty tree: {driver.get('changed_files', '?')} changed files not committed"
+    else:
+        state = "clean tree"
+    describe = driver.get("describe")
+    return f"`{commit}`" + (f" ({describe}, {state})" if describe else f" ({state})")
+
+
+def _xen(versions: Mapping[str, Any]) -> str:
+    xen = versions.get("xen") or {}
+    if not xen:
+        return "unknown"
+    numbers = f"{xen.get('xen_major', '?')}.{xen.get('xen_minor', '?')}{xen.get('xen_extra', '')}"
+    shown = xen.get("xen_version") or numbers
+    parts = [f"xen_major {xen.get('xen_major', '?')}", f"xen_minor {xen.get('xen_minor', '?')}"]
+    parts.append(f"xen_extra {xen.get('xen_extra', '?')}")
+    if xen.get("xen_changeset"):
+        parts.append(f"changeset {xen['xen_changeset']}")
+    return f"{shown} ({', '.join(parts)})"
+
+
+def _system(info: Mapping[str, Any]) -> str:
+    text = f"kernel {info.get('kernel') or '?'}"
+    if info.get("debian"):
+        text += f", Debian {info['debian']}"
+    if info.get("os"):
+        text += f" ({info['os']})"
+    return text
+
+
+def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> str:
+    """The report: what was tested (build, versions), every scenario, the totals."""
+    host = host or str(versions.get("host", "")) or "unknown host"
+    lines = [f"# xenvtpm certification: {host}", ""]
+    if suite is None:
+        verdict = "**NO RESULTS** (pytest wrote no JUnit file: it did not run)"
+    else:
+        verdict = "**PASSED**" if suite.ok else "**FAILED**"
+        counts = suite.counts()
+        shown = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("passed", "failed"))
+        verdict += f": {shown}; {len(suite.cases)} scenarios in {suite.time:.1f} s"
+    lines += [f"Result: {verdict}", ""]
+    if suite is not None and suite.timestamp:
+        lines += [f"Run started {suite.timestamp}.", ""]
+    lines += ["| what | version |", "|---|---|"]
+    rows: list[tuple[str, str]] = [("driver build (git)", _driver(versions))]
+    if versions.get("hostname"):
+        rows.append(("host", str(versions["hostname"])))
+    rows += [("Xen", _xen(versions)), ("dom0", _system(versions.get("dom0") or {}))]
+    for guest in versions.get("guests") or []:
+        where = f"domain {guest.get('domid', '?')}, {guest.get('address', '?')}"
+        rows.append((f"guest {guest.get('name', '?')} ({where})", _system(guest)))
+    if not versions:
+        rows.append(("versions", "not recorded (the target did not reach the host)"))
+    lines += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows]
+    if suite is None:
+        return "\n".join(lines) + "\n"
+    lines += ["", "## Scenarios", "", "| scenario | outcome | time (s) |", "|---|---|---:|"]
+    lines += [f"| {_cell(c.scenario)} | {c.outcome} | {c.duration:.2f} |" for c in suite.cases]
+    counts = suite.counts()
+    lines += ["", "Totals: " + ", ".join(f"{n} {k}" for k, n in counts.items())]
+    lines[-1] += f"; {len(suite.cases)} scenarios, {suite.time:.1f} s."
+    problems = [c for c in suite.cases if c.outcome in ("failed", "error")]
+    if problems:
+        lines += ["", "## Failures", ""]
+        lines += [
+            f"- `{c.scenario}` ({c.outcome}): {_cell(_first_line(c.message))}" for c in problems
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(junit: Path, versions: Path, out: Path, host: str = "") -> Suite | None:
+    """Read the files (either may be missing after a failed run), write ``out``."""
+    suite = parse_junit(junit.read_bytes()) if junit.exists() else None
+    try:
+        data: dict[str, Any] = json.loads(versions.read_text())
+    except (OSError, ValueError):
+        data = {}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render(data, suite, host))
+    return suite
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m harness.certify_report", description=__doc__)
+    p.add_argument("--junit", type=Path, required=True)
+    p.add_argument("--versions", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--host", default="", help="shown in the title (default: from versions)")
+    args = p.parse_args(argv)
+    suite = write_report(args.junit, args.versions, args.out, args.host)
+    print(
+        f"certify: report in {args.out}"
+        + ("" if suite is None else f" ({len(suite.cases)} scenarios)")
+    )
+    return 0 if suite is not None and suite.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

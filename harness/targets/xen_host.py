@@ -1,0 +1,504 @@
+"""``--target ssh://root@HOST[:PORT]``: the xen target's deploy and scenarios on an
+existing Xen host that the user names (issue 4, item 7). Nothing is booted.
+
+Bring-up walks off -> ready (STYLE.md 9):
+
+    dom0      SSH to HOST (key: ``--ssh-key`` / ``$XENVTPM_SSH_KEY``, else the user's
+              default keys and agent; host key checked against known_hosts)
+    check     dom0 has xl, a running Xen, python3 >= 3.11, swtpm, Xen's libraries
+    guests    each ``--host-guest NAME[=ADDRESS]``: ``xl domid NAME``, its SSH address
+              (given, or from xenstore / dom0's neighbour table), SSH through dom0
+    clean     stop xenvtpm daemons an earlier run left, detach its vTPMs (idempotent)
+    check     each guest has python3 >= 3.11, tpm_vtpm_proxy, Xen's libraries, no TPM
+    deploy    ``XenTarget.start_driver``, unchanged
+
+``close`` stops the daemons it started, detaches the vTPMs, collects the logs into
+``artifacts/xen-host/`` (``$XENVTPM_ARTIFACTS``) and removes the directories and unloads
+the modules this run added, so the host is left as it was found. ``versions.json`` in
+the artifacts records the driver build and the Xen, dom0 and guest versions (for
+``harness.certify_report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from harness.deadline import Deadline
+from harness.errors import HarnessError, TargetNotReady
+from harness.images import ROOT
+from harness.ssh import SshHost
+from harness.target import Capability
+from harness.targets import Progress
+from harness.targets.xen import REMOTE_PACKAGE_DIR, XenGuest, XenTarget
+from harness.targets.xen_driver import DOM0_MODULES, GUEST_MODULES, STATE_ROOT
+from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR, collect_logs
+
+SSH_KEY_ENV = "XENVTPM_SSH_KEY"
+CONNECT_TIMEOUT = 60.0  # the host is up already: a login that takes longer will not come
+VERSIONS_FILE = "versions.json"
+XEN_LIBS = ("libxenstore.so.4", "libxengnttab.so.1", "libxenevtchn.so.1")
+# The daemons and tools this driver runs, and nothing else: ``python3 -m xenvtpm ...``
+# (start_daemon's and the relay's command line after exec), and swtpm under STATE_ROOT.
+DAEMON_PATTERN = "^python3 -m xenvtpm( |$)"
+SWTPM_PATTERN = f"^[^ ]*swtpm .*{STATE_ROOT}/"
+# What this run may create in a domain, removed on close unless it was there before.
+DOM0_PATHS = (REMOTE_PACKAGE_DIR, REMOTE_LOG_DIR, "/run/xenvtpm", STATE_ROOT)
+GUEST_PATHS = (REMOTE_PACKAGE_DIR, REMOTE_LOG_DIR)
+USAGE = "--target ssh://USER@HOST[:PORT] --host-guest NAME[=ADDRESS] [--host-guest ...]"
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """``ssh://USER@HOST[:PORT]`` (the scheme and user are optional; user root)."""
+
+    user: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> HostSpec:
+        rest = url.removeprefix("ssh://").rstrip("/")
+        user, _, hostport = rest.rpartition("@")
+        m = re.fullmatch(
+            r"\[(?P<v6>[^\]]+)\](?::(?P<p6>\d+))?|(?P<h>[^:/@]+)(?::(?P<p>\d+))?", hostport
+        )
+        if m is None or not hostport:
+            raise ValueError(f"not an SSH address {url!r}: expected ssh://USER@HOST[:PORT]")
+        host = m["v6"] or m["h"]
+        port = int(m["p6"] or m["p"] or 22)
+        return cls(user or "root", host, port)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}" + (f":{self.port}" if self.port != 22 else "")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """``--host-guest NAME[=ADDRESS]``: an xl domain name and its SSH address, if given."""
+
+    name: str
+    address: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> GuestSpec:
+        name, sep, address = text.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or (sep and not address):
+            raise ValueError(f"--host-guest {text!r}: expected NAME[=ADDRESS] (an xl domain name)")
+        return cls(name, address or None)
+
+
+def parse_guests(texts: Sequence[str]) -> list[GuestSpec]:
+    specs = [GuestSpec.parse(t) for t in texts]
+    if not specs:
+        raise ValueError(
+            f"name the guests to test on the host: {USAGE} "
+            "(running Linux guests with python3 and tpm_vtpm_proxy; `xl list` in dom0)"
+        )
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--host-guest names a guest twice: {', '.join(names)}")
+    return specs
+
+
+def resolve_key(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """``--ssh-key``, else ``$XENVTPM_SSH_KEY``, else None (default keys and agent)."""
+    chosen = explicit or os.environ.get(SSH_KEY_ENV) or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_file():
+        raise ValueError(f"SSH key {path} does not exist")
+    return path
+
+
+def parse_xl_info(text: str) -> dict[str, str]:
+    """``xl info``'s ``key : value`` lines."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and " " not in key.strip():
+            out[key.strip()] = value.strip()
+    return out
+
+
+def parse_macs(network_list: str) -> list[str]:
+    """The MAC addresses in ``xl network-list NAME`` (lower case)."""
+    return [
+        m.lower() for m in re.findall(r"\b(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\b", network_list)
+    ]
+
+
+def address_from_neighbours(neighbours: str, macs: Sequence[str]) -> str | None:
+    """The IPv4 address ``ip neigh show`` in dom0 gives for one of ``macs`` (else IPv6)."""
+    found: list[str] = []
+    for line in neighbours.splitlines():
+        words = line.split()
+        mac = words[words.index("lladdr") + 1].lower() if "lladdr" in words[:-1] else None
+        if mac in macs and "FAILED" not in words:
+            found.append(words[0])
+    v4 = [a for a in found if ":" not in a]
+    return next(iter(v4 or found), None)
+
+
+def driver_build(root: Path = ROOT) -> dict[str, Any]:
+    """The git commit of the driver being deployed, and whether the tree had changes."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown (not a git checkout)",
+        "describe": git("describe", "--always", "--dirty"),
+        "dirty": bool(changed),
+        "changed_files": len(changed),
+    }
+
+
+def missing(host: SshHost, checks: Sequence[tuple[str, str]], timeout: float = 60.0) -> list[str]:
+    """Run every check (a shell test) in one command; the descriptions of those failing."""
+    script = "; ".join(
+        f"( {test} ) >/dev/null 2>&1 || echo {shlex.quote(what)}" for test, what in checks
+    )
+    return host.check(script, timeout).splitlines()
+
+
+def _python_checks() -> list[tuple[str, str]]:
+    libs = ", ".join(XEN_LIBS)
+    load = f"import ctypes; [ctypes.CDLL(n) for n in {XEN_LIBS!r}]"
+    return [
+        ("command -v python3", "python3"),
+        (
+            "python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'",
+            "python3 >= 3.11 (the driver needs 3.11)",
+        ),
+        (f"python3 -c {shlex.quote(load)}", f"Xen's libraries {libs} (Debian: libxenstore4, "
+         "libxengnttab1, libxenevtchn1)"),
+        ('[ "$(id -u)" = 0 ]', "a root login (the driver needs root)"),
+    ]  # fmt: skip
+
+
+def _module_checks(modules: Sequence[str]) -> list[tuple[str, str]]:
+    return [(f"modprobe -n -q {m}", f"kernel module {m}") for m in modules]
+
+
+DOM0_CHECKS: list[tuple[str, str]] = [
+    ("command -v xl", "xl (Debian: xen-utils)"),
+    ("xl info", "a running Xen (`xl info` fails: is this dom0?)"),
+    ("command -v swtpm && command -v swtpm_setup", "swtpm, swtpm_setup (Debian: swtpm-tools)"),
+    (
+        "command -v xenstore-list && command -v xenstore-rm",
+        "xenstore-list, xenstore-rm (Debian: xenstore-utils)",
+    ),
+    *_python_checks(),
+    *_module_checks(DOM0_MODULES),
+]
+GUEST_CHECKS: list[tuple[str, str]] = [*_python_checks(), *_module_checks(GUEST_MODULES)]
+
+
+def stop_daemons_command(pattern: str, grace: float = 10.0) -> str:
+    """Shell: SIGTERM the processes matching ``pattern`` (pgrep -f), wait, then SIGKILL;
+    print the pids found. Anchored patterns never match this shell itself."""
+    p = shlex.quote(pattern)
+    rounds = int(grace / 0.25)
+    return (
+        f'pids=$(pgrep -f {p}); [ -z "$pids" ] && exit 0; echo $pids; kill $pids; '
+        f"i=0; while [ $i -lt {rounds} ] && pgrep -f {p} >/dev/null; do sleep 0.25; "
+        f'i=$((i+1)); done; left=$(pgrep -f {p}); [ -n "$left" ] && kill -9 $left; true'
+    )
+
+
+class HostGuest(XenGuest):
+    """A guest that already runs on the host: its xl name, and the SSH address to reach
+    it through dom0 (given or looked up at start)."""
+
+    def __init__(self, index: int, target: XenHostTarget, spec: GuestSpec) -> None:
+        super().__init__(index, target)
+        self.name = spec.name
+        self.given_address = spec.address
+        self.ip = spec.address or ""
+        self.mac = ""
+        self.disk = ""
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | {"transport": "xen-host-ssh"}
+
+    def __repr__(self) -> str:
+        return f"HostGuest({self.name}, domid={self.domid}, address={self.ip or '?'})"
+
+
+class XenHostTarget(XenTarget):
+    """The xen target on an existing Xen host: XenTarget's deploy, daemons and log
+    collection, with the machine replaced by an SSH login to the user's dom0."""
+
+    name: ClassVar[str] = "xen-host"
+    # Pinned, not XenTarget's: what disturbs the environment stays off on a user's host
+    # until reviewed there. REBOOT in particular must never be inherited: XenTarget's
+    # reboot is ``xl destroy`` + ``xl create`` from the harness's own guest template.
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset({Capability.MULTI_GUEST})
+
+    def __init__(
+        self,
+        guests: int = 0,
+        run_dir: Path | None = None,
+        progress: Progress | None = None,
+        detached: bool = False,
+        *,
+        url: str,
+        host_guests: Sequence[str] = (),
+        ssh_key: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """``guests`` is ignored: the guests are the ``host_guests`` the user named."""
+        self.spec = HostSpec.parse(url)
+        specs = parse_guests(host_guests)
+        self.key = resolve_key(ssh_key)
+        super().__init__(len(specs), run_dir, progress, detached)
+        explicit = os.environ.get("XENVTPM_ARTIFACTS")
+        self.artifacts = Path(explicit) if explicit else ROOT / "artifacts" / "xen-host"
+        self._host_guest_list = [HostGuest(i, self, s) for i, s in enumerate(specs)]
+        self._guests = list(self._host_guest_list)
+        self.versions: dict[str, Any] = {}
+        self._collected = False
+        # Per domain: the paths this run created and the modules it loaded (to undo).
+        self._created: dict[str, list[str]] = {}
+        self._loaded_before: dict[str, set[str]] = {}
+        self._cursors: dict[str, str] = {}  # journal cursors: collect this run's entries
+
+    @property
+    def guests(self) -> Sequence[HostGuest]:
+        return list(self._host_guest_list)
+
+    def _host_guests(self) -> list[HostGuest]:
+        return self._host_guest_list
+
+    # -- bring-up ------------------------------------------------------------------------
+    def _start(self) -> None:
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        (self.artifacts / VERSIONS_FILE).unlink(missing_ok=True)
+        self._collected = False
+        t0 = time.monotonic()
+        self.connect_host()
+        self.find_guests()
+        self.clean_host()
+        self.check_guests()
+        self.record_before()
+        self.record_versions()
+        self.timings["host_checks_s"] = round(time.monotonic() - t0, 1)
+        self.start_driver()
+        self.say(
+            f"{self.spec} ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
+        )
+
+    def connect_host(self) -> None:
+        """Log in to dom0 and check that it can run the driver's dom0 half."""
+        self.say(f"connecting to dom0 {self.spec}" + (f" with key {self.key}" if self.key else ""))
+        self.dom0 = SshHost(
+            "dom0", self.spec.host, self.spec.port, self.key, user=self.spec.user, known_hosts=True
+        )
+        self.dom0.connect(Deadline(CONNECT_TIMEOUT))
+        self._cursors["dom0"] = self.dom0.run(JOURNAL_CURSOR)[1].strip()
+        lacking = missing(self.dom0, DOM0_CHECKS)
+        if lacking:
+            raise TargetNotReady(f"dom0 {self.spec}", "it lacks: " + "; ".join(lacking))
+
+    def find_guests(self) -> None:
+        """Each named guest's domid and SSH address; then a login through dom0."""
+        dom0 = self._dom0()
+        for guest in self._host_guests():
+            rc, out, _ = dom0.run(f"xl domid {shlex.quote(guest.name)}")
+            if rc != 0:
+                running = dom0.run("xl list | awk 'NR>1 && $2 != 0 {print $1}'")[1].split()
+                raise TargetNotReady(
+                    f"guest {guest.name}",
+                    f"no running domain {guest.name!r} on {self.spec} "
+                    f"(running guests: {', '.join(running) or 'none'})",
+                )
+            guest.domid = int(out.strip())
+            if guest.domid == 0:
+                raise TargetNotReady(f"guest {guest.name}", "that is dom0, not a guest")
+            guest.ip = guest.given_address or self.lookup_address(guest)
+            self.say(f"{guest.name}: domain {guest.domid}, ssh {guest.ip} through dom0")
+            guest.ssh = SshHost(guest.name, guest.ip, 22, self.key, via=dom0, known_hosts=True)
+            try:
+                guest.ssh.connect(Deadline(CONNECT_TIMEOUT))
+            except TargetNotReady as e:
+                raise TargetNotReady(
+                    f"guest {guest.name}",
+                    f"no root login at {guest.ip} through dom0 ({e}); give the right address "
+                    f"with --host-guest {guest.name}=ADDRESS",
+                ) from e
+            self._cursors[guest.name] = guest.ssh.run(JOURNAL_CURSOR)[1].strip()
+
+    def lookup_address(self, guest: HostGuest) -> str:
+        """The guest's address from xenstore (``attr/vif/0/ipv4/0``, written by guest
+        agents), else the dom0 neighbour entry of one of its MACs (``xl network-list``)."""
+        dom0 = self._dom0()
+        rc, out, _ = dom0.run(f"xenstore-read /local/domain/{guest.domid}/attr/vif/0/ipv4/0")
+        if rc == 0 and out.strip():
+            return out.strip()
+        macs = parse_macs(dom0.run(f"xl network-list {shlex.quote(guest.name)}")[1])
+        found = address_from_neighbours(dom0.run("ip neigh show")[1], macs) if macs else None
+        if found is None:
+            raise TargetNotReady(
+                f"guest {guest.name}",
+                "cannot find its SSH address (no attr/vif/0/ipv4/0 in its xenstore, MAC "
+                f"{', '.join(macs) or 'none'} not in dom0's `ip neigh`): give it as "
+                f"--host-guest {guest.name}=ADDRESS",
+            )
+        return found
+
+    def clean_host(self, whose: str = "left by an earlier run") -> None:
+        """Stop every xenvtpm daemon (guests first, then dom0's backend and manager, then
+        any swtpm of the manager's) and detach the vTPMs of the named guests and of
+        domains that no longer exist. Run before deploying and on close; idempotent."""
+        dom0 = self._dom0()
+        for guest in self._host_guests():
+            if guest.ssh is not None and guest.ssh.connected:
+                self._stop_on(guest.ssh, DAEMON_PATTERN)
+        self._stop_on(dom0, DAEMON_PATTERN)
+        self._stop_on(dom0, SWTPM_PATTERN)
+        backends = "/local/domain/0/backend/vtpm"
+        rc, out, _ = dom0.run(f"xenstore-list {backends}")
+        listed = {int(d) for d in out.split() if d.isdigit()} if rc == 0 else set()
+        ours = {g.domid for g in self._host_guests() if g.domid is not None}
+        for domid in sorted(listed | ours):
+            alive = dom0.run(f"xenstore-read /local/domain/{domid}/domid")[0] == 0
+            if domid in ours or not alive:
+                dom0.run(
+                    f"xenstore-rm {backends}/{domid}; "
+                    f"xenstore-rm /local/domain/{domid}/device/vtpm 2>/dev/null; true"
+                )
+                if domid in listed:
+                    self.say(f"detached the vTPM of domain {domid} ({whose})")
+        if listed and not dom0.run(f"xenstore-list {backends}")[1].split():
+            dom0.run(f"xenstore-rm {backends}")  # empty now: as before any vTPM was attached
+
+    def _stop_on(self, host: SshHost, pattern: str) -> None:
+        pids = host.check(stop_daemons_command(pattern), timeout=60).split()
+        if pids:
+            self.say(
+                f"{host.name}: stopped {len(pids)} xenvtpm process(es) (pids {' '.join(pids)})"
+            )
+
+    def check_guests(self) -> None:
+        """Every guest can run the frontend and has no TPM of its own (else the scenarios
+        would test that one); everything missing is reported at once."""
+        problems = []
+        for guest in self._host_guests():
+            lacking = missing(guest.host(), GUEST_CHECKS)
+            gone = "i=0; while [ -e /dev/tpm0 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done"
+            if guest.host().run(f"{gone}; test -e /dev/tpm0", timeout=30)[0] == 0:
+                lacking.append("no /dev/tpm0 of its own (it has a TPM already: detach it)")
+            if lacking:
+                problems.append(f"{guest.name} lacks: " + "; ".join(lacking))
+        if problems:
+            raise TargetNotReady(f"guests on {self.spec}", "\n".join(problems))
+
+    def record_before(self) -> None:
+        """Which of the paths this run creates, and which modules, exist already."""
+        for name, host in self.hosts().items():
+            paths = DOM0_PATHS if name == "dom0" else GUEST_PATHS
+            script = "; ".join(f"[ -e {p} ] || echo {p}" for p in paths)
+            self._created[name] = host.check(script).split()
+            self._loaded_before[name] = set(host.check("cut -d' ' -f1 /proc/modules").split())
+
+    def record_versions(self) -> None:
+        """Driver build, Xen, dom0 and guest versions -> ``versions.json``, describe()."""
+        dom0 = self._dom0()
+        info = parse_xl_info(dom0.check("xl info"))
+        xen_keys = ("xen_major", "xen_minor", "xen_extra", "xen_version", "xen_changeset")
+        self.versions = {
+            "host": str(self.spec),
+            "hostname": info.get("host", ""),
+            "driver": driver_build(),
+            "xen": {k: info[k] for k in xen_keys if info.get(k)},
+            "dom0": self._os_versions(dom0),
+            "guests": [
+                {"name": g.name, "domid": g.domid, "address": g.ip, **self._os_versions(g.host())}
+                for g in self._host_guests()
+            ],
+        }
+        (self.artifacts / VERSIONS_FILE).write_text(json.dumps(self.versions, indent=2) + "\n")
+
+    @staticmethod
+    def _os_versions(host: SshHost) -> dict[str, str]:
+        script = (
+            "uname -r; cat /etc/debian_version 2>/dev/null || echo; "
+            '(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME") || echo'
+        )
+        lines = [*host.check(script).splitlines(), "", "", ""][:3]
+        return {"kernel": lines[0].strip(), "debian": lines[1].strip(), "os": lines[2].strip()}
+
+    # -- teardown ------------------------------------------------------------------------
+    def _collect_dom0(self) -> None:
+        """XenTarget's log collection, once per run, limited to this run's journal."""
+        if self._collected or self.dom0 is None or not self.dom0.connected:
+            return
+        guests = {g.name: g.ssh for g in self._guests if g.ssh is not None}
+        collect_logs(self.dom0, guests, self.artifacts, self._cursors)
+        self._collected = True
+
+    def _stop(self) -> None:
+        """Stop and detach, collect the logs, undo what this run added; then XenTarget
+        closes the logins (it has no machine to stop)."""
+        try:
+            if self.dom0 is not None and self.dom0.connected:
+                with contextlib.suppress(HarnessError):
+                    self.clean_host(whose="this run's")
+                with contextlib.suppress(HarnessError, OSError):
+                    self._collect_dom0()
+                self._undo()
+        finally:
+            super()._stop()
+            self._created.clear()
+            self._loaded_before.clear()
+            self._cursors.clear()
+
+    def _undo(self) -> None:
+        """Remove the directories and unload the modules this run added (best effort:
+        a module still in use stays)."""
+        hosts = self.hosts()
+        for name, host in hosts.items():
+            created = self._created.get(name, [])
+            before = self._loaded_before.get(name)
+            modules = DOM0_MODULES if name == "dom0" else GUEST_MODULES
+            added = [m for m in modules if before is not None and m.replace("-", "_") not in before]
+            with contextlib.suppress(HarnessError):
+                if created:
+                    host.run("rm -rf " + " ".join(shlex.quote(p) for p in created), timeout=60)
+                for module in reversed(added):
+                    host.run(f"modprobe -r {module}", timeout=30)
+            if created or added:
+                self.say(f"{name}: removed {' '.join(created) or 'nothing'}; "
+                         f"unloaded (if unused) {' '.join(added) or 'nothing'}")  # fmt: skip
+
+    # -- what the CLI and the report see -----------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": f"ssh://{self.spec}",
+            "ssh": {
+                "host": self.spec.host,
+                "port": self.spec.port,
+                "key": str(self.key) if self.key else None,
+                "user": self.spec.user,
+            },
+            "artifacts": str(self.artifacts),
+            "versions": self.versions,
+            "timings": self.timings,
+            "guests": [g.describe() for g in self._guests],
+        }
+
+    def __repr__(self) -> str:
+        return f"XenHostTarget({self.spec}, guests={[g.name for g in self._guests]})"

@@ -1,0 +1,159 @@
+"""The ``ssh://`` target's pieces that need no host: addresses, guest names, lookups,
+the registry, and pytest's usage errors. The target itself runs against a Xen host
+(``nox -s certify``; tested here against the QEMU dom0's forwarded port)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness.targets import TARGETS, capabilities_of, make_target, target_class
+from harness.targets.xen_host import (
+    GuestSpec,
+    HostSpec,
+    XenHostTarget,
+    address_from_neighbours,
+    driver_build,
+    parse_guests,
+    parse_macs,
+    parse_xl_info,
+    resolve_key,
+    stop_daemons_command,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ssh://root@xen1.example:2222", HostSpec("root", "xen1.example", 2222)),
+        ("ssh://xen1", HostSpec("root", "xen1", 22)),
+        ("admin@10.0.0.5", HostSpec("admin", "10.0.0.5", 22)),
+        ("ssh://root@[fe80::1]:2200/", HostSpec("root", "fe80::1", 2200)),
+    ],
+)
+def test_host_spec(url: str, expected: HostSpec) -> None:
+    assert HostSpec.parse(url) == expected
+
+
+def test_host_spec_rejects_and_prints() -> None:
+    for bad in ("ssh://", "ssh://root@", "ssh://a:b:c"):
+        with pytest.raises(ValueError, match="not an SSH address"):
+            HostSpec.parse(bad)
+    assert str(HostSpec("root", "h", 22)) == "root@h"
+    assert str(HostSpec("root", "127.0.0.1", 40022)) == "root@127.0.0.1:40022"
+
+
+def test_guest_specs() -> None:
+    assert GuestSpec.parse("guest0") == GuestSpec("guest0", None)
+    assert GuestSpec.parse("web-1=10.1.2.3") == GuestSpec("web-1", "10.1.2.3")
+    for bad in ("", "a b", "g=", "=1.2.3.4"):
+        with pytest.raises(ValueError, match="NAME\\[=ADDRESS\\]"):
+            GuestSpec.parse(bad)
+    with pytest.raises(ValueError, match="--host-guest NAME"):
+        parse_guests([])
+    with pytest.raises(ValueError, match="twice"):
+        parse_guests(["g", "g=1.2.3.4"])
+
+
+def test_key_from_option_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = tmp_path / "id"
+    key.write_text("k")
+    monkeypatch.delenv("XENVTPM_SSH_KEY", raising=False)
+    assert resolve_key(None) is None
+    assert resolve_key(str(key)) == key
+    monkeypatch.setenv("XENVTPM_SSH_KEY", str(key))
+    assert resolve_key(None) == key
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_key(tmp_path / "nope")
+
+
+def test_xl_info_and_address_lookups() -> None:
+    info = parse_xl_info(
+        "host                   : dom0\nxen_major              : 4\nxen_minor              : 17\n"
+        "xen_extra              : .6-pre\nxen_version            : 4.17.6-pre\n"
+        "xen_commandline        : dom0_mem=1024M,max:1024M console=com1\n"
+    )
+    assert info["xen_version"] == "4.17.6-pre" and info["xen_extra"] == ".6-pre"
+    assert info["xen_commandline"] == "dom0_mem=1024M,max:1024M console=com1"
+    macs = parse_macs(
+        "Idx BE Mac Addr.         handle state evt-ch   tx-/rx-ring-ref BE-path\n"
+        "0   0  00:16:3E:78:00:01     0     4      6   1280/1281 /local/domain/0/backend/vif/1/0\n"
+    )
+    assert macs == ["00:16:3e:78:00:01"]
+    neighbours = (
+        "10.0.2.2 dev eth0 lladdr 52:55:0a:00:02:02 REACHABLE\n"
+        "169.254.9.9 dev xenbr0 lladdr 00:16:3e:78:00:01 FAILED\n"
+        "fe80::216:3eff:fe78:1 dev xenbr0 lladdr 00:16:3e:78:00:01 STALE\n"
+        "169.254.1.1 dev xenbr0 lladdr 00:16:3e:78:00:01 STALE\n"
+        "169.254.1.7 dev xenbr0 INCOMPLETE\n"
+    )
+    assert address_from_neighbours(neighbours, macs) == "169.254.1.1"
+    assert (
+        address_from_neighbours(neighbours.replace("169.254.1.1 ", "x "), ["00:00:00:00:00:09"])
+        is None
+    )
+    v6_only = "fe80::1 dev xenbr0 lladdr 00:16:3e:78:00:01 STALE\n"
+    assert address_from_neighbours(v6_only, macs) == "fe80::1"
+
+
+def test_registry_knows_ssh_urls_only_with_a_scheme() -> None:
+    assert "ssh" not in TARGETS and "xen" in TARGETS
+    assert target_class("ssh://root@h") is XenHostTarget
+    with pytest.raises(ValueError, match="ssh://"):
+        target_class("ssh")
+    assert capabilities_of("ssh://root@h", 2) == {"multi-guest"}
+    assert capabilities_of("ssh://root@h", 1) == set()  # never reboot a user's guest
+
+
+def test_make_target_passes_the_url_and_guests(tmp_path: Path) -> None:
+    t = make_target(
+        "ssh://root@127.0.0.1:40022", 5, tmp_path / "run", host_guests=["a=1.2.3.4", "b"]
+    )
+    assert isinstance(t, XenHostTarget)
+    assert [g.name for g in t.guests] == ["a", "b"] and t.guest_count == 2
+    assert [g.instance for g in t.guests] == [1000, 1001]
+    assert t.guests[0].ip == "1.2.3.4" and t.guests[1].ip == ""
+    assert t.describe()["ssh"] == {"host": "127.0.0.1", "port": 40022, "key": None, "user": "root"}
+    t.close()  # never started: nothing to stop, no login made
+
+
+def test_stop_command_is_anchored_and_ends_well() -> None:
+    command = stop_daemons_command("^python3 -m xenvtpm( |$)", grace=1)
+    assert "pgrep -f '^python3 -m xenvtpm( |$)'" in command
+    assert "kill -9" in command and command.endswith("true")
+    # Run it for a pattern that matches nothing here: it exits 0 and prints nothing.
+    out = subprocess.run(
+        ["bash", "-c", stop_daemons_command("^no-such-process-xenvtpm-test ", 1)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout == ""
+
+
+def test_driver_build_names_a_commit() -> None:
+    build = driver_build(ROOT)
+    assert len(build["commit"]) == 40 or build["commit"].startswith("unknown")
+    assert isinstance(build["dirty"], bool)
+
+
+def test_pytest_says_how_to_name_the_guests() -> None:
+    """No --host-guest: a usage error naming the option, before anything connects."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    argv = ["scenarios/test_smoke.py", "--collect-only", "--target", "ssh://root@127.0.0.1:1"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "--host-guest NAME[=ADDRESS]" in result.stderr
