@@ -226,7 +226,9 @@ def test_random_bodies_get_wellformed_answers(raw_tpm: Transport) -> None:
         body = rng.randbytes(rng.randrange(0, 64))
         tag = rng.choice([ST.NO_SESSIONS, ST.SESSIONS])
         packet = command(rng.choice(SAFE_CODES), body, tag=tag)
-        resp = Response.from_bytes(answer(raw_tpm, packet))  # size field == length
+        reply = answer(raw_tpm, packet)
+        assert isinstance(reply, bytes), (packet.hex(), reply)  # well-framed: no refusal
+        resp = Response.from_bytes(reply)  # size field == length
         assert resp.tag in (ST.NO_SESSIONS, ST.SESSIONS)
         if resp.code != RC.SUCCESS:
             assert resp.size == 10 and resp.tag == ST.NO_SESSIONS
