@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "sim": "harness.targets.sim:SimTarget",
     "direct": "harness.targets.direct:DirectTarget",
     "xen": "harness.targets.xen:XenTarget",  # Xen 4.17 + dom0 under QEMU, PV guests (xl)
+    "xen-kernel": "harness.targets.xen:XenKernelFrontendTarget",  # same; guests' own xen-tpmfront
     "ssh": "harness.targets.xen_host:XenHostTarget",  # ssh://root@HOST: an existing Xen host
 }
 SCHEMES = frozenset({"ssh"})  # used as ``ssh://...``: the rest of the name says where

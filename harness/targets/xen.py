@@ -57,6 +57,7 @@ REMOTE_PACKAGE_DIR = "/opt/xenvtpm"  # PYTHONPATH for python3 -m xenvtpm in ever
 SNAPSHOT_ENV = "XENVTPM_SNAPSHOT"  # "0": always boot cold, never save a booted machine
 BOOT_TIMEOUT = 360.0  # QEMU start -> dom0 SSH (23-33 s idle, 130 s on a busy host)
 GUEST_TIMEOUT = 420.0  # xl create -> guest SSH (~40 s idle; 284 s seen on a loaded host)
+XL_CREATE_TIMEOUT = 300.0  # xl create itself: seconds idle, over 90 s with three QEMUs
 # harness.console.FAILURE_PATTERNS as one grep -E pattern, for a guest's console log.
 GUEST_FAILURES = (
     r"Kernel panic - not syncing.*|You are in emergency mode|"
@@ -445,7 +446,7 @@ class XenTarget(BaseTarget):
         assert self.dom0 is not None and self.images is not None
         cfg = f"/etc/xen/{guest.name}.cfg"
         self.dom0.run(f"cat > {cfg}", stdin=guest.xl_config(self.images).encode(), check=True)
-        rc, out, err = self.dom0.run(f"xl create {cfg}", timeout=90)
+        rc, out, err = self.dom0.run(f"xl create {cfg}", timeout=XL_CREATE_TIMEOUT)
         if rc != 0:
             self._collect_dom0()
             raise TargetNotReady(
@@ -540,15 +541,7 @@ class XenTarget(BaseTarget):
         self.deploy()
         xen_driver.start_dom0(self.dom0, self.start_daemon)
         for guest in self._guests:
-            assert guest.domid is not None
-            vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
-            xen_driver.attach_guest(
-                self.dom0,
-                guest.host(),
-                vtpm,
-                REMOTE_PACKAGE_DIR,
-                self.start_daemon,
-            )
+            self.connect_vtpm(guest)
         for guest in self._guests:
             waited = xen_driver.wait_for_device(guest.host(), guest.name)
             self.say(f"{guest.name}: /dev/tpm0 up {waited:.1f} s after its frontend started")
@@ -638,10 +631,18 @@ class XenTarget(BaseTarget):
             time.sleep(1.0)
         dom0.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {old}")
         self.wait_guest(g, deadline)
-        vtpm = xen_driver.GuestVtpm(g.name, g.domid, g.instance)
-        xen_driver.attach_guest(dom0, g.host(), vtpm, REMOTE_PACKAGE_DIR, self.start_daemon)
+        self.connect_vtpm(g)
         xen_driver.wait_for_device(g.host(), g.name)
         self.say(f"{g.name}: rebooted, domain {old} -> {g.domid} in {time.monotonic() - t0:.0f} s")
+
+    def connect_vtpm(self, guest: XenGuest) -> None:
+        """Toolstack entries for the guest's vTPM in dom0, then its frontend: ours
+        (``frontend --device``, through tpm_vtpm_proxy); ``/dev/tpm0`` follows."""
+        assert guest.domid is not None
+        vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
+        xen_driver.attach_guest(
+            self._dom0(), guest.host(), vtpm, REMOTE_PACKAGE_DIR, self.start_daemon
+        )
 
     # -- xl: real domains, the vTPM's life beside the guest's --------------------------------
     def stop_frontend(self, guest: XenGuest) -> None:
@@ -665,11 +666,7 @@ class XenTarget(BaseTarget):
     def attach_vtpm(self, guest: XenGuest) -> float:
         """Attach the guest's vTPM instance to the running guest, as ``xl vtpm-attach``
         does; seconds until its /dev/tpm0 is up."""
-        assert guest.domid is not None
-        vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
-        xen_driver.attach_guest(
-            self._dom0(), guest.host(), vtpm, REMOTE_PACKAGE_DIR, self.start_daemon
-        )
+        self.connect_vtpm(guest)
         return self.wait_for_device(guest)
 
     def destroy(self, guest: XenGuest) -> None:
@@ -795,3 +792,43 @@ class XenTarget(BaseTarget):
             "timings": self.timings,
             "guests": [g.describe() for g in self._guests],
         }
+
+
+class XenKernelFrontendTarget(XenTarget):
+    """``--target xen-kernel``: the same machine, but each guest's vTPM is bound by the
+    guest kernel's own ``xen-tpmfront`` (protocol v2, issue 7), with no software of ours
+    in the guest: the backend serves an unmodified Linux guest.
+
+    xen-tpmfront unregisters its chip for good when the backend closes, and cannot be
+    restarted from userspace, so restarts of the frontend or backend, reboots and the
+    xl scenarios stay with ``--target xen``.
+    """
+
+    name: ClassVar[str] = "xen-kernel"
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
+        {
+            Capability.MULTI_GUEST,
+            Capability.RESTART_MANAGER,
+            Capability.KILL_SWTPM,
+            Capability.XEN_PROBE,
+            Capability.VALIDATION,
+        }
+    )
+
+    def connect_vtpm(self, guest: XenGuest) -> None:
+        """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the
+        image blacklists its automatic loading, so that our frontend can own the device
+        in ``--target xen``)."""
+        assert guest.domid is not None
+        vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
+        self._dom0().check(xen_driver.attach_command(vtpm, REMOTE_PACKAGE_DIR))
+        guest.host().check("modprobe xen-tpmfront")
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        for guest in self._guests:
+            if guest.ssh is not None and guest.ssh.connected:
+                rc, _, _ = guest.run("test -c /dev/tpm0")
+                if rc != 0:
+                    out.append(f"{guest.name}: /dev/tpm0 is gone (xen-tpmfront unbound)")
+        return out
