@@ -99,10 +99,13 @@ def _ca_lock(ca_dir: Path) -> threading.Lock:
 
 
 def _write_if_changed(path: Path, text: str) -> None:
+    """Atomically, and safe against concurrent writers (threads of a manager starting
+    instances, or several processes on one state root): each writes its own temporary
+    file, and the last rename wins with the same contents."""
     with contextlib.suppress(FileNotFoundError):
         if path.read_text() == text:
             return
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
