@@ -447,6 +447,12 @@ class XenTarget(BaseTarget):
         cfg = f"/etc/xen/{guest.name}.cfg"
         self.dom0.run(f"cat > {cfg}", stdin=guest.xl_config(self.images).encode(), check=True)
         rc, out, err = self.dom0.run(f"xl create {cfg}", timeout=XL_CREATE_TIMEOUT)
+        if rc != 0 and "because of timeout" in err:
+            # xl's hotplug scripts (vif-bridge) have a fixed time budget that a loaded
+            # TCG dom0 can exceed; xl has destroyed the half-made domain: once more.
+            self.say(f"{guest.name}: xl create: a hotplug script timed out; trying once more")
+            self.dom0.run(f"xl destroy {guest.name}", timeout=60)
+            rc, out, err = self.dom0.run(f"xl create {cfg}", timeout=XL_CREATE_TIMEOUT)
         if rc != 0:
             self._collect_dom0()
             raise TargetNotReady(
