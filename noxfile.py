@@ -74,8 +74,9 @@ def install_harness(session: nox.Session, *extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit and integration tests of the driver pair over the simulated Xen."""
-    install_harness(session)
+    """Unit and integration tests of the driver pair over the simulated Xen (and of the
+    Xen harness's pure parts, which import paramiko)."""
+    install_harness(session, *XEN_PYTHON)
     junit = ARTIFACTS / "tests" / "junit.xml"
     session.run("pytest", "tests", f"--junitxml={junit}", *session.posargs)
 
