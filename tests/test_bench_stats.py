@@ -218,6 +218,10 @@ def test_xen_table_names_tcg_and_the_ratio() -> None:
     assert "guest0 /dev/tpm0" in text
     assert "driver/direct: p50 x25.0" in text
     assert "only the driver/direct ratio means anything" in text
+    assert "busy on the host" not in text
+    hogs = {"start": [{"pid": 7, "comm": "qemu-system-x86", "cpu_pct": 90}]}
+    busy = xenbench.xen_table({"accel": "tcg", "host_busy_processes": hogs})
+    assert "busy on the host before this run's QEMU started: qemu-system-x86 (pid 7" in busy
     failed = xenbench.xen_table({"accel": None, "errors": ["TargetNotReady: no dom0"]})
     assert "ERROR: TargetNotReady: no dom0" in failed
     assert "only the" not in failed

@@ -82,10 +82,14 @@ def xen_table(xen: Mapping[str, Any]) -> str:
         lines += ["", stats.table(["path", "n", "p50 us", "p99 us", "ops/s"], rows), ""]
         lines.append(
             f"driver/direct: p50 x{cmp['ratio_p50']}, p99 x{cmp['ratio_p99']} "
-            f"(+{cmp['overhead_p50_us']} us per command at p50)"
+            f"(+{cmp['overhead_p50_us']:,.0f} us per command at p50)"
         )
     if accel == "TCG":
         lines.append(f"note: {TCG_NOTE}")
+    hogs = xen.get("host_busy_processes", {}).get("start")
+    if hogs:
+        names = ", ".join(f"{h['comm']} (pid {h['pid']}, {h['cpu_pct']}% CPU)" for h in hogs)
+        lines.append(f"note: busy on the host before this run's QEMU started: {names}")
     for error in xen.get("errors", []):
         lines.append(f"ERROR: {error}")
     return "\n".join(lines)
