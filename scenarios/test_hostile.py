@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,8 +206,20 @@ def wait_until(predicate: Any, timeout: float) -> bool:
     return True
 
 
+def record(config: pytest.Config, attack: str, evidence: dict[str, Any]) -> None:
+    """``--artifacts DIR``: the attack's counts, victim latencies and observations in
+    ``DIR/hostile/<attack>.json`` (written whether the test passed or not)."""
+    root = config.getoption("--artifacts")
+    if root:
+        out = Path(root) / "hostile"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{attack}.json").write_text(json.dumps(evidence, indent=1) + "\n")
+
+
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_rogue_frontend(toolstack: Toolstack, guest: Any, attack: str) -> None:
+def test_rogue_frontend(
+    toolstack: Toolstack, guest: Any, attack: str, request: pytest.FixtureRequest
+) -> None:
     before = toolstack.counts()
     latencies: list[float] = []
     failures: list[str] = []
@@ -226,13 +239,21 @@ def test_rogue_frontend(toolstack: Toolstack, guest: Any, attack: str) -> None:
                 latencies.append(time.monotonic() - t0)
                 time.sleep(0.005)
 
+    evidence: dict[str, Any] = {"attack": attack, "args": toolstack.args(attack), "before": before}
     thread = threading.Thread(target=victim, daemon=True)
     thread.start()
     try:
         observations = toolstack.rogue(attack, toolstack.args(attack))
+        evidence["observations"] = observations
     finally:
         stop.set()
         thread.join(30)
+        evidence["victim"] = {"commands": len(latencies), "max_s": max(latencies, default=None),
+                              "failures": failures[:5]}  # fmt: skip
+        record(request.config, attack, evidence)
+    wait_until(lambda: toolstack.counts() == before, toolstack.settle_s)
+    evidence["after"] = toolstack.counts()
+    record(request.config, attack, evidence)
     last = "exiting" if attack == "leave" else "done"  # leave ends in os._exit mid-request
     assert observations and observations[-1]["result"] == last, observations[-3:]
     for o in observations:
@@ -244,5 +265,4 @@ def test_rogue_frontend(toolstack: Toolstack, guest: Any, attack: str) -> None:
     assert toolstack.backend_alive()
     assert not failures, failures[:3]
     assert latencies and max(latencies) < LATENCY_BOUND_S, max(latencies, default=None)
-    wait_until(lambda: toolstack.counts() == before, toolstack.settle_s)
-    assert toolstack.counts() == before
+    assert evidence["after"] == before
