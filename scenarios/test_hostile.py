@@ -45,6 +45,7 @@ LATENCY_BOUND_S = 2.0
 # costs 10-100x what it does natively, so the xen run does fewer rounds and cycles, and
 # gives the backend 3 s (not 0.2 s) to see each out-of-order xenbus state.
 ATTACKS: dict[str, tuple[list[str], list[str]]] = {
+    "hello": ([], []),  # the control: a correct frontend, what every attack starts with
     "size-mismatch": ([], []),
     "size-beyond": ([], []),
     "header-size": ([], []),
