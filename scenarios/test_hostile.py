@@ -231,18 +231,17 @@ def test_rogue_frontend(
     stop = threading.Event()
 
     def victim() -> None:
-        with guest.transport() as t:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
+        try:
+            with guest.transport() as t:
+                while not stop.is_set():
+                    t0 = time.monotonic()
                     answer = t.transmit(tpm.get_random_command(16), timeout=10)
                     if tpm.response_code(answer) != 0 or len(answer) != 28:
                         failures.append(answer.hex())
-                except Exception as e:
-                    failures.append(repr(e))
-                    return
-                latencies.append(time.monotonic() - t0)
-                time.sleep(0.005)
+                    latencies.append(time.monotonic() - t0)
+                    time.sleep(0.005)
+        except Exception as e:  # opening the victim's TPM fails the test too
+            failures.append(repr(e))
 
     evidence: dict[str, Any] = {"attack": attack, "args": toolstack.args(attack), "before": before}
     thread = threading.Thread(target=victim, daemon=True)
