@@ -112,8 +112,13 @@ def bench(session: nox.Session) -> None:
 
     Options after ``--``: ``--quick`` (under 3 minutes), ``--target sim|xen``,
     ``--out DIR`` (default artifacts/bench). Writes bench.json, a PNG and a table.
+    ``--target xen`` boots Xen under QEMU (as ``nox -s xen``) and adds a ``xen`` key.
     """
-    install_harness(session, "matplotlib>=3.7", "py-spy>=0.3")
+    if "xen" in session.posargs or "--target=xen" in session.posargs:
+        ensure_debian_packages(session, XEN_DEBIAN_PACKAGES)
+        install_harness(session, *XEN_PYTHON)
+    else:
+        install_harness(session, "matplotlib>=3.7", "py-spy>=0.3")
     session.run("python", "-m", "harness.bench", *session.posargs)
 
 

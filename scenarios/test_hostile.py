@@ -1,25 +1,38 @@
-"""Hostile frontends on the target: ``python -m xenvtpm rogue ATTACK`` as a new domain.
+"""Hostile frontends on the target: ``python -m xenvtpm rogue ATTACK`` beside a victim.
 
-The sim target only for now: the toolstack here is ``SimControl`` on the target's run
-directory (a new domain, its vTPM attached with ``toolstack.attach_vtpm``, the rogue
-started as a process of that domain). On Xen the rogue would run inside a third PV
-guest; that half of issue 5 is not written yet.
+Each attack gets a vTPM device of its own (instance :data:`ROGUE_INSTANCE`), attached by
+the toolstack as dom0 would, used by the rogue for one attack and detached again:
+
+* **sim**: ``SimToolstack``, ``SimControl`` on the target's run directory: a new domain,
+  its vTPM attached with ``toolstack.attach_vtpm``, the rogue a process of that domain.
+* **xen**: ``XenToolstack``: a second vTPM device (devid 1) on the last PV guest,
+  attached with ``python3 -m xenvtpm attach`` in dom0; the rogue runs inside that guest
+  over SSH, against the real backend in dom0, through Xen's grant tables and event
+  channels; the device is detached in dom0 afterwards. The guest's own frontend
+  (devid 0) keeps running. TCG is slow: the xen column of :data:`ATTACKS` scales the
+  long attacks down, and the rogue waits longer for answers.
 
 For every attack: the rogue's observations are well-formed (a response is one TPM
 response; a refusal carries the backend's ``error``), the backend stays up, the first
-guest's GetRandom keeps succeeding within :data:`LATENCY_BOUND_S` throughout, and dom0's
-grant mappings and ports and the backend's fds and threads return to the baseline.
-The exact answer to each attack is pinned by tests/test_hostile.py (docs/threat-model.md).
+guest's GetRandom (its /dev/tpm0 on Xen) keeps succeeding within
+:data:`LATENCY_BOUND_S` throughout, and dom0's grant mappings and ports and the
+backend's fds and threads return to the baseline. The exact answer to each attack is
+pinned by tests/test_hostile.py (docs/threat-model.md). On Xen under TCG the victim
+checks do not hold yet (its kernel times GetRandom out at ~2 s during some attacks), so
+on Xen these scenarios run only with ``--rogue-on-xen``; the measured runs and what is
+known are in docs/threat-model.md, "On real Xen".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,26 +42,34 @@ from xenvtpm import tpm
 pytestmark = [pytest.mark.hostile, pytest.mark.needs("xen-probe")]
 
 ROGUE_INSTANCE = 1900
+ROGUE_DEVID = 1  # on Xen: the rogue's device beside the guest's own vTPM (devid 0)
 LATENCY_BOUND_S = 2.0
-ATTACKS = {
-    "size-mismatch": [],
-    "size-beyond": [],
-    "header-size": [],
-    "bad-refs": [],
-    "addr": [],
-    "race": ["--count", "200", "--seconds", "2"],
-    "notify-empty": [],
-    "flood": ["--seconds", "2"],
-    "second-request": [],
-    "leave": [],
-    "handshake-order": [],
-    "garbage-nodes": [],
-    "reopen": ["--count", "30"],
+# attack -> (arguments on sim, arguments on xen). Under TCG a notify or a handshake
+# costs 10-100x what it does natively, so the xen run does fewer rounds and cycles, and
+# gives the backend 3 s (not 0.2 s) to see each out-of-order xenbus state.
+ATTACKS: dict[str, tuple[list[str], list[str]]] = {
+    "hello": ([], []),  # the control: a correct frontend, what every attack starts with
+    "size-mismatch": ([], []),
+    "size-beyond": ([], []),
+    "header-size": ([], []),
+    "bad-refs": ([], []),
+    "addr": ([], []),
+    "race": (["--count", "200", "--seconds", "2"], ["--count", "50", "--seconds", "2"]),
+    "notify-empty": ([], []),
+    "flood": (["--seconds", "2"], ["--seconds", "2", "--rate", "20000"]),
+    "second-request": ([], []),
+    "leave": ([], []),
+    "handshake-order": ([], ["--settle", "3"]),
+    "garbage-nodes": ([], []),
+    "reopen": (["--count", "30"], ["--count", "8"]),
 }
 
 
-class Toolstack:
+class SimToolstack:
     """dom0's view of the sim target: domains, vTPM directories, resource counts."""
+
+    settle_s = 10.0  # for the counts to come back after a rogue leaves
+    poll_s = 0.05
 
     def __init__(self, target: Any) -> None:
         from xenvtpm.xen.sim import SimControl
@@ -69,6 +90,12 @@ class Toolstack:
             "backend_fds": len(os.listdir(f"/proc/{pid}/fd")),
             "backend_threads": len(os.listdir(f"/proc/{pid}/task")),
         }
+
+    def backend_alive(self) -> bool:
+        return bool(self.target.backend.alive)
+
+    def args(self, attack: str) -> list[str]:
+        return ATTACKS[attack][0]
 
     def rogue(self, attack: str, args: list[str]) -> list[dict[str, Any]]:
         from xenvtpm.toolstack import attach_vtpm, detach_vtpm
@@ -95,11 +122,87 @@ class Toolstack:
         return str(REPO_ROOT)
 
 
+class XenToolstack:
+    """dom0 of the xen target: the rogue's vTPM as devid 1 of the last guest, the rogue
+    inside that guest, counts from dom0's ``/proc`` (``XenTarget.backend_resources``)."""
+
+    settle_s = 60.0
+    poll_s = 1.0  # each count is an SSH command in dom0
+    rogue_timeout = 20.0  # the rogue's --timeout: seconds for an answer under TCG
+    first_timeout = 240.0  # the first command waits for swtpm_setup (20-30 s under TCG)
+
+    def __init__(self, target: Any) -> None:
+        from harness.targets.xen import REMOTE_PACKAGE_DIR
+
+        self.target = target
+        self.home = REMOTE_PACKAGE_DIR
+        self.host = target.guests[-1]  # the rogue's domain
+        self.victim = target.guests[0]
+
+    def close(self) -> None:
+        self.detach()
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.target.backend_resources())
+
+    def backend_alive(self) -> bool:
+        return not any(p.startswith("backend in dom0") for p in self.target.problems())
+
+    def args(self, attack: str) -> list[str]:
+        return ATTACKS[attack][1]
+
+    def dom0(self, command: str, timeout: float = 60.0) -> str:
+        out: str = self.target.dom0.check(f"cd {self.home} && {command}", timeout)
+        return out
+
+    def attach(self) -> None:
+        """The rogue's device, then until the backend is in InitWait: one shell loop on
+        ``xenstore-read`` (polling with python3 would load dom0 beside the backend)."""
+        domid = self.host.domid
+        self.dom0(
+            f"python3 -m xenvtpm attach --domid {domid} --instance {ROGUE_INSTANCE} "
+            f"--name rogue --devid {ROGUE_DEVID}"
+        )
+        state = f"/local/domain/0/backend/vtpm/{domid}/{ROGUE_DEVID}/state"
+        self.dom0(
+            f'for i in $(seq 120); do [ "$(xenstore-read {state} 2>/dev/null)" = 2 ] && exit 0; '
+            f"sleep 0.5; done; echo backend not in InitWait on {state} >&2; exit 1",
+            timeout=90,
+        )
+
+    def detach(self) -> None:
+        if self.host.domid is not None:
+            self.dom0(f"python3 -m xenvtpm detach --domid {self.host.domid} --devid {ROGUE_DEVID}")
+
+    def rogue(self, attack: str, args: list[str]) -> list[dict[str, Any]]:
+        timeout = self.first_timeout if attack == "hello" else self.rogue_timeout
+        argv = ["--devid", str(ROGUE_DEVID), "--timeout", str(timeout),
+                "--foreign-domid", str(self.victim.domid), *args]  # fmt: skip
+        command = f"cd {self.home} && python3 -m xenvtpm rogue {attack} " + shlex.join(argv)
+        self.attach()
+        try:
+            rc, out, err = self.host.run(command, timeout=600)
+        finally:
+            self.detach()
+        why = f"rogue {attack} in {self.host.name} exited {rc}: {err[-2000:]}{out[-1500:]}"
+        assert rc == 0, why
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+Toolstack = SimToolstack | XenToolstack
+TOOLSTACKS: dict[str, type[Toolstack]] = {"sim": SimToolstack, "xen": XenToolstack}
+
+
 @pytest.fixture(scope="module")
-def toolstack(target: Any) -> Iterator[Toolstack]:
-    if target.name != "sim":
-        pytest.skip(f"the rogue frontend is started only on the sim target, not {target.name}")
-    ts = Toolstack(target)
+def toolstack(target: Any, request: pytest.FixtureRequest) -> Iterator[Toolstack]:
+    if target.name not in TOOLSTACKS:
+        pytest.skip(f"no toolstack for the rogue frontend on target {target.name}")
+    if target.name == "xen" and not request.config.getoption("--rogue-on-xen"):
+        pytest.skip(
+            "the rogue inside a Xen guest runs with --rogue-on-xen: under TCG the victim "
+            "guest's kernel times out commands during some attacks (docs/threat-model.md)"
+        )
+    ts = TOOLSTACKS[target.name](target)
     try:
         ts.rogue("hello", [])  # starts the rogue instance's swtpm before any count
         yield ts
@@ -107,43 +210,62 @@ def toolstack(target: Any) -> Iterator[Toolstack]:
         ts.close()
 
 
-def wait_until(predicate: Any, timeout: float) -> bool:
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
     end = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > end:
             return False
-        time.sleep(0.05)
+        time.sleep(interval)
     return True
 
 
+def record(config: pytest.Config, attack: str, evidence: dict[str, Any]) -> None:
+    """``--artifacts DIR``: the attack's counts, victim latencies and observations in
+    ``DIR/hostile/<attack>.json`` (written whether the test passed or not)."""
+    root = config.getoption("--artifacts")
+    if root:
+        out = Path(root) / "hostile"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{attack}.json").write_text(json.dumps(evidence, indent=1) + "\n")
+
+
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_rogue_frontend(toolstack: Toolstack, guest: Any, attack: str) -> None:
+def test_rogue_frontend(
+    toolstack: Toolstack, guest: Any, attack: str, request: pytest.FixtureRequest
+) -> None:
     before = toolstack.counts()
     latencies: list[float] = []
     failures: list[str] = []
     stop = threading.Event()
 
     def victim() -> None:
-        with guest.transport() as t:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                try:
+        try:
+            with guest.transport() as t:
+                while not stop.is_set():
+                    t0 = time.monotonic()
                     answer = t.transmit(tpm.get_random_command(16), timeout=10)
                     if tpm.response_code(answer) != 0 or len(answer) != 28:
                         failures.append(answer.hex())
-                except Exception as e:
-                    failures.append(repr(e))
-                    return
-                latencies.append(time.monotonic() - t0)
-                time.sleep(0.005)
+                    latencies.append(time.monotonic() - t0)
+                    time.sleep(0.005)
+        except Exception as e:  # opening the victim's TPM fails the test too
+            failures.append(repr(e))
 
+    evidence: dict[str, Any] = {"attack": attack, "args": toolstack.args(attack), "before": before}
     thread = threading.Thread(target=victim, daemon=True)
     thread.start()
     try:
-        observations = toolstack.rogue(attack, ATTACKS[attack])
+        observations = toolstack.rogue(attack, toolstack.args(attack))
+        evidence["observations"] = observations
     finally:
         stop.set()
         thread.join(30)
+        evidence["victim"] = {"commands": len(latencies), "max_s": max(latencies, default=None),
+                              "failures": failures[:5]}  # fmt: skip
+        record(request.config, attack, evidence)
+    wait_until(lambda: toolstack.counts() == before, toolstack.settle_s, toolstack.poll_s)
+    evidence["after"] = toolstack.counts()
+    record(request.config, attack, evidence)
     last = "exiting" if attack == "leave" else "done"  # leave ends in os._exit mid-request
     assert observations and observations[-1]["result"] == last, observations[-3:]
     for o in observations:
@@ -152,8 +274,7 @@ def test_rogue_frontend(toolstack: Toolstack, guest: Any, attack: str) -> None:
         if o["result"] == "refused":
             assert o["backend_state"] == 5 and o["error"].startswith("connect failed"), o
         assert o["result"] != "no-response", o
-    assert toolstack.target.backend.alive
+    assert toolstack.backend_alive()
     assert not failures, failures[:3]
     assert latencies and max(latencies) < LATENCY_BOUND_S, max(latencies, default=None)
-    wait_until(lambda: toolstack.counts() == before, 10)
-    assert toolstack.counts() == before
+    assert evidence["after"] == before

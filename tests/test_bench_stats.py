@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from harness.bench import cli, profiling, scale, stats
+from harness.bench import cli, profiling, scale, stats, tpm_timing
+from harness.bench import xen as xenbench
+from xenvtpm import tpm
 
 
 def test_percentile_interpolates_like_numpy() -> None:
@@ -169,6 +176,97 @@ def test_strace_summary_parser() -> None:
     assert math.isclose(sum(profiling.parse_strace_summary(text).values()) / 300, 7.0)
 
 
-def test_xen_target_is_refused_clearly(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--target", "xen", "--quick"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+def test_xen_target_is_accepted() -> None:
+    args = cli.build_parser().parse_args(["--target", "xen", "--quick"])
+    assert args.target == "xen" and args.quick
+
+
+def _timing(samples_us: list[int], busy_s: float) -> dict[str, object]:
+    return {"kind": "x", "path": "p", "samples_ns": [u * 1000 for u in samples_us],
+            "busy_s": busy_s}  # fmt: skip
+
+
+def test_xen_summary_pools_rounds_and_takes_the_ratio() -> None:
+    direct = [_timing([100, 100], 0.0002), _timing([100, 300], 0.0004)]
+    driver = [_timing([1000, 1000, 1000], 0.003), _timing([1000], 0.001)]
+    samples, busy = xenbench.pool(direct)
+    assert samples == [100_000, 100_000, 100_000, 300_000]
+    assert busy == pytest.approx(0.0006)
+    cmp = xenbench.summarize(direct, driver)
+    assert cmp["direct"]["n"] == 4 and cmp["direct"]["p50_us"] == 100.0
+    assert cmp["driver"]["ops_per_s"] == 1000.0
+    assert cmp["ratio_p50"] == 10.0
+    assert cmp["overhead_p50_us"] == 900.0
+
+
+def test_xen_result_is_merged_beside_sim_keys() -> None:
+    sim = {"schema": 1, "latency": {"getrandom_raw": {}}, "ratios": {"x": 1.0}}
+    merged = xenbench.merge(sim, {"accel": "tcg"})
+    assert merged == sim | {"xen": {"accel": "tcg"}}
+    assert "xen" not in sim  # the input is not modified
+    assert xenbench.merge(None, {"accel": "tcg"}) == {"schema": stats.SCHEMA,
+                                                      "xen": {"accel": "tcg"}}  # fmt: skip
+    # a second xen run replaces the first
+    assert xenbench.merge(merged, {"accel": "kvm"})["xen"] == {"accel": "kvm"}
+
+
+def test_xen_table_names_tcg_and_the_ratio() -> None:
+    cmp = xenbench.summarize([_timing([100], 0.0001)], [_timing([2500], 0.0025)])
+    text = xenbench.xen_table({"accel": "tcg", "latency": cmp, "guest": {"name": "guest0"},
+                               "errors": []})  # fmt: skip
+    assert "Xen target (TCG)" in text
+    assert "guest0 /dev/tpm0" in text
+    assert "driver/direct: p50 x25.0" in text
+    assert "only the driver/direct ratio means anything" in text
+    assert "busy on the host" not in text
+    hogs = {"start": [{"pid": 7, "comm": "qemu-system-x86", "cpu_pct": 90}]}
+    busy = xenbench.xen_table({"accel": "tcg", "host_busy_processes": hogs})
+    assert "busy on the host before this run's QEMU started: qemu-system-x86 (pid 7" in busy
+    failed = xenbench.xen_table({"accel": None, "errors": ["TargetNotReady: no dom0"]})
+    assert "ERROR: TargetNotReady: no dom0" in failed
+    assert "only the" not in failed
+
+
+def test_xen_plan_is_smaller_when_quick() -> None:
+    quick, full = xenbench.plan_for(True), xenbench.plan_for(False)
+    assert quick["ops_per_round"] * quick["rounds"] < full["ops_per_round"] * full["rounds"]
+
+
+def test_timing_script_runs_as_stdin_against_a_swtpm_like_socket(tmp_path: Path) -> None:
+    """tpm_timing.py, fed to ``python3 -`` as in a domain, against a socket server that
+    answers every GetRandom(16) in two pieces (a stream does not frame)."""
+    assert tpm.get_random_command(16) == tpm_timing.GET_RANDOM_16
+    path = tmp_path / "tpm.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    answer = bytes.fromhex("80010000001c00000000") + bytes.fromhex("0010") + bytes(16)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while conn.recv(4096):
+                conn.sendall(answer[:5])
+                conn.sendall(answer[5:])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-", "socket", str(path), "7", "2"],
+            input=xenbench.TIMING_SCRIPT.read_bytes(), capture_output=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.close()
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["samples_ns"]) == 7 and out["busy_s"] > 0
+    assert all(s > 0 for s in out["samples_ns"])
+
+
+def test_timing_script_refuses_a_failed_command() -> None:
+    with pytest.raises(tpm_timing.TimingError):
+        tpm_timing.check(bytes.fromhex("80010000000a00000101"))  # TPM_RC_FAILURE
+    with pytest.raises(tpm_timing.TimingError):
+        tpm_timing.check(b"\x80\x01")
+    assert tpm_timing.main(["bogus"]) == 2

@@ -517,12 +517,14 @@ def _state_and_notify(r: Rogue, a: argparse.Namespace) -> None:
 
 @attack("handshake-order", "xenbus states out of order")
 def _handshake_order(r: Rogue, a: argparse.Namespace) -> None:
+    """Each out-of-order step is given ``--settle`` seconds to be seen by the backend
+    before its state is read (and before the next step overwrites it)."""
     n = "handshake-order"
     for node in ("ring-ref", "event-channel"):
         with contextlib.suppress(XenStoreError):
             r.xs.rm(f"{r.node}/{node}")
     r.set_state(S.CONNECTED)  # Connected without anything published
-    time.sleep(0.2)
+    time.sleep(a.settle)
     emit(n, "connected-first", "state", backend_state=r.backend_state())
     r.set_state(S.INITIALISED)  # Initialised without ring-ref / event-channel
     emit(n, "initialised-empty", "state", backend_state=r.wait_backend([S.CLOSING, S.CLOSED]),
@@ -530,7 +532,7 @@ def _handshake_order(r: Rogue, a: argparse.Namespace) -> None:
     r.restart()
     for case, value in (("garbage", "banana"), ("reconfiguring", "7"), ("huge", "9" * 50)):
         r.set_state(value)
-        time.sleep(0.2)
+        time.sleep(a.settle)
         emit(n, f"state-{case}", "state", backend_state=r.backend_state())
         r.restart()
     r.connect_ok()
@@ -540,7 +542,7 @@ def _handshake_order(r: Rogue, a: argparse.Namespace) -> None:
     r.set_state(S.CLOSED)
     r.wait_backend([S.CLOSED])
     r.publish()  # Initialised straight after Closed (no Initialising in between)
-    time.sleep(0.2)
+    time.sleep(a.settle)
     emit(n, "initialised-after-closed", "state", backend_state=r.backend_state())
     r.restart()
     r.connect_ok()
@@ -601,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="length of flood/race")
     p.add_argument("--rate", type=float, default=100_000, help="notifies per second (flood)")
     p.add_argument("--count", type=int, default=1000, help="reopen cycles / race rounds")
+    p.add_argument("--settle", type=float, default=0.2,
+                   help="seconds for the backend to see each handshake-order step")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="50 reopen cycles, 1 s flood/race")
     p.add_argument("--foreign-domid", type=int, default=None,
                    help="domain to grant pages to in bad-refs (default: this domain)")  # fmt: skip

@@ -11,4 +11,6 @@ with them.
     scale.py      N guests in closed loops on one backend and manager
     plot.py       latency against instances (PNG)
     cli.py        the run and its outputs
+    xen.py        --target xen: a Xen guest's /dev/tpm0 against swtpm in dom0
+    tpm_timing.py the stdlib timing loop xen.py runs inside the domains
 """
