@@ -145,7 +145,8 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     stop = threading.Event()
 
     def run() -> None:
-        ctx = ESAPI(guest.tcti())
+        tcti = guest.tcti()
+        ctx = ESAPI(tcti)
         try:
             startup(ctx)
             while not stop.is_set():
@@ -159,6 +160,7 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
         finally:
             with contextlib.suppress(Exception):
                 ctx.close()
+            tcti.close()  # at once: a Linux guest's /dev/tpm0 admits one opener
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
