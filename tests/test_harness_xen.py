@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,8 +51,9 @@ def test_recipe_key_changes_with_any_recipe_file(tmp_path: Path) -> None:
     assert recipe_key(tmp_path, "http://other", "ssh-ed25519 AAA") != first
 
 
-def test_qemu_argv_has_design_flags(tmp_path: Path) -> None:
-    cfg = MachineConfig(
+def machine_config(tmp_path: Path, **extra: Any) -> MachineConfig:
+    """A machine over files in ``tmp_path`` (argv only: nothing is started)."""
+    return MachineConfig(
         xen=tmp_path / "xen.bin",
         kernel=tmp_path / "vmlinuz",
         initrd=tmp_path / "initrd.img",
@@ -60,7 +62,12 @@ def test_qemu_argv_has_design_flags(tmp_path: Path) -> None:
         run_dir=tmp_path,
         console_log=tmp_path / "console.log",
         ssh_port=2222,
+        **extra,
     )
+
+
+def test_qemu_argv_has_design_flags(tmp_path: Path) -> None:
+    cfg = machine_config(tmp_path)
     argv = cfg.argv()
     joined = " ".join(argv)
     assert argv[argv.index("-cpu") + 1] == "qemu64" and "tcg" in argv
@@ -128,19 +135,7 @@ def test_ssh_argv_jumps_through_dom0() -> None:
 
 def test_qemu_argv_with_overlays_and_saved_state(tmp_path: Path) -> None:
     overlays = [tmp_path / f"disk{i}.qcow2" for i in range(3)]
-    cfg = MachineConfig(
-        xen=tmp_path / "xen.bin",
-        kernel=tmp_path / "vmlinuz",
-        initrd=tmp_path / "initrd.img",
-        dom0_disk=tmp_path / "dom0.img",
-        guest_disks=[tmp_path / "guest.img"] * 2,
-        run_dir=tmp_path,
-        console_log=tmp_path / "console.log",
-        ssh_port=2222,
-        overlays=overlays,
-        incoming=tmp_path / "state",
-    )
-    argv = cfg.argv()
+    argv = machine_config(tmp_path, overlays=overlays, incoming=tmp_path / "state").argv()
     assert "-snapshot" not in argv  # the overlays are the run's private copies
     drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
     assert drives == [f"file={o},if=virtio,format=qcow2" for o in overlays]

@@ -74,6 +74,13 @@ def artifacts_dir() -> Path:
     return Path(explicit) if explicit else ROOT / "artifacts" / "xen"
 
 
+def deploy_package(host: SshHost, package: Path = ROOT / "xenvtpm") -> None:
+    """Replace ``/opt/xenvtpm/xenvtpm`` on ``host`` and check ``python3 -m xenvtpm`` runs."""
+    host.run(f"rm -rf {REMOTE_PACKAGE_DIR}/xenvtpm", check=True)
+    host.put(package, f"{REMOTE_PACKAGE_DIR}/xenvtpm")
+    host.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm --help >/dev/null")
+
+
 class XenGuest(BaseGuest):
     """A PV guest: its xl name, domid, vTPM instance, link-local address and SSH."""
 
@@ -511,16 +518,9 @@ class XenTarget(BaseTarget):
         that ``python3 -m xenvtpm`` runs there, every host at once. Starting the daemons
         is ``start_daemon``."""
         t0 = time.monotonic()
-
-        def deploy_to(host: SshHost) -> None:
-            host.run(f"rm -rf {REMOTE_PACKAGE_DIR}/xenvtpm", check=True)
-            host.put(package, f"{REMOTE_PACKAGE_DIR}/xenvtpm")
-            host.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm --help >/dev/null")
-
         hosts = self.hosts()
         with ThreadPoolExecutor(len(hosts) or 1) as pool:
-            for done in pool.map(deploy_to, hosts.values()):
-                del done
+            list(pool.map(lambda host: deploy_package(host, package), hosts.values()))
         self.say(f"deployed {package.name}/ to {', '.join(hosts)} in {time.monotonic() - t0:.1f} s")
 
     def provision(self) -> None:
@@ -529,8 +529,7 @@ class XenTarget(BaseTarget):
         carries them and a warm start only starts swtpm."""
         dom0 = self._dom0()
         t0 = time.monotonic()
-        dom0.run(f"rm -rf {REMOTE_PACKAGE_DIR}/xenvtpm", check=True)
-        dom0.put(ROOT / "xenvtpm", f"{REMOTE_PACKAGE_DIR}/xenvtpm")
+        deploy_package(dom0)
         instances = " ".join(str(g.instance) for g in self._guests)
         dom0.check(
             f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm provision "
@@ -609,7 +608,7 @@ class XenTarget(BaseTarget):
         deadline = Deadline(xen_driver.DEVICE_TIMEOUT)
         for guest in self._guests:
             assert guest.domid is not None
-            xen_driver.wait_connected(dom0, guest.domid, REMOTE_PACKAGE_DIR, deadline)
+            xen_driver.wait_connected(dom0, guest.domid, deadline)
         self.say(f"restarted the {component}")
 
     def reboot(self, guest: Guest) -> None:
@@ -622,9 +621,7 @@ class XenTarget(BaseTarget):
         old = g.domid
         t0 = time.monotonic()
         self.stop_daemon(g.host(), "frontend")
-        self._daemons.pop(g.name, None)
-        if g.ssh is not None:
-            g.ssh.close()
+        self._forget_session(g)
         dom0.check(f"xl reboot {g.name}", timeout=60)
         deadline = Deadline(GUEST_TIMEOUT)
         while True:
@@ -635,7 +632,8 @@ class XenTarget(BaseTarget):
             if deadline.expired:
                 raise TargetNotReady(g.name, f"no new domain {GUEST_TIMEOUT:.0f} s after xl reboot")
             time.sleep(1.0)
-        dom0.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {old}")
+        assert old is not None
+        self._detach_domain(old)
         self.wait_guest(g, deadline)
         self.connect_vtpm(g)
         xen_driver.wait_for_device(g.host(), g.name)
@@ -665,9 +663,8 @@ class XenTarget(BaseTarget):
         """The toolstack removes the guest's vTPM (both xenstore directories), as
         ``xl vtpm-detach`` does; the frontend stops first, as the guest's kernel would."""
         self.stop_frontend(guest)
-        self._dom0().check(
-            f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {guest.domid}"
-        )
+        assert guest.domid is not None
+        self._detach_domain(guest.domid)
 
     def attach_vtpm(self, guest: XenGuest) -> float:
         """Attach the guest's vTPM instance to the running guest, as ``xl vtpm-attach``
@@ -678,14 +675,22 @@ class XenTarget(BaseTarget):
     def destroy(self, guest: XenGuest) -> None:
         """``xl destroy``: the domain is gone at once, no shutdown; the toolstack then
         removes its vTPM directories (the backend sees the frontend vanish first)."""
-        old = guest.domid
+        assert guest.domid is not None
+        self._forget_session(guest)
+        self._dom0().check(f"xl destroy {guest.name}", timeout=60)
+        self._detach_domain(guest.domid)
+        guest.domid = None
+
+    def _forget_session(self, guest: XenGuest) -> None:
+        """The guest's daemons and login end with its domain: drop our handles."""
         self._daemons.pop(guest.name, None)
         if guest.ssh is not None:
             guest.ssh.close()
             guest.ssh = None
-        self._dom0().check(f"xl destroy {guest.name}", timeout=60)
-        self._dom0().check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {old}")
-        guest.domid = None
+
+    def _detach_domain(self, domid: int) -> None:
+        """The toolstack's ``detach`` in dom0: both vTPM directories of ``domid`` go."""
+        self._dom0().check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {domid}")
 
     def create(self, guest: XenGuest) -> None:
         """``xl create`` a destroyed guest again, then attach its vTPM (same instance)."""
@@ -811,15 +816,12 @@ class XenKernelFrontendTarget(XenTarget):
     """
 
     name: ClassVar[str] = "xen-kernel"
-    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
-        {
-            Capability.MULTI_GUEST,
-            Capability.RESTART_MANAGER,
-            Capability.KILL_SWTPM,
-            Capability.XEN_PROBE,
-            Capability.VALIDATION,
-        }
-    )
+    CAPABILITIES: ClassVar[frozenset[str]] = XenTarget.CAPABILITIES - {
+        Capability.RESTART_FRONTEND,
+        Capability.RESTART_BACKEND,
+        Capability.REBOOT,
+        Capability.XL,
+    }
 
     def connect_vtpm(self, guest: XenGuest) -> None:
         """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the

@@ -12,7 +12,6 @@ independently: this module only needs a host to run commands on.
 
 from __future__ import annotations
 
-import json
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -137,26 +136,18 @@ def swtpm_pid(dom0: Host, instance: int) -> int | None:
     return int(out) if rc == 0 and out.strip().isdigit() else None
 
 
-def xenstore_read(dom0: Host, path: str, package_dir: str) -> str | None:
-    """A xenstore node as dom0 reads it (``python3 -m xenvtpm probe``), None if absent."""
-    rc, out, err = dom0.run(
-        f"cd {shlex.quote(package_dir)} && python3 -m xenvtpm probe xs-read {shlex.quote(path)}"
-    )
-    if rc != 0:
-        raise TargetNotReady("dom0", f"probe xs-read {path} exited {rc}: {err.strip()}")
-    answer = json.loads(out)
-    return str(answer["value"]) if answer.get("ok") else None
-
-
-def wait_connected(dom0: Host, domid: int, package_dir: str, deadline: Deadline) -> None:
-    """Until both ends of ``domid``'s vTPM are XenbusState Connected (4)."""
+def wait_connected(dom0: Host, domid: int, deadline: Deadline) -> None:
+    """Until both ends of ``domid``'s vTPM are XenbusState Connected (4): one
+    ``xenstore-read`` of both nodes in dom0 per poll (no python3 start per poll)."""
     paths = (
         f"/local/domain/{domid}/device/vtpm/0/state",
         f"/local/domain/0/backend/vtpm/{domid}/0/state",
     )
-    states: list[str | None] = []
+    command = "xenstore-read " + " ".join(paths)
+    states: list[str] = []
     while not deadline.expired:
-        states = [xenstore_read(dom0, p, package_dir) for p in paths]
+        rc, out, _ = dom0.run(command)
+        states = out.split() if rc == 0 else []
         if states == ["4", "4"]:
             return
         time.sleep(0.5)
