@@ -603,6 +603,8 @@ class XenTarget(BaseTarget):
             self.stop_daemon(dom0, "manager")
             dom0.check(f"rm -f {xen_driver.MANAGER_SOCKET}")
             self.start_daemon(dom0, "manager", xen_driver.manager_args())
+            xen_driver.wait_for_manager(dom0)  # a command sent before would outlast the
+            # guest kernel's budget (ETIME) instead of getting TPM_RC_FAILURE
         else:
             raise ValueError(f"unknown component {component!r}")
         deadline = Deadline(xen_driver.DEVICE_TIMEOUT)

@@ -76,12 +76,17 @@ def start_dom0(dom0: Host, start_daemon: StartDaemon) -> None:
     """Manager first (the backend connects to it), then the backend."""
     dom0.check(f"{modprobe_command(DOM0_MODULES)} && mkdir -p /run/xenvtpm {STATE_ROOT}")
     start_daemon(dom0, "manager", manager_args())
-    deadline = Deadline(30)
+    wait_for_manager(dom0)
+    start_daemon(dom0, "backend", backend_args())
+
+
+def wait_for_manager(dom0: Host, timeout: float = 30.0) -> None:
+    """Until the (re)started vTPM manager listens on its socket."""
+    deadline = Deadline(timeout)
     while dom0.run(f"test -S {MANAGER_SOCKET}")[0] != 0:
         if deadline.expired:
             raise TargetNotReady("dom0", f"the vTPM manager never opened {MANAGER_SOCKET}")
         time.sleep(0.5)
-    start_daemon(dom0, "backend", backend_args())
 
 
 def attach_guest(
