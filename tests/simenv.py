@@ -146,10 +146,13 @@ class SimEnv:
             os.close(xs_fd)
             os.close(hc_fd)
 
-    def add_guest(self, name: str, instance: int, wait: bool = True) -> Guest:
+    def add_guest(
+        self, name: str, instance: int, wait: bool = True, resumed: bool = False
+    ) -> Guest:
+        """A new domain with a vTPM and a frontend; ``resumed``: as ``xl restore``."""
         assert self.control is not None and self.dom0 is not None
         domid = self.control.create_domain(name)
-        attach_vtpm(self.dom0.xenstore, domid, instance, name)
+        attach_vtpm(self.dom0.xenstore, domid, instance, name, resumed=resumed)
         path = str(self.workdir / f"{name}.tpm")
         frontend = self.start_frontend(name, domid, path)
         guest = Guest(name, domid, instance, path, frontend)

@@ -251,6 +251,23 @@ def test_other_domains_grants_and_xenstore_are_refused(shared_env: SimEnv) -> No
     get_random(victim)
 
 
+@pytest.mark.parametrize("resumed", [False, True], ids=["reboot", "restore"])
+def test_new_domain_power_cycles_the_vtpm_unless_it_resumes(env: SimEnv, resumed: bool) -> None:
+    """The same instance on a new domid: a reboot power-cycles it (PCRs reset); a domain
+    that resumes a saved one (``xl restore``, the toolstack's ``resume = 1``) keeps the
+    same boot's PCRs, through the backend's BIND marked resumed."""
+    old = env.guests[0]
+    extend = tpm.pcr_extend_command(16, hashlib.sha256(b"measured").digest())
+    assert tpm.response_code(old.transmit(extend)) == 0
+    measured = old.transmit(tpm.pcr_read_command(16))[-32:]
+    assert measured != bytes(32)
+    old.frontend.stop()
+    env.remove_domain(old.domid)
+    new = env.add_guest("guest1-again", instance=old.instance, resumed=resumed)
+    after = new.transmit(tpm.pcr_read_command(16))[-32:]
+    assert after == (measured if resumed else bytes(32))
+
+
 def test_backend_restart_guest_reconnects(env: SimEnv) -> None:
     guest = env.guests[0]
     assert env.daemon("backend").stop() == 0  # a clean exit on SIGTERM

@@ -329,6 +329,23 @@ def test_bind_resets_pcrs_only_for_another_domain(mgr: RunningManager) -> None:
         assert swtpm_pid(mgr.root, 3) in swtpm_pids(mgr.root)
 
 
+def test_bind_of_a_resumed_domain_keeps_pcrs(mgr: RunningManager) -> None:
+    """xl restore makes a new domid for the same boot: a BIND marked resumed keeps the
+    TPM (PCRs too); the next plain BIND of another domain (a reboot) resets again."""
+    success = bytes.fromhex("80010000000a00000000")
+    with mgr.client() as c:
+        assert c.transact(4, bind_command(7)) == success
+        c.transact(4, pcr_extend_command(10, b"\x01" * 32))
+        extended = pcr10(c, 4)
+        assert extended != bytes(32)
+        assert c.transact(4, bind_command(9, resumed=True)) == success
+        assert pcr10(c, 4) == extended
+        assert c.transact(4, bind_command(9)) == success  # now bound to 9: kept
+        assert pcr10(c, 4) == extended
+        assert c.transact(4, bind_command(10)) == success  # a reboot of domain 9
+        assert pcr10(c, 4) == bytes(32)
+
+
 # -- swtpm failures -------------------------------------------------------------------
 
 

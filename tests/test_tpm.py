@@ -60,7 +60,11 @@ def test_builders_exact_bytes() -> None:
     assert startup_command() == bytes.fromhex("80010000000c000001440000")
     assert startup_command(clear=False) == bytes.fromhex("80010000000c000001440001")
     assert bind_command(7) == bytes.fromhex("80010000000e20000f0000000007")
-    assert parse_bind_command(bind_command(0xFFFFFFFF)) == 0xFFFFFFFF
+    assert parse_bind_command(bind_command(0xFFFFFFFF)) == (0xFFFFFFFF, False)
+    assert bind_command(7, resumed=True) == bytes.fromhex(
+        "80010000001220000f000000000700000001"
+    )
+    assert parse_bind_command(bind_command(9, resumed=True)) == (9, True)
     assert pcr_read_command(10) == bytes.fromhex("8001000000140000017e00000001000b03000400")
     assert pcr_extend_command(10, b"\x01" * 32) == bytes.fromhex(
         "800200000041000001820000000a0000000940000009000000000000000001000b" + "01" * 32
@@ -79,6 +83,10 @@ def test_builders_reject_bad_arguments() -> None:
     with pytest.raises(MalformedCommand) as ei:
         parse_bind_command(GET_RANDOM_16[:10] + b"\0\0\0\0")
     assert ei.value.rc == TPM_RC.VALUE
+    with pytest.raises(MalformedCommand):  # a flag nobody defined
+        parse_bind_command(bytes.fromhex("80010000001220000f000000000700000002"))
+    with pytest.raises(MalformedCommand):  # the size field must match the form
+        parse_bind_command(bytes.fromhex("80010000000e20000f000000000700000001"))
     with pytest.raises(MalformedCommand):
         parse_bind_command(bind_command(1) + b"\0")
 

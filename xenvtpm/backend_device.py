@@ -34,7 +34,14 @@ from xenvtpm.loop import Timer
 from xenvtpm.manager_link import Ticket
 from xenvtpm.tpmif_v2 import VtpmState
 from xenvtpm.xen.interface import EventChannel
-from xenvtpm.xenbus import BACKEND_MOVES, StateNode, XenbusState, parse_uint, read_state
+from xenvtpm.xenbus import (
+    BACKEND_MOVES,
+    RESUME_KEY,
+    StateNode,
+    XenbusState,
+    parse_uint,
+    read_state,
+)
 
 if TYPE_CHECKING:
     from xenvtpm.backend import Backend
@@ -86,6 +93,7 @@ class BackendDevice:
         self._state = StateNode(self._xs, self.path, BACKEND_MOVES, self.log)
         self.frontend = ""
         self.instance = -1
+        self.resumed = False  # the toolstack's ``resume``: this domain resumes a saved one
         self._ring: Ring | None = None
         self._channel: EventChannel | None = None
         self._ticket: Ticket | None = None
@@ -113,6 +121,7 @@ class BackendDevice:
             frontend_id = parse_uint(self._xs.read(f"{self.path}/frontend-id"), 0x7FEF)
             self.frontend = self._xs.read(f"{self.path}/frontend").decode("ascii")
             self.instance = parse_uint(self._xs.read(f"{self.path}/instance"))
+            self.resumed = self._read_flag(RESUME_KEY)
         except (XenStoreError, MalformedMessage, UnicodeDecodeError) as e:
             self.log.error("vtpm %d: incomplete toolstack entries: %s", self.key.devid, e)
             return
@@ -226,14 +235,25 @@ class BackendDevice:
         except XenStoreError as e:
             self.log.warning("cannot publish %s: %s", state.name, e)
 
+    def _read_flag(self, key: str) -> bool:
+        """An optional toolstack flag in the backend directory: absent means 0."""
+        try:
+            return parse_uint(self._xs.read(f"{self.path}/{key}"), 1) == 1
+        except XenStoreError as e:
+            if e.errno_name == "ENOENT":
+                return False
+            raise
+
     def _bind(self) -> None:
-        """Tell the manager which domain now drives this instance (PCRs reset on change)."""
+        """Tell the manager which domain now drives this instance (PCRs reset on change,
+        unless this domain resumes a saved one: then the same boot goes on)."""
 
         def check(reply: memoryview) -> None:
             if tpm.response_code(reply) != tpm.TPM_RC.SUCCESS:
                 self.log.error("manager refused to bind instance %d", self.instance)
 
-        self._backend.manager.request(self.instance, tpm.bind_command(self.key.domid), check)
+        bind = tpm.bind_command(self.key.domid, resumed=self.resumed)
+        self._backend.manager.request(self.instance, bind, check)
 
     # -- requests --------------------------------------------------------------------
 

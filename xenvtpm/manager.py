@@ -23,7 +23,8 @@ Routing rules, and why:
   EOF by ``recv`` and closes the connection.
 - :data:`xenvtpm.tpm.XENVTPM_CC_BIND` is handled here, never forwarded: binding an
   instance to a different domain than before power-cycles it (ctrl CMD_INIT, then
-  TPM2_Startup(CLEAR)) once it has executed commands, so PCRs reset as on a reboot.
+  TPM2_Startup(CLEAR)) once it has executed commands, so PCRs reset as on a reboot;
+  a BIND marked *resumed* (``xl restore``: the same boot goes on) keeps the TPM.
   CMD_INIT takes ~0.15 ms (measured), so it is sent synchronously from the loop, with
   a 5 s timeout; TPM2_Startup goes through the instance's FIFO like any command.
 - swtpm death (EOF or error on its data socket), a response that does not parse, or no
@@ -118,13 +119,16 @@ class _Conn:
 
 
 class _Request:
-    __slots__ = ("conn", "domid", "kind", "payload")
+    __slots__ = ("conn", "domid", "kind", "payload", "resumed")
 
-    def __init__(self, conn: _Conn, kind: _Kind, payload: bytes, domid: int = 0) -> None:
+    def __init__(
+        self, conn: _Conn, kind: _Kind, payload: bytes, domid: int = 0, resumed: bool = False
+    ) -> None:
         self.conn = conn
         self.kind = kind
         self.payload = payload
         self.domid = domid
+        self.resumed = resumed  # BIND: the domain resumes a saved one (keep the TPM)
 
 
 @dataclass(frozen=True)
@@ -424,7 +428,8 @@ class Manager:
         try:
             header = validate_command(command, max_size=MAX_COMMAND_SIZE)
             if header.code == XENVTPM_CC_BIND:
-                req = _Request(conn, _Kind.BIND, b"", parse_bind_command(command))
+                domid, resumed = parse_bind_command(command)
+                req = _Request(conn, _Kind.BIND, b"", domid, resumed)
             else:
                 req = None
         except MalformedCommand as exc:
@@ -521,8 +526,14 @@ class Manager:
                 self._send_command(inst, req, req.payload)
 
     def _bind_instance(self, inst: _Instance, req: _Request) -> None:
-        if req.domid == inst.bound_domid or not inst.dirty:
-            if req.domid != inst.bound_domid:
+        if req.domid == inst.bound_domid or not inst.dirty or req.resumed:
+            if req.resumed and req.domid != inst.bound_domid:
+                inst.log.info(
+                    "bound to domain %d, which resumes domain %s: TPM kept",
+                    req.domid,
+                    inst.bound_domid,
+                )
+            elif req.domid != inst.bound_domid:
                 inst.log.info("bound to domain %d (fresh TPM)", req.domid)
             inst.bound_domid = req.domid
             self._reply(req.conn, inst.prefix, _SUCCESS)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from xenvtpm.errors import XenStoreError
 from xenvtpm.xen import open_hypervisor
 from xenvtpm.xen.interface import Access, Perm, XenStore
-from xenvtpm.xenbus import XenbusState
+from xenvtpm.xenbus import RESUME_KEY, XenbusState
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,12 @@ def attach_vtpm(
     backend_domid: int = 0,
     devid: int = 0,
     pref_instance: int | None = None,
+    resumed: bool = False,
 ) -> VtpmDevice:
     """Write both device directories in one transaction, with xl's permissions.
+
+    ``resumed``: the domain resumes a saved one (``xl restore``), so the backend binds
+    the instance without power-cycling it (``resume = 1``, xenvtpm.xenbus.RESUME_KEY).
 
     The guest owns its ``device/vtpm/<id>`` node and the backend may read it; the
     backend owns ``backend/vtpm/<domid>/<id>`` and the guest may only read it.
@@ -68,6 +72,8 @@ def attach_vtpm(
         "domain": name,
         "state": str(int(XenbusState.INITIALISING)),
     }
+    if resumed:
+        backend[RESUME_KEY] = "1"
     while True:
         tx = xs.transaction_start()
         try:
@@ -110,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     attach.add_argument("--domid", type=int, required=True, help="the guest's domain id")
     attach.add_argument("--instance", type=int, required=True, help="vTPM instance id")
     attach.add_argument("--name", required=True, help="the guest's name")
+    attach.add_argument(
+        "--resume",
+        action="store_true",
+        help="the domain resumes a saved one (xl restore): keep its vTPM's state and PCRs",
+    )
     detach = sub.add_parser("detach", help="remove a vTPM's xenstore directories (dom0)")
     detach.add_argument("--domid", type=int, required=True)
     for sp in (attach, detach):
@@ -125,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "attach":
             dev = attach_vtpm(
-                hv.xenstore, args.domid, args.instance, args.name, args.backend_domid, args.devid
+                hv.xenstore,
+                args.domid,
+                args.instance,
+                args.name,
+                args.backend_domid,
+                args.devid,
+                resumed=args.resume,
             )
             print(dev.backend_path)
         else:

@@ -33,6 +33,7 @@ from .errors import MalformedMessage
 
 __all__ = [
     "BAD_TAG_RC",
+    "BIND_RESUMED",
     "HEADER_SIZE",
     "MAX_COMMAND_SIZE",
     "MAX_RESPONSE_SIZE",
@@ -214,7 +215,13 @@ VTPM_PROXY_CC_SET_LOCALITY = 0x20001000
 #: PCRs reset as on a reboot of the new domain.  The same domid (a frontend or backend
 #: restart) keeps the TPM state.  The manager answers a 10-byte success response.
 #: A guest can never send this code: the backend filters it.
+#:
+#: A domain that *resumes* a saved one (``xl restore``: same guest, same boot, new
+#: domid) must keep its PCRs, so the toolstack marks its backend directory
+#: (``resume = 1``) and the backend sends the 18-byte form: domid, then a u32 of
+#: flags, :data:`BIND_RESUMED` set; the manager then binds without a power cycle.
 XENVTPM_CC_BIND = TPM_CC_VENDOR_BIT | 0x0F00
+BIND_RESUMED = 0x1
 
 HEADER_SIZE = 10
 #: swtpm 0.7.1: TPM_PT_MAX_COMMAND_SIZE (measured by TPM2_GetCapability).  swtpm does
@@ -246,6 +253,7 @@ _RESPONSE_TAGS = frozenset((TPM_ST.NO_SESSIONS, TPM_ST.SESSIONS, TPM_ST.RSP_COMM
 # tag u16, size u32, command/response code u32; big-endian (Part 1, 18.2).
 _HEADER_HII = struct.Struct(">HII")
 _BIND_HIII = struct.Struct(">HIII")
+_BIND_HIIII = struct.Struct(">HIIII")
 _GET_RANDOM_HIIH = struct.Struct(">HIIH")
 _STARTUP_HIIH = _GET_RANDOM_HIIH
 # PCR_Extend: header, pcrHandle, authorizationSize, TPMS_AUTH_COMMAND for TPM_RS_PW
@@ -377,23 +385,32 @@ def startup_command(clear: bool = True) -> bytes:
     return _STARTUP_HIIH.pack(TPM_ST.NO_SESSIONS, 12, TPM_CC.Startup, su)
 
 
-def bind_command(domid: int) -> bytes:
-    """The manager control command :data:`XENVTPM_CC_BIND` for ``domid``."""
+def bind_command(domid: int, resumed: bool = False) -> bytes:
+    """The manager control command :data:`XENVTPM_CC_BIND` for ``domid``; ``resumed``:
+    the domain resumes a saved one, so the TPM is kept (the 18-byte form)."""
     try:
+        if resumed:
+            return _BIND_HIIII.pack(TPM_ST.NO_SESSIONS, 18, XENVTPM_CC_BIND, domid, BIND_RESUMED)
         return _BIND_HIII.pack(TPM_ST.NO_SESSIONS, 14, XENVTPM_CC_BIND, domid)
     except struct.error as exc:
         raise MalformedMessage(f"domid {domid} does not fit in u32") from exc
 
 
-def parse_bind_command(data: bytes | bytearray | memoryview) -> int:
-    """Return the domid of a :data:`XENVTPM_CC_BIND` command; raise MalformedCommand."""
+def parse_bind_command(data: bytes | bytearray | memoryview) -> tuple[int, bool]:
+    """``(domid, resumed)`` of a :data:`XENVTPM_CC_BIND` command; raise MalformedCommand."""
+    flags = 0
     try:
-        tag, size, code, domid = _BIND_HIII.unpack(data)
+        if len(data) == _BIND_HIIII.size:
+            tag, size, code, domid, flags = _BIND_HIIII.unpack(data)
+        else:
+            tag, size, code, domid = _BIND_HIII.unpack(data)
     except struct.error as exc:
         raise MalformedCommand(TPM_RC.COMMAND_SIZE, f"BIND of {len(data)} bytes") from exc
-    if code != XENVTPM_CC_BIND or size != _BIND_HIII.size or tag != TPM_ST.NO_SESSIONS:
+    if code != XENVTPM_CC_BIND or size != len(data) or tag != TPM_ST.NO_SESSIONS:
         raise MalformedCommand(TPM_RC.VALUE, "not a well-formed XENVTPM_CC_BIND")
-    return int(domid)
+    if flags & ~BIND_RESUMED:
+        raise MalformedCommand(TPM_RC.VALUE, f"XENVTPM_CC_BIND flags {flags:#x} unknown")
+    return int(domid), bool(flags & BIND_RESUMED)
 
 
 def pcr_extend_command(pcr: int, digest: bytes) -> bytes:

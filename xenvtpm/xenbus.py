@@ -37,6 +37,11 @@ S = XenbusState
 _UINT = re.compile(rb"\A[0-9]{1,10}\Z")
 
 
+#: Toolstack key in a vTPM's backend directory: "1" when the domain resumes a saved one
+#: (``xl restore``), so its vTPM keeps its state (PCRs too) instead of power-cycling.
+RESUME_KEY = "resume"
+
+
 def parse_uint(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
     """A decimal xenstore value, strictly: digits only, at most ``limit``."""
     value = raw.strip(b"\0")
