@@ -25,10 +25,15 @@ class Capability(enum.StrEnum):
     RESTART_BACKEND = "restart-backend"  # target.restart("backend")
     RESTART_MANAGER = "restart-manager"  # target.restart("manager")
     REBOOT = "reboot"  # target.reboot(guest): new domain, same vTPM instance
-    KILL_SWTPM = "kill-swtpm"  # target.kill_swtpm(guest), target.swtpm_pid(guest)
+    KILL_SWTPM = "kill-swtpm"  # target.kill_swtpm(guest), target.swtpm_pid(guest),
+    # target.pause_swtpm(guest) / resume_swtpm(guest) (SIGSTOP / SIGCONT: a hung TPM)
     XEN_PROBE = "xen-probe"  # guest.probe(...): xenstore/grant/evtchn as that domain
     XL = "xl"  # real Xen domains: target.destroy/create(guest), detach/attach of a vTPM
     # on a running guest, start/stop_frontend, backend_resources(), guest.run(cmd)
+    SAVE_RESTORE = "save-restore"  # target.save_restore(guest): xl save, xl restore;
+    # the guest's kernel re-probes its vTPM, which keeps its state (PCRs too)
+    SHARED_CLIENTS = "shared-clients"  # guest.transport(shared=True) beside other clients:
+    # a resource manager in the guest's kernel (/dev/tpmrm0), or the sim's own sharing
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 

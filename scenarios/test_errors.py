@@ -177,6 +177,7 @@ def test_unknown_command_code(raw_tpm: Transport, code: int) -> None:
 
 
 @pytest.mark.hostile
+@pytest.mark.needs("shared-clients")
 def test_guest_cannot_send_manager_control_command(raw_tpm: Transport, guest: Any) -> None:
     """The backend-to-manager BIND vendor command (0x20000f00, xenvtpm/tpm.py) sent by a
     guest is an unknown command: TPM_RC_COMMAND_CODE, and the vTPM is not power-cycled

@@ -4,6 +4,9 @@
   driver, exactly TPM_RC_FAILURE; on the driverless ``direct`` target the connection
   drops), no command hangs, and then the guest's TPM works again with committed NV data
   intact.
+- swtpm hung (SIGSTOP) in the middle of a command: the client's wait ends (a guest
+  kernel cancels the command at its timeout and answers ETIME; elsewhere the client gives
+  up), and once swtpm runs again its late answer reaches nobody.
 - backend or manager restarted while the guest is idle: the guest's frontend reconnects
   by itself and the guest's open TPM connection carries commands again.
 """
@@ -37,9 +40,12 @@ from tpm_helpers import (
     storage_template,
 )
 
+from harness.errors import DeviceRefused, TransportTimeout
+
 RECOVERY_S = 30.0  # how long a guest may take to get a working TPM back
 WORKER_JOIN_S = 90.0  # a command in flight must be answered well before this
 DRIVERLESS = {"direct"}  # targets where the guest talks to swtpm itself
+HUNG_CLIENT_WAIT_S = 10.0  # a client without a kernel gives up then; kernels give up first
 
 
 def wait_until_working(guest: Any, deadline_s: float = RECOVERY_S) -> int:
@@ -176,6 +182,32 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     wait_until_working(guest)
     with open_esapi(guest) as ctx:
         assert len(bytes(ctx.get_random(32))) == 32
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm")
+def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: Any) -> None:
+    """A command to a hung swtpm ends for its client in bounded time: a guest kernel's
+    timeout cancels it (xen-tpmfront sends CANCEL; the vTPM proxy drops it) and the
+    client sees ETIME; a client of no kernel gives up by itself. swtpm then wakes and
+    answers the old GetRandom(7): that late answer must reach nobody, so each next
+    command (GetRandom(11), (13), ...) gets exactly its own answer."""
+    with guest.transport() as t:
+        assert_channel_works(t)
+        target.pause_swtpm(guest)
+        try:
+            started = time.monotonic()
+            with pytest.raises((DeviceRefused, TransportTimeout)) as ended:
+                t.transmit(get_random_cmd(7), timeout=HUNG_CLIENT_WAIT_S)
+            waited = time.monotonic() - started
+        finally:
+            target.resume_swtpm(guest)
+    if isinstance(ended.value, DeviceRefused):
+        assert ended.value.errno_name == "ETIME", ended.value
+        assert waited < HUNG_CLIENT_WAIT_S
+    with guest.transport() as t:
+        for n in (11, 13, 17, 19, 23):
+            assert len(assert_channel_works(t, n)) == n
 
 
 @pytest.mark.slow

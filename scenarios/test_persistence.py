@@ -6,7 +6,8 @@
 - A guest reboot is a TPM reset for that guest: PCRs go back to zeros and the TPM's
   resetCount goes up.
 - A frontend or backend restart keeps the same domain bound to the instance, so the TPM
-  is not reset: PCRs keep their values. (A manager restart may restart swtpm itself,
+  is not reset: PCRs keep their values. So does ``xl save`` + ``xl restore`` (a guest
+  of the stock xen-tpmfront): a new domain, but the same boot. (A manager restart may restart swtpm itself,
   so only the non-volatile state is checked there.)
 
 Every ESAPI context is closed before the disturbance and a new one opened after it: a
@@ -54,6 +55,10 @@ def _reboot(target: Any, guest: Any) -> None:
     target.reboot(guest)
 
 
+def _save_restore(target: Any, guest: Any) -> None:
+    target.save_restore(guest)
+
+
 EVENTS = {
     "frontend-restart": pytest.param(_restart("frontend"), id="frontend-restart",
                                      marks=pytest.mark.needs("restart-frontend")),
@@ -62,11 +67,13 @@ EVENTS = {
     "manager-restart": pytest.param(_restart("manager"), id="manager-restart",
                                     marks=pytest.mark.needs("restart-manager")),
     "reboot": pytest.param(_reboot, id="reboot", marks=pytest.mark.needs("reboot")),
+    "save-restore": pytest.param(_save_restore, id="save-restore",
+                                 marks=pytest.mark.needs("save-restore")),
 }
 NV_OFFSET = {"frontend-restart": 0x30, "backend-restart": 0x31, "manager-restart": 0x32,
-             "reboot": 0x33}
+             "reboot": 0x33, "save-restore": 0x38}
 KEY_OFFSET = {"frontend-restart": 0x34, "backend-restart": 0x35, "manager-restart": 0x36,
-              "reboot": 0x37}
+              "reboot": 0x37, "save-restore": 0x39}
 
 Event = Callable[[Any, Any], None]
 
@@ -165,6 +172,24 @@ def test_pcrs_kept_on_driver_restart(target: Any, guest: Any, component: str) ->
     domid = guest.domid
     target.restart(component)
     assert guest.domid == domid
+    with open_esapi(guest) as ctx:
+        assert read_pcr(ctx, STATIC_PCR) == static
+        assert read_pcr(ctx, DEBUG_PCR) == debug
+        assert _reset_count(ctx) == resets
+
+
+@pytest.mark.slow
+@pytest.mark.needs("save-restore")
+def test_pcrs_kept_across_save_and_restore(target: Any, guest: Any) -> None:
+    """``xl save`` + ``xl restore`` is the same boot going on in a new domain: the
+    guest's kernel re-probes its vTPM (a new /dev/tpm0), and the PCRs and resetCount
+    are those from before the save."""
+    with open_esapi(guest) as ctx:
+        static, debug = _extend_both(ctx)
+        resets = _reset_count(ctx)
+    domid = guest.domid
+    target.save_restore(guest)
+    assert guest.domid != domid
     with open_esapi(guest) as ctx:
         assert read_pcr(ctx, STATIC_PCR) == static
         assert read_pcr(ctx, DEBUG_PCR) == debug

@@ -24,9 +24,15 @@ from harness.transport import RawTransport, SeqpacketTransport, SwtpmTransport
 # What an attached environment of each kind can still do without owning its daemons.
 ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
     "sim": frozenset(
-        {Capability.MULTI_GUEST, Capability.XEN_PROBE, Capability.VALIDATION, Capability.KILL_SWTPM}
+        {
+            Capability.MULTI_GUEST,
+            Capability.XEN_PROBE,
+            Capability.VALIDATION,
+            Capability.KILL_SWTPM,
+            Capability.SHARED_CLIENTS,
+        }
     ),
-    "direct": frozenset({Capability.MULTI_GUEST}),
+    "direct": frozenset({Capability.MULTI_GUEST, Capability.SHARED_CLIENTS}),
 }
 
 

@@ -8,13 +8,15 @@ processes over to the CLI's state record instead of stopping them.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-from harness.errors import UnsupportedOperation
+from harness.errors import TargetNotReady, UnsupportedOperation
 from harness.process import ManagedProcess, ProcessRecord, tail
 from harness.target import Component, Guest
 from harness.targets import Progress
@@ -165,6 +167,24 @@ class BaseTarget:
 
     def swtpm_pid(self, guest: Guest) -> int | None:
         raise UnsupportedOperation(self.name, "kill-swtpm")
+
+    def pause_swtpm(self, guest: Guest) -> None:
+        """SIGSTOP the guest's swtpm: a command sent now hangs (a hung TPM)."""
+        self._signal_swtpm(guest, "STOP")
+
+    def resume_swtpm(self, guest: Guest) -> None:
+        """SIGCONT the guest's swtpm: the hung command's answer comes, late."""
+        self._signal_swtpm(guest, "CONT")
+
+    def _signal_swtpm(self, guest: Guest, signal_name: str) -> None:
+        pid = self.swtpm_pid(guest)
+        if pid is None:
+            raise TargetNotReady(f"swtpm of {guest.name}", "no such process", self.logs())
+        self._send_signal(pid, signal_name)
+
+    def _send_signal(self, pid: int, signal_name: str) -> None:
+        """``kill -SIGNAL PID`` where the swtpm processes run: here, this host."""
+        os.kill(pid, getattr(signal, f"SIG{signal_name}"))
 
     def logs(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.log_dir.glob("*.log"))}

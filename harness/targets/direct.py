@@ -51,7 +51,12 @@ class DirectGuest(BaseGuest):
 class DirectTarget(BaseTarget):
     name: ClassVar[str] = "direct"
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
-        {Capability.MULTI_GUEST, Capability.KILL_SWTPM, Capability.RESTART_MANAGER}
+        {
+            Capability.MULTI_GUEST,
+            Capability.KILL_SWTPM,
+            Capability.RESTART_MANAGER,
+            Capability.SHARED_CLIENTS,
+        }
     )
 
     def __init__(

@@ -56,6 +56,8 @@ GUEST_MEMORY_MB = 384  # 3 guests + dom0's 1024 fit in QEMU's 3072
 REMOTE_PACKAGE_DIR = "/opt/xenvtpm"  # PYTHONPATH for python3 -m xenvtpm in every domain
 SNAPSHOT_ENV = "XENVTPM_SNAPSHOT"  # "0": always boot cold, never save a booted machine
 BOOT_TIMEOUT = 360.0  # QEMU start -> dom0 SSH (23-33 s idle, 130 s on a busy host)
+SAVE_DIR = "/var/lib/xenvtpm-saves"  # xl save images in dom0 (the guest's memory)
+SAVE_TIMEOUT = 300.0
 GUEST_TIMEOUT = 420.0  # xl create -> guest SSH (~40 s idle; 284 s seen on a loaded host)
 XL_CREATE_TIMEOUT = 300.0  # xl create itself: seconds idle, over 90 s with three QEMUs
 # harness.console.FAILURE_PATTERNS as one grep -E pattern, for a guest's console log.
@@ -113,6 +115,8 @@ class XenGuest(BaseGuest):
     def transport(self, shared: bool = False) -> RawTransport:
         """The guest's /dev/tpm0 (``shared``: /dev/tpmrm0) through ``python3 -m xenvtpm
         relay`` over SSH."""
+        if shared:
+            self.target.require(Capability.SHARED_CLIENTS)
         device = "/dev/tpmrm0" if shared else "/dev/tpm0"
         return open_relay(
             self.host().client(), device, name=self.name, package_dir=REMOTE_PACKAGE_DIR
@@ -166,6 +170,7 @@ class XenTarget(BaseTarget):
             Capability.XEN_PROBE,
             Capability.VALIDATION,
             Capability.XL,
+            Capability.SHARED_CLIENTS,
         }
     )
 
@@ -592,8 +597,8 @@ class XenTarget(BaseTarget):
         dom0 = self._dom0()
         if component == "frontend":
             for guest in self._guests:
-                self.stop_daemon(guest.host(), "frontend")
-                self.start_daemon(guest.host(), "frontend", "frontend --device")
+                self.stop_frontend(guest)
+                self.start_frontend(guest)
             for guest in self._guests:
                 xen_driver.wait_for_device(guest.host(), guest.name)
         elif component == "backend":
@@ -622,7 +627,7 @@ class XenTarget(BaseTarget):
         dom0 = self._dom0()
         old = g.domid
         t0 = time.monotonic()
-        self.stop_daemon(g.host(), "frontend")
+        self.stop_frontend(g)
         self._forget_session(g)
         dom0.check(f"xl reboot {g.name}", timeout=60)
         deadline = Deadline(GUEST_TIMEOUT)
@@ -640,6 +645,44 @@ class XenTarget(BaseTarget):
         self.connect_vtpm(g)
         xen_driver.wait_for_device(g.host(), g.name)
         self.say(f"{g.name}: rebooted, domain {old} -> {g.domid} in {time.monotonic() - t0:.0f} s")
+
+    def save_restore(self, guest: XenGuest) -> float:
+        """``xl save`` then ``xl restore``, as a host does to suspend or migrate a guest;
+        seconds from the restored domain's unpause to its ``/dev/tpm0``.
+
+        The toolstack writes the vTPM's directories for the new domain while it is still
+        paused (``xl restore -p``), as xl does for its own devices, so that the guest's
+        kernel finds its device on resume (xen-tpmfront re-probes it: tpmfront_resume).
+        They say ``resume = 1``: the same boot goes on, so the vTPM keeps its PCRs."""
+        self.require(Capability.SAVE_RESTORE)
+        g: XenGuest = self._own(guest)
+        dom0 = self._dom0()
+        old = g.domid
+        assert old is not None
+        image = f"{SAVE_DIR}/{g.name}.xlsave"
+        t0 = time.monotonic()
+        self.stop_frontend(g)
+        self._forget_session(g)
+        dom0.check(f"mkdir -p {SAVE_DIR} && xl save {g.name} {image}", timeout=SAVE_TIMEOUT)
+        saved = time.monotonic() - t0
+        self._detach_domain(old)
+        try:
+            dom0.check(f"xl restore -p {image}", timeout=SAVE_TIMEOUT)
+        finally:
+            dom0.run(f"rm -f {image}")
+        g.domid = int(dom0.check(f"xl domid {g.name}").strip())
+        vtpm = xen_driver.GuestVtpm(g.name, g.domid, g.instance)
+        dom0.check(xen_driver.attach_command(vtpm, REMOTE_PACKAGE_DIR, resumed=True))
+        dom0.check(f"xl unpause {g.name}")
+        t1 = time.monotonic()
+        self.wait_guest(g, Deadline(GUEST_TIMEOUT))
+        xen_driver.wait_for_device(g.host(), g.name)
+        waited = time.monotonic() - t1
+        self.say(
+            f"{g.name}: saved in {saved:.0f} s, restored as domain {g.domid} (was {old}); "
+            f"/dev/tpm0 {waited:.1f} s after unpause"
+        )
+        return waited
 
     def connect_vtpm(self, guest: XenGuest) -> None:
         """Toolstack entries for the guest's vTPM in dom0, then its frontend: ours
@@ -727,6 +770,9 @@ class XenTarget(BaseTarget):
         self._dom0().check(f"kill -KILL {pid}")
         Deadline(10.0).wait_for(lambda: self.swtpm_pid(guest) != pid, f"swtpm {pid} to die")
 
+    def _send_signal(self, pid: int, signal_name: str) -> None:
+        self._dom0().check(f"kill -{signal_name} {pid}")  # swtpm runs in dom0
+
     def probe(self, guest: XenGuest, *args: str) -> dict[str, Any]:
         """``python3 -m xenvtpm probe ARGS`` inside ``guest`` (as its domain); its JSON."""
         self.require(Capability.XEN_PROBE)
@@ -812,18 +858,28 @@ class XenKernelFrontendTarget(XenTarget):
     guest kernel's own ``xen-tpmfront`` (protocol v2, issue 7), with no software of ours
     in the guest: the backend serves an unmodified Linux guest.
 
-    xen-tpmfront unregisters its chip for good when the backend closes, and cannot be
-    restarted from userspace, so restarts of the frontend or backend, reboots and the
-    xl scenarios stay with ``--target xen``.
+    What the stock driver allows decides the capabilities (docs/xen-under-qemu.md):
+
+    - xen-tpmfront never probes for TPM 2.0, so its kernel registers the chip as TPM
+      1.2: ``/dev/tpm0`` passes TPM 2.0 commands through, but there is no
+      ``/dev/tpmrm0``, hence no shared clients;
+    - it unregisters its device for good when the backend closes, and cannot reconnect
+      after an unbind, so restarts of the backend or the frontend are left out (and with
+      them the xl scenarios, which stop and start the frontend);
+    - reboots work (a new domain probes afresh), and so do ``xl save`` / ``xl restore``,
+      which only this kind of guest can survive: the kernel re-probes on resume.
     """
 
     name: ClassVar[str] = "xen-kernel"
-    CAPABILITIES: ClassVar[frozenset[str]] = XenTarget.CAPABILITIES - {
-        Capability.RESTART_FRONTEND,
-        Capability.RESTART_BACKEND,
-        Capability.REBOOT,
-        Capability.XL,
-    }
+    CAPABILITIES: ClassVar[frozenset[str]] = (
+        XenTarget.CAPABILITIES
+        - {
+            Capability.RESTART_FRONTEND,
+            Capability.RESTART_BACKEND,
+            Capability.XL,
+            Capability.SHARED_CLIENTS,
+        }
+    ) | {Capability.SAVE_RESTORE}
 
     def connect_vtpm(self, guest: XenGuest) -> None:
         """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the

@@ -61,10 +61,12 @@ def backend_args() -> str:
     return f"backend --manager {MANAGER_SOCKET}"
 
 
-def attach_command(guest: GuestVtpm, package_dir: str) -> str:
+def attach_command(guest: GuestVtpm, package_dir: str, resumed: bool = False) -> str:
+    """The toolstack step; ``resumed``: the domain resumes a saved one (keep the TPM)."""
     return (
         f"cd {shlex.quote(package_dir)} && python3 -m xenvtpm attach --domid {guest.domid} "
         f"--instance {guest.instance} --name {shlex.quote(guest.name)}"
+        + (" --resume" if resumed else "")
     )
 
 

@@ -247,7 +247,9 @@ class XenHostTarget(XenTarget):
     # Pinned, not XenTarget's: what disturbs the environment stays off on a user's host
     # until reviewed there. REBOOT in particular must never be inherited: XenTarget's
     # reboot is ``xl destroy`` + ``xl create`` from the harness's own guest template.
-    CAPABILITIES: ClassVar[frozenset[str]] = frozenset({Capability.MULTI_GUEST})
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
+        {Capability.MULTI_GUEST, Capability.SHARED_CLIENTS}
+    )
 
     def __init__(
         self,
