@@ -29,6 +29,10 @@ class Capability(enum.StrEnum):
     XEN_PROBE = "xen-probe"  # guest.probe(...): xenstore/grant/evtchn as that domain
     XL = "xl"  # real Xen domains: target.destroy/create(guest), detach/attach of a vTPM
     # on a running guest, start/stop_frontend, backend_resources(), guest.run(cmd)
+    KERNEL_TPM = "kernel-tpm"  # guest.run(cmd) in a Linux guest whose kernel serves
+    # /dev/tpm0 and /dev/tpmrm0, with tpm2-tools and /opt/tpm2-selftests (the images)
+    DOM0_SHELL = "dom0-shell"  # target.dom0_run(cmd) as root in a dom0 with swtpm,
+    # tpm_vtpm_proxy and /opt/tpm2-selftests: a baseline TPM beside the guests' vTPMs
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 
