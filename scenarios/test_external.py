@@ -254,6 +254,8 @@ def test_tpm2_key_chain_signs_and_verifies(guest: Any) -> None:
 def test_tpm2_nv_define_write_read_undefine(guest: Any) -> None:
     index = f"{NV_INDEX:#x}"
     data = "xenvtpm external nv"
+    remove = f"TPM2TOOLS_TCTI={TCTI} tpm2_nvundefine {index} -C o 2>/dev/null"
+    guest.run(remove)  # left by an interrupted run
     try:
         out = tools(
             guest,
@@ -266,7 +268,7 @@ def test_tpm2_nv_define_write_read_undefine(guest: Any) -> None:
             "echo left: $(tpm2_getcap handles-nv-index)",
         )
     finally:
-        guest.run(f"TPM2TOOLS_TCTI={TCTI} tpm2_nvundefine {index} -C o 2>/dev/null")
+        guest.run(remove)
     assert f"read: {data}" in out.splitlines(), out
     assert re.search(
         rf"^{index}:\n(?:\s+.*\n)*?\s+friendly: ownerwrite\|ownerread\|written$", out, re.M
