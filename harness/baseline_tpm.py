@@ -67,10 +67,12 @@ class ProxySwtpm:
             "--flags", "not-need-init,startup-clear",
             "--log", f"file={state}/swtpm.log,level=2",
         ]  # fmt: skip
-        # Line-buffered stdout: swtpm prints "New TPM device: /dev/tpmN" there.
+        # Line-buffered stdout: swtpm prints "New TPM device: /dev/tpmN" there. Only the
+        # daemon is backgrounded: a backgrounded "cd && daemon" list would hold the SSH
+        # channel open, and $! would be the list's shell, not swtpm.
         started = (
-            f"cd {shlex.quote(state)} && setsid nohup stdbuf -oL {shlex.join(self.command)} "
-            ">swtpm.out 2>&1 </dev/null & echo $!"
+            f"cd {shlex.quote(state)} || exit 1; setsid nohup stdbuf -oL "
+            f"{shlex.join(self.command)} >swtpm.out 2>&1 </dev/null & echo $!"
         )
         try:
             rc, out, err = self._run(started)
