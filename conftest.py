@@ -33,6 +33,7 @@ MARKERS = {
     "slow": "takes more than a few seconds",
     "xen": "needs a real Xen hypervisor",
     "device": "needs a kernel TPM device (/dev/tpm0) in the guest",
+    "external": "suites not written for this driver (kernel tpm2 selftests, tpm2-tools)",
 }
 TPM_RC_INITIALIZE = 0x100
 

@@ -14,7 +14,12 @@ Layout under ``$XENVTPM_CACHE/images`` (default ``~/.cache/xenvtpm/images``)::
         xen.bin             Debian's xen-4.17-amd64.gz, unzipped (multiboot for -kernel)
         vmlinuz initrd.img  dom0's kernel and initrd (QEMU multiboot modules; guests
                             boot the same files from inside dom0 via xl kernel=)
-        manifest.json       kernel version, paths inside dom0, timings
+        manifest.json       kernel version (and the kernel source the selftests come
+                            from), paths inside dom0, timings
+
+Both root file systems carry ``/opt/tpm2-selftests``: the kernel's TPM 2.0 selftests
+(``tools/testing/selftests/tpm2``) from Debian's ``linux-source-6.1`` of the same mirror
+as the kernel, checked to be the kernel's own upstream version (scenarios/test_external.py).
 
 Nothing is mounted: ``debootstrap --variant=minbase`` into a directory, configure it
 there, then ``mke2fs -t ext4 -d ROOTFS IMG SIZE``. Spec: DESIGN.md section 4.
@@ -53,6 +58,12 @@ SUITE = "bookworm"
 KEEP_BUILDS = 2  # older recipe builds are deleted after a new one is made
 DOM0_SIZE = "3G"
 GUEST_SIZE = "1536M"
+# The kernel's TPM 2.0 selftests: where they are in linux-source-6.1's tarball (in dom0's
+# rootfs after debootstrap) and where both images get them.
+KERNEL_SOURCE_PACKAGE = "linux-source-6.1"
+KERNEL_SOURCE_TARBALL = "usr/src/linux-source-6.1.tar.xz"
+SELFTESTS_MEMBER = "linux-source-6.1/tools/testing/selftests/tpm2"
+SELFTESTS_DIR = "opt/tpm2-selftests"
 # Module trees a PV guest never needs (keeps guest.img small); depmod runs afterwards.
 GUEST_MODULE_SKIP = (
     "kernel/drivers/gpu",
@@ -97,6 +108,15 @@ class ImageBuildError(HarnessError):
 
 class MirrorUnreachable(ImageBuildError):
     """The apt mirror from the host's sources cannot be reached."""
+
+
+def upstream_version(debian_version: str) -> str:
+    """``[epoch:]upstream[-revision]`` -> upstream: 6.1.176-1 -> 6.1.176.
+
+    Spec: deb-version(7).
+    """
+    version = debian_version.split(":", 1)[-1]
+    return version.rsplit("-", 1)[0] if "-" in version else version
 
 
 def cache_root() -> Path:
@@ -404,9 +424,60 @@ class Builder:
             "xen": xen[-1].name,
         }
 
+    def package_version(self, rootfs: Path, package: str) -> str:
+        """The installed version of ``package`` in ``rootfs`` (dpkg's database there)."""
+        argv = ["dpkg-query", f"--admindir={rootfs}/var/lib/dpkg", "-W", "-f=${Version}", package]
+        result = subprocess.run(argv, capture_output=True, text=True)
+        if result.returncode != 0 or not result.stdout.strip():
+            raise ImageBuildError(
+                f"{package} is not installed in {rootfs.name}: {' '.join(argv)} exited "
+                f"{result.returncode}: {result.stderr.strip()} (log: {self.log_path})"
+            )
+        return result.stdout.strip()
+
+    def install_selftests(self, rootfs: Path, kernel_version: str) -> dict[str, str]:
+        """The kernel's tpm2 selftests into dom0's ``/opt/tpm2-selftests``, from
+        linux-source-6.1, whose big tarball is then deleted (the image stays small).
+
+        The selftests test the kernel's TPM driver, so they must be the booted kernel's
+        own: a source version other than the kernel's upstream version stops the build.
+        """
+        kernel = self.package_version(rootfs, f"linux-image-{kernel_version}")
+        source = self.package_version(rootfs, KERNEL_SOURCE_PACKAGE)
+        if upstream_version(kernel) != upstream_version(source):
+            raise ImageBuildError(
+                f"{KERNEL_SOURCE_PACKAGE} {source} does not match the kernel "
+                f"linux-image-{kernel_version} {kernel} (upstream {upstream_version(source)} "
+                f"!= {upstream_version(kernel)}): the mirror {self.mirror} is mid-update? "
+                "Build again later; the tpm2 selftests must come from the booted kernel's source"
+            )
+        tarball = rootfs / KERNEL_SOURCE_TARBALL
+        dest = rootfs / SELFTESTS_DIR
+        dest.mkdir(parents=True, exist_ok=True)
+        self.say(f"dom0: tpm2 selftests from {KERNEL_SOURCE_PACKAGE} {source} -> /{SELFTESTS_DIR}")
+        t0 = time.monotonic()
+        strip = len(Path(SELFTESTS_MEMBER).parts)
+        self.run(
+            "dom0 tpm2 selftests",
+            ["tar", "-xJf", str(tarball), "-C", str(dest), f"--strip-components={strip}",
+             SELFTESTS_MEMBER],
+        )  # fmt: skip
+        if not (dest / "tpm2_tests.py").exists():
+            raise ImageBuildError(
+                f"{SELFTESTS_MEMBER} of {tarball} has no tpm2_tests.py (log: {self.log_path})"
+            )
+        (dest / "SOURCE").write_text(
+            f"{KERNEL_SOURCE_PACKAGE} {source} {SELFTESTS_MEMBER.split('/', 1)[1]}\n"
+        )
+        tarball.unlink()
+        self.timings["selftests_extract_s"] = round(time.monotonic() - t0, 1)
+        return {"kernel_package_version": kernel, "kernel_source_version": source}
+
     def configure_guest(self, rootfs: Path, dom0_rootfs: Path, version: str) -> None:
-        """dom0's kernel modules (the guest boots dom0's kernel), then depmod."""
+        """dom0's kernel modules (the guest boots dom0's kernel), then depmod; dom0's
+        tpm2 selftests (the same kernel's)."""
         self.configure_common(rootfs, "guest", "/dev/xvda")
+        shutil.copytree(dom0_rootfs / SELFTESTS_DIR, rootfs / SELFTESTS_DIR, symlinks=True)
         src = dom0_rootfs / "lib" / "modules" / version
         dst = rootfs / "lib" / "modules" / version
         skip = {src / s for s in GUEST_MODULE_SKIP}
@@ -457,6 +528,7 @@ def build_images(
         try:
             dom0_root = b.debootstrap("dom0", read_packages(recipes / "dom0.packages"))
             manifest: dict[str, Any] = b.configure_dom0(dom0_root)
+            manifest.update(b.install_selftests(dom0_root, manifest["kernel_version"]))
             guest_root = b.debootstrap("guest", read_packages(recipes / "guest.packages"))
             b.configure_guest(guest_root, dom0_root, manifest["kernel_version"])
             b.mkfs(dom0_root, work / "dom0.img", DOM0_SIZE, "dom0")

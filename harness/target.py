@@ -34,6 +34,10 @@ class Capability(enum.StrEnum):
     # the guest's kernel re-probes its vTPM, which keeps its state (PCRs too)
     SHARED_CLIENTS = "shared-clients"  # guest.transport(shared=True) beside other clients:
     # a resource manager in the guest's kernel (/dev/tpmrm0), or the sim's own sharing
+    KERNEL_TPM = "kernel-tpm"  # guest.run(cmd) in a Linux guest whose kernel serves
+    # /dev/tpm0 (and /dev/tpmrm0 if it registered a TPM 2.0), tpm2-tools, /opt/tpm2-selftests
+    DOM0_SHELL = "dom0-shell"  # target.dom0_run(cmd) as root in a dom0 with swtpm,
+    # tpm_vtpm_proxy and /opt/tpm2-selftests: a baseline TPM beside the guests' vTPMs
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 

@@ -7,8 +7,8 @@
   resetCount goes up.
 - A frontend or backend restart keeps the same domain bound to the instance, so the TPM
   is not reset: PCRs keep their values. So does ``xl save`` + ``xl restore`` (a guest
-  of the stock xen-tpmfront): a new domain, but the same boot. (A manager restart may restart swtpm itself,
-  so only the non-volatile state is checked there.)
+  of the stock xen-tpmfront): a new domain, but the same boot. (A manager restart may
+  restart swtpm itself, so only the non-volatile state is checked there.)
 
 Every ESAPI context is closed before the disturbance and a new one opened after it: a
 restart may drop the guest's connection, and a TSS context does not outlive its channel.

@@ -125,7 +125,13 @@ def probe_as_domain(control: Any, domid: int, args: Sequence[str]) -> dict[str, 
 
 class SimTarget(BaseTarget):
     name: ClassVar[str] = "sim"
-    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability) - {Capability.XL}
+    # No Linux guests and no dom0 shell: the xl, kernel-TPM and dom0 capabilities are
+    # real Xen's.
+    CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability) - {
+        Capability.XL,
+        Capability.KERNEL_TPM,
+        Capability.DOM0_SHELL,
+    }
 
     def __init__(
         self,

@@ -171,6 +171,8 @@ class XenTarget(BaseTarget):
             Capability.VALIDATION,
             Capability.XL,
             Capability.SHARED_CLIENTS,
+            Capability.KERNEL_TPM,
+            Capability.DOM0_SHELL,
         }
     )
 
@@ -308,6 +310,12 @@ class XenTarget(BaseTarget):
         configs = [g.xl_config(self.images) for g in self._guests]
         blob = json.dumps([shape, configs], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def dom0_run(self, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        """Run ``command`` as root in dom0: (exit code, stdout, stderr). For scenarios
+        that need dom0 itself, e.g. a baseline swtpm behind dom0's own vTPM proxy."""
+        self.require(Capability.DOM0_SHELL)
+        return self._dom0().run(command, timeout)
 
     def _dom0(self) -> SshHost:
         if self.dom0 is None:

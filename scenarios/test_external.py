@@ -1,0 +1,302 @@
+"""External suites in the guest (issue 7): software written for any Linux TPM, not for
+this driver, uses the guest kernel's ``/dev/tpm0``.
+
+- The kernel's own TPM 2.0 selftests, from the guest kernel's source
+  (``/opt/tpm2-selftests``, made by harness/images.py): the classes 6.1's
+  ``test_smoke.sh`` (SmokeTest, AsyncTest) and ``test_space.sh`` (SpaceTest) run. They
+  test the kernel and the TPM as much as the path between, so they also run once in dom0
+  against plain swtpm behind dom0's own vTPM proxy (harness/baseline_tpm.py): a test that
+  fails in the guest must fail there too, or it is ours. Each test's result on both sides
+  is printed and written to ``artifacts/external/tpm2-selftests-<target>.md``.
+- Debian's tpm2-tools on ``/dev/tpm0`` through the device TCTI, no resource manager.
+
+The selftests open ``/dev/tpm0``, which admits one opener: nothing here opens a harness
+transport (``guest.transport()`` holds ``/dev/tpm0`` while it is open), and each run
+first checks that no process in the guest holds it. Left behind for later scenarios:
+nothing but PCR 1, which SmokeTest.test_unseal_with_wrong_policy extends and only a TPM
+reset clears (no scenario reads it); PCR 16 is reset, transients flushed, NV removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tpm_helpers import DEBUG_PCR, nv_index, pcr_extended
+
+from harness.baseline_tpm import ProxySwtpm
+from harness.images import ROOT
+from harness.unittest_results import (
+    Outcome,
+    Row,
+    SuiteRun,
+    UnittestOutputError,
+    compare,
+    markdown_table,
+    write_report,
+)
+
+pytestmark = [pytest.mark.external, pytest.mark.device, pytest.mark.needs("kernel-tpm")]
+
+SELFTESTS = "/opt/tpm2-selftests"
+# What 6.1's test_smoke.sh and test_space.sh run (tools/testing/selftests/tpm2).
+SELFTEST_CLASSES = ("SmokeTest", "AsyncTest", "SpaceTest")
+SELFTEST_TIMEOUT = 600  # the directory's kselftest "settings": timeout=600
+REPORT_DIR = ROOT / "artifacts" / "external"
+TCTI = "device:/dev/tpm0"
+# The 6.1 selftests that open /dev/tpmrm0 (tpm2.Client.FLAG_SPACE): a guest kernel
+# without a resource manager cannot run them. Stock xen-tpmfront never probes for TPM
+# 2.0, so its kernel registers a TPM 1.2 chip and makes no /dev/tpmrm0.
+NEEDS_TPMRM = ("SpaceTest.", "AsyncTest.test_flush_invalid_context")
+NO_TPMRM = "no /dev/tpmrm0 in this guest (its kernel registered the vTPM as TPM 1.2)"
+NV_INDEX = nv_index(0x80)
+
+# (command, timeout) -> (exit code, stdout, stderr): guest.run, target.dom0_run.
+Shell = Callable[[str, float], tuple[int, str, str]]
+
+
+# -- the kernel's tpm2 selftests ----------------------------------------------------------
+def run_selftests(run: Shell, where: str, cls: str) -> SuiteRun:
+    """``python3 -m unittest -v tpm2_tests.CLS`` in ``/opt/tpm2-selftests``, as
+    test_smoke.sh does; its results (exit code 1 only means a test failed)."""
+    command = (
+        f"cd {SELFTESTS} && timeout {SELFTEST_TIMEOUT} python3 -m unittest -v tpm2_tests.{cls}"
+    )
+    rc, out, err = run(command, SELFTEST_TIMEOUT + 60)
+    try:
+        return SuiteRun.from_output(err)
+    except UnittestOutputError as e:
+        pytest.fail(f"{where}: {command} exited {rc} (124: timed out): {e}\n{out}", pytrace=False)
+
+
+def tpm0_holders(guest: Any) -> str:
+    """Processes in the guest with ``/dev/tpm0`` open (pid and command line), if any."""
+    script = (
+        'for f in /proc/[0-9]*/fd/*; do [ "$(readlink "$f")" = /dev/tpm0 ] || continue; '
+        'p=${f%/fd/*}; echo "${p#/proc/}: $(tr "\\0" " " <"$p/cmdline")"; done 2>/dev/null; '
+        "exit 0"
+    )
+    return str(guest.run(script)[1]).strip()
+
+
+def reset_guest_tpm(guest: Any) -> None:
+    """What the selftests may leave: PCR 16 extended, transients or sessions loaded."""
+    tools(
+        guest,
+        f"tpm2_pcrreset {DEBUG_PCR}\n"
+        "tpm2_flushcontext -t\ntpm2_flushcontext -l\ntpm2_flushcontext -s",
+    )
+
+
+@dataclass
+class Baseline:
+    """The selftests' results in dom0 on plain swtpm, and what they ran on."""
+
+    runs: dict[str, SuiteRun]
+    swtpm: str
+
+
+@dataclass
+class SelftestReport:
+    """The guest-vs-baseline table of every class run so far, rewritten after each."""
+
+    path: Path
+    preamble: list[str]
+    guest: str
+    rows: dict[str, list[Row]] = field(default_factory=dict)
+
+    def add(self, cls: str, rows: list[Row]) -> str:
+        self.rows[cls] = rows
+        every = [row for per_class in self.rows.values() for row in per_class]
+        write_report(
+            self.path,
+            "Kernel tpm2 selftests: guest vs dom0 baseline",
+            self.preamble,
+            markdown_table(every, self.guest, "dom0 baseline"),
+        )
+        return markdown_table(rows, self.guest, "dom0 baseline")
+
+
+@pytest.fixture(scope="module")
+def baseline(target: Any) -> Baseline:
+    """The selftest classes once in dom0, against swtpm behind dom0's vTPM proxy. A
+    class with no passing test there is a broken baseline, which would excuse every
+    failure in the guest: that fails here, with swtpm's log."""
+    with ProxySwtpm(target.dom0_run) as tpm:
+        runs = {cls: run_selftests(target.dom0_run, "dom0", cls) for cls in SELFTEST_CLASSES}
+        broken = [
+            c for c, run in runs.items() if all(r.outcome is not Outcome.OK for r in run.results)
+        ]
+        if broken:
+            pytest.fail(
+                f"dom0 baseline: no test of {broken} passed on plain swtpm ({runs}); "
+                f"swtpm in dom0:\n{tpm.log_tail()}",
+                pytrace=False,
+            )
+    _, version, _ = target.dom0_run("swtpm --version", 30)
+    return Baseline(runs, version.split(",", 1)[0].strip())  # "TPM emulator version 0.7.1"
+
+
+@pytest.fixture(scope="module")
+def selftest_report(target: Any, guests: Any, baseline: Baseline) -> SelftestReport:
+    guest = guests[0]
+    _, source, _ = guest.run(f"cat {SELFTESTS}/SOURCE")
+    _, kernel, _ = guest.run("uname -r")
+    preamble = [
+        f"- target: {target.name}; guest: {guest.name}, kernel {kernel.strip()}",
+        f"- selftests: {source.strip()} (classes {', '.join(SELFTEST_CLASSES)})",
+        f"- baseline: {baseline.swtpm}, `swtpm chardev --vtpm-proxy` in dom0 (same kernel)",
+        "- guest only failure: fails in the guest but not on the baseline (a driver bug)",
+    ]
+    return SelftestReport(REPORT_DIR / f"tpm2-selftests-{target.name}.md", preamble, guest.name)
+
+
+@pytest.mark.needs("dom0-shell")
+@pytest.mark.parametrize("cls", SELFTEST_CLASSES)
+def test_kernel_tpm2_selftests(
+    guest: Any,
+    baseline: Baseline,
+    selftest_report: SelftestReport,
+    capsys: pytest.CaptureFixture[str],
+    cls: str,
+) -> None:
+    """The kernel's selftest class in the guest: every test failing there also fails on
+    the dom0 baseline, or cannot apply to the guest (``NEEDS_TPMRM`` without
+    /dev/tpmrm0; the table says so)."""
+    holders = tpm0_holders(guest)
+    assert not holders, f"/dev/tpm0 in {guest.name} is held open (a harness relay?):\n{holders}"
+    try:
+        run = run_selftests(guest.run, guest.name, cls)
+    finally:
+        reset_guest_tpm(guest)
+    has_tpmrm = guest.run("test -c /dev/tpmrm0")[0] == 0
+    excused = {
+        r.test: NO_TPMRM
+        for r in baseline.runs[cls].results
+        if not has_tpmrm and r.test.startswith(NEEDS_TPMRM)
+    }
+    rows = compare(run, baseline.runs[cls], excused)
+    table = selftest_report.add(cls, rows)
+    with capsys.disabled():
+        print(f"\ntpm2 selftests {cls} ({selftest_report.path}):\n{table}")
+    ours = [row.test for row in rows if row.guest_only_failure]
+    assert not ours, f"fail in {guest.name} but not on the dom0 baseline: {ours}\n{table}"
+
+
+# -- tpm2-tools -----------------------------------------------------------------------------
+def tools(guest: Any, script: str, timeout: float = 300.0) -> str:
+    """Run ``script`` (tpm2-tools, one command a line, stopping at the first failure) in
+    a scratch directory of the guest with ``TPM2TOOLS_TCTI=device:/dev/tpm0``; stdout.
+
+    With no resource manager every object a tool loads stays loaded after it exits (the
+    vTPM holds 3): ``t CMD`` runs CMD and flushes the transients.
+    """
+    command = (
+        'd=$(mktemp -d) || exit 1; (set -e; cd "$d"; '
+        f"export TPM2TOOLS_TCTI={TCTI}; "
+        't() { "$@"; tpm2_flushcontext -t; }\n'
+        f'{script}\n); rc=$?; rm -rf "$d"; exit $rc'
+    )
+    rc, out, err = guest.run(command, timeout)
+    assert rc == 0, (
+        f"{guest.name}: tpm2-tools exited {rc}:\n{script}\nstdout:\n{out}\nstderr:\n{err}"
+    )
+    return str(out)
+
+
+def pcr_values(out: str, pcr: int) -> list[bytes]:
+    """Every value of ``pcr`` that tpm2_pcrread printed (``  16: 0x...``), in order."""
+    return [bytes.fromhex(h) for h in re.findall(rf"^\s*{pcr}: 0x([0-9A-Fa-f]+)$", out, re.M)]
+
+
+def test_tpm2_getrandom(guest: Any) -> None:
+    out = tools(guest, "tpm2_getrandom --hex 16; echo\ntpm2_getrandom --hex 16; echo")
+    first, second = out.split()
+    assert re.fullmatch(r"[0-9a-f]{32}", first), out
+    assert re.fullmatch(r"[0-9a-f]{32}", second), out
+    assert first != second
+
+
+def test_tpm2_getcap_says_tpm_2_0(guest: Any) -> None:
+    out = tools(guest, "tpm2_getcap properties-fixed")
+    assert re.search(
+        r'^TPM2_PT_FAMILY_INDICATOR:\n\s+raw: 0x322E3000\n\s+value: "2\.0"$', out, re.M
+    ), out
+
+
+@pytest.fixture
+def debug_pcr(guest: Any) -> Iterator[int]:
+    """PCR 16 reset before and after."""
+    tools(guest, f"tpm2_pcrreset {DEBUG_PCR}")
+    yield DEBUG_PCR
+    tools(guest, f"tpm2_pcrreset {DEBUG_PCR}")
+
+
+def test_tpm2_pcrextend_then_pcrread(guest: Any, debug_pcr: int) -> None:
+    digest = hashlib.sha256(b"xenvtpm external suites").digest()
+    out = tools(
+        guest,
+        f"tpm2_pcrread sha256:{debug_pcr}\n"
+        f"tpm2_pcrextend {debug_pcr}:sha256={digest.hex()}\n"
+        f"tpm2_pcrread sha256:{debug_pcr}",
+    )
+    assert pcr_values(out, debug_pcr) == [bytes(32), pcr_extended(bytes(32), digest)], out
+
+
+def test_tpm2_key_chain_signs_and_verifies(guest: Any) -> None:
+    """createprimary, readpublic, create, load, sign, verifysignature; a changed message
+    does not verify; nothing stays loaded."""
+    out = tools(
+        guest,
+        "t tpm2_createprimary -C o -G ecc -c p.ctx -Q\n"
+        "t tpm2_readpublic -c p.ctx\n"
+        "t tpm2_create -C p.ctx -G ecc256 -u k.pub -r k.priv -Q\n"
+        "t tpm2_load -C p.ctx -u k.pub -r k.priv -c k.ctx -Q\n"
+        "printf 'xenvtpm external suites' >msg\n"
+        "t tpm2_sign -c k.ctx -g sha256 -o sig msg\n"
+        "t tpm2_verifysignature -c k.ctx -g sha256 -m msg -s sig\n"
+        "echo verified\n"
+        "printf 'changed' >msg\n"
+        "if tpm2_verifysignature -c k.ctx -g sha256 -m msg -s sig 2>/dev/null; "
+        "then echo changed-verified; else echo changed-rejected; fi\n"
+        "tpm2_flushcontext -t\n"
+        "echo transients: $(tpm2_getcap handles-transient)",
+    )
+    assert re.search(r"^type:\n\s+value: ecc$", out, re.M), out
+    assert re.search(r"^name: 000b[0-9a-f]{64}$", out, re.M), out
+    lines = out.splitlines()
+    assert "verified" in lines and "changed-rejected" in lines, out
+    assert "transients:" in lines, out  # nothing listed after it
+
+
+def test_tpm2_nv_define_write_read_undefine(guest: Any) -> None:
+    index = f"{NV_INDEX:#x}"
+    data = "xenvtpm external nv"
+    remove = f"TPM2TOOLS_TCTI={TCTI} tpm2_nvundefine {index} -C o 2>/dev/null"
+    guest.run(remove)  # left by an interrupted run
+    try:
+        out = tools(
+            guest,
+            f"tpm2_nvdefine {index} -C o -s 32 -a 'ownerread|ownerwrite'\n"
+            f"printf {shlex.quote(data)} >data\n"
+            f"tpm2_nvwrite {index} -C o -i data\n"
+            f"echo read: $(tpm2_nvread {index} -C o -s {len(data)})\n"
+            f"tpm2_nvreadpublic {index}\n"
+            f"tpm2_nvundefine {index} -C o\n"
+            "echo left: $(tpm2_getcap handles-nv-index)",
+        )
+    finally:
+        guest.run(remove)
+    assert f"read: {data}" in out.splitlines(), out
+    assert re.search(
+        rf"^{index}:\n(?:\s+.*\n)*?\s+friendly: ownerwrite\|ownerread\|written$", out, re.M
+    ), out
+    assert re.search(r"^\s+size: 32$", out, re.M), out
+    left = out.rsplit("left:", 1)[1].lower()
+    assert index not in left, out
