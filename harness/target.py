@@ -73,6 +73,12 @@ class Guest(Protocol):
         (``/dev/tpm0``), which checks a command's size before any driver sees it."""
         ...
 
+    @property
+    def max_command_size(self) -> int:
+        """The largest command the guest's path carries: swtpm's 4096, or less where a
+        frontend's one shared page also holds its own header (stock xen-tpmfront)."""
+        ...
+
     def transport(self, shared: bool = False) -> RawTransport:
         """A new connection to this guest's TPM.
 

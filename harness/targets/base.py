@@ -31,6 +31,7 @@ class BaseGuest:
 
     target_name: str = "base"
     kernel_device: bool = False
+    max_command_size: int = 4096  # swtpm's TPM_PT_MAX_COMMAND_SIZE
 
     def transport(self, shared: bool = False) -> RawTransport:
         raise NotImplementedError

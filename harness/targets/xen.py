@@ -112,6 +112,10 @@ class XenGuest(BaseGuest):
     def put(self, local: Path | str, remote: str) -> None:
         self.host().put(local, remote)
 
+    @property
+    def max_command_size(self) -> int:  # type: ignore[override]
+        return self.target.MAX_COMMAND_SIZE
+
     def transport(self, shared: bool = False) -> RawTransport:
         """The guest's /dev/tpm0 (``shared``: /dev/tpmrm0) through ``python3 -m xenvtpm
         relay`` over SSH."""
@@ -159,6 +163,7 @@ class XenGuest(BaseGuest):
 
 class XenTarget(BaseTarget):
     name: ClassVar[str] = "xen"
+    MAX_COMMAND_SIZE: ClassVar[int] = 4096
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
         {
             Capability.MULTI_GUEST,
@@ -879,6 +884,9 @@ class XenKernelFrontendTarget(XenTarget):
     """
 
     name: ClassVar[str] = "xen-kernel"
+    # xen-tpmfront grants no extra pages, and its one page starts with the 8-byte
+    # vtpm_shared_page header: vtpm_send refuses a longer command (EINVAL).
+    MAX_COMMAND_SIZE: ClassVar[int] = 4096 - 8
     CAPABILITIES: ClassVar[frozenset[str]] = (
         XenTarget.CAPABILITIES
         - {
