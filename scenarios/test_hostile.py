@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.hostile, pytest.mark.needs("xen-probe")]
 ROGUE_INSTANCE = 1900
 ROGUE_DEVID = 1  # on Xen: the rogue's device beside the guest's own vTPM (devid 0)
 LATENCY_BOUND_S = 2.0
+VICTIM_START_S = 120.0
 # attack -> (arguments on sim, arguments on xen). Under TCG a notify or a handshake
 # costs 10-100x what it does natively, so the xen run does fewer rounds and cycles, and
 # gives the backend 3 s (not 0.2 s) to see each out-of-order xenbus state.
@@ -190,7 +191,11 @@ class XenToolstack:
 
 
 Toolstack = SimToolstack | XenToolstack
-TOOLSTACKS: dict[str, type[Toolstack]] = {"sim": SimToolstack, "xen": XenToolstack}
+TOOLSTACKS: dict[str, type[Toolstack]] = {
+    "sim": SimToolstack,
+    "xen": XenToolstack,
+    "xen-kernel": XenToolstack,  # the victim is a stock xen-tpmfront guest
+}
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +243,8 @@ def test_rogue_frontend(
     failures: list[str] = []
     stop = threading.Event()
 
+    serving = threading.Event()  # the victim has had its first answer
+
     def victim() -> None:
         try:
             with guest.transport() as t:
@@ -247,13 +254,19 @@ def test_rogue_frontend(
                     if tpm.response_code(answer) != 0 or len(answer) != 28:
                         failures.append(answer.hex())
                     latencies.append(time.monotonic() - t0)
+                    serving.set()
                     time.sleep(0.005)
         except Exception as e:  # opening the victim's TPM fails the test too
             failures.append(repr(e))
+        finally:
+            serving.set()
 
     evidence: dict[str, Any] = {"attack": attack, "args": toolstack.args(attack), "before": before}
     thread = threading.Thread(target=victim, daemon=True)
     thread.start()
+    # The attack starts once the victim is served: opening its TPM (an SSH relay on Xen)
+    # can outlast a short attack, which would then have no victim at all.
+    assert serving.wait(VICTIM_START_S), f"the victim had no answer in {VICTIM_START_S} s"
     try:
         observations = toolstack.rogue(attack, toolstack.args(attack))
         evidence["observations"] = observations

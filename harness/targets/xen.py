@@ -99,6 +99,9 @@ class XenGuest(BaseGuest):
         self.domid: int | None = None
         self.target = target
         self.ssh: SshHost | None = None
+        # The guest's TPM device: /dev/tpm0, unless its kernel numbered the chip anew
+        # (xen-tpmfront after xl restore: the resumed chip is tpm1; see save_restore).
+        self.tpm_device = "/dev/tpm0"
 
     # -- the coordination surface for deploying the driver pair ------------------------
     def host(self) -> SshHost:
@@ -117,11 +120,11 @@ class XenGuest(BaseGuest):
         return self.target.MAX_COMMAND_SIZE
 
     def transport(self, shared: bool = False) -> RawTransport:
-        """The guest's /dev/tpm0 (``shared``: /dev/tpmrm0) through ``python3 -m xenvtpm
-        relay`` over SSH."""
+        """The guest's TPM device (``tpm_device``; ``shared``: /dev/tpmrm0) through
+        ``python3 -m xenvtpm relay`` over SSH."""
         if shared:
             self.target.require(Capability.SHARED_CLIENTS)
-        device = "/dev/tpmrm0" if shared else "/dev/tpm0"
+        device = "/dev/tpmrm0" if shared else self.tpm_device
         return open_relay(
             self.host().client(), device, name=self.name, package_dir=REMOTE_PACKAGE_DIR
         )
@@ -153,7 +156,7 @@ class XenGuest(BaseGuest):
             "domid": self.domid,
             "instance": self.instance,
             "ip": self.ip,
-            "tpm": "/dev/tpm0",
+            "tpm": self.tpm_device,
             "transport": "xen-ssh",
         }
 
@@ -566,7 +569,7 @@ class XenTarget(BaseTarget):
         for guest in self._guests:
             self.connect_vtpm(guest)
         for guest in self._guests:
-            waited = xen_driver.wait_for_device(guest.host(), guest.name)
+            waited = self.wait_for_device(guest)
             self.say(f"{guest.name}: /dev/tpm0 up {waited:.1f} s after its frontend started")
         self.timings["driver_to_tpm0_s"] = round(time.monotonic() - t0, 1)
 
@@ -613,7 +616,7 @@ class XenTarget(BaseTarget):
                 self.stop_frontend(guest)
                 self.start_frontend(guest)
             for guest in self._guests:
-                xen_driver.wait_for_device(guest.host(), guest.name)
+                self.wait_for_device(guest)
         elif component == "backend":
             self.stop_daemon(dom0, "backend")
             self.start_daemon(dom0, "backend", xen_driver.backend_args())
@@ -656,7 +659,7 @@ class XenTarget(BaseTarget):
         self._detach_domain(old)
         self.wait_guest(g, deadline)
         self.connect_vtpm(g)
-        xen_driver.wait_for_device(g.host(), g.name)
+        self.wait_for_device(g)
         self.say(f"{g.name}: rebooted, domain {old} -> {g.domid} in {time.monotonic() - t0:.0f} s")
 
     def save_restore(self, guest: XenGuest) -> float:
@@ -689,7 +692,7 @@ class XenTarget(BaseTarget):
         dom0.check(f"xl unpause {g.name}")
         t1 = time.monotonic()
         self.wait_guest(g, Deadline(GUEST_TIMEOUT))
-        xen_driver.wait_for_device(g.host(), g.name)
+        self.wait_for_device(g)
         waited = time.monotonic() - t1
         self.say(
             f"{g.name}: saved in {saved:.0f} s, restored as domain {g.domid} (was {old}); "
@@ -715,7 +718,8 @@ class XenTarget(BaseTarget):
         self.start_daemon(guest.host(), "frontend", "frontend --device")
 
     def wait_for_device(self, guest: XenGuest) -> float:
-        return xen_driver.wait_for_device(guest.host(), guest.name)
+        """Seconds until the guest's TPM device exists (``guest.tpm_device``)."""
+        return xen_driver.wait_for_device(guest.host(), guest.name, device=guest.tpm_device)
 
     def detach_vtpm(self, guest: XenGuest) -> None:
         """The toolstack removes the guest's vTPM (both xenstore directories), as
@@ -906,11 +910,21 @@ class XenKernelFrontendTarget(XenTarget):
         self._dom0().check(xen_driver.attach_command(vtpm, REMOTE_PACKAGE_DIR))
         guest.host().check("modprobe xen-tpmfront")
 
+    def wait_for_device(self, guest: XenGuest) -> float:
+        """Seconds until xen-tpmfront's chip exists; ``guest.tpm_device`` is its device.
+
+        Not always /dev/tpm0: on resume xen-tpmfront removes and re-probes its chip by
+        hand, outside the driver core, so the old chip's devm reference (and with it
+        the number tpm0) is never released and the new chip is tpm1 (measured, 6.1)."""
+        waited = xen_driver.wait_for_kernel_chip(guest.host(), guest.name)
+        guest.tpm_device = waited.device
+        return waited.seconds
+
     def problems(self) -> list[str]:
         out = super().problems()
         for guest in self._guests:
             if guest.ssh is not None and guest.ssh.connected:
-                rc, _, _ = guest.run("test -c /dev/tpm0")
+                rc, _, _ = guest.run(f"test -c {guest.tpm_device}")
                 if rc != 0:
-                    out.append(f"{guest.name}: /dev/tpm0 is gone (xen-tpmfront unbound)")
+                    out.append(f"{guest.name}: {guest.tpm_device} is gone (xen-tpmfront unbound)")
         return out

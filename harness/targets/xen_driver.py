@@ -100,16 +100,47 @@ def attach_guest(
     start_daemon(guest_host, "frontend", "frontend --device")
 
 
-def wait_for_device(guest_host: Host, name: str, timeout: float = DEVICE_TIMEOUT) -> float:
-    """Seconds until ``/dev/tpm0`` exists in the guest (the kernel probed it)."""
+def wait_for_device(
+    guest_host: Host, name: str, timeout: float = DEVICE_TIMEOUT, device: str = "/dev/tpm0"
+) -> float:
+    """Seconds until ``device`` exists in the guest (the kernel probed it)."""
     t0 = time.monotonic()
     deadline = Deadline(timeout)
-    while guest_host.run("test -c /dev/tpm0")[0] != 0:
+    while guest_host.run(f"test -c {shlex.quote(device)}")[0] != 0:
         if deadline.expired:
             _, log, _ = guest_host.run("tail -n 30 /var/log/xenvtpm/frontend.log")
-            raise TargetNotReady(name, f"no /dev/tpm0 after {timeout:.0f} s; frontend log:\n{log}")
+            raise TargetNotReady(name, f"no {device} after {timeout:.0f} s; frontend log:\n{log}")
         time.sleep(1.0)
     return time.monotonic() - t0
+
+
+@dataclass(frozen=True)
+class KernelChip:
+    device: str  # /dev/tpmN of the chip xen-tpmfront registered
+    seconds: float  # until it existed
+
+
+def wait_for_kernel_chip(
+    guest_host: Host, name: str, devid: int = 0, timeout: float = DEVICE_TIMEOUT
+) -> KernelChip:
+    """The TPM chip xen-tpmfront registered for ``device/vtpm/DEVID`` (its child in
+    sysfs), once its character device exists."""
+    t0 = time.monotonic()
+    deadline = Deadline(timeout)
+    script = (
+        f"for c in /sys/bus/xen/devices/vtpm-{devid}/tpm/tpm*; do "
+        '[ -c "/dev/${c##*/}" ] && echo "/dev/${c##*/}"; done; exit 0'
+    )
+    while True:
+        found = guest_host.run(script)[1].split()
+        if found:
+            return KernelChip(found[-1], time.monotonic() - t0)
+        if deadline.expired:
+            _, log, _ = guest_host.run("dmesg | grep -i -e tpm -e vtpm | tail -n 20")
+            raise TargetNotReady(
+                name, f"xen-tpmfront made no TPM chip in {timeout:.0f} s; dmesg:\n{log}"
+            )
+        time.sleep(1.0)
 
 
 def stop_daemon(host: Host, name: str, pid: int, timeout: float = 30.0) -> None:
