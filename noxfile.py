@@ -147,30 +147,57 @@ def orphan_qemu_pids() -> set[int]:
     return pids
 
 
+# The kinds of guest ``nox -s xen`` runs the suite on, in order: our frontend (through
+# tpm_vtpm_proxy), then the guest kernels' own xen-tpmfront (protocol v2).
+XEN_GUEST_KINDS = {"python": "xen", "kernel": "xen-kernel"}
+
+
 @nox.session
 def xen(session: nox.Session) -> None:
-    """Boot Xen 4.17 + dom0 under QEMU, start 2 PV guests, run the whole scenario suite
-    through their kernels' /dev/tpm0; fail if a QEMU of this run is left behind."""
+    """Boot Xen 4.17 + dom0 under QEMU with 2 PV guests and run the whole scenario suite
+    through their kernels' /dev/tpm0, once per kind of guest: with our frontend
+    (``--target xen``), then with stock xen-tpmfront (``--target xen-kernel``).
+
+    ``nox -s xen -- --kind kernel [pytest args]`` runs one kind. Each kind writes
+    artifacts/<target>/junit.xml and its logs; the session fails if any kind failed or
+    a QEMU of the run is left behind.
+    """
     ensure_debian_packages(session, XEN_DEBIAN_PACKAGES)
     install_harness(session, *XEN_PYTHON)
-    out = ARTIFACTS / "xen"
+    kinds, pytest_args = list(XEN_GUEST_KINDS), list(session.posargs)
+    if "--kind" in pytest_args:
+        i = pytest_args.index("--kind")
+        if i + 1 >= len(pytest_args) or pytest_args[i + 1] not in XEN_GUEST_KINDS:
+            session.error(f"--kind takes one of {', '.join(XEN_GUEST_KINDS)}")
+        kinds = [pytest_args[i + 1]]
+        del pytest_args[i : i + 2]
     before = orphan_qemu_pids()  # e.g. a `harness up` machine
+    failed = []
     try:
-        session.run(
-            "pytest",
-            "scenarios",
-            "--target=xen",
-            "--guests=2",
-            f"--junitxml={out / 'junit.xml'}",
-            f"--artifacts={out}",
-            *session.posargs,
-        )
+        for kind in kinds:
+            target = XEN_GUEST_KINDS[kind]
+            out = ARTIFACTS / target
+            session.log(f"xen: the scenario suite on {kind} guests (--target {target})")
+            try:
+                session.run(
+                    "pytest",
+                    "scenarios",
+                    f"--target={target}",
+                    "--guests=2",
+                    f"--junitxml={out / 'junit.xml'}",
+                    f"--artifacts={out}",
+                    *pytest_args,
+                )
+            except nox.command.CommandFailed:
+                failed.append(f"{kind} (artifacts/{target}/)")
     finally:
         left = orphan_qemu_pids() - before
         if left:
             for pid in left:
                 os.kill(pid, 9)
             session.error(f"QEMU left running after the suite (killed): pids {sorted(left)}")
+    if failed:
+        session.error(f"scenarios failed on: {', '.join(failed)}")
 
 
 @nox.session
