@@ -241,7 +241,18 @@ def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
     _check_health(tgt, "during this test")
 
 
+_INTERRUPTED: list[bool] = []  # set once the run is interrupted (Ctrl-C, SIGTERM)
+
+
+def pytest_keyboard_interrupt(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    """An interrupted run tears down and stops: no health check restarts the target
+    (that once kept a SIGTERMed Xen run going for minutes)."""
+    _INTERRUPTED.append(True)
+
+
 def _check_health(tgt: Any, when: str) -> None:
+    if _INTERRUPTED:
+        return
     problems = tgt.problems() if hasattr(tgt, "problems") else []
     if problems:
         tgt.recover()
