@@ -696,7 +696,7 @@ class XenTarget(BaseTarget):
         waited = time.monotonic() - t1
         self.say(
             f"{g.name}: saved in {saved:.0f} s, restored as domain {g.domid} (was {old}); "
-            f"/dev/tpm0 {waited:.1f} s after unpause"
+            f"{g.tpm_device} {waited:.1f} s after unpause"
         )
         return waited
 
