@@ -9,7 +9,7 @@ Bring-up walks off -> ready (STYLE.md 9), each step with its own deadline:
     guests    ``xl create`` from ``images/guest.cfg.in``, then SSH to each guest through dom0
     deploy    (separate step, ``deploy()``) the xenvtpm package into dom0 and every guest
 
-Per-run evidence lands in ``artifacts/xen/`` (``$XENVTPM_ARTIFACTS``): console.log (the
+Per-run evidence lands in ``artifacts/<target>/`` (``$XENVTPM_ARTIFACTS``): console.log (the
 whole raw serial console, written by QEMU), qemu.log, and on close dom0's dmesg and
 journal, ``xl dmesg``, ``/var/log/xen`` (xl and guest console logs) and daemon logs.
 """
@@ -71,9 +71,10 @@ KVM_TRIAL: tuple[Stage, ...] = (
 )
 
 
-def artifacts_dir() -> Path:
+def artifacts_dir(target: str = "xen") -> Path:
+    """``$XENVTPM_ARTIFACTS``, else ``artifacts/<target>/`` (one per kind of guest)."""
     explicit = os.environ.get("XENVTPM_ARTIFACTS")
-    return Path(explicit) if explicit else ROOT / "artifacts" / "xen"
+    return Path(explicit) if explicit else ROOT / "artifacts" / target
 
 
 def deploy_package(host: SshHost, package: Path = ROOT / "xenvtpm") -> None:
@@ -194,7 +195,7 @@ class XenTarget(BaseTarget):
         if guests > 20:
             raise ValueError(f"at most 20 guests (one QEMU drive each), not {guests}")
         super().__init__(guests, run_dir, progress, detached)
-        self.artifacts = artifacts_dir()
+        self.artifacts = artifacts_dir(self.name)
         self.images: Images | None = None
         self.machine: QemuMachine | None = None
         self.dom0: SshHost | None = None
