@@ -271,6 +271,7 @@ class BackendDevice:
             # ignored. A cancelled command may still run in swtpm: its answer is dropped.
             assert self._ring is not None
             if self._ring.cancel_requested():
+                self.log.info("vtpm %d: the frontend cancelled its request", self.key.devid)
                 self._cancel_request()
                 self._ring.cancelled()
                 channel.notify()
