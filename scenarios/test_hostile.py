@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.hostile, pytest.mark.needs("xen-probe")]
 
 ROGUE_INSTANCE = 1900
 ROGUE_DEVID = 1  # on Xen: the rogue's device beside the guest's own vTPM (devid 0)
+XEN_AUTOPROBE = "/sys/bus/xen/drivers_autoprobe"  # the driver core's per-bus switch
 LATENCY_BOUND_S = 2.0
 VICTIM_START_S = 120.0
 # attack -> (arguments on sim, arguments on xen). Under TCG a notify or a handshake
@@ -139,6 +140,9 @@ class XenToolstack:
         self.home = REMOTE_PACKAGE_DIR
         self.host = target.guests[-1]  # the rogue's domain
         self.victim = target.guests[0]
+        # A stock guest's xen-tpmfront binds every new vtpm device at once; the rogue's
+        # must stay free, so the guest's xen bus stops binding new devices meanwhile.
+        self.hold_probe = target.name == "xen-kernel"
 
     def close(self) -> None:
         self.detach()
@@ -160,6 +164,8 @@ class XenToolstack:
         """The rogue's device, then until the backend is in InitWait: one shell loop on
         ``xenstore-read`` (polling with python3 would load dom0 beside the backend)."""
         domid = self.host.domid
+        if self.hold_probe:
+            self.host.host().check(f"echo 0 > {XEN_AUTOPROBE}")
         self.dom0(
             f"python3 -m xenvtpm attach --domid {domid} --instance {ROGUE_INSTANCE} "
             f"--name rogue --devid {ROGUE_DEVID}"
@@ -174,6 +180,8 @@ class XenToolstack:
     def detach(self) -> None:
         if self.host.domid is not None:
             self.dom0(f"python3 -m xenvtpm detach --domid {self.host.domid} --devid {ROGUE_DEVID}")
+        if self.hold_probe:
+            self.host.host().check(f"echo 1 > {XEN_AUTOPROBE}")
 
     def rogue(self, attack: str, args: list[str]) -> list[dict[str, Any]]:
         timeout = self.first_timeout if attack == "hello" else self.rogue_timeout
