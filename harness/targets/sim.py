@@ -126,11 +126,13 @@ def probe_as_domain(control: Any, domid: int, args: Sequence[str]) -> dict[str, 
 class SimTarget(BaseTarget):
     name: ClassVar[str] = "sim"
     # No Linux guests and no dom0 shell: the xl, kernel-TPM and dom0 capabilities are
-    # real Xen's.
+    # real Xen's; nor can a simulated domain be suspended (save-restore). The resumed
+    # BIND behind it is tests/test_driver_pair.py's.
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(Capability) - {
         Capability.XL,
         Capability.KERNEL_TPM,
         Capability.DOM0_SHELL,
+        Capability.SAVE_RESTORE,
     }
 
     def __init__(
