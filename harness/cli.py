@@ -168,8 +168,8 @@ def cmd_logs(state: RunState, name: str | None, lines: int) -> int:
 
 def _xen_record(state: RunState) -> RunRecord:
     record = _require(state)
-    if record.target != "xen":
-        raise HarnessError(f"ssh and console need the xen target; {record.target} is up")
+    if record.target not in ("xen", "xen-kernel"):
+        raise HarnessError(f"ssh and console need a xen target; {record.target} is up")
     return record
 
 
