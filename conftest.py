@@ -51,13 +51,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--guests", type=int, default=2, help="number of guests (default 2)")
     group.addoption(
-        "--rogue-on-xen",
-        action="store_true",
-        help="xen target: also run the hostile scenarios, the rogue frontend inside a "
-        "guest (not by default: under TCG the victim's kernel times out; see "
-        "docs/threat-model.md)",
-    )
-    group.addoption(
         "--host-guest",
         action="append",
         default=[],
