@@ -103,6 +103,7 @@ class XenGuest(BaseGuest):
         # The guest's TPM device: /dev/tpm0, unless its kernel numbered the chip anew
         # (xen-tpmfront after xl restore: the resumed chip is tpm1; see save_restore).
         self.tpm_device = "/dev/tpm0"
+        self.max_command_size = target.MAX_COMMAND_SIZE
 
     # -- the coordination surface for deploying the driver pair ------------------------
     def host(self) -> SshHost:
@@ -115,10 +116,6 @@ class XenGuest(BaseGuest):
 
     def put(self, local: Path | str, remote: str) -> None:
         self.host().put(local, remote)
-
-    @property
-    def max_command_size(self) -> int:  # type: ignore[override]
-        return self.target.MAX_COMMAND_SIZE
 
     def transport(self, shared: bool = False) -> RawTransport:
         """The guest's TPM device (``tpm_device``; ``shared``: /dev/tpmrm0) through
@@ -665,7 +662,7 @@ class XenTarget(BaseTarget):
 
     def save_restore(self, guest: XenGuest) -> float:
         """``xl save`` then ``xl restore``, as a host does to suspend or migrate a guest;
-        seconds from the restored domain's unpause to its ``/dev/tpm0``.
+        seconds from the restored domain's unpause to its TPM device.
 
         The toolstack writes the vTPM's directories for the new domain while it is still
         paused (``xl restore -p``), as xl does for its own devices, so that the guest's
