@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from harness.images import (
     ImageBuildError,
     upstream_version,
 )
+from harness.process import proc_stat
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="needs dpkg-query")
 
@@ -77,3 +79,46 @@ def test_source_of_another_kernel_version_stops_the_build(tmp_path: Path) -> Non
     with pytest.raises(ImageBuildError, match=r"6\.1\.170 != 6\.1\.176"):
         builder(tmp_path).install_selftests(rootfs, KERNEL)
     assert (rootfs / KERNEL_SOURCE_TARBALL).exists()  # nothing done
+
+
+# A build step's fate is judged by its exit status, never by poll() at end of output:
+# stdout reaching EOF does not mean the status is there yet (issue 19: tar was killed
+# with SIGTERM in that gap and the build failed with "exit code -15").
+
+
+def test_a_step_that_closes_its_output_before_exiting_succeeds(tmp_path: Path) -> None:
+    step = ["sh", "-c", "echo working; exec >&- 2>&-; sleep 0.3; exit 0"]
+    builder(tmp_path).run("late exit", step)  # no ImageBuildError
+    assert "working" in (tmp_path / "build.log").read_text()
+
+
+def test_a_step_that_closes_its_output_then_fails_reports_its_own_exit_code(
+    tmp_path: Path,
+) -> None:
+    step = ["sh", "-c", "exec >&- 2>&-; sleep 0.3; exit 7"]
+    with pytest.raises(ImageBuildError, match="exit code 7"):
+        builder(tmp_path).run("late failure", step)
+
+
+def test_steps_that_exit_right_after_their_output_always_succeed(tmp_path: Path) -> None:
+    b = builder(tmp_path)
+    for _ in range(200):
+        b.run("quick", ["sh", "-c", "echo done"])
+
+
+def test_an_interrupted_step_is_stopped_with_everything_it_started(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    step = ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; echo 'I: Retrieving x'; wait"]
+    b = builder(tmp_path)
+
+    def interrupt(message: str) -> None:  # Ctrl-C while the step runs
+        raise KeyboardInterrupt
+
+    b.say = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        b.run("interrupted", step, progress=True)
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while (st := proc_stat(child)) is not None and st.running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert st is None or not st.running, "the step's background child was left running"
