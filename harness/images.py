@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "images"
 CACHE_ENV = "XENVTPM_CACHE"
 SUITE = "bookworm"
+STEP_EXIT_TIMEOUT = 300  # seconds from a step's end of output to its exit
 KEEP_BUILDS = 2  # older recipe builds are deleted after a new one is made
 DOM0_SIZE = "3G"
 GUEST_SIZE = "1536M"
@@ -274,6 +275,18 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def stop_step(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a step's process group (it has its own session), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Builder:
     """One cold build into ``work``; every step logs to ``work/build.log``."""
 
@@ -300,18 +313,22 @@ class Builder:
                 start_new_session=True,  # its own group: an interrupt stops all of it
             )
             assert proc.stdout is not None
+            followed = False
             try:
                 self._follow(what, proc, logf, progress)
+                followed = True
+                # End of output is not the exit: the status may follow a moment later.
+                rc = proc.wait(STEP_EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                stop_step(proc)
+                raise ImageBuildError(
+                    f"{what} closed its output but did not exit within {STEP_EXIT_TIMEOUT} s"
+                    f"\ncommand: {' '.join(argv)}\nlog: {self.log_path}"
+                ) from None
             finally:
-                if proc.poll() is None:  # interrupted: never leave a debootstrap behind
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-            rc = proc.wait()
+                if not followed:  # interrupted: never leave a debootstrap behind
+                    stop_step(proc)
+                proc.stdout.close()
         if rc != 0:
             raise ImageBuildError(
                 f"{what} failed with exit code {rc}\ncommand: {' '.join(argv)}\n"
