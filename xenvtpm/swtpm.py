@@ -326,13 +326,25 @@ class Swtpm:
             ctrl.settimeout(self.config.start_timeout)
             self._ctrl_exchange(_CTRL_CMD_I.pack(PTM_CMD.GET_CAPABILITY), _CTRL_CAP_Q.size)
         except (OSError, VTPMError) as exc:
-            proc = self._proc
-            rc = proc.poll() if proc is not None else None
+            # A closed channel means swtpm is exiting: wait for its status, which may
+            # come a moment after; a silent swtpm (timeout) is stopped by start().
+            grace = 0.0 if isinstance(exc, TimeoutError) else self.config.stop_timeout
+            rc = self._exit_status(grace)
             raise InstanceStartError(
                 self.instance, cmd, rc, f"{exc}\n{_tail(self.log_path)}"
             ) from exc
         ctrl.settimeout(self.config.ctrl_timeout)
         self.log.info("swtpm pid %s serving %s", self.pid, self.state_dir)
+
+    def _exit_status(self, grace: float) -> int | None:
+        """swtpm's exit status, waiting up to ``grace`` s for it; None if it still runs."""
+        proc = self._proc
+        if proc is None:
+            return None
+        try:
+            return proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            return None
 
     # -- control channel --------------------------------------------------------------
 
