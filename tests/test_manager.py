@@ -436,6 +436,7 @@ def test_sigterm_stops_every_swtpm(tmp_root: Path) -> None:
     assert not m.socket.exists()
     log = m.stderr()
     assert "status: 2 instance(s)" in log and "stopping: 2 instance(s)" in log
+    assert ":queued=0:in_flight=0:peak=1" in log
 
 
 def test_sigterm_while_manufacturing_leaves_no_swtpm(tmp_root: Path) -> None:
@@ -479,7 +480,7 @@ def test_in_process_manager_status_and_close(tmp_root: Path) -> None:
         manager.request_stop()
         thread.join(10)
     [st] = manager.status()
-    assert st == InstanceStatus(5, "running", st.pid, 0, False, None) and st.pid
+    assert st == InstanceStatus(5, "running", st.pid, 0, False, None, 1) and st.pid
     manager.close()
     manager.close()  # idempotent
     assert swtpm_pids(tmp_root) == []

@@ -141,6 +141,7 @@ class InstanceStatus:
     queued: int
     in_flight: bool
     bound_domid: int | None
+    peak: int  # most guest commands (BINDs not counted) held at once, in flight + queued
 
 
 class _Instance:
@@ -166,6 +167,14 @@ class _Instance:
         self.rx_len = 0
         self.bound_domid: int | None = None
         self.dirty = False  # commands executed since swtpm (re)started or was reset
+        self.peak = 0  # most guest commands held at once (status, leak and abuse checks)
+
+    def count_peak(self) -> None:
+        """Note how many guest commands (not BINDs) this instance holds now."""
+        held = sum(1 for r in self.queue if r.kind is not _Kind.BIND)
+        if self.inflight is not None and self.inflight.kind is not _Kind.BIND:
+            held += 1
+        self.peak = max(self.peak, held)
 
 
 class Manager:
@@ -337,12 +346,17 @@ class Manager:
                 len(i.queue),
                 i.inflight is not None,
                 i.bound_domid,
+                i.peak,
             )
             for i in self._instances.values()
         ]  # fmt: skip
 
     def _status_line(self) -> str:
-        parts = [f"{s.instance}:{s.state}:pid={s.pid}" for s in self.status()]
+        parts = [
+            f"{s.instance}:{s.state}:pid={s.pid}:queued={s.queued}:in_flight={int(s.in_flight)}"
+            f":peak={s.peak}"
+            for s in self.status()
+        ]
         return f"{len(parts)} instance(s) " + " ".join(parts)
 
     # -- loop -------------------------------------------------------------------------
@@ -460,10 +474,12 @@ class Manager:
         ):
             # fast path: idle instance, send straight from the receive buffer
             self._send_command(inst, _Request(conn, _Kind.FORWARD, b""), command)
+            inst.peak = max(inst.peak, 1)
             return
         if req is None:
             req = _Request(conn, _Kind.FORWARD, bytes(command))
         inst.queue.append(req)
+        inst.count_peak()
         if inst.state is InstanceState.STOPPED:
             self._start_instance(inst, None)
         elif inst.state is InstanceState.RUNNING and inst.inflight is None:
