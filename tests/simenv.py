@@ -208,6 +208,24 @@ class SimEnv:
     def daemon(self, name: str) -> Daemon:
         return next(d for d in reversed(self.daemons) if d.name == name)
 
+    def manager_status(self, instance: int) -> dict[str, int]:
+        """The manager's own account of ``instance`` (its SIGUSR1 status line):
+        ``queued``, ``in_flight`` and ``peak`` (most guest commands held at once)."""
+        manager = self.daemon("manager")
+
+        def lines() -> list[str]:
+            return [x for x in manager.log.read_text(errors="replace").splitlines()
+                    if " status: " in x]  # fmt: skip
+
+        seen = len(lines())
+        os.kill(manager.proc.pid, signal.SIGUSR1)
+        wait_for(lambda: len(lines()) > seen, 10, "the manager's status line")
+        for part in lines()[-1].split():
+            if part.startswith(f"{instance}:"):
+                fields = dict(f.split("=", 1) for f in part.split(":")[2:])
+                return {k: int(v) for k, v in fields.items() if k != "pid"}
+        raise LookupError(f"instance {instance} not in the manager's status")
+
     def logs(self) -> str:
         return "\n".join(f"--- {d.name} ({d.log})\n{d.tail()}" for d in self.daemons)
 
