@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from xenvtpm.errors import ChannelClosed
 from xenvtpm.manager import InstanceStatus, Manager, ManagerClient, build_parser
 from xenvtpm.tpm import (
     TPM_RC,
@@ -534,3 +535,67 @@ def test_requests_of_a_closed_connection_are_dropped(mgr: RunningManager) -> Non
         r, _, _ = select.select([c], [], [], 0.2)
         assert r == []
     assert swtpm_pid(mgr.root, 4) == pid
+
+
+# -- bounds -----------------------------------------------------------------------------
+
+QUEUE_PER_INSTANCE = 4  # commands of one connection an instance queues (docs/threat-model.md)
+
+
+def status_of(m: RunningManager, instance: int) -> str:
+    """The instance's part of a fresh SIGUSR1 status line."""
+    seen = m.stderr().count(" status: ")
+    os.kill(m.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while m.stderr().count(" status: ") == seen:
+        assert time.monotonic() < deadline, "no status line"
+        time.sleep(0.01)
+    line = [x for x in m.stderr().splitlines() if " status: " in x][-1]
+    return next(p for p in line.split() if p.startswith(f"{instance}:"))
+
+
+def test_a_backend_over_the_queue_bound_is_disconnected(mgr: RunningManager) -> None:
+    """A backend's link keeps at most 4 requests of an instance outstanding; one that
+    queues more breaks the protocol. Answering it out of turn would break the FIFO
+    matching, so the manager closes that connection (the link answers TPM_RC_FAILURE
+    and reconnects); its queued commands are dropped, other connections are served."""
+    with mgr.client() as c:
+        random_bytes(c.transact(4, get_random_command(8)))
+    pid = swtpm_pid(mgr.root, 4)
+    rogue = mgr.client()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for n in range(1 + QUEUE_PER_INSTANCE):  # one in flight, the bound queued
+            rogue.send_packet(pfx(4) + get_random_command(n + 1))
+        r, _, _ = select.select([rogue], [], [], 0.3)
+        assert r == [], "the connection was closed within the bound"
+        rogue.send_packet(pfx(4) + get_random_command(9))
+        with pytest.raises(ChannelClosed):
+            rogue.recv_packet(timeout=5)
+        assert ":queued=0:in_flight=1" in status_of(mgr, 4)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        rogue.close()
+    with mgr.client() as c:
+        assert len(random_bytes(c.transact(4, get_random_command(6)))) == 6
+    assert swtpm_pid(mgr.root, 4) == pid
+
+
+def test_a_backend_that_never_reads_is_disconnected(mgr: RunningManager) -> None:
+    """Replies a backend does not read wait in the manager up to a bound (4096), then
+    the connection is closed: a stuck backend cannot grow the manager without limit."""
+    c = mgr.client()
+    try:
+        malformed = pfx(99) + bytes.fromhex("8001")  # answered at once, starts nothing
+        replies = 0
+        with pytest.raises((ChannelClosed, ConnectionError)):  # EOF, or reset if unread
+            for _ in range(6000):
+                c.send_packet(malformed)
+            while True:
+                assert c.recv_packet(timeout=5) == err(99, TPM_RC.COMMAND_SIZE)
+                replies += 1
+        assert replies < 6000
+    finally:
+        c.close()
+    with mgr.client() as other:
+        random_bytes(other.transact(4, get_random_command(8)))
