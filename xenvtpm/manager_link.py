@@ -10,6 +10,17 @@ late reply is recognised and dropped instead of being taken for the next one's.
 While the manager is away (restarting), requests wait in a backlog and are sent once
 it is back; their callers' own timeouts bound the wait. Requests already sent when the
 connection drops are answered TPM_RC_FAILURE.
+
+Bounds (issue 14): at most :data:`PENDING_PER_INSTANCE` requests of one instance are
+outstanding (sent and not answered, or in the backlog), and the backlog holds at most
+:data:`BACKLOG_MAX`. A request over a bound is answered TPM_RC_RETRY (0x922: "not
+started, retry"; Linux's TPM core retries it) by the link itself and never sent, so the
+FIFO matching of replies is untouched. A device keeps one request outstanding
+(:mod:`xenvtpm.backend_device`) and its BIND, so only many devices of one instance in
+turn (the toolstack's doing) can reach the per-instance bound.
+
+A ticket is always answered from the loop, never inside :meth:`ManagerLink.request`, so
+a caller can record its ticket before any answer arrives.
 """
 
 from __future__ import annotations
@@ -31,7 +42,10 @@ _INSTANCE_I = struct.Struct(">I")
 PREFIX_SIZE = _INSTANCE_I.size
 MAX_PACKET = PREFIX_SIZE + capacity(TPMIF_TX_RING_SIZE)
 RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
+PENDING_PER_INSTANCE = 4
+BACKLOG_MAX = 4096
 _FAILURE = tpm.error_response(tpm.TPM_RC.FAILURE)
+_RETRY = tpm.error_response(tpm.TPM_RC.RETRY)
 
 ReplyCallback = Callable[[memoryview], None]
 
@@ -39,10 +53,11 @@ ReplyCallback = Callable[[memoryview], None]
 class Ticket:
     """One request sent (or about to be sent) to the manager."""
 
-    __slots__ = ("callback",)
+    __slots__ = ("callback", "instance")
 
-    def __init__(self, callback: ReplyCallback) -> None:
+    def __init__(self, callback: ReplyCallback, instance: int) -> None:
         self.callback: ReplyCallback | None = callback
+        self.instance = instance
 
     def abandon(self) -> None:
         """Nobody waits any more: the reply, when it comes, is dropped."""
@@ -70,6 +85,7 @@ class ManagerLink:
         self._buffer = bytearray(MAX_PACKET + 1)
         self._pending: dict[int, collections.deque[Ticket]] = {}
         self._backlog: collections.deque[tuple[int, bytes, Ticket]] = collections.deque()
+        self._backlogged: collections.Counter[int] = collections.Counter()  # per instance
         self._retry: Timer | None = None
         self._attempt = 0
         self._closed = True
@@ -92,19 +108,40 @@ class ManagerLink:
         if self._retry is not None:
             self._retry.cancel()
         self._disconnect("closing")
+        self._backlogged.clear()
         while self._backlog:
             self._backlog.popleft()[2].resolve(_FAILURE)
 
     def request(self, instance: int, command: bytes, callback: ReplyCallback) -> Ticket:
-        """Send ``command`` for ``instance``; ``callback`` gets the reply (once, at most)."""
-        ticket = Ticket(callback)
-        if self._sock is None:
+        """Send ``command`` for ``instance``; ``callback`` gets the reply (once, at most,
+        and never before this returns)."""
+        ticket = Ticket(callback, instance)
+        if self.outstanding(instance) >= PENDING_PER_INSTANCE or (
+            self._sock is None and len(self._backlog) >= BACKLOG_MAX
+        ):
+            log.warning("instance %d: too many requests outstanding: TPM_RC_RETRY", instance)
+            self._answer_soon([ticket], _RETRY)
+        elif self._sock is None:
             self._backlog.append((instance, command, ticket))
+            self._backlogged[instance] += 1
         else:
             self._send(instance, command, ticket)
         return ticket
 
+    def outstanding(self, instance: int) -> int:
+        """Requests of ``instance`` sent and not answered, or waiting in the backlog."""
+        return len(self._pending.get(instance, ())) + self._backlogged[instance]
+
     # -- internals -------------------------------------------------------------------
+
+    def _answer_soon(self, tickets: list[Ticket], response: bytes) -> None:
+        """Answer from the loop: never inside request(), whose caller holds no ticket yet."""
+
+        def answer() -> None:
+            for ticket in tickets:
+                ticket.resolve(response)
+
+        self._loop.call_later(0, answer)
 
     def _send(self, instance: int, command: bytes, ticket: Ticket) -> None:
         assert self._sock is not None
@@ -112,10 +149,10 @@ class ManagerLink:
             self._sock.sendmsg([_INSTANCE_I.pack(instance), command])
         except BlockingIOError:
             log.warning("manager is not reading: instance %d answered TPM_RC_FAILURE", instance)
-            ticket.resolve(_FAILURE)
+            self._answer_soon([ticket], _FAILURE)
             return
         except OSError as e:
-            ticket.resolve(_FAILURE)
+            self._answer_soon([ticket], _FAILURE)
             self._disconnect(f"send failed: {e}")
             return
         self._pending.setdefault(instance, collections.deque()).append(ticket)
@@ -144,6 +181,9 @@ class ManagerLink:
         self._on_up()
         while self._backlog and self._sock is not None:
             instance, command, ticket = self._backlog.popleft()
+            self._backlogged[instance] -= 1
+            if not self._backlogged[instance]:
+                del self._backlogged[instance]
             if ticket.callback is not None:
                 self._send(instance, command, ticket)
 
@@ -154,11 +194,11 @@ class ManagerLink:
         self._loop.remove_reader(sock.fileno())
         sock.close()
         pending, self._pending = self._pending, {}
-        failed = sum(len(q) for q in pending.values())
-        log.warning("lost the vTPM manager (%s); %d requests answered TPM_RC_FAILURE", why, failed)
-        for queue in pending.values():
-            for ticket in queue:
-                ticket.resolve(_FAILURE)
+        failed = [ticket for queue in pending.values() for ticket in queue]
+        log.warning(
+            "lost the vTPM manager (%s); %d requests answered TPM_RC_FAILURE", why, len(failed)
+        )
+        self._answer_soon(failed, _FAILURE)
         if not self._closed:
             self._retry = self._loop.call_later(RECONNECT_DELAYS[0], self._connect)
 
