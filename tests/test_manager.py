@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(shutil.which("swtpm") is None, reason="swtpm not
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = struct.Struct(">I")
+QUEUE_PER_INSTANCE = 4  # commands of one connection an instance queues (docs/threat-model.md)
 
 
 def pfx(instance: int) -> bytes:
@@ -185,30 +186,33 @@ def test_two_instances_separate_tpms(mgr: RunningManager) -> None:
 
 
 def test_replies_never_cross_instances_or_connections(mgr: RunningManager) -> None:
-    """Pipeline many packets for two instances over two connections: every reply must
-    carry the prefix it was sent with, reach the connection that sent it, and answer
-    that very command (each (connection, instance) pair asks a distinct length)."""
+    """Pipeline packets for two instances over two connections, as many as a backend's
+    link may have outstanding: every reply must carry the prefix it was sent with, reach
+    the connection that sent it, and answer that very command (each (connection,
+    instance) pair asks a distinct length)."""
     with mgr.client() as c:  # make sure both instances run
         c.transact(1, get_random_command(1))
         c.transact(2, get_random_command(1))
     lengths = {(0, 1): 8, (0, 2): 24, (1, 1): 16, (1, 2): 32}
     conns = [mgr.client(), mgr.client()]
-    rounds = 50
+    window = QUEUE_PER_INSTANCE  # the link's bound: 4 outstanding per instance
     try:
-        for _ in range(rounds):
+        for _ in range(12):
+            for _ in range(window):
+                for ci, conn in enumerate(conns):
+                    for inst in (1, 2):
+                        conn.send_packet(pfx(inst) + get_random_command(lengths[ci, inst]))
             for ci, conn in enumerate(conns):
-                for inst in (1, 2):
-                    conn.send_packet(pfx(inst) + get_random_command(lengths[ci, inst]))
-        for ci, conn in enumerate(conns):
-            got: dict[int, int] = {1: 0, 2: 0}
-            for _ in range(2 * rounds):
-                reply = conn.recv_packet(timeout=30)
-                (inst,) = PREFIX.unpack_from(reply)
-                assert inst in (1, 2), reply.hex()
-                response = reply[4:]
-                assert len(random_bytes(response)) == lengths[ci, inst], (ci, inst)
-                got[inst] += 1
-            assert got == {1: rounds, 2: rounds}
+                got: dict[int, int] = {1: 0, 2: 0}
+                for _ in range(2 * window):
+                    reply = conn.recv_packet(timeout=30)
+                    (inst,) = PREFIX.unpack_from(reply)
+                    assert inst in (1, 2), reply.hex()
+                    response = reply[4:]
+                    assert len(random_bytes(response)) == lengths[ci, inst], (ci, inst)
+                    got[inst] += 1
+                assert got == {1: window, 2: window}
+        for conn in conns:
             r, _, _ = select.select([conn], [], [], 0.2)
             assert r == [], "unexpected extra reply"
     finally:
@@ -538,8 +542,6 @@ def test_requests_of_a_closed_connection_are_dropped(mgr: RunningManager) -> Non
 
 
 # -- bounds -----------------------------------------------------------------------------
-
-QUEUE_PER_INSTANCE = 4  # commands of one connection an instance queues (docs/threat-model.md)
 
 
 def status_of(m: RunningManager, instance: int) -> str:

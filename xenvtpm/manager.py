@@ -27,6 +27,13 @@ Routing rules, and why:
   a BIND marked *resumed* (``xl restore``: the same boot goes on) keeps the TPM.
   CMD_INIT takes ~0.15 ms (measured), so it is sent synchronously from the loop, with
   a 5 s timeout; TPM2_Startup goes through the instance's FIFO like any command.
+- Bounds (issue 14): per instance, one connection may have at most
+  :data:`QUEUE_PER_INSTANCE` commands queued behind the one in flight, and a connection
+  at most :data:`UNREAD_REPLIES_MAX` replies it has not read.  The backend's link keeps
+  below both (:mod:`xenvtpm.manager_link`); a connection beyond them breaks the protocol
+  and is closed, since any answer would break its FIFO matching of replies.  The link
+  answers what it had sent TPM_RC_FAILURE and reconnects; a closed connection's queued
+  commands are dropped at once.
 - swtpm death (EOF or error on its data socket), a response that does not parse, or no
   response within ``command_timeout``: the in-flight command gets TPM_RC_FAILURE, swtpm
   is restarted from its state directory, and queued commands continue.  A failed start
@@ -91,6 +98,11 @@ _RX_PACKET_BYTES = PREFIX_SIZE + MAX_COMMAND_SIZE + 1  # one more: detects overs
 _FAILURE = error_response(TPM_RC.FAILURE)
 _SUCCESS = success_response()
 _STARTUP_CLEAR = startup_command(clear=True)
+#: Commands one connection may queue per instance, behind the one in flight: above the
+#: backend link's own bound (manager_link.PENDING_PER_INSTANCE, in flight included).
+QUEUE_PER_INSTANCE = 4
+#: Replies one connection may leave unread (its socket buffer full) before it is closed.
+UNREAD_REPLIES_MAX = 4096
 
 
 class InstanceState(Enum):
@@ -476,6 +488,15 @@ class Manager:
             self._send_command(inst, _Request(conn, _Kind.FORWARD, b""), command)
             inst.peak = max(inst.peak, 1)
             return
+        if sum(1 for r in inst.queue if r.conn is conn) >= QUEUE_PER_INSTANCE:
+            log.error(
+                "backend fd %d queued more than %d commands for instance %d: disconnected",
+                conn.fd,
+                QUEUE_PER_INSTANCE,
+                instance,
+            )
+            self._close_conn(conn)
+            return
         if req is None:
             req = _Request(conn, _Kind.FORWARD, bytes(command))
         inst.queue.append(req)
@@ -487,6 +508,10 @@ class Manager:
 
     def _reply(self, conn: _Conn, prefix: bytes, payload: bytes | memoryview) -> None:
         if conn.closed:
+            return
+        if len(conn.out) >= UNREAD_REPLIES_MAX:
+            log.error("backend fd %d left %d replies unread: disconnected", conn.fd, len(conn.out))
+            self._close_conn(conn)
             return
         if conn.out:
             conn.out.append(prefix + bytes(payload))
@@ -524,6 +549,9 @@ class Manager:
             self._sel.unregister(conn.sock)
         conn.sock.close()
         conn.out.clear()
+        for inst in self._instances.values():  # its queued commands go at once
+            if any(r.conn is conn for r in inst.queue):
+                inst.queue = deque(r for r in inst.queue if r.conn is not conn)
         log.debug("backend disconnected (fd %d)", conn.fd)
 
     # -- instances --------------------------------------------------------------------
