@@ -116,6 +116,7 @@ BAD_REQUESTS = {
     "unknown-tag": (struct.pack(">HIIH", 0x8003, 12, 0x17B, 16), tpm.BAD_TAG_RC),
     "unknown-command": (struct.pack(">HIIH", 0x8001, 12, 0x1FF, 16), RC.COMMAND_CODE),
     "manager-control-code": (tpm.bind_command(2), RC.COMMAND_CODE),
+    "manager-cancel-code": (bytes.fromhex("80010000000a20000f01"), RC.COMMAND_CODE),
     # two data pages, well formed, but over swtpm's 4096-byte maximum: the manager says no
     "two-pages-over-tpm-max": (struct.pack(">HII", 0x8001, 5000, 0x17B) + bytes(4990),
                                RC.COMMAND_SIZE),
