@@ -28,7 +28,7 @@ from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
 
 #: Codes the manager itself interprets; a guest may never send them.
-RESERVED_CODES = frozenset({tpm.XENVTPM_CC_BIND})
+RESERVED_CODES = frozenset({tpm.XENVTPM_CC_BIND, tpm.XENVTPM_CC_CANCEL})
 
 
 @dataclass(frozen=True, slots=True)

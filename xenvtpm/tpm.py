@@ -44,10 +44,12 @@ __all__ = [
     "TPM_SU",
     "VTPM_PROXY_CC_SET_LOCALITY",
     "XENVTPM_CC_BIND",
+    "XENVTPM_CC_CANCEL",
     "MalformedCommand",
     "TpmHeader",
     "bad_tag_rc",
     "bind_command",
+    "cancel_command",
     "error_response",
     "get_random_command",
     "parse_bind_command",
@@ -223,6 +225,18 @@ VTPM_PROXY_CC_SET_LOCALITY = 0x20001000
 XENVTPM_CC_BIND = TPM_CC_VENDOR_BIT | 0x0F00
 BIND_RESUMED = 0x1
 
+#: Vendor command reserved for the backend -> manager control path: a guest cancelled
+#: the command it has outstanding on this instance (protocol v2 CANCEL, or the backend
+#: gave up on it: timeout, the frontend left).
+#:
+#: ``80010000000a20000f01``, no parameters. The manager answers nothing (the backend's
+#: link matches replies to requests FIFO per instance, and this is no request): if the
+#: instance's command in flight came from the same connection, it sends swtpm
+#: ``CMD_CANCEL_TPM_CMD``; that connection's commands queued for the instance are
+#: answered TPM_RC_CANCELED (0x909) in their FIFO place. A guest can never send this
+#: code: the backend filters it.
+XENVTPM_CC_CANCEL = TPM_CC_VENDOR_BIT | 0x0F01
+
 HEADER_SIZE = 10
 #: swtpm 0.7.1: TPM_PT_MAX_COMMAND_SIZE (measured by TPM2_GetCapability).  swtpm does
 #: not frame by commandSize: a larger write is read as several commands.
@@ -394,6 +408,11 @@ def bind_command(domid: int, resumed: bool = False) -> bytes:
         return _BIND_HIII.pack(TPM_ST.NO_SESSIONS, 14, XENVTPM_CC_BIND, domid)
     except struct.error as exc:
         raise MalformedMessage(f"domid {domid} does not fit in u32") from exc
+
+
+def cancel_command() -> bytes:
+    """The manager control command :data:`XENVTPM_CC_CANCEL` (10 bytes, no reply)."""
+    return _HEADER_HII.pack(TPM_ST.NO_SESSIONS, HEADER_SIZE, XENVTPM_CC_CANCEL)
 
 
 def parse_bind_command(data: bytes | bytearray | memoryview) -> tuple[int, bool]:
