@@ -28,6 +28,7 @@ from xenvtpm.manager import InstanceStatus, Manager, ManagerClient, build_parser
 from xenvtpm.tpm import (
     TPM_RC,
     bind_command,
+    cancel_command,
     get_random_command,
     pcr_extend_command,
     pcr_read_command,
@@ -538,6 +539,39 @@ def test_requests_of_a_closed_connection_are_dropped(mgr: RunningManager) -> Non
         assert len(random_bytes(c.transact(4, get_random_command(6)))) == 6
         r, _, _ = select.select([c], [], [], 0.2)
         assert r == []
+    assert swtpm_pid(mgr.root, 4) == pid
+
+
+# -- cancel -----------------------------------------------------------------------------
+
+
+def test_cancel_answers_queued_commands_canceled_in_their_place(mgr: RunningManager) -> None:
+    """XENVTPM_CC_CANCEL gets no answer of its own; the connection's queued commands for
+    the instance are answered TPM_RC_CANCELED in their FIFO place, after the one in
+    flight (swtpm 0.7.1 finishes a running command even when asked to cancel it);
+    another connection's commands are untouched."""
+    with mgr.client() as c, mgr.client() as other:
+        random_bytes(c.transact(4, get_random_command(8)))
+        pid = swtpm_pid(mgr.root, 4)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for n in (1, 2, 3):
+                c.send_packet(pfx(4) + get_random_command(n))
+            other.send_packet(pfx(4) + get_random_command(7))
+            time.sleep(0.1)
+            c.send_packet(pfx(4) + cancel_command())
+            c.send_packet(pfx(5) + cancel_command())  # an instance with nothing: ignored
+            r, _, _ = select.select([c], [], [], 0.3)
+            assert r == [], "answered while swtpm was stopped"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert len(random_bytes(c.recv_packet()[4:])) == 1  # in flight: it ran
+        assert c.recv_packet() == err(4, TPM_RC.CANCELED)
+        assert c.recv_packet() == err(4, TPM_RC.CANCELED)
+        assert len(random_bytes(other.recv_packet()[4:])) == 7
+        r, _, _ = select.select([c], [], [], 0.2)
+        assert r == [], "the cancel was answered"
+        assert len(random_bytes(c.transact(4, get_random_command(5)))) == 5
     assert swtpm_pid(mgr.root, 4) == pid
 
 
