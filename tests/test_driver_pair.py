@@ -188,6 +188,28 @@ def test_backend_times_out_silent_vtpm_and_drops_late_reply(env: SimEnv) -> None
     assert len(get_random(guest, 8)) == 8
 
 
+def test_a_timed_out_command_holds_the_guests_slot_until_swtpm_answers(env: SimEnv) -> None:
+    """After the timeout (TPM_RC_FAILURE) the command is still in swtpm: the guest's next
+    request is not forwarded behind it, and is itself answered TPM_RC_FAILURE if the
+    slot stays held for a whole timeout; once swtpm answers, the guest is served again.
+    The manager never holds two of the guest's commands."""
+    guest, other = env.guests
+    pid = swtpm_pid(env, guest.instance)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert guest.transmit(tpm.get_random_command(16)) == error(RC.FAILURE)
+        t0 = time.monotonic()
+        assert guest.transmit(tpm.get_random_command(12)) == error(RC.FAILURE)
+        assert time.monotonic() - t0 > 1.5  # held for the backend's 2 s timeout
+        status = env.manager_status(guest.instance)
+        assert (status["in_flight"], status["queued"]) == (1, 0), status
+        get_random(other)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert len(get_random(guest, 8)) == 8
+    assert env.manager_status(guest.instance)["peak"] == 1
+
+
 def test_swtpm_killed_mid_command(env: SimEnv) -> None:
     guest, other = env.guests
     pid = swtpm_pid(env, guest.instance)
