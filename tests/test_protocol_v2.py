@@ -25,6 +25,7 @@ from test_hostile import counts
 
 from xenvtpm import tpm, tpmif_v2
 from xenvtpm.tpmif_v2 import VtpmState
+from xenvtpm.xenbus import XenbusState
 
 RC = tpm.TPM_RC
 V2_INSTANCE = 20
@@ -295,6 +296,39 @@ def test_submit_cancel_cycles_hold_at_most_one_command(env: SimEnv, cycles: int)
         wait_for(lambda: fe.page[4] == VtpmState.IDLE, 10, "IDLE after the last CANCEL")
         get_random_v2(fe)
     assert env.manager_status(instance)["peak"] == 1
+
+
+def test_reconnecting_in_a_loop_queues_one_bind(env: SimEnv) -> None:
+    """Each connect tells the manager which domain drives the instance (a BIND); a
+    frontend that reconnects in a loop in front of a busy vTPM adds no more of them
+    while its last one is still queued, and nothing of its is refused."""
+    instance = V2_INSTANCE + 2
+    assert env.control is not None
+    domid = env.add_domain("rebind-loop", instance)
+    try:
+        fe = KernelFrontend.in_domain(env.control, domid)
+        fe.probe()
+        fe.wait_connected()
+        wait_for(lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
+                 60, "the instance to start")  # fmt: skip
+        with stopped(env, instance):
+            submit_raw(fe, tpm.get_random_command(16))
+            time.sleep(0.3)  # in swtpm, which is stopped
+            for _ in range(8):
+                fe.close()  # Closed: the backend disconnects, the command stays in swtpm
+                fe = KernelFrontend.in_domain(env.control, domid)
+                fe._switch(XenbusState.INITIALISING)
+                wait_for(lambda f=fe: f.backend_state() == XenbusState.INIT_WAIT, 10, "InitWait")
+                fe.probe()
+                fe.wait_connected()
+            time.sleep(0.3)
+            status = env.manager_status(instance)
+        assert (status["in_flight"], status["queued"]) == (1, 1), status  # one BIND queued
+        get_random_v2(fe)
+        fe.close()
+    finally:
+        env.remove_domain(domid)
+    assert "refused to bind" not in env.daemon("backend").log.read_text(errors="replace")
 
 
 def create_primary_rsa(bits: int, unique: bytes = b"") -> bytes:
