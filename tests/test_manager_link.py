@@ -122,3 +122,53 @@ def test_link_backlog_is_bounded_while_the_manager_is_away(tmp_path: Path, loop:
         assert all(got in ([], [RETRY]) for got in answers.got.values())
     finally:
         link.close()
+
+
+def test_cancel_tells_the_manager_and_keeps_the_fifo(tmp_path: Path, loop: Loop) -> None:
+    """A cancel goes to the manager without taking a place in the FIFO; the cancelled
+    request is still answered (when the manager answers it), so its caller learns
+    when it has left the path."""
+    path = str(tmp_path / "vtpm.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    link = ManagerLink(path, loop, lambda: None)
+    link.start()
+    server, _ = listener.accept()
+    answers = Answers()
+    try:
+        first = link.request(7, command(1), answers.callback("first"))
+        link.request(7, command(2), answers.callback("second"))
+        step(loop)
+        link.cancel(first)
+        step(loop)
+        assert received(server) == [(7, command(1)), (7, command(2)), (7, tpm.cancel_command())]
+        assert answers.got == {"first": [], "second": []}
+        assert link.outstanding(7) == 2
+        server.send(struct.pack(">I", 7) + answer(1))
+        server.send(struct.pack(">I", 7) + tpm.error_response(tpm.TPM_RC.CANCELED))
+        step(loop)
+        assert answers.got == {"first": [answer(1)],
+                               "second": [tpm.error_response(tpm.TPM_RC.CANCELED)]}  # fmt: skip
+        link.cancel(first)  # answered already: nothing is sent
+        step(loop)
+        assert received(server) == []
+    finally:
+        link.close()
+        server.close()
+        listener.close()
+
+
+def test_cancel_drops_a_request_still_in_the_backlog(tmp_path: Path, loop: Loop) -> None:
+    link = ManagerLink(str(tmp_path / "nobody.sock"), loop, lambda: None)
+    link.start()
+    answers = Answers()
+    try:
+        ticket = link.request(3, command(8), answers.callback("t"))
+        assert link.outstanding(3) == 1
+        link.cancel(ticket)
+        step(loop)
+        assert answers.got["t"] == [tpm.error_response(tpm.TPM_RC.CANCELED)]
+        assert link.outstanding(3) == 0
+    finally:
+        link.close()

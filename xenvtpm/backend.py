@@ -25,7 +25,7 @@ from xenvtpm.backend_device import BackendDevice, DeviceKey
 from xenvtpm.daemon import default_log_level, run_service
 from xenvtpm.errors import XenStoreError
 from xenvtpm.loop import Loop
-from xenvtpm.manager_link import ManagerLink
+from xenvtpm.manager_link import ManagerLink, Ticket
 from xenvtpm.xen.interface import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Backend:
         self.loop = loop
         self.timeout = timeout
         self.devices: dict[DeviceKey, BackendDevice] = {}
+        self.binds: dict[int, Ticket] = {}  # per instance: the latest BIND sent
         self.manager = ManagerLink(manager_path, loop, self._on_manager_up)
         self._started = False
 

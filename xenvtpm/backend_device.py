@@ -8,6 +8,16 @@ its timeout and the manager link; only the page layout differs. The frontend is
 untrusted: every value read from its xenstore directory or its pages is parsed strictly
 and bounded before use, and a failure costs this device only.
 
+One slot per device (issue 14): at most one request of a device is anywhere on the path
+(the manager link, the manager, swtpm), cancelled and timed-out ones included. The slot
+is held until the manager answers or drops that request; a request the frontend gave up
+on (v2 CANCEL), the backend gave up on (timeout) or whose frontend left keeps it, its
+answer dropped, and the manager is told (``XENVTPM_CC_CANCEL``). A request signalled
+meanwhile is deferred: the page is looked at once when the slot frees, or answered
+TPM_RC_FAILURE if the slot stays held for the whole timeout. A v2 CANCEL is completed
+(IDLE, which xen-tpmfront reads as "cancelled") only when the slot frees, so a frontend
+cannot put a second command behind its cancelled one.
+
 Spec: seed interface.tex "Virtual TPM"; DESIGN.md section 2; Linux
 drivers/xen/xenbus/xenbus_probe_backend.c for the backend's state moves; Linux
 include/xen/interface/io/tpmif.h for v2's handshake and states.
@@ -96,8 +106,11 @@ class BackendDevice:
         self.resumed = False  # the toolstack's ``resume``: this domain resumes a saved one
         self._ring: Ring | None = None
         self._channel: EventChannel | None = None
-        self._ticket: Ticket | None = None
-        self._timer: Timer | None = None
+        self._ticket: Ticket | None = None  # the slot: this device's request on the path
+        self._waiting = False  # the frontend waits for that request's answer
+        self._deferred = False  # signalled while the slot was held: look when it frees
+        self._timer: Timer | None = None  # the frontend's wait: answered FAILURE at expiry
+        self._bind_ticket: Ticket | None = None
         self.requests = 0
 
     @property
@@ -208,11 +221,18 @@ class BackendDevice:
             port,
         )
         if protocol is VtpmProtocol.V2:
-            self._handle_request()
+            if self._ticket is None:
+                self._handle_request()
+            else:
+                self._defer()  # the last connection's request still holds the slot
 
     def disconnect(self) -> None:
-        """Drop the request in flight (its late reply will be discarded) and unmap."""
-        self._cancel_request()
+        """Give up on the request in flight (it keeps the slot until the manager lets
+        go of it; its answer is dropped), forget deferred ones, and unmap."""
+        if self._waiting:
+            self._give_up()
+        self._deferred = False
+        self._stop_timer()
         if self._channel is not None:
             self._backend.loop.remove_reader(self._channel.fileno())
             self._channel.close()
@@ -246,45 +266,56 @@ class BackendDevice:
 
     def _bind(self) -> None:
         """Tell the manager which domain now drives this instance (PCRs reset on change,
-        unless this domain resumes a saved one: then the same boot goes on)."""
+        unless this domain resumes a saved one: then the same boot goes on).
+
+        Not again while this device's BIND is on its way and is the instance's latest:
+        a frontend reconnecting in a loop must not pile BINDs up in front of a busy TPM.
+        """
+        binds = self._backend.binds
+        last = binds.get(self.instance)
+        if last is not None and last is self._bind_ticket and last.callback is not None:
+            return
 
         def check(reply: memoryview) -> None:
             if tpm.response_code(reply) != tpm.TPM_RC.SUCCESS:
                 self.log.error("manager refused to bind instance %d", self.instance)
 
         bind = tpm.bind_command(self.key.domid, resumed=self.resumed)
-        self._backend.manager.request(self.instance, bind, check)
+        self._bind_ticket = self._backend.manager.request(self.instance, bind, check)
+        binds[self.instance] = self._bind_ticket
 
     # -- requests --------------------------------------------------------------------
 
     def _on_event(self) -> None:
         channel = self._channel
-        assert channel is not None
+        assert channel is not None and self._ring is not None
         if not channel.consume():
             self.log.warning("vtpm %d: event channel closed by the frontend", self.key.devid)
             self.disconnect()
             self._switch(S.CLOSED)
             return
-        if self._ticket is not None:
+        if self._ticket is None:
+            self._handle_request()
+        elif self._waiting:
             # One request at a time: an event while one is in flight can only be a v2
             # CANCEL (xen-tpmfront's vtpm_cancel); anything else (a second SUBMIT) is
-            # ignored. A cancelled command may still run in swtpm: its answer is dropped.
-            assert self._ring is not None
+            # ignored. The cancelled command keeps the slot; IDLE once it is gone.
             if self._ring.cancel_requested():
                 self.log.info("vtpm %d: the frontend cancelled its request", self.key.devid)
-                self._cancel_request()
-                self._ring.cancelled()
-                channel.notify()
-            return
-        self._handle_request()
+                self._give_up()
+                self._deferred = True
+        else:
+            self._defer()
 
     def _handle_request(self) -> None:
+        """Look at the pages once (the slot is free): answer, forward, or nothing."""
         ring = self._ring
-        assert ring is not None
+        assert ring is not None and self._ticket is None
         decision = ring.take()
         if isinstance(decision, NotSubmitted):
             # v2: nothing submitted. A CANCEL with nothing in flight (the answer crossed
-            # it, or it never came) completes at once: IDLE, so the frontend can go on.
+            # it, or the cancelled command is gone now) completes: IDLE, so the frontend
+            # can go on.
             if decision.state == CANCEL and self._channel is not None:
                 ring.cancelled()
                 self._channel.notify()
@@ -293,17 +324,24 @@ class BackendDevice:
         if not isinstance(decision, Forward):
             self._answer(decision)  # malformed: the backend answers by itself
             return
-        ticket = self._backend.manager.request(self.instance, decision.command, self._on_reply)
-        if ticket.callback is not None:  # not already answered (manager unwritable)
-            self._ticket = ticket
-            self._timer = self._backend.loop.call_later(self._backend.timeout, self._on_timeout)
+        self._ticket = self._backend.manager.request(
+            self.instance, decision.command, self._on_reply
+        )
+        self._waiting = True
+        self._timer = self._backend.loop.call_later(self._backend.timeout, self._on_timeout)
 
     def _on_reply(self, response: memoryview) -> None:
+        """The manager answered (or the link dropped) this device's request: the slot is
+        free. Answer the frontend if it still waits, else look at what it signalled."""
         self._ticket = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._answer(response)
+        self._stop_timer()
+        if self._waiting:
+            self._waiting = False
+            self._answer(response)
+        elif self._deferred:
+            self._deferred = False
+            if self._ring is not None:
+                self._handle_request()
 
     def _on_timeout(self) -> None:
         self.log.warning(
@@ -313,13 +351,47 @@ class BackendDevice:
             self._backend.timeout,
         )
         self._timer = None
-        self._cancel_request()
+        self._give_up()
         self._answer(_FAILURE)
 
-    def _cancel_request(self) -> None:
+    def _give_up(self) -> None:
+        """Nobody waits for the answer in flight any more: it will be dropped, and the
+        manager is asked to cancel the command. The slot stays held until it is gone."""
+        self._waiting = False
+        self._stop_timer()
         if self._ticket is not None:
-            self._ticket.abandon()
-            self._ticket = None
+            self._backend.manager.cancel(self._ticket)
+
+    def _defer(self) -> None:
+        """The frontend signalled while the slot is held for an answer nobody waits for:
+        look at its pages when the slot frees, or answer by the timeout."""
+        self._deferred = True
+        if self._timer is None:
+            self._timer = self._backend.loop.call_later(
+                self._backend.timeout, self._on_deferred_timeout
+            )
+
+    def _on_deferred_timeout(self) -> None:
+        """The slot stayed held for the whole timeout: answer what the frontend put on
+        its pages (one look) without forwarding it, as for a silent vTPM. A v2 CANCEL
+        keeps waiting for the slot: its answer is IDLE, and only the slot's end gives it."""
+        self._timer = None
+        if not self._deferred or self._ring is None:
+            return
+        decision = self._ring.take()
+        if isinstance(decision, NotSubmitted):
+            self._deferred = decision.state == CANCEL
+            return
+        self._deferred = False
+        self.requests += 1
+        self.log.warning(
+            "vtpm %d: instance %d still busy with a dropped request: TPM_RC_FAILURE",
+            self.key.devid,
+            self.instance,
+        )
+        self._answer(decision if not isinstance(decision, Forward) else _FAILURE)
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

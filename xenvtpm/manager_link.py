@@ -4,8 +4,10 @@ One SOCK_SEQPACKET socket carries every device's traffic: each request is
 ``instance (4 bytes, big-endian) + command`` and each reply carries the same prefix.
 The manager answers the requests of one instance in order, so the link matches replies
 to requests with one FIFO per instance. A request whose caller stopped waiting (a
-timeout, a device that left) keeps its place in the FIFO as an abandoned ticket, so its
-late reply is recognised and dropped instead of being taken for the next one's.
+cancel, a timeout, a device that left) keeps its place in the FIFO, so its late reply
+is recognised instead of being taken for the next one's; the caller still hears of it
+(its slot frees then) and drops it. :meth:`ManagerLink.cancel` tells the manager
+(``XENVTPM_CC_CANCEL``, answered nothing, so the FIFO is unaffected).
 
 While the manager is away (restarting), requests wait in a backlog and are sent once
 it is back; their callers' own timeouts bound the wait. Requests already sent when the
@@ -46,6 +48,8 @@ PENDING_PER_INSTANCE = 4
 BACKLOG_MAX = 4096
 _FAILURE = tpm.error_response(tpm.TPM_RC.FAILURE)
 _RETRY = tpm.error_response(tpm.TPM_RC.RETRY)
+_CANCELED = tpm.error_response(tpm.TPM_RC.CANCELED)
+_CANCEL = tpm.cancel_command()
 
 ReplyCallback = Callable[[memoryview], None]
 
@@ -58,10 +62,6 @@ class Ticket:
     def __init__(self, callback: ReplyCallback, instance: int) -> None:
         self.callback: ReplyCallback | None = callback
         self.instance = instance
-
-    def abandon(self) -> None:
-        """Nobody waits any more: the reply, when it comes, is dropped."""
-        self.callback = None
 
     def resolve(self, response: memoryview | bytes) -> None:
         callback, self.callback = self.callback, None
@@ -128,6 +128,32 @@ class ManagerLink:
             self._send(instance, command, ticket)
         return ticket
 
+    def cancel(self, ticket: Ticket) -> None:
+        """Nobody waits for this request's answer: stop it where it is, if it can be.
+
+        In the backlog: dropped, answered TPM_RC_CANCELED. Sent: the manager is told
+        (:data:`~xenvtpm.tpm.XENVTPM_CC_CANCEL`, which it answers nothing), and the ticket
+        is answered when the manager answers or drops the command, so that its caller
+        knows when the command has left the path.
+        """
+        if ticket.callback is None:
+            return  # answered already
+        instance = ticket.instance
+        for i, (_, _, queued) in enumerate(self._backlog):
+            if queued is ticket:
+                del self._backlog[i]
+                self._unbacklogged(instance)
+                self._answer_soon([ticket], _CANCELED)
+                return
+        if self._sock is None or ticket not in self._pending.get(instance, ()):
+            return
+        try:
+            self._sock.sendmsg([_INSTANCE_I.pack(instance), _CANCEL])
+        except BlockingIOError:
+            log.warning("manager is not reading: cancel for instance %d not sent", instance)
+        except OSError as e:
+            self._disconnect(f"send failed: {e}")
+
     def outstanding(self, instance: int) -> int:
         """Requests of ``instance`` sent and not answered, or waiting in the backlog."""
         return len(self._pending.get(instance, ())) + self._backlogged[instance]
@@ -142,6 +168,11 @@ class ManagerLink:
                 ticket.resolve(response)
 
         self._loop.call_later(0, answer)
+
+    def _unbacklogged(self, instance: int) -> None:
+        self._backlogged[instance] -= 1
+        if not self._backlogged[instance]:
+            del self._backlogged[instance]
 
     def _send(self, instance: int, command: bytes, ticket: Ticket) -> None:
         assert self._sock is not None
@@ -181,9 +212,7 @@ class ManagerLink:
         self._on_up()
         while self._backlog and self._sock is not None:
             instance, command, ticket = self._backlog.popleft()
-            self._backlogged[instance] -= 1
-            if not self._backlogged[instance]:
-                del self._backlogged[instance]
+            self._unbacklogged(instance)
             if ticket.callback is not None:
                 self._send(instance, command, ticket)
 
