@@ -176,6 +176,9 @@ def run_rogue(env: SimEnv, attack: str, *args: str, warm_up: bool = False) -> Ou
     assert outcome.victim_max_s < LATENCY_BOUND_S, outcome.victim_max_s
     get_random(env.guests[0])
     assert "Traceback" not in env.daemon("backend").log.read_text(errors="replace")
+    # a guest never has more than one command in the manager, whatever it did (issue 14)
+    status = env.manager_status(ROGUE_INSTANCE)
+    assert (status["peak"], status["queued"], status["in_flight"]) == (1, 0, 0), status
     return outcome
 
 
@@ -307,12 +310,25 @@ def test_close_and_reopen(env: SimEnv, cycles: int) -> None:
     assert cases["cycles"]["answered"] == cycles
 
 
+@pytest.mark.parametrize("cycles", [500, *([10_000] if FULL else [])])
+def test_cancel_flood(env: SimEnv, cycles: int) -> None:
+    """Protocol v2: SUBMIT a CreatePrimary, CANCEL, SUBMIT again, never waiting for IDLE.
+    The manager never holds more than one of the rogue's commands (run_rogue checks its
+    peak), the last CANCEL completes once that command is done, and the rogue is served
+    after."""
+    cases = run_rogue(env, "cancel-flood", "--count", str(cycles), "--rate", "500").cases()
+    flood = cases["flood"]
+    assert flood["cycles"] == cycles
+    assert flood["idle_after_s"] is not None, flood  # IDLE within the rogue's timeout
+    assert rc_of(cases["after"]) == 0
+
+
 def test_rogue_help_lists_every_attack() -> None:
     result = subprocess.run(
         [os.environ.get("PYTHON", "python3"), "-m", "xenvtpm", "rogue", "--help"],
         capture_output=True, text=True, cwd=ROOT, check=True,
     )  # fmt: skip
-    for attack in ("size-mismatch", "flood", "race", "reopen", "garbage-nodes"):
+    for attack in ("size-mismatch", "flood", "race", "reopen", "garbage-nodes", "cancel-flood"):
         assert attack in result.stdout
 
 

@@ -24,6 +24,7 @@ from test_driver_pair import BAD_REQUESTS, error, get_random, make_env, swtpm_pi
 from test_hostile import counts
 
 from xenvtpm import tpm, tpmif_v2
+from xenvtpm.rogue_v2 import create_primary_rsa
 from xenvtpm.tpmif_v2 import VtpmState
 from xenvtpm.xenbus import XenbusState
 
@@ -331,16 +332,14 @@ def test_reconnecting_in_a_loop_queues_one_bind(env: SimEnv) -> None:
     assert "refused to bind" not in env.daemon("backend").log.read_text(errors="replace")
 
 
-def create_primary_rsa(bits: int, unique: bytes = b"") -> bytes:
-    """TPM2_CreatePrimary(owner, RSA ``bits`` restricted decrypt key, AES-128-CFB): RSA
-    key generation is the longest common command. Spec: TPM2 Part 3, 24.1; Part 2, 12.2."""
-    sensitive = struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
-    public = struct.pack(">HHIH", 0x0001, 0x000B, 0x00030072, 0)  # RSA, SHA256, attrs, policy
-    public += struct.pack(">HHHH", 0x0006, 128, 0x0043, 0x0010)  # AES-128-CFB, scheme NULL
-    public += struct.pack(">HIH", bits, 0, len(unique)) + unique
-    body = struct.pack(">IIIHBH", 0x40000001, 9, 0x40000009, 0, 0, 0)  # owner, password
-    body += sensitive + struct.pack(">H", len(public)) + public + struct.pack(">HI", 0, 0)
-    return struct.pack(">HII", 0x8002, 10 + len(body), tpm.TPM_CC.CreatePrimary) + body
+def transient_handles(fe: KernelFrontend) -> list[int]:
+    """TPM2_GetCapability(TPM_CAP_HANDLES, TRANSIENT_FIRST): the loaded objects.
+    Spec: TPM2 Part 3, 30.2; Part 2, 6.12 (TPM_CAP_HANDLES = 1), 7.4 (0x80000000)."""
+    command = struct.pack(">HIIIII", 0x8001, 22, tpm.TPM_CC.GetCapability, 1, 0x80000000, 16)
+    response = fe.transmit(command)
+    assert tpm.response_code(response) == 0, response[:10].hex()
+    (count,) = struct.unpack_from(">I", response, 15)  # after moreData and capability
+    return list(struct.unpack_from(f">{count}I", response, 19))
 
 
 def test_cancel_of_a_long_rsa_create_primary(env: SimEnv, fe: KernelFrontend) -> None:
@@ -369,8 +368,13 @@ def test_cancel_of_a_long_rsa_create_primary(env: SimEnv, fe: KernelFrontend) ->
     response = fe.transmit(create_primary_rsa(3072, b"again"))
     assert tpm.response_code(response) == 0, response[:10].hex()
     (handle,) = struct.unpack_from(">I", response, 10)
-    flush = struct.pack(">HIII", 0x8001, 14, tpm.TPM_CC.FlushContext, handle)
-    assert tpm.response_code(fe.transmit(flush)) == 0
+    # The cancelled CreatePrimary ran all the same: its object is loaded under a handle
+    # the guest never saw (a cancel cannot undo a TPM command); FlushContext frees it.
+    handles = transient_handles(fe)
+    assert len(handles) == 2 and handle in handles, [hex(h) for h in handles]
+    for h in handles:
+        flush = struct.pack(">HIII", 0x8001, 14, tpm.TPM_CC.FlushContext, h)
+        assert tpm.response_code(fe.transmit(flush)) == 0
     assert swtpm_pid(env, V2_INSTANCE) == pid  # the same swtpm: nothing was restarted
 
 

@@ -636,3 +636,6 @@ def main(argv: list[str] | None = None) -> int:
         rogue.close()
         hv.close()
     return 0
+
+
+from xenvtpm import rogue_v2  # noqa: E402, F401  (registers the protocol v2 attacks)
