@@ -13,7 +13,9 @@ the toolstack as dom0 would, used by the rogue for one attack and detached again
   long attacks down, and the rogue waits longer for answers.
 
 For every attack: the rogue's observations are well-formed (a response is one TPM
-response; a refusal carries the backend's ``error``), the backend stays up, the first
+response; a refusal carries the backend's ``error``), the backend stays up, the manager
+never held more than one of the rogue's commands at once (its status line's peak for
+the rogue's instance, which counts since the first attack), the first
 guest's GetRandom (its /dev/tpm0 on Xen) keeps succeeding within
 :data:`LATENCY_BOUND_S` throughout, and dom0's grant mappings and ports and the
 backend's fds and threads return to the baseline. The exact answer to each attack is
@@ -39,6 +41,7 @@ from typing import Any
 import pytest
 
 from xenvtpm import tpm
+from xenvtpm.manager import status_counts
 
 pytestmark = [pytest.mark.hostile, pytest.mark.needs("xen-probe")]
 
@@ -65,6 +68,9 @@ ATTACKS: dict[str, tuple[list[str], list[str]]] = {
     "handshake-order": ([], ["--settle", "3"]),
     "garbage-nodes": ([], []),
     "reopen": (["--count", "30"], ["--count", "8"]),
+    # protocol v2: SUBMIT an RSA-2048 Create, CANCEL, again (one Create takes seconds
+    # under TCG, so 40 cycles at 10/s already keep swtpm busy throughout)
+    "cancel-flood": (["--count", "500", "--rate", "500"], ["--count", "40", "--rate", "10"]),
 }
 
 
@@ -292,6 +298,12 @@ def test_rogue_frontend(
             assert o["backend_state"] == 5 and o["error"].startswith("connect failed"), o
         assert o["result"] != "no-response", o
     assert toolstack.backend_alive()
+    # Throughout every attack so far, the manager never held more than one of the
+    # rogue's commands (its peak for the rogue's instance; issue 14).
+    rogue_instance = status_counts(toolstack.target.manager_status_line(), ROGUE_INSTANCE)
+    evidence["rogue_instance"] = rogue_instance
+    record(request.config, attack, evidence)
+    assert rogue_instance is not None and rogue_instance["peak"] == 1, rogue_instance
     assert not failures, failures[:3]
     assert latencies and max(latencies) < LATENCY_BOUND_S, max(latencies, default=None)
     assert evidence["after"] == before

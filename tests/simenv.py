@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.process import parent_death_signal
+from xenvtpm.manager import status_counts
 from xenvtpm.toolstack import attach_vtpm, detach_vtpm
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 from xenvtpm.xen.interface import Hypervisor
@@ -220,11 +221,10 @@ class SimEnv:
         seen = len(lines())
         os.kill(manager.proc.pid, signal.SIGUSR1)
         wait_for(lambda: len(lines()) > seen, 10, "the manager's status line")
-        for part in lines()[-1].split():
-            if part.startswith(f"{instance}:"):
-                fields = dict(f.split("=", 1) for f in part.split(":")[2:])
-                return {k: int(v) for k, v in fields.items() if k != "pid"}
-        raise LookupError(f"instance {instance} not in the manager's status")
+        counts = status_counts(lines()[-1], instance)
+        if counts is None:
+            raise LookupError(f"instance {instance} not in the manager's status")
+        return counts
 
     def logs(self) -> str:
         return "\n".join(f"--- {d.name} ({d.log})\n{d.tail()}" for d in self.daemons)

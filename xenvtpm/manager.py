@@ -96,7 +96,14 @@ from .tpm import (
     validate_response,
 )
 
-__all__ = ["InstanceStatus", "Manager", "ManagerClient", "build_parser", "main"]
+__all__ = [
+    "InstanceStatus",
+    "Manager",
+    "ManagerClient",
+    "build_parser",
+    "main",
+    "status_counts",
+]
 
 # "xenvtpm.manager" also when run as ``python -m xenvtpm.manager``
 log = logging.getLogger("xenvtpm.manager")
@@ -799,6 +806,16 @@ class Manager:
         inst.state = InstanceState.RUNNING
         inst.dirty = False
         self._pump(inst)
+
+
+def status_counts(line: str, instance: int) -> dict[str, int] | None:
+    """``queued``, ``in_flight`` and ``peak`` of ``instance`` in a logged status line
+    (SIGUSR1), for tests and operators; None if the line does not name it."""
+    for part in line.split():
+        if part.startswith(f"{instance}:"):
+            fields = dict(f.split("=", 1) for f in part.split(":")[2:] if "=" in f)
+            return {k: int(v) for k, v in fields.items() if k != "pid"}
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,6 +386,26 @@ class SimTarget(BaseTarget):
         self._create_guest(g, deadline)
         self._wait_connected(g, deadline)
         self.say(f"{g.name}: rebooted, domain {old} -> {g.domid}")
+
+    def manager_status_line(self, timeout: float = 10.0) -> str:
+        """The manager's status line (SIGUSR1): each instance's queue, in-flight, peak;
+        read it with :func:`xenvtpm.manager.status_counts`."""
+        pid, log_path = self.manager.pid, self.manager.log_path
+        if pid is None:
+            raise TargetNotReady("manager", "not running", self.logs())
+
+        def last() -> str | None:  # each line carries its time, so a new one differs
+            found = [x for x in tail(log_path, 200).splitlines() if " status: " in x]
+            return found[-1] if found else None
+
+        seen = last()
+        os.kill(pid, signal.SIGUSR1)
+        deadline = Deadline(timeout)
+        while (line := last()) == seen or line is None:
+            if deadline.expired:
+                raise TargetNotReady("manager", "no status line after SIGUSR1", self.logs())
+            time.sleep(0.02)
+        return line
 
     def _swtpm_of(self, g: SimGuest) -> int | None:
         return find_swtpm(self.state_root / str(g.instance))

@@ -772,6 +772,20 @@ class XenTarget(BaseTarget):
         mappings, ports, fds, threads = (int(x) for x in out.split())
         return {"mappings": mappings, "ports": ports, "fds": fds, "threads": threads}
 
+    def manager_status_line(self) -> str:
+        """dom0's manager's status line (SIGUSR1): each instance's queue, in-flight and
+        peak; read it with :func:`xenvtpm.manager.status_counts`."""
+        pid = self._daemons.get("dom0", {}).get("manager")
+        if pid is None:
+            raise TargetNotReady("manager", "not started by this target")
+        log = f"{REMOTE_LOG_DIR}/manager.log"
+        line: str = self._dom0().check(
+            f"n=$(grep -c ' status: ' {log}); kill -USR1 {pid}; "
+            f"for i in $(seq 50); do [ $(grep -c ' status: ' {log}) -gt $n ] && break; "
+            f"sleep 0.2; done; grep ' status: ' {log} | tail -n 1"
+        )
+        return line.strip()
+
     def swtpm_pid(self, guest: Guest) -> int | None:
         self.require(Capability.KILL_SWTPM)
         return xen_driver.swtpm_pid(self._dom0(), self._own(guest).instance)
