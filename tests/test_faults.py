@@ -184,10 +184,13 @@ def start_session(guest: Guest) -> int:
     return int(struct.unpack_from(">I", response, 10)[0])
 
 
-def loaded_sessions(guest: Guest) -> list[int]:
+def loaded_sessions_command() -> bytes:
     """TPM2_GetCapability(TPM_CAP_HANDLES, HMAC sessions)."""
-    command = struct.pack(">HIIIII", 0x8001, 22, 0x17A, 1, 0x02000000, 16)
-    response = guest.transmit(command)
+    return struct.pack(">HIIIII", 0x8001, 22, 0x17A, 1, 0x02000000, 16)
+
+
+def loaded_sessions(guest: Guest) -> list[int]:
+    response = guest.transmit(loaded_sessions_command())
     assert rc(response) == 0, response.hex()
     (count,) = struct.unpack_from(">I", response, 15)
     return list(struct.unpack_from(f">{count}I", response, 19))

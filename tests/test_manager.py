@@ -346,6 +346,31 @@ def test_bind_of_a_resumed_domain_keeps_pcrs(mgr: RunningManager) -> None:
         assert pcr10(c, 4) == bytes(32)
 
 
+def test_a_hung_swtpm_being_rebound_does_not_stall_other_instances(tmp_root: Path) -> None:
+    """BIND of another domain power-cycles the instance through swtpm's control channel;
+    when that swtpm is hung, only its own instance waits (issue 14, point 4)."""
+    success = bytes.fromhex("80010000000a00000000")
+    for m in managed(tmp_root):
+        with m.client() as a, m.client() as b:
+            assert a.transact(21, bind_command(1)) == success
+            random_bytes(a.transact(21, get_random_command(8)))  # used: a rebind cycles it
+            random_bytes(b.transact(22, get_random_command(8)))
+            pid = swtpm_pid(tmp_root, 21)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                a.send_packet(pfx(21) + bind_command(2))  # domain 1 rebooted as domain 2
+                time.sleep(0.1)
+                worst = 0.0
+                for _ in range(20):
+                    t0 = time.monotonic()
+                    random_bytes(b.transact(22, get_random_command(8)))
+                    worst = max(worst, time.monotonic() - t0)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert worst < 0.5, f"instance 22 waited {worst:.2f} s behind instance 21's swtpm"
+            assert a.recv_packet(timeout=30) == pfx(21) + success  # the cycle completed
+
+
 # -- swtpm failures -------------------------------------------------------------------
 
 
