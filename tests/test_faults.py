@@ -144,6 +144,8 @@ def test_swtpm_killed_mid_command_keeps_acked_nv(env: SimEnv) -> None:
         os.kill(pid, signal.SIGKILL)
         assert s.recv(4096) == error(RC.FAILURE)
     get_random(other)
+    assert guest.transmit(nv_read()) == error(RC.FAILURE)  # failure mode, not a reset TPM
+    env.reset_instance(guest.instance)
     recovered(guest)
     assert swtpm_pid(env, guest.instance) != pid
     assert nv_value(guest) == value  # killed before it read the write: the old value
@@ -283,9 +285,10 @@ def test_disk_full_while_swtpm_writes_state(tmp_path: Path) -> None:
         in_manager_ns(manager, "rm", "-f", str(filler))
         # libtpms went into failure mode when it could not write its state, and stays
         # there with space back: every command answers TPM_RC_FAILURE until swtpm is
-        # restarted (the manager does not notice: swtpm still answers). Restart it.
+        # power-cycled (the manager does not notice: swtpm still answers). The
+        # operator's reset does it (CMD_INIT re-initialises libtpms).
         assert guest.transmit(tpm.get_random_command(8)) == error(RC.FAILURE)
-        os.kill(swtpm_pid(env, guest.instance), signal.SIGKILL)
+        env.reset_instance(guest.instance)
         recovered(guest)
         acked = [value] + [w for w, a in zip(writes, answers, strict=True) if rc(a) == 0]
         assert nv_value(guest) == acked[-1]  # the last acknowledged write, nothing lost

@@ -374,46 +374,55 @@ def test_a_hung_swtpm_being_rebound_does_not_stall_other_instances(tmp_root: Pat
 # -- swtpm failures -------------------------------------------------------------------
 
 
+def recover_by_reboot(c: ManagerClient, instance: int, domid: int) -> None:
+    """A BIND of another domain (a reboot) ends failure mode (test_vtpm_continuity.py)."""
+    assert c.transact(instance, bind_command(domid)) == bytes.fromhex("80010000000a00000000")
+    assert len(random_bytes(c.transact(instance, get_random_command(8)))) == 8
+
+
 def test_swtpm_killed_during_command(mgr: RunningManager) -> None:
     with mgr.client() as c:
-        random_bytes(c.transact(4, get_random_command(8)))
-        pid = swtpm_pid(mgr.root, 4)
+        random_bytes(c.transact(41, get_random_command(8)))
+        pid = swtpm_pid(mgr.root, 41)
         os.kill(pid, signal.SIGSTOP)  # the next command stays in flight
         try:
-            c.send_packet(pfx(4) + get_random_command(8))
+            c.send_packet(pfx(41) + get_random_command(8))
             r, _, _ = select.select([c], [], [], 0.3)
             assert r == [], "answered while swtpm was stopped"
         finally:
             os.kill(pid, signal.SIGKILL)
-        assert c.recv_packet() == err(4, TPM_RC.FAILURE)
-        # restarted from its state dir; queued and later commands work
-        assert len(random_bytes(c.transact(4, get_random_command(8)))) == 8
-        new_pid = swtpm_pid(mgr.root, 4)
+        assert c.recv_packet() == err(41, TPM_RC.FAILURE)
+        # restarted from its state dir, in failure mode: its volatile state is gone
+        assert c.transact(41, get_random_command(8)) == err(41, TPM_RC.FAILURE)[4:]
+        new_pid = swtpm_pid(mgr.root, 41)
         assert new_pid != pid and new_pid in swtpm_pids(mgr.root)
+        recover_by_reboot(c, 41, 2)
 
 
-def test_queued_commands_survive_swtpm_death(mgr: RunningManager) -> None:
+def test_queued_commands_after_swtpm_death_fail_closed(mgr: RunningManager) -> None:
     with mgr.client() as c:
-        random_bytes(c.transact(4, get_random_command(8)))
-        pid = swtpm_pid(mgr.root, 4)
+        random_bytes(c.transact(42, get_random_command(8)))
+        pid = swtpm_pid(mgr.root, 42)
         os.kill(pid, signal.SIGSTOP)
         try:
             for n in (3, 4, 5):
-                c.send_packet(pfx(4) + get_random_command(n))
+                c.send_packet(pfx(42) + get_random_command(n))
             time.sleep(0.2)
         finally:
             os.kill(pid, signal.SIGKILL)
-        assert c.recv_packet() == err(4, TPM_RC.FAILURE)  # the one in flight
-        assert len(random_bytes(c.recv_packet()[4:])) == 4  # the queued ones continue
-        assert len(random_bytes(c.recv_packet()[4:])) == 5
+        assert c.recv_packet() == err(42, TPM_RC.FAILURE)  # the one in flight
+        assert c.recv_packet() == err(42, TPM_RC.FAILURE)  # the queued ones: failure mode
+        assert c.recv_packet() == err(42, TPM_RC.FAILURE)
+        recover_by_reboot(c, 42, 2)
 
 
-def test_idle_swtpm_death_is_invisible(mgr: RunningManager) -> None:
+def test_idle_swtpm_death_fails_closed(mgr: RunningManager) -> None:
     with mgr.client() as c:
-        random_bytes(c.transact(4, get_random_command(8)))
-        os.kill(swtpm_pid(mgr.root, 4), signal.SIGKILL)
+        random_bytes(c.transact(43, get_random_command(8)))
+        os.kill(swtpm_pid(mgr.root, 43), signal.SIGKILL)
         time.sleep(0.1)
-        assert len(random_bytes(c.transact(4, get_random_command(8)))) == 8
+        assert c.transact(43, get_random_command(8)) == err(43, TPM_RC.FAILURE)[4:]
+        recover_by_reboot(c, 43, 2)
 
 
 def test_hung_swtpm_times_out_and_restarts(tmp_root: Path) -> None:
@@ -425,7 +434,7 @@ def test_hung_swtpm_times_out_and_restarts(tmp_root: Path) -> None:
             t0 = time.monotonic()
             assert c.transact(1, get_random_command(8)) == err(1, TPM_RC.FAILURE)[4:]
             assert 0.9 < time.monotonic() - t0 < 5
-            assert len(random_bytes(c.transact(1, get_random_command(8)))) == 8
+            recover_by_reboot(c, 1, 2)
             assert pid not in swtpm_pids(tmp_root)
 
 

@@ -35,8 +35,8 @@ from test_manager import (
     start_manager,
     swtpm_pid,
     swtpm_pids,
-    tmp_root,  # noqa: F401 (fixture)
 )
+from test_manager import tmp_root as manager_tmp_root
 
 from xenvtpm.manager import ManagerClient
 from xenvtpm.tpm import (
@@ -49,6 +49,7 @@ from xenvtpm.tpm import (
 )
 
 INSTANCE = 31
+tmp_root = manager_tmp_root  # the fixture: a fresh root, every swtpm killed afterwards
 SUCCESS = bytes.fromhex("80010000000a00000000")
 FAILURE = err(INSTANCE, TPM_RC.FAILURE)[4:]
 GET_TEST_RESULT = struct.pack(">HII", 0x8001, 10, 0x17C)
@@ -153,8 +154,8 @@ def test_planned_manager_restart_keeps_pcrs_sessions_and_objects(tmp_root: Path)
             assert session in handles(c, loaded_sessions_command())
             assert sequence in handles(c, TRANSIENT_HANDLES)
             assert nv_value(c) == value
-    # restored once: a later unplanned restart must never bring that old state back
-    assert not list((tmp_root / "state" / str(INSTANCE)).glob("*.volatilestate"))
+            # restored once: a later unplanned restart must never bring it back
+            assert not list((tmp_root / "state" / str(INSTANCE)).glob("*.volatilestate"))
 
 
 def test_a_killed_swtpm_fails_closed_until_the_domain_reboots(tmp_root: Path) -> None:
@@ -239,7 +240,7 @@ def test_saved_state_of_another_host_boot_is_never_restored(tmp_root: Path) -> N
             assert c.transact(INSTANCE, bind_command(5)) == SUCCESS
             assert pcr16(c) == bytes(32)
             assert len(random_bytes(c.transact(INSTANCE, get_random_command(8)))) == 8
-    assert not list((tmp_root / "state" / str(INSTANCE)).glob("*.volatilestate"))
+            assert not list((tmp_root / "state" / str(INSTANCE)).glob("*.volatilestate"))
 
 
 @pytest.mark.parametrize("domid", [5])

@@ -44,6 +44,8 @@ __all__ = [
     "TPM_SU",
     "VTPM_PROXY_CC_SET_LOCALITY",
     "XENVTPM_CC_BIND",
+    "XENVTPM_CC_RESERVED",
+    "XENVTPM_CC_RESET",
     "MalformedCommand",
     "TpmHeader",
     "bad_tag_rc",
@@ -188,6 +190,7 @@ class TPM_CC(IntEnum):
     ReadPublic = 0x173
     GetCapability = 0x17A
     GetRandom = 0x17B
+    GetTestResult = 0x17C
     PCR_Read = 0x17E
     PCR_Extend = 0x182
 
@@ -222,6 +225,14 @@ VTPM_PROXY_CC_SET_LOCALITY = 0x20001000
 #: flags, :data:`BIND_RESUMED` set; the manager then binds without a power cycle.
 XENVTPM_CC_BIND = TPM_CC_VENDOR_BIT | 0x0F00
 BIND_RESUMED = 0x1
+
+#: Operator command on the manager's socket (``python3 -m xenvtpm reset``): power-cycle
+#: the instance (its PCRs reset) and end its failure mode. 10 bytes, no parameters.
+XENVTPM_CC_RESET = TPM_CC_VENDOR_BIT | 0x0F01
+
+#: Every code of this block belongs to the backend -> manager control path, present or
+#: future: the backend answers a guest's command in it TPM_RC_COMMAND_CODE, unsent.
+XENVTPM_CC_RESERVED = range(TPM_CC_VENDOR_BIT | 0x0F00, TPM_CC_VENDOR_BIT | 0x1000)
 
 HEADER_SIZE = 10
 #: swtpm 0.7.1: TPM_PT_MAX_COMMAND_SIZE (measured by TPM2_GetCapability).  swtpm does
@@ -394,6 +405,11 @@ def bind_command(domid: int, resumed: bool = False) -> bytes:
         return _BIND_HIII.pack(TPM_ST.NO_SESSIONS, 14, XENVTPM_CC_BIND, domid)
     except struct.error as exc:
         raise MalformedMessage(f"domid {domid} does not fit in u32") from exc
+
+
+def reset_command() -> bytes:
+    """The operator's :data:`XENVTPM_CC_RESET` (the instance is in the packet prefix)."""
+    return _HEADER_HII.pack(TPM_ST.NO_SESSIONS, HEADER_SIZE, XENVTPM_CC_RESET)
 
 
 def parse_bind_command(data: bytes | bytearray | memoryview) -> tuple[int, bool]:
