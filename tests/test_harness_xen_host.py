@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import paramiko
 import pytest
+from fake_xen_host import FakeGuest, FakeXenHost
 
+from harness.errors import TargetNotReady
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.targets.xen_host import (
     GuestSpec,
@@ -157,3 +161,112 @@ def test_pytest_says_how_to_name_the_guests() -> None:
     )
     assert result.returncode == 4, result.stdout + result.stderr
     assert "--host-guest NAME[=ADDRESS]" in result.stderr
+
+
+# -- a guest's address: only from what dom0 controls (issue 14, point 7) ------------------
+WEB = ("web", 5, "00:16:3e:00:00:05", "169.254.1.5")
+DB = ("db", 6, "00:16:3e:00:00:06", "169.254.1.6")
+NEIGHBOURS = (
+    "169.254.1.5 dev xenbr0 lladdr 00:16:3e:00:00:05 REACHABLE\n"
+    "169.254.1.6 dev xenbr0 lladdr 00:16:3e:00:00:06 STALE\n"
+)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user with an SSH key and a home of their own (their ``~/.ssh/known_hosts``),
+    and the target's artifacts under ``tmp_path``."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XENVTPM_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.delenv("XENVTPM_SSH_KEY", raising=False)
+    paramiko.ECDSAKey.generate().write_private_key_file(str(home / ".ssh" / "id_test"))
+    return home
+
+
+def host_target(host: FakeXenHost, home: Path, guests: list[str], **options: Any) -> XenHostTarget:
+    return XenHostTarget(
+        url=host.url,
+        host_guests=guests,
+        ssh_key=home / ".ssh" / "id_test",
+        run_dir=home.parent / "run",
+        **options,
+    )
+
+
+def lie_about_web(host: FakeXenHost) -> None:
+    """What a hostile ``web`` can write in its own xenstore tree: db's address where
+    guest agents publish an address, and db's MAC in its own vif frontend."""
+    xs = host.dom0_shell.xenstore
+    xs["/local/domain/5/attr/vif/0/ipv4/0"] = DB[3]
+    xs["/local/domain/5/data/ipv4"] = DB[3]
+    xs["/local/domain/5/device/vif/0/mac"] = DB[2]
+
+
+def test_a_guests_own_xenstore_cannot_redirect_certify(home: Path) -> None:
+    """web claims db's address in the nodes it may write; certify still logs in to web,
+    at the address dom0's neighbour table gives for the MAC xl gave web's vif."""
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], NEIGHBOURS) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        lie_about_web(host)
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            web = target.guests[0]
+            assert web.ip == WEB[3]
+            assert web.host().check("hostname").strip() == "web"
+            assert host.dom0.opened == [(WEB[3], 22)]
+        finally:
+            target.close()
+
+
+def test_no_neighbour_entry_asks_for_the_address_and_ignores_the_guests_claim(
+    home: Path,
+) -> None:
+    """dom0 has not seen web's MAC: a clear error naming --host-guest web=ADDRESS, and
+    no login anywhere (in particular not at the address web wrote for itself)."""
+    neighbours = "169.254.1.6 dev xenbr0 lladdr 00:16:3e:00:00:06 STALE\n"
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], neighbours) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        lie_about_web(host)
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            with pytest.raises(TargetNotReady, match=r"--host-guest web=ADDRESS") as caught:
+                target.find_guests()
+            assert DB[3] not in str(caught.value)
+            assert host.dom0.opened == []
+        finally:
+            target.close()
+
+
+def test_two_addresses_for_the_guests_mac_are_not_guessed_between(home: Path) -> None:
+    """Two IPv4 neighbours for web's MAC (one could be forged by ARP): the error names
+    both and asks for the address; nothing is logged in to."""
+    neighbours = NEIGHBOURS + "169.254.1.66 dev xenbr0 lladdr 00:16:3e:00:00:05 STALE\n"
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], neighbours) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            with pytest.raises(TargetNotReady, match=r"169\.254\.1\.5.*169\.254\.1\.66"):
+                target.find_guests()
+            assert host.dom0.opened == []
+        finally:
+            target.close()
+
+
+def test_an_address_the_user_gives_is_used_as_given(home: Path) -> None:
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], "") as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        lie_about_web(host)
+        target = host_target(host, home, [f"web={WEB[3]}"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            assert target.guests[0].host().check("hostname").strip() == "web"
+            assert host.dom0.opened == [(WEB[3], 22)]
+        finally:
+            target.close()
