@@ -7,7 +7,7 @@ Bring-up walks off -> ready (STYLE.md 9):
               default keys and agent; host key checked against known_hosts)
     check     dom0 has xl, a running Xen, python3 >= 3.11, swtpm, Xen's libraries
     guests    each ``--host-guest NAME[=ADDRESS]``: ``xl domid NAME``, its SSH address
-              (given, or from xenstore / dom0's neighbour table), SSH through dom0
+              (given, or dom0's neighbour entry for the MAC xl gave it), SSH through dom0
     clean     stop xenvtpm daemons an earlier run left, detach its vTPMs (idempotent)
     check     each guest has python3 >= 3.11, tpm_vtpm_proxy, Xen's libraries, no TPM
     deploy    ``XenTarget.start_driver``, unchanged
@@ -132,23 +132,27 @@ def parse_xl_info(text: str) -> dict[str, str]:
     return out
 
 
-def parse_macs(network_list: str) -> list[str]:
-    """The MAC addresses in ``xl network-list NAME`` (lower case)."""
-    return [
-        m.lower() for m in re.findall(r"\b(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\b", network_list)
-    ]
+def parse_macs(text: str) -> list[str]:
+    """The MAC addresses in ``text`` (a vif backend's ``mac`` node, ``xl network-list``),
+    lower case."""
+    return [m.lower() for m in re.findall(r"\b(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\b", text)]
 
 
-def address_from_neighbours(neighbours: str, macs: Sequence[str]) -> str | None:
-    """The IPv4 address ``ip neigh show`` in dom0 gives for one of ``macs`` (else IPv6)."""
+def neighbour_addresses(neighbours: str, macs: Sequence[str]) -> list[str]:
+    """The addresses ``ip neigh show`` in dom0 gives for ``macs`` (not FAILED), each
+    once: IPv4 first, then IPv6."""
     found: list[str] = []
     for line in neighbours.splitlines():
         words = line.split()
         mac = words[words.index("lladdr") + 1].lower() if "lladdr" in words[:-1] else None
-        if mac in macs and "FAILED" not in words:
+        if mac in macs and "FAILED" not in words and words[0] not in found:
             found.append(words[0])
-    v4 = [a for a in found if ":" not in a]
-    return next(iter(v4 or found), None)
+    return [a for a in found if ":" not in a] + [a for a in found if ":" in a]
+
+
+def address_from_neighbours(neighbours: str, macs: Sequence[str]) -> str | None:
+    """The IPv4 address ``ip neigh show`` in dom0 gives for one of ``macs`` (else IPv6)."""
+    return next(iter(neighbour_addresses(neighbours, macs)), None)
 
 
 def driver_build(root: Path = ROOT) -> dict[str, Any]:
@@ -344,22 +348,47 @@ class XenHostTarget(XenTarget):
             self._cursors[guest.name] = guest.ssh.run(JOURNAL_CURSOR)[1].strip()
 
     def lookup_address(self, guest: HostGuest) -> str:
-        """The guest's address from xenstore (``attr/vif/0/ipv4/0``, written by guest
-        agents), else the dom0 neighbour entry of one of its MACs (``xl network-list``)."""
+        """The guest's address as dom0 knows it: the MACs xl gave its vifs, read from
+        dom0's backend nodes, then dom0's neighbour entry for one of them.
+
+        Never from the guest's own ``/local/domain/<domid>/`` tree (``attr/``, ``data/``,
+        its vif frontend): the guest writes those, and an address there could send
+        certify to another machine, for instance another guest whose key is known.
+        Several IPv4 neighbours for its MACs (one may be forged by ARP) are not guessed
+        between: the user names the address."""
         dom0 = self._dom0()
-        rc, out, _ = dom0.run(f"xenstore-read /local/domain/{guest.domid}/attr/vif/0/ipv4/0")
-        if rc == 0 and out.strip():
-            return out.strip()
-        macs = parse_macs(dom0.run(f"xl network-list {shlex.quote(guest.name)}")[1])
-        found = address_from_neighbours(dom0.run("ip neigh show")[1], macs) if macs else None
-        if found is None:
+        macs = self.vif_macs(guest)
+        found = neighbour_addresses(dom0.run("ip neigh show")[1], macs) if macs else []
+        v4 = [a for a in found if ":" not in a]
+        ask = f"give it as --host-guest {guest.name}=ADDRESS"
+        if len(v4) > 1:
             raise TargetNotReady(
                 f"guest {guest.name}",
-                "cannot find its SSH address (no attr/vif/0/ipv4/0 in its xenstore, MAC "
-                f"{', '.join(macs) or 'none'} not in dom0's `ip neigh`): give it as "
-                f"--host-guest {guest.name}=ADDRESS",
+                f"dom0's `ip neigh` has several addresses for its MAC {', '.join(macs)}: "
+                f"{', '.join(v4)}; {ask}",
             )
-        return found
+        if not found:
+            raise TargetNotReady(
+                f"guest {guest.name}",
+                f"cannot find its SSH address: its MAC {', '.join(macs) or '(none: no vif)'} "
+                f"is not in dom0's `ip neigh`; {ask} (addresses a guest publishes in its "
+                "own xenstore are not used: the guest can write them)",
+            )
+        return found[0]
+
+    def vif_macs(self, guest: HostGuest) -> list[str]:
+        """The MACs of the guest's vifs from dom0's backend nodes
+        (``/local/domain/0/backend/vif/<domid>/<devid>/mac``, written by xl; the guest
+        may read them, not write them), lower case."""
+        dom0 = self._dom0()
+        base = f"/local/domain/0/backend/vif/{guest.domid}"
+        rc, out, _ = dom0.run(f"xenstore-list {base}")
+        devids = [d for d in out.split() if d.isdigit()] if rc == 0 else []
+        macs: list[str] = []
+        for devid in devids:
+            rc, out, _ = dom0.run(f"xenstore-read {base}/{devid}/mac")
+            macs += parse_macs(out) if rc == 0 else []
+        return macs
 
     def clean_host(self, whose: str = "left by an earlier run") -> None:
         """Stop every xenvtpm daemon (guests first, then dom0's backend and manager, then
