@@ -4,6 +4,9 @@ the registry, and pytest's usage errors. The target itself runs against a Xen ho
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +17,9 @@ import paramiko
 import pytest
 from fake_xen_host import FakeGuest, FakeXenHost
 
-from harness.errors import TargetNotReady
+from harness.deadline import Deadline
+from harness.errors import HarnessError, TargetNotReady
+from harness.ssh import SshHost
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.targets.xen_host import (
     GuestSpec,
@@ -180,6 +185,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (home / ".ssh").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XENVTPM_ARTIFACTS", str(tmp_path / "artifacts"))
+    (tmp_path / "artifacts").mkdir()
     monkeypatch.delenv("XENVTPM_SSH_KEY", raising=False)
     paramiko.ECDSAKey.generate().write_private_key_file(str(home / ".ssh" / "id_test"))
     return home
@@ -270,3 +276,167 @@ def test_an_address_the_user_gives_is_used_as_given(home: Path) -> None:
             assert host.dom0.opened == [(WEB[3], 22)]
         finally:
             target.close()
+
+
+# -- host keys: known ones checked, unknown ones refused unless the user says so ----------
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``ssh-keygen -l`` form, computed here from the key blob."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def test_an_unknown_dom0_key_is_refused_with_its_fingerprint(home: Path) -> None:
+    """Nothing in known_hosts and no flag: no command runs in dom0, and the error names
+    the host, the key's type and fingerprint, and the flag that would accept it."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        target = host_target(host, home, ["web"])
+        try:
+            with pytest.raises(HarnessError) as caught:
+                target.connect_host()
+            message = str(caught.value)
+            assert f"[127.0.0.1]:{host.port}" in message
+            assert "ecdsa-sha2-nistp256" in message and fingerprint(host.dom0.host_key) in message
+            assert "--accept-new-host-keys" in message
+            assert host.dom0.commands == []
+        finally:
+            target.close()
+
+
+def test_an_unknown_guest_key_is_refused_with_its_fingerprint(home: Path) -> None:
+    """dom0 is known, web is not: web is refused before any command runs there."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts", guests=False)
+        target = host_target(host, home, ["web"])
+        web = host.guests[0].server
+        try:
+            target.connect_host()
+            with pytest.raises(HarnessError) as caught:
+                target.find_guests()
+            message = str(caught.value)
+            assert "web" in message and WEB[3] in message
+            assert fingerprint(web.host_key) in message and "--accept-new-host-keys" in message
+            assert web.commands == []
+        finally:
+            target.close()
+
+
+@pytest.mark.parametrize("accept_new", [False, True])
+def test_a_changed_dom0_key_is_refused_naming_both_fingerprints(
+    home: Path, accept_new: bool
+) -> None:
+    """known_hosts holds another key for dom0's address: refused, with or without the
+    flag, and the error names the host, the key known and the key offered."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = home / ".ssh" / "known_hosts"
+        host.known_hosts(known)
+        old = paramiko.ECDSAKey.generate()
+        mine = host.dom0.known_hosts_line("127.0.0.1", host.port)
+        name = mine.split()[0]
+        known.write_text(
+            known.read_text().replace(mine, f"{name} {old.get_name()} {old.get_base64()}")
+        )
+        flag = {"accept_new_host_keys": True} if accept_new else {}
+        target = host_target(host, home, ["web"], **flag)
+        try:
+            with pytest.raises(HarnessError) as caught:
+                target.connect_host()
+            message = str(caught.value)
+            assert name in message and "changed" in message.lower()
+            assert fingerprint(old) in message and fingerprint(host.dom0.host_key) in message
+            assert host.dom0.commands == []
+        finally:
+            target.close()
+
+
+def test_a_changed_guest_key_is_refused_even_when_new_keys_are_accepted(home: Path) -> None:
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = home / ".ssh" / "known_hosts"
+        host.known_hosts(known, guests=False)
+        old = paramiko.ECDSAKey.generate()
+        with known.open("a") as f:
+            f.write(f"{WEB[3]} {old.get_name()} {old.get_base64()}\n")
+        target = host_target(host, home, ["web"], accept_new_host_keys=True)
+        try:
+            target.connect_host()
+            with pytest.raises(HarnessError) as caught:
+                target.find_guests()
+            message = str(caught.value)
+            assert WEB[3] in message and "changed" in message.lower()
+            assert fingerprint(old) in message
+            assert fingerprint(host.guests[0].server.host_key) in message
+            assert host.guests[0].server.commands == []
+        finally:
+            target.close()
+
+
+def test_new_keys_accepted_on_request_are_recorded_and_can_be_pinned(
+    home: Path, tmp_path: Path
+) -> None:
+    """With the flag, dom0's and web's unknown keys are used and recorded (type, SHA256,
+    how trusted) in versions.json and as known_hosts lines; a second run that names that
+    file needs no flag and records the keys as known."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        dom0_name = f"[127.0.0.1]:{host.port}"
+        keys = {"dom0": host.dom0.host_key, "web": host.guests[0].server.host_key}
+        target = host_target(host, home, ["web"], accept_new_host_keys=True)
+        try:
+            target.connect_host()
+            target.find_guests()
+            target.record_versions()
+        finally:
+            target.close()
+        artifacts = tmp_path / "artifacts"
+        recorded = json.loads((artifacts / "versions.json").read_text())["host_keys"]
+        assert [(k["login"], k["host"], k["trust"]) for k in recorded] == [
+            ("dom0", dom0_name, "accepted-new"),
+            ("web", WEB[3], "accepted-new"),
+        ]
+        for k in recorded:
+            assert k["type"] == "ecdsa-sha2-nistp256"
+            assert k["fingerprint"] == fingerprint(keys[k["login"]])
+        pinned = tmp_path / "pinned_known_hosts"
+        pinned.write_text((artifacts / "known_hosts").read_text())
+        assert paramiko.HostKeys(str(pinned)).lookup(dom0_name) is not None
+
+        again = host_target(host, home, ["web"], known_hosts=[pinned])
+        try:
+            again.connect_host()
+            again.find_guests()
+            again.record_versions()
+        finally:
+            again.close()
+        recorded = json.loads((artifacts / "versions.json").read_text())["host_keys"]
+        assert [(k["login"], k["trust"]) for k in recorded] == [
+            ("dom0", "known_hosts"),
+            ("web", "known_hosts"),
+        ]
+
+
+def test_the_harness_own_machines_keep_trusting_their_keys(home: Path) -> None:
+    """The QEMU targets' logins (no host-key check: their own VMs behind a loopback
+    hostfwd) still connect, even where known_hosts has another key for the address."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        other = paramiko.ECDSAKey.generate()
+        (home / ".ssh" / "known_hosts").write_text(
+            f"[127.0.0.1]:{host.port} {other.get_name()} {other.get_base64()}\n"
+        )
+        with SshHost("dom0", "127.0.0.1", host.port, home / ".ssh" / "id_test") as dom0:
+            dom0.connect(Deadline(20))
+            assert dom0.check("xl domid web").strip() == "5"
+
+
+def test_pytest_refuses_a_known_hosts_file_that_does_not_exist(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    missing = tmp_path / "nope"
+    argv = ["scenarios/test_smoke.py", "--collect-only", "--target", "ssh://root@127.0.0.1:1"]
+    argv += ["--host-guest", "g", "--accept-new-host-keys", "--known-hosts", str(missing)]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"known_hosts file {missing} does not exist" in result.stderr
