@@ -412,6 +412,24 @@ def test_new_keys_accepted_on_request_are_recorded_and_can_be_pinned(
         ]
 
 
+def test_hashed_known_hosts_entries_are_known(home: Path) -> None:
+    """``HashKnownHosts yes`` (Debian's default) writes ``|1|salt|hash`` names."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = host.known_hosts(home / ".ssh" / "known_hosts")
+        hashed = []
+        for line in known.read_text().splitlines():
+            name, rest = line.split(" ", 1)
+            hashed.append(f"{paramiko.HostKeys.hash_host(name)} {rest}\n")
+        known.write_text("".join(hashed))
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            assert [k.trust for k in target.host_keys.seen] == ["known_hosts", "known_hosts"]
+        finally:
+            target.close()
+
+
 def test_the_harness_own_machines_keep_trusting_their_keys(home: Path) -> None:
     """The QEMU targets' logins (no host-key check: their own VMs behind a loopback
     hostfwd) still connect, even where known_hosts has another key for the address."""

@@ -4,7 +4,8 @@ existing Xen host that the user names (issue 4, item 7). Nothing is booted.
 Bring-up walks off -> ready (STYLE.md 9):
 
     dom0      SSH to HOST (key: ``--ssh-key`` / ``$XENVTPM_SSH_KEY``, else the user's
-              default keys and agent; host key checked against known_hosts)
+              default keys and agent; host keys: ``harness.hostkeys``, known ones only
+              unless ``--accept-new-host-keys``, for dom0 and every guest)
     check     dom0 has xl, a running Xen, python3 >= 3.11, swtpm, Xen's libraries
     guests    each ``--host-guest NAME[=ADDRESS]``: ``xl domid NAME``, its SSH address
               (given, or dom0's neighbour entry for the MAC xl gave it), SSH through dom0
@@ -15,8 +16,9 @@ Bring-up walks off -> ready (STYLE.md 9):
 ``close`` stops the daemons it started, detaches the vTPMs, collects the logs into
 ``artifacts/xen-host/`` (``$XENVTPM_ARTIFACTS``) and removes the directories and unloads
 the modules this run added, so the host is left as it was found. ``versions.json`` in
-the artifacts records the driver build and the Xen, dom0 and guest versions (for
-``harness.certify_report``).
+the artifacts records the driver build, the Xen, dom0 and guest versions and the host
+key each login used (for ``harness.certify_report``); ``known_hosts`` there holds those
+keys as lines to pin.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, ClassVar
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
+from harness.hostkeys import HostKeyCheck, resolve_known_hosts
 from harness.images import ROOT
 from harness.ssh import SshHost
 from harness.target import Capability
@@ -46,6 +49,7 @@ from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR, collect_logs
 SSH_KEY_ENV = "XENVTPM_SSH_KEY"
 CONNECT_TIMEOUT = 60.0  # the host is up already: a login that takes longer will not come
 VERSIONS_FILE = "versions.json"
+KNOWN_HOSTS_FILE = "known_hosts"  # the keys this run's logins used, as lines to pin
 XEN_LIBS = ("libxenstore.so.4", "libxengnttab.so.1", "libxenevtchn.so.1")
 # The daemons and tools this driver runs, and nothing else: ``python3 -m xenvtpm ...``
 # (start_daemon's and the relay's command line after exec), and swtpm under STATE_ROOT.
@@ -265,12 +269,18 @@ class XenHostTarget(XenTarget):
         url: str,
         host_guests: Sequence[str] = (),
         ssh_key: str | os.PathLike[str] | None = None,
+        known_hosts: Sequence[str | os.PathLike[str]] = (),
+        accept_new_host_keys: bool = False,
     ) -> None:
-        """``guests`` is ignored: the guests are the ``host_guests`` the user named."""
+        """``guests`` is ignored: the guests are the ``host_guests`` the user named.
+        Host keys: ``~/.ssh/known_hosts`` and the ``known_hosts`` files are the known
+        ones; others only with ``accept_new_host_keys``."""
         self.spec = HostSpec.parse(url)
         specs = parse_guests(host_guests)
         self.key = resolve_key(ssh_key)
+        known_files = resolve_known_hosts(known_hosts)
         super().__init__(len(specs), run_dir, progress, detached)
+        self.host_keys = HostKeyCheck(known_files, accept_new_host_keys, self.say)
         explicit = os.environ.get("XENVTPM_ARTIFACTS")
         self.artifacts = Path(explicit) if explicit else ROOT / "artifacts" / "xen-host"
         self._host_guest_list = [HostGuest(i, self, s) for i, s in enumerate(specs)]
@@ -293,6 +303,7 @@ class XenHostTarget(XenTarget):
     def _start(self) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         (self.artifacts / VERSIONS_FILE).unlink(missing_ok=True)
+        (self.artifacts / KNOWN_HOSTS_FILE).unlink(missing_ok=True)
         self._collected = False
         t0 = time.monotonic()
         self.connect_host()
@@ -311,7 +322,12 @@ class XenHostTarget(XenTarget):
         """Log in to dom0 and check that it can run the driver's dom0 half."""
         self.say(f"connecting to dom0 {self.spec}" + (f" with key {self.key}" if self.key else ""))
         self.dom0 = SshHost(
-            "dom0", self.spec.host, self.spec.port, self.key, user=self.spec.user, known_hosts=True
+            "dom0",
+            self.spec.host,
+            self.spec.port,
+            self.key,
+            user=self.spec.user,
+            host_keys=self.host_keys,
         )
         self.dom0.connect(Deadline(CONNECT_TIMEOUT))
         self._cursors["dom0"] = self.dom0.run(JOURNAL_CURSOR)[1].strip()
@@ -336,7 +352,9 @@ class XenHostTarget(XenTarget):
                 raise TargetNotReady(f"guest {guest.name}", "that is dom0, not a guest")
             guest.ip = guest.given_address or self.lookup_address(guest)
             self.say(f"{guest.name}: domain {guest.domid}, ssh {guest.ip} through dom0")
-            guest.ssh = SshHost(guest.name, guest.ip, 22, self.key, via=dom0, known_hosts=True)
+            guest.ssh = SshHost(
+                guest.name, guest.ip, 22, self.key, via=dom0, host_keys=self.host_keys
+            )
             try:
                 guest.ssh.connect(Deadline(CONNECT_TIMEOUT))
             except TargetNotReady as e:
@@ -446,7 +464,8 @@ class XenHostTarget(XenTarget):
             self._loaded_before[name] = set(host.check("cut -d' ' -f1 /proc/modules").split())
 
     def record_versions(self) -> None:
-        """Driver build, Xen, dom0 and guest versions -> ``versions.json``, describe()."""
+        """Driver build, Xen, dom0 and guest versions, the host keys used ->
+        ``versions.json``, describe(); the keys also as ``known_hosts`` lines."""
         dom0 = self._dom0()
         info = parse_xl_info(dom0.check("xl info"))
         xen_keys = ("xen_major", "xen_minor", "xen_extra", "xen_version", "xen_changeset")
@@ -460,8 +479,11 @@ class XenHostTarget(XenTarget):
                 {"name": g.name, "domid": g.domid, "address": g.ip, **self._os_versions(g.host())}
                 for g in self._host_guests()
             ],
+            "host_keys": [k.to_dict() for k in self.host_keys.seen],
         }
         (self.artifacts / VERSIONS_FILE).write_text(json.dumps(self.versions, indent=2) + "\n")
+        lines = [k.known_hosts_line() for k in self.host_keys.seen]
+        (self.artifacts / KNOWN_HOSTS_FILE).write_text("".join(f"{line}\n" for line in lines))
 
     @staticmethod
     def _os_versions(host: SshHost) -> dict[str, str]:
@@ -525,6 +547,7 @@ class XenHostTarget(XenTarget):
                 "key": str(self.key) if self.key else None,
                 "user": self.spec.user,
             },
+            "host_keys": self.host_keys.describe(),
             "artifacts": str(self.artifacts),
             "versions": self.versions,
             "timings": self.timings,
