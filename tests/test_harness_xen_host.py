@@ -430,6 +430,44 @@ def test_hashed_known_hosts_entries_are_known(home: Path) -> None:
             target.close()
 
 
+def test_marker_and_broken_lines_in_known_hosts_do_not_stop_the_run(home: Path) -> None:
+    """A user's known_hosts may hold ``@cert-authority`` lines (host certificates, not
+    used here) and lines OpenSSH skips; the other entries still count."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = host.known_hosts(home / ".ssh" / "known_hosts")
+        ca = paramiko.ECDSAKey.generate()
+        extra = f"@cert-authority *.example {ca.get_name()} {ca.get_base64()}\n"
+        extra += "# a comment\n\nnot a line\nbroken ssh-ed25519 AAAA!\nbad ssh-rsa AAAAA\n"
+        known.write_text(extra + known.read_text())
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            assert [k.trust for k in target.host_keys.seen] == ["known_hosts", "known_hosts"]
+        finally:
+            target.close()
+
+
+@pytest.mark.parametrize("also_known", [False, True])
+def test_a_revoked_key_is_refused_even_when_new_keys_are_accepted(
+    home: Path, also_known: bool
+) -> None:
+    """``@revoked`` (OpenSSH) wins over the flag and over a plain entry for the key."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = host.known_hosts(home / ".ssh" / "known_hosts", dom0=also_known)
+        key = host.dom0.host_key
+        with known.open("a") as f:
+            f.write(f"@revoked * {key.get_name()} {key.get_base64()}\n")
+        target = host_target(host, home, ["web"], accept_new_host_keys=True)
+        try:
+            with pytest.raises(HarnessError, match="revoked") as caught:
+                target.connect_host()
+            assert fingerprint(key) in str(caught.value)
+            assert host.dom0.commands == []
+        finally:
+            target.close()
+
+
 def test_the_harness_own_machines_keep_trusting_their_keys(home: Path) -> None:
     """The QEMU targets' logins (no host-key check: their own VMs behind a loopback
     hostfwd) still connect, even where known_hosts has another key for the address."""
