@@ -10,6 +10,7 @@ rules apply, with ``accept-new`` only on the user's word:
                                         ``--accept-new-host-keys``: used for this run and
                                         recorded as ``accepted-new``
     host in known_hosts, another key    always refused (ChangedHostKey: both SHA256s)
+    key marked ``@revoked``             always refused (RevokedHostKey)
 
 Known keys come from the user's ``~/.ssh/known_hosts`` and the ``--known-hosts`` files
 they name (never written to). Every key used is kept in ``seen``; the target writes
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import paramiko
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 
 from harness.errors import HarnessError
 
@@ -133,6 +135,20 @@ class ChangedHostKey(HostKeyRefused):
         self.offered = offered
 
 
+class RevokedHostKey(HostKeyRefused):
+    """The key is marked ``@revoked`` in a known_hosts file: never accepted."""
+
+    def __init__(self, login: str, host: str, key: paramiko.PKey) -> None:
+        super().__init__(
+            login,
+            host,
+            f"{login} ({host}) offered a host key marked @revoked in known_hosts: "
+            f"{key.get_name()} {fingerprint(key)}. {ACCEPT_NEW_OPTION} never accepts a "
+            "revoked key",
+        )
+        self.key = key
+
+
 class HostKeyCheck:
     """The host-key rules of one run against a real host, shared by all its logins.
 
@@ -152,11 +168,40 @@ class HostKeyCheck:
         self.files = list(files)
         self.accept_new = accept_new
         self.seen: list[SeenKey] = []
-        self._known = paramiko.HostKeys()  # read once: the files may change during a run
+        # Read once: the files may change during a run.
+        self._known = paramiko.HostKeys()
+        self._revoked: list[paramiko.PKey] = []
         for path in self.files:
-            self._known.load(str(path))
+            self._load(path)
         self._accepted: dict[str, paramiko.PKey] = {}
         self._say = say
+
+    def _load(self, path: Path) -> None:
+        """One known_hosts file, as OpenSSH reads it: ``@revoked`` keys are refused
+        for every host, ``@cert-authority`` lines are skipped (host certificates are
+        not used here), and so is any line that does not parse. (paramiko's own
+        loader gives up on the whole file at a marker line.)"""
+        for number, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            line = text.strip()
+            marker, _, rest = line.partition(" ")
+            if not line or line.startswith("#") or marker == "@cert-authority":
+                continue
+            revoked = marker == "@revoked"
+            try:
+                entry = HostKeyEntry.from_line(rest.strip() if revoked else line, number)
+            except (InvalidHostKey, paramiko.SSHException, ValueError):
+                entry = None
+            if entry is None:
+                continue
+            if revoked:
+                self._revoked.append(entry.key)
+                continue
+            for name in entry.hostnames:
+                self._known.add(name, entry.key.get_name(), entry.key)
+
+    def _refuse_revoked(self, login: str, host: str, key: paramiko.PKey) -> None:
+        if any(fingerprint(r) == fingerprint(key) for r in self._revoked):
+            raise RevokedHostKey(login, host, key)
 
     def prepare(self, client: paramiko.SSHClient, login: str) -> None:
         keys = client.get_host_keys()
@@ -169,6 +214,7 @@ class HostKeyCheck:
 
     def missing(self, login: str, host: str, key: paramiko.PKey) -> None:
         """A host no known_hosts file names: refuse, or accept and remember it."""
+        self._refuse_revoked(login, host, key)
         if not self.accept_new:
             raise UnknownHostKey(login, host, key, self.files)
         self._accepted[host] = key
@@ -182,7 +228,9 @@ class HostKeyCheck:
         return ChangedHostKey(login, host, error.expected_key, error.key)
 
     def connected(self, login: str, host: str, key: paramiko.PKey) -> None:
-        """Record the key of a login that got through (once per login and key)."""
+        """Record the key of a login that got through (once per login and key); a key
+        known_hosts both lists and revokes is refused here, before any command."""
+        self._refuse_revoked(login, host, key)
         accepted = self._accepted.get(host)
         new = accepted is not None and fingerprint(accepted) == fingerprint(key)
         trust = ACCEPTED if new else KNOWN

@@ -124,6 +124,10 @@ class SshHost(Closeable):
                 allow_agent=default_keys,
                 look_for_keys=default_keys,
             )
+            transport = client.get_transport()
+            if transport is not None and self.host_keys is not None:
+                key = transport.get_remote_server_key()
+                self.host_keys.connected(self.name, self._known_name, key)
         except paramiko.BadHostKeyException as e:
             client.close()
             if self.host_keys is None:
@@ -132,13 +136,8 @@ class SshHost(Closeable):
         except BaseException:
             client.close()
             raise
-        transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(15)
-            if self.host_keys is not None:
-                self.host_keys.connected(
-                    self.name, self._known_name, transport.get_remote_server_key()
-                )
         return client
 
     @property
