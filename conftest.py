@@ -65,6 +65,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "$XENVTPM_SSH_KEY, else your default keys and agent)",
     )
     group.addoption(
+        "--known-hosts",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="ssh:// targets: a known_hosts file with the host keys of dom0 and the "
+        "guests, besides ~/.ssh/known_hosts; repeatable",
+    )
+    group.addoption(
+        "--accept-new-host-keys",
+        action="store_true",
+        help="ssh:// targets: log in to dom0 or a guest whose host key no known_hosts "
+        "file has (default: refuse); each key is recorded in the report. A changed key "
+        "is always refused",
+    )
+    group.addoption(
         "--attach",
         action="store_true",
         help="run against the environment `python -m harness up` left running "
@@ -88,14 +103,18 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
     the ``--host-guest`` ones; other targets make ``--guests`` guests."""
     if "://" not in config.getoption("--target"):
         return config.getoption("--guests"), {}
+    from harness.hostkeys import resolve_known_hosts
     from harness.targets.xen_host import HostSpec, parse_guests, resolve_key
 
     HostSpec.parse(config.getoption("--target"))
     resolve_key(config.getoption("--ssh-key"))
+    resolve_known_hosts(config.getoption("--known-hosts"))
     guests = parse_guests(config.getoption("--host-guest"))
     options = {
         "host_guests": config.getoption("--host-guest"),
         "ssh_key": config.getoption("--ssh-key"),
+        "known_hosts": config.getoption("--known-hosts"),
+        "accept_new_host_keys": config.getoption("--accept-new-host-keys"),
     }
     return len(guests), options
 

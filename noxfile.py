@@ -216,20 +216,23 @@ def certify(session: nox.Session) -> None:
     """A real Xen host: the xen scenarios on an existing host, and a report of it.
 
     ``nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] [...] [--ssh-key KEY]
-    [pytest args]``. Writes artifacts/certify/junit.xml and report.md (driver commit,
-    Xen, dom0 and guest versions, each scenario's result); the host's logs go to
+    [--known-hosts FILE] [--accept-new-host-keys] [pytest args]``. Host keys not in
+    ~/.ssh/known_hosts or FILE are refused unless --accept-new-host-keys. Writes
+    artifacts/certify/junit.xml and report.md (driver commit, Xen, dom0 and guest
+    versions, each login's host key, each scenario's result); the host's logs go to
     artifacts/certify/host/. See README, "Certifying a real Xen host".
     """
     if not session.posargs or session.posargs[0].startswith("-"):
         session.error(
             "usage: nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] "
-            "[--host-guest ...] [--ssh-key KEY] [pytest args]"
+            "[--host-guest ...] [--ssh-key KEY] [--known-hosts FILE] "
+            "[--accept-new-host-keys] [pytest args]"
         )
     host, rest = session.posargs[0], session.posargs[1:]
     url = host if host.startswith("ssh://") else f"ssh://{host}"
     install_harness(session, *XEN_PYTHON)
     out = ARTIFACTS / "certify"
-    for stale in ("junit.xml", "report.md", "host/versions.json"):
+    for stale in ("junit.xml", "report.md", "host/versions.json", "host/known_hosts"):
         (out / stale).unlink(missing_ok=True)
     junit, report = out / "junit.xml", out / "report.md"
     try:

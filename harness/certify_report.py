@@ -2,7 +2,8 @@
 
 ``nox -s certify`` runs the scenarios on ``--target ssh://root@HOST`` with
 ``--junitxml``; the target writes ``versions.json`` (driver build, Xen, dom0 and guest
-versions, ``harness.targets.xen_host``). This module only reads those two files and
+versions, and each login's host key with what vouched for it,
+``harness.targets.xen_host``). This module only reads those two files and
 renders; it touches no host, so it is tested by feeding it files.
 
     python -m harness.certify_report --junit J --versions V --out report.md [--host H]
@@ -144,6 +145,34 @@ def _system(info: Mapping[str, Any]) -> str:
     return text
 
 
+TRUST = {"known_hosts": "known_hosts", "accepted-new": "accepted new (--accept-new-host-keys)"}
+
+
+def _host_keys(keys: Sequence[Mapping[str, str]] | None) -> list[str]:
+    """The host key each login used and what vouched for it (``harness.hostkeys``)."""
+    lines = ["## SSH host keys", ""]
+    if keys is None:
+        return [*lines, "Not recorded (a run before host keys were recorded)."]
+    lines += [
+        "| login | host | key type | SHA256 fingerprint | trusted by |",
+        "|---|---|---|---|---|",
+    ]
+    for k in keys:
+        cells = (k.get("login"), k.get("host"), k.get("type"), k.get("fingerprint"))
+        trust = TRUST.get(str(k.get("trust")), str(k.get("trust")))
+        lines.append("| " + " | ".join(_cell(c or "?") for c in (*cells, trust)) + " |")
+    new = sum(1 for k in keys if k.get("trust") == "accepted-new")
+    if new:
+        lines += [
+            "",
+            f"**{new} key{' was' if new == 1 else 's were'} accepted new**, on the user's "
+            "word, not on known_hosts: compare each fingerprint with the host's own "
+            "(`ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub` there), then pin them by "
+            "appending `known_hosts` from the host artifacts to `~/.ssh/known_hosts`.",
+        ]
+    return lines
+
+
 def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> str:
     """The report: what was tested (build, versions), every scenario, the totals."""
     host = host or str(versions.get("host", "")) or "unknown host"
@@ -169,6 +198,8 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
     if not versions:
         rows.append(("versions", "not recorded (the target did not reach the host)"))
     lines += [f"| {_cell(a)} | {_cell(b)} |" for a, b in rows]
+    if versions:
+        lines += ["", *_host_keys(versions.get("host_keys"))]
     if suite is None:
         return "\n".join(lines) + "\n"
     lines += ["", "## Scenarios", "", "| scenario | outcome | time (s) |", "|---|---|---:|"]

@@ -141,13 +141,23 @@ def stop_family(
     reap: Callable[[], None] = lambda: None,
     soft: signal.Signals = signal.SIGTERM,
 ) -> None:
-    """SIGTERM the process and everything it started, wait, then SIGKILL what is left."""
+    """SIGTERM the process, then everything it left, wait, then SIGKILL what is left.
+
+    The leader is signalled alone first: a daemon stops its own children in order (the
+    manager saves each swtpm's volatile state before stopping it), which a signal to
+    the whole family at once would pre-empt. What it leaves gets the soft signal next.
+    """
     pids = family(pid, starttime)
     if not pids:
         reap()
         return
-    _signal_all(pids, soft)
-    left = _wait_gone(pids, Deadline(timeout), reap)
+    deadline = Deadline(timeout)
+    _signal_all(pids[:1], soft)
+    _wait_gone(pids[:1], deadline, reap)
+    rest = sorted(set(family(pid, starttime)) | set(pids[1:]) | set(_orphans_of(pids)))
+    rest = [p for p in rest if (st := proc_stat(p)) is not None and st.running]
+    _signal_all(rest, soft)
+    left = _wait_gone(rest, Deadline(max(0.2, deadline.remaining)), reap)
     # Children forked during the soft phase (e.g. a manager respawning swtpm) too.
     left = sorted(set(left) | set(family(pid, starttime)[1:]) | set(_orphans_of(pids)))
     if left:

@@ -6,6 +6,14 @@ address on the ``xenbr0`` bridge (what ``ssh -J`` does), so nothing but dom0's p
 ever exposed on the host. Every command has a timeout; a connection that cannot be made
 before its deadline is a TargetNotReady with the last error.
 
+Host keys. A real host (``--target ssh://``) passes a ``HostKeyCheck``: known keys
+only, unknown ones on the user's explicit word, changed ones never (``harness.hostkeys``).
+The harness's own QEMU machines (``host_keys=None``) take the key they offer: dom0 is
+the far end of a loopback-only hostfwd of a QEMU process this harness started (while
+it runs no one else can listen on that port), the guests are reached through that login
+on a bridge inside the VM that only the harness's own guests join, and the disks are
+the harness's own images on throw-away copies: nothing there is another party's.
+
     host.run("xl list") -> (rc, stdout, stderr)
     host.put(local, remote)     a file, or a directory tree (e.g. the xenvtpm/ package)
 """
@@ -27,6 +35,7 @@ import paramiko
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
+from harness.hostkeys import HostKeyCheck, known_hosts_name
 from xenvtpm.lifecycle import Closeable
 
 log = logging.getLogger(__name__)
@@ -64,19 +73,18 @@ class SshHost(Closeable):
         *,
         via: SshHost | None = None,
         user: str = "root",
-        known_hosts: bool = False,
+        host_keys: HostKeyCheck | None = None,
     ) -> None:
         """``key_path`` None: the user's default keys and agent (a real host); otherwise
-        only that key. ``known_hosts`` (a real host, already up): check the host key
-        against the user's known_hosts, and fail at once on a changed key or a refused
-        login; a host not in known_hosts is accepted either way."""
+        only that key. ``host_keys`` (a real host, already up): its rules decide the host
+        key (see the module docstring for None), and a refused login fails at once."""
         self.name = name
         self.host = host
         self.port = port
         self.key_path = key_path
         self.via = via
         self.user = user
-        self.known_hosts = known_hosts
+        self.host_keys = host_keys
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self.log = log.getChild(name)
@@ -98,10 +106,10 @@ class SshHost(Closeable):
                 "direct-tcpip", (self.host, self.port), ("127.0.0.1", 0), timeout=timeout
             )
         client = paramiko.SSHClient()
-        if self.known_hosts:
-            with contextlib.suppress(OSError):
-                client.load_system_host_keys()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # throw-away VMs
+        if self.host_keys is not None:
+            self.host_keys.prepare(client, self.name)
+        else:
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())  # our own VMs
         default_keys = self.key_path is None
         try:
             client.connect(
@@ -116,13 +124,26 @@ class SshHost(Closeable):
                 allow_agent=default_keys,
                 look_for_keys=default_keys,
             )
+            transport = client.get_transport()
+            if transport is not None and self.host_keys is not None:
+                key = transport.get_remote_server_key()
+                self.host_keys.connected(self.name, self._known_name, key)
+        except paramiko.BadHostKeyException as e:
+            client.close()
+            if self.host_keys is None:
+                raise
+            raise self.host_keys.changed(self.name, self._known_name, e) from e
         except BaseException:
             client.close()
             raise
-        transport = client.get_transport()
         if transport is not None:
             transport.set_keepalive(15)
         return client
+
+    @property
+    def _known_name(self) -> str:
+        """This host's name in known_hosts (what paramiko looks up)."""
+        return known_hosts_name(self.host, self.port)
 
     def connect(self, deadline: Deadline, alive: Callable[[], None] | None = None) -> Self:
         """Retry until a login works or ``deadline`` expires; ``alive`` may raise to stop
@@ -150,12 +171,13 @@ class SshHost(Closeable):
         return self
 
     def _fatal(self, error: BaseException) -> bool:
-        """On a host that is already up (``known_hosts``), a changed host key or a refused
-        key will not change by retrying; while a VM boots, only a changed key is final."""
+        """On a host that is already up (``host_keys``), a changed host key or a refused
+        key will not change by retrying; while a VM boots, only a changed key is final.
+        (A refused host key on a real host is a HostKeyRefused, raised as it is.)"""
         if isinstance(error, paramiko.BadHostKeyException):
             return True
         return (
-            self.known_hosts
+            self.host_keys is not None
             and isinstance(error, paramiko.AuthenticationException)
             and "timeout" not in str(error)
         )

@@ -132,6 +132,11 @@ class Target(Protocol):
 
     def swtpm_pid(self, guest: Guest) -> int | None: ...
 
+    def reset_vtpm(self, guest: Guest) -> None:
+        """The operator's reset (``python3 -m xenvtpm reset``): power-cycle ``guest``'s
+        instance and end its failure mode (after its swtpm was killed)."""
+        ...
+
     def logs(self) -> dict[str, Path]:
         """Every log of the environment (daemons and guests), by name."""
         ...

@@ -2,8 +2,11 @@
 
 - swtpm killed in the middle of a command: that command gets an error (through the
   driver, exactly TPM_RC_FAILURE; on the driverless ``direct`` target the connection
-  drops), no command hangs, and then the guest's TPM works again with committed NV data
-  intact.
+  drops), no command hangs. The guest's volatile TPM state (PCRs, sessions) died with
+  swtpm, so through the driver its TPM then fails closed, answering TPM_RC_FAILURE
+  (never a freshly reset TPM) until the operator's reset (``target.reset_vtpm``,
+  ``python3 -m xenvtpm reset``) or a reboot; after the reset it works again with
+  committed NV data intact.
 - swtpm hung (SIGSTOP) in the middle of a command: the client's wait ends (a guest
   kernel cancels the command at its timeout and answers ETIME; elsewhere the client gives
   up), and once swtpm runs again its late answer reaches nobody.
@@ -21,9 +24,10 @@ import time
 from typing import Any
 
 import pytest
-from tpm2_pytss import ESAPI, TSS2_Exception
+from tpm2_pytss import ESAPI, ESYS_TR, TSS2_Exception
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 from tpm_helpers import (
+    DEBUG_PCR,
     RC,
     Response,
     Transport,
@@ -35,6 +39,8 @@ from tpm_helpers import (
     nv_index,
     nv_remove,
     open_esapi,
+    pcr_read_cmd,
+    read_pcr,
     slow_create_primary_cmd,
     startup,
     storage_template,
@@ -93,10 +99,11 @@ class Busy(threading.Thread):
 
 
 def _kill_during_command(target: Any, guest: Any) -> bytes | Exception:
-    """Kill the guest's swtpm while a slow command runs; return what that command got.
+    """Kill the guest's swtpm while slow commands run; return what the last one got.
 
-    A kill that falls between two commands (the client's turn, ~1% of the time) is
-    retried: only a kill inside a command says something about this scenario.
+    Through the driver that is exactly TPM_RC_FAILURE whether the kill lands inside a
+    command or between two (the next one then meets failure mode). The driverless
+    target restarts a fresh swtpm, so a kill between two commands is retried there.
     """
     for _ in range(5):
         worker = Busy(guest)
@@ -116,11 +123,23 @@ def _kill_during_command(target: Any, guest: Any) -> bytes | Exception:
     raise AssertionError("never managed to kill swtpm during a command")
 
 
+def assert_fails_closed(target: Any, guest: Any) -> None:
+    """Through the driver, a guest whose swtpm died gets TPM_RC_FAILURE, never a fresh
+    TPM's answer, until the operator resets its instance; then it works again."""
+    if target.name not in DRIVERLESS:
+        with guest.transport() as t:
+            for _ in range(3):
+                assert t.transmit(get_random_cmd(8)) == error_response(RC.FAILURE)
+    target.reset_vtpm(guest)
+    wait_until_working(guest)
+
+
 @pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
     """The command in flight when swtpm dies gets exactly TPM_RC_FAILURE (through the
-    driver); then a new connection works, and NV written before the crash is intact."""
+    driver); the TPM then fails closed until reset, and after the reset a new connection
+    works and NV written before the crash is intact."""
     index = nv_index(0x40)
     data = os.urandom(32)
     with open_esapi(guest) as ctx:
@@ -131,13 +150,14 @@ def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
             assert isinstance(outcome, Exception), outcome
         else:
             assert outcome == error_response(RC.FAILURE)
-        wait_until_working(guest)
+        assert_fails_closed(target, guest)
         with guest.transport() as t:
             for n in range(1, 6):
                 assert len(assert_channel_works(t, n)) == n
         with open_esapi(guest) as ctx:
             assert bytes(ctx.nv_read(ctx.tr_from_tpmpublic(index), len(data), 0)) == data
     finally:
+        target.reset_vtpm(guest)
         wait_until_working(guest)
         with open_esapi(guest) as ctx:
             nv_remove(ctx, index)
@@ -147,7 +167,7 @@ def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
 @pytest.mark.needs("kill-swtpm")
 def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     """A TSS user whose CreatePrimary is cut short by the crash gets a TSS error (TPM_RC_
-    FAILURE through the driver), not a hang; a new ESAPI context then works."""
+    FAILURE through the driver), not a hang; after the reset a new ESAPI context works."""
     errors: list[BaseException] = []
     started = threading.Event()
     stop = threading.Event()
@@ -173,9 +193,9 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert started.wait(10)
-    # A kill can land before the command has reached swtpm (a slow path under TCG) or
-    # between two: the restarted swtpm then answers, and no error comes. Kill again
-    # until the worker ends with the error of a command in flight.
+    # Through the driver one kill ends the loop (the command in flight, or the next one
+    # in failure mode, gets TPM_RC_FAILURE). The driverless target restarts a fresh
+    # swtpm, so a kill before the command reached it changes nothing: kill again.
     for _ in range(ESAPI_KILL_ATTEMPTS):
         time.sleep(0.4)
         target.kill_swtpm(guest)
@@ -188,7 +208,7 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     assert errors, "no error although swtpm was killed under a running command loop"
     if target.name not in DRIVERLESS:
         assert isinstance(errors[0], TSS2_Exception) and int(errors[0].rc) == RC.FAILURE
-    wait_until_working(guest)
+    assert_fails_closed(target, guest)
     with open_esapi(guest) as ctx:
         assert len(bytes(ctx.get_random(32))) == 32
 
@@ -223,11 +243,16 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: 
 @pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) -> None:
-    """After swtpm dies between commands, a connection opened before the crash works
-    again within the recovery time (at most a few TPM_RC_FAILURE answers first)."""
+    """After swtpm dies between commands, a connection opened before the crash gets
+    TPM_RC_FAILURE (through the driver: failure mode, never a fresh TPM) until the
+    operator's reset, and then works again within the recovery time."""
     assert_channel_works(raw_tpm)
     old = target.swtpm_pid(guest)
     target.kill_swtpm(guest)
+    if target.name not in DRIVERLESS:
+        for _ in range(3):
+            assert raw_tpm.transmit(get_random_cmd(8)) == error_response(RC.FAILURE)
+    target.reset_vtpm(guest)
     end = time.monotonic() + RECOVERY_S
     while True:
         resp = raw_tpm.transmit(get_random_cmd(8), timeout=RECOVERY_S)
@@ -238,6 +263,28 @@ def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) ->
         time.sleep(0.1)
     assert_channel_works(raw_tpm)
     assert target.swtpm_pid(guest) not in (None, old)
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm")
+def test_killed_swtpm_never_shows_reset_pcrs(target: Any, guest: Any) -> None:
+    """Extend PCR 16, SIGKILL the swtpm: PCR 16 then reads back the same or the instance
+    answers TPM_RC_FAILURE; never the reset value (a running guest could replay its
+    measurements). Through the driver only: the driverless target has no such promise."""
+    if target.name in DRIVERLESS:
+        pytest.skip("the driverless target restarts a fresh swtpm by design")
+    with open_esapi(guest) as ctx:
+        ctx.pcr_event(ESYS_TR.PCR16, os.urandom(8))
+        extended = read_pcr(ctx, DEBUG_PCR)
+    assert extended != bytes(32)
+    target.kill_swtpm(guest)
+    with guest.transport() as t:
+        for _ in range(3):
+            answer = t.transmit(pcr_read_cmd(DEBUG_PCR))
+            if answer != error_response(RC.FAILURE):
+                assert answer[-32:] == extended, answer.hex()
+    target.reset_vtpm(guest)
+    wait_until_working(guest)
 
 
 @pytest.mark.slow
@@ -261,6 +308,7 @@ def test_swtpm_crash_leaves_other_guest_alone(target: Any, guests: Any) -> None:
     time.sleep(0.2)
     b_pid = target.swtpm_pid(b)
     target.kill_swtpm(a)
+    target.reset_vtpm(a)
     wait_until_working(a)
     time.sleep(0.2)
     stop.set()

@@ -6,9 +6,10 @@
 - A guest reboot is a TPM reset for that guest: PCRs go back to zeros and the TPM's
   resetCount goes up.
 - A frontend or backend restart keeps the same domain bound to the instance, so the TPM
-  is not reset: PCRs keep their values. So does ``xl save`` + ``xl restore`` (a guest
-  of the stock xen-tpmfront): a new domain, but the same boot. (A manager restart may
-  restart swtpm itself, so only the non-volatile state is checked there.)
+  is not reset: PCRs keep their values. So does a (planned) manager restart: the
+  manager saves each swtpm's volatile state on the way down and restores it once on
+  the way up (xenvtpm/continuity.py). So does ``xl save`` + ``xl restore`` (a guest of
+  the stock xen-tpmfront): a new domain, but the same boot.
 
 Every ESAPI context is closed before the disturbance and a new one opened after it: a
 restart may drop the guest's connection, and a TSS context does not outlive its channel.
@@ -162,10 +163,12 @@ def test_pcrs_reset_on_reboot(target: Any, guest: Any) -> None:
 @pytest.mark.parametrize("component", [
     pytest.param("frontend", marks=pytest.mark.needs("restart-frontend")),
     pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
+    pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
 ])
 def test_pcrs_kept_on_driver_restart(target: Any, guest: Any, component: str) -> None:
-    """A frontend or backend restart is not a TPM reset: same domain, PCRs and resetCount
-    unchanged."""
+    """A frontend, backend or manager restart (planned: SIGTERM) is not a TPM reset:
+    same domain, PCRs and resetCount unchanged (for the manager, swtpm's volatile state
+    is saved and restored once)."""
     with open_esapi(guest) as ctx:
         static, debug = _extend_both(ctx)
         resets = _reset_count(ctx)

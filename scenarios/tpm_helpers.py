@@ -398,6 +398,11 @@ def pcr_selection_bytes(pcrs: list[int], alg: int = TPM2_ALG.SHA256) -> bytes:
     return struct.pack(">IHB", 1, alg, 3) + bytes(bitmap)
 
 
+def pcr_read_cmd(pcr: int) -> bytes:
+    """Raw TPM2_PCR_Read of one SHA-256 PCR (its value is the answer's last 32 bytes)."""
+    return command(0x017E, pcr_selection_bytes([pcr]))
+
+
 def read_pcr(ctx: ESAPI, pcr: int) -> bytes:
     """The sha256 bank value of one PCR."""
     _, _, values = ctx.pcr_read(f"sha256:{pcr}")

@@ -126,6 +126,15 @@ class SimEnv:
         wait_for(lambda: os.path.exists(self.manager_socket) or not d.alive(), 10, "manager")
         return d
 
+    def reset_instance(self, instance: int) -> None:
+        """The operator's reset (``python3 -m xenvtpm reset``): ends failure mode."""
+        subprocess.run(
+            [sys.executable, "-m", "xenvtpm", "reset", "--manager", self.manager_socket,
+             str(instance)],
+            check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=60,
+        )
+
     def start_backend(self, timeout: float = 10.0) -> Daemon:
         return self.spawn(
             "backend",

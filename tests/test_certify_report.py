@@ -122,3 +122,29 @@ def test_main_writes_the_report_and_exits_by_the_verdict(tmp_path: Path) -> None
 def test_malformed_junit_is_named() -> None:
     with pytest.raises(ValueError, match="not a JUnit XML file"):
         parse_junit("<testsuite")
+
+
+HOST_KEYS = [
+    {"login": "dom0", "host": "[127.0.0.1]:40022", "type": "ssh-ed25519",
+     "fingerprint": "SHA256:7rXhQ2Vt0dom0", "trust": "known_hosts", "key": "AAAAC3dom0"},
+    {"login": "guest0", "host": "169.254.1.1", "type": "ecdsa-sha2-nistp256",
+     "fingerprint": "SHA256:Qx9guest0", "trust": "accepted-new", "key": "AAAAE2guest0"},
+]  # fmt: skip
+
+
+def test_report_lists_each_host_key_and_how_it_was_trusted() -> None:
+    """Every login's host key (type, SHA256) and whether known_hosts vouched for it or
+    the user accepted it new; accepted keys come with how to check and pin them."""
+    lines = render(dict(VERSIONS, host_keys=HOST_KEYS), parse_junit(JUNIT)).splitlines()
+    keys = lines[lines.index("## SSH host keys") :]
+    assert "| dom0 | [127.0.0.1]:40022 | ssh-ed25519 | SHA256:7rXhQ2Vt0dom0 | known_hosts |" in keys
+    assert (
+        "| guest0 | 169.254.1.1 | ecdsa-sha2-nistp256 | SHA256:Qx9guest0 "
+        "| accepted new (--accept-new-host-keys) |"
+    ) in keys
+    assert any("1 key was accepted new" in line and "known_hosts" in line for line in keys)
+
+
+def test_report_with_only_known_keys_has_no_warning() -> None:
+    text = render(dict(VERSIONS, host_keys=HOST_KEYS[:1]), parse_junit(JUNIT))
+    assert "SHA256:7rXhQ2Vt0dom0" in text and "accepted new" not in text

@@ -144,6 +144,8 @@ def test_swtpm_killed_mid_command_keeps_acked_nv(env: SimEnv) -> None:
         os.kill(pid, signal.SIGKILL)
         assert s.recv(4096) == error(RC.FAILURE)
     get_random(other)
+    assert guest.transmit(nv_read()) == error(RC.FAILURE)  # failure mode, not a reset TPM
+    env.reset_instance(guest.instance)
     recovered(guest)
     assert swtpm_pid(env, guest.instance) != pid
     assert nv_value(guest) == value  # killed before it read the write: the old value
@@ -184,10 +186,13 @@ def start_session(guest: Guest) -> int:
     return int(struct.unpack_from(">I", response, 10)[0])
 
 
-def loaded_sessions(guest: Guest) -> list[int]:
+def loaded_sessions_command() -> bytes:
     """TPM2_GetCapability(TPM_CAP_HANDLES, HMAC sessions)."""
-    command = struct.pack(">HIIIII", 0x8001, 22, 0x17A, 1, 0x02000000, 16)
-    response = guest.transmit(command)
+    return struct.pack(">HIIIII", 0x8001, 22, 0x17A, 1, 0x02000000, 16)
+
+
+def loaded_sessions(guest: Guest) -> list[int]:
+    response = guest.transmit(loaded_sessions_command())
     assert rc(response) == 0, response.hex()
     (count,) = struct.unpack_from(">I", response, 15)
     return list(struct.unpack_from(f">{count}I", response, 19))
@@ -280,9 +285,10 @@ def test_disk_full_while_swtpm_writes_state(tmp_path: Path) -> None:
         in_manager_ns(manager, "rm", "-f", str(filler))
         # libtpms went into failure mode when it could not write its state, and stays
         # there with space back: every command answers TPM_RC_FAILURE until swtpm is
-        # restarted (the manager does not notice: swtpm still answers). Restart it.
+        # power-cycled (the manager does not notice: swtpm still answers). The
+        # operator's reset does it (CMD_INIT re-initialises libtpms).
         assert guest.transmit(tpm.get_random_command(8)) == error(RC.FAILURE)
-        os.kill(swtpm_pid(env, guest.instance), signal.SIGKILL)
+        env.reset_instance(guest.instance)
         recovered(guest)
         acked = [value] + [w for w, a in zip(writes, answers, strict=True) if rc(a) == 0]
         assert nv_value(guest) == acked[-1]  # the last acknowledged write, nothing lost

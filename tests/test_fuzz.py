@@ -79,7 +79,7 @@ def test_intake_forwards_a_good_command_and_ignores_ref_and_addr() -> None:
         (12, struct.pack(">HIIH", 0x8003, 12, 0x17B, 16), 10, tpm.BAD_TAG_RC),
         (14, tpm.bind_command(7), 10, tpm.TPM_RC.COMMAND_CODE),
         # XENVTPM_CC_CANCEL, the manager's other control code: never from a guest
-        (10, bytes.fromhex("80010000000a20000f01"), 10, tpm.TPM_RC.COMMAND_CODE),
+        (10, bytes.fromhex("80010000000a20000f02"), 10, tpm.TPM_RC.COMMAND_CODE),
     ],
 )  # fmt: skip
 def test_intake_answers_by_itself(size: int, packet: bytes, npages: int, rc: int) -> None:

@@ -109,6 +109,37 @@ def test_stop_escalates_and_reaches_children(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_stop_lets_the_leader_stop_its_children_first(tmp_path: Path) -> None:
+    """SIGTERM goes to the leader alone first: a daemon stops its own children in order
+    (the manager saves each swtpm's volatile state, then stops it). Signalling the whole
+    family at once killed swtpm under a planned manager restart."""
+    pidfile, seen = tmp_path / "child.pid", tmp_path / "seen"
+    argv = script(
+        tmp_path,
+        f"""
+        import os, signal, subprocess, sys, time, pathlib
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        pathlib.Path({str(pidfile)!r}).write_text(str(child.pid))
+        def stop(*_):
+            time.sleep(0.3)  # as long as saving swtpm's state may take
+            pathlib.Path({str(seen)!r}).write_text(
+                "alive" if child.poll() is None else "dead")
+            child.terminate()
+            child.wait()
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, stop)
+        time.sleep(60)
+    """,
+    )
+    p = ManagedProcess("orderly", argv, tmp_path / "o.log", ready=pidfile.exists)
+    p.start().wait_ready(Deadline(10))
+    child = int(pidfile.read_text())
+    time.sleep(0.2)  # the handler is installed
+    p.stop()
+    assert seen.read_text() == "alive"
+    assert gone(child)
+
+
 def test_stop_reaches_orphans_of_a_dead_leader(tmp_path: Path) -> None:
     """The leader dies first (e.g. a crashed manager): its swtpm-like child is still found."""
     pidfile = tmp_path / "child.pid"

@@ -4,13 +4,22 @@ the registry, and pytest's usage errors. The target itself runs against a Xen ho
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import paramiko
 import pytest
+from fake_xen_host import FakeGuest, FakeXenHost
 
+from harness.deadline import Deadline
+from harness.errors import HarnessError, TargetNotReady
+from harness.ssh import SshHost
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.targets.xen_host import (
     GuestSpec,
@@ -157,3 +166,333 @@ def test_pytest_says_how_to_name_the_guests() -> None:
     )
     assert result.returncode == 4, result.stdout + result.stderr
     assert "--host-guest NAME[=ADDRESS]" in result.stderr
+
+
+# -- a guest's address: only from what dom0 controls (issue 14, point 7) ------------------
+WEB = ("web", 5, "00:16:3e:00:00:05", "169.254.1.5")
+DB = ("db", 6, "00:16:3e:00:00:06", "169.254.1.6")
+NEIGHBOURS = (
+    "169.254.1.5 dev xenbr0 lladdr 00:16:3e:00:00:05 REACHABLE\n"
+    "169.254.1.6 dev xenbr0 lladdr 00:16:3e:00:00:06 STALE\n"
+)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A user with an SSH key and a home of their own (their ``~/.ssh/known_hosts``),
+    and the target's artifacts under ``tmp_path``."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XENVTPM_ARTIFACTS", str(tmp_path / "artifacts"))
+    (tmp_path / "artifacts").mkdir()
+    monkeypatch.delenv("XENVTPM_SSH_KEY", raising=False)
+    paramiko.ECDSAKey.generate().write_private_key_file(str(home / ".ssh" / "id_test"))
+    return home
+
+
+def host_target(host: FakeXenHost, home: Path, guests: list[str], **options: Any) -> XenHostTarget:
+    return XenHostTarget(
+        url=host.url,
+        host_guests=guests,
+        ssh_key=home / ".ssh" / "id_test",
+        run_dir=home.parent / "run",
+        **options,
+    )
+
+
+def lie_about_web(host: FakeXenHost) -> None:
+    """What a hostile ``web`` can write in its own xenstore tree: db's address where
+    guest agents publish an address, and db's MAC in its own vif frontend."""
+    xs = host.dom0_shell.xenstore
+    xs["/local/domain/5/attr/vif/0/ipv4/0"] = DB[3]
+    xs["/local/domain/5/data/ipv4"] = DB[3]
+    xs["/local/domain/5/device/vif/0/mac"] = DB[2]
+
+
+def test_a_guests_own_xenstore_cannot_redirect_certify(home: Path) -> None:
+    """web claims db's address in the nodes it may write; certify still logs in to web,
+    at the address dom0's neighbour table gives for the MAC xl gave web's vif."""
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], NEIGHBOURS) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        lie_about_web(host)
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            web = target.guests[0]
+            assert web.ip == WEB[3]
+            assert web.host().check("hostname").strip() == "web"
+            assert host.dom0.opened == [(WEB[3], 22)]
+        finally:
+            target.close()
+
+
+def test_no_neighbour_entry_asks_for_the_address_and_ignores_the_guests_claim(
+    home: Path,
+) -> None:
+    """dom0 has not seen web's MAC: a clear error naming --host-guest web=ADDRESS, and
+    no login anywhere (in particular not at the address web wrote for itself)."""
+    neighbours = "169.254.1.6 dev xenbr0 lladdr 00:16:3e:00:00:06 STALE\n"
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], neighbours) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        lie_about_web(host)
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            with pytest.raises(TargetNotReady, match=r"--host-guest web=ADDRESS") as caught:
+                target.find_guests()
+            assert DB[3] not in str(caught.value)
+            assert host.dom0.opened == []
+        finally:
+            target.close()
+
+
+def test_two_addresses_for_the_guests_mac_are_not_guessed_between(home: Path) -> None:
+    """Two IPv4 neighbours for web's MAC (one could be forged by ARP): the error names
+    both and asks for the address; nothing is logged in to."""
+    neighbours = NEIGHBOURS + "169.254.1.66 dev xenbr0 lladdr 00:16:3e:00:00:05 STALE\n"
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], neighbours) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            with pytest.raises(TargetNotReady, match=r"169\.254\.1\.5.*169\.254\.1\.66"):
+                target.find_guests()
+            assert host.dom0.opened == []
+        finally:
+            target.close()
+
+
+def test_an_address_the_user_gives_is_used_as_given(home: Path) -> None:
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], "") as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        lie_about_web(host)
+        target = host_target(host, home, [f"web={WEB[3]}"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            assert target.guests[0].host().check("hostname").strip() == "web"
+            assert host.dom0.opened == [(WEB[3], 22)]
+        finally:
+            target.close()
+
+
+# -- host keys: known ones checked, unknown ones refused unless the user says so ----------
+def fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's ``ssh-keygen -l`` form, computed here from the key blob."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def test_an_unknown_dom0_key_is_refused_with_its_fingerprint(home: Path) -> None:
+    """Nothing in known_hosts and no flag: no command runs in dom0, and the error names
+    the host, the key's type and fingerprint, and the flag that would accept it."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        target = host_target(host, home, ["web"])
+        try:
+            with pytest.raises(HarnessError) as caught:
+                target.connect_host()
+            message = str(caught.value)
+            assert f"[127.0.0.1]:{host.port}" in message
+            assert "ecdsa-sha2-nistp256" in message and fingerprint(host.dom0.host_key) in message
+            assert "--accept-new-host-keys" in message
+            assert host.dom0.commands == []
+        finally:
+            target.close()
+
+
+def test_an_unknown_guest_key_is_refused_with_its_fingerprint(home: Path) -> None:
+    """dom0 is known, web is not: web is refused before any command runs there."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts", guests=False)
+        target = host_target(host, home, ["web"])
+        web = host.guests[0].server
+        try:
+            target.connect_host()
+            with pytest.raises(HarnessError) as caught:
+                target.find_guests()
+            message = str(caught.value)
+            assert "web" in message and WEB[3] in message
+            assert fingerprint(web.host_key) in message and "--accept-new-host-keys" in message
+            assert web.commands == []
+        finally:
+            target.close()
+
+
+@pytest.mark.parametrize("accept_new", [False, True])
+def test_a_changed_dom0_key_is_refused_naming_both_fingerprints(
+    home: Path, accept_new: bool
+) -> None:
+    """known_hosts holds another key for dom0's address: refused, with or without the
+    flag, and the error names the host, the key known and the key offered."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = home / ".ssh" / "known_hosts"
+        host.known_hosts(known)
+        old = paramiko.ECDSAKey.generate()
+        mine = host.dom0.known_hosts_line("127.0.0.1", host.port)
+        name = mine.split()[0]
+        known.write_text(
+            known.read_text().replace(mine, f"{name} {old.get_name()} {old.get_base64()}")
+        )
+        flag = {"accept_new_host_keys": True} if accept_new else {}
+        target = host_target(host, home, ["web"], **flag)
+        try:
+            with pytest.raises(HarnessError) as caught:
+                target.connect_host()
+            message = str(caught.value)
+            assert name in message and "changed" in message.lower()
+            assert fingerprint(old) in message and fingerprint(host.dom0.host_key) in message
+            assert host.dom0.commands == []
+        finally:
+            target.close()
+
+
+def test_a_changed_guest_key_is_refused_even_when_new_keys_are_accepted(home: Path) -> None:
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = home / ".ssh" / "known_hosts"
+        host.known_hosts(known, guests=False)
+        old = paramiko.ECDSAKey.generate()
+        with known.open("a") as f:
+            f.write(f"{WEB[3]} {old.get_name()} {old.get_base64()}\n")
+        target = host_target(host, home, ["web"], accept_new_host_keys=True)
+        try:
+            target.connect_host()
+            with pytest.raises(HarnessError) as caught:
+                target.find_guests()
+            message = str(caught.value)
+            assert WEB[3] in message and "changed" in message.lower()
+            assert fingerprint(old) in message
+            assert fingerprint(host.guests[0].server.host_key) in message
+            assert host.guests[0].server.commands == []
+        finally:
+            target.close()
+
+
+def test_new_keys_accepted_on_request_are_recorded_and_can_be_pinned(
+    home: Path, tmp_path: Path
+) -> None:
+    """With the flag, dom0's and web's unknown keys are used and recorded (type, SHA256,
+    how trusted) in versions.json and as known_hosts lines; a second run that names that
+    file needs no flag and records the keys as known."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        dom0_name = f"[127.0.0.1]:{host.port}"
+        keys = {"dom0": host.dom0.host_key, "web": host.guests[0].server.host_key}
+        target = host_target(host, home, ["web"], accept_new_host_keys=True)
+        try:
+            target.connect_host()
+            target.find_guests()
+            target.record_versions()
+        finally:
+            target.close()
+        artifacts = tmp_path / "artifacts"
+        recorded = json.loads((artifacts / "versions.json").read_text())["host_keys"]
+        assert [(k["login"], k["host"], k["trust"]) for k in recorded] == [
+            ("dom0", dom0_name, "accepted-new"),
+            ("web", WEB[3], "accepted-new"),
+        ]
+        for k in recorded:
+            assert k["type"] == "ecdsa-sha2-nistp256"
+            assert k["fingerprint"] == fingerprint(keys[k["login"]])
+        pinned = tmp_path / "pinned_known_hosts"
+        pinned.write_text((artifacts / "known_hosts").read_text())
+        assert paramiko.HostKeys(str(pinned)).lookup(dom0_name) is not None
+
+        again = host_target(host, home, ["web"], known_hosts=[pinned])
+        try:
+            again.connect_host()
+            again.find_guests()
+            again.record_versions()
+        finally:
+            again.close()
+        recorded = json.loads((artifacts / "versions.json").read_text())["host_keys"]
+        assert [(k["login"], k["trust"]) for k in recorded] == [
+            ("dom0", "known_hosts"),
+            ("web", "known_hosts"),
+        ]
+
+
+def test_hashed_known_hosts_entries_are_known(home: Path) -> None:
+    """``HashKnownHosts yes`` (Debian's default) writes ``|1|salt|hash`` names."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = host.known_hosts(home / ".ssh" / "known_hosts")
+        hashed = []
+        for line in known.read_text().splitlines():
+            name, rest = line.split(" ", 1)
+            hashed.append(f"{paramiko.HostKeys.hash_host(name)} {rest}\n")
+        known.write_text("".join(hashed))
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            assert [k.trust for k in target.host_keys.seen] == ["known_hosts", "known_hosts"]
+        finally:
+            target.close()
+
+
+def test_marker_and_broken_lines_in_known_hosts_do_not_stop_the_run(home: Path) -> None:
+    """A user's known_hosts may hold ``@cert-authority`` lines (host certificates, not
+    used here) and lines OpenSSH skips; the other entries still count."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = host.known_hosts(home / ".ssh" / "known_hosts")
+        ca = paramiko.ECDSAKey.generate()
+        extra = f"@cert-authority *.example {ca.get_name()} {ca.get_base64()}\n"
+        extra += "# a comment\n\nnot a line\nbroken ssh-ed25519 AAAA!\nbad ssh-rsa AAAAA\n"
+        known.write_text(extra + known.read_text())
+        target = host_target(host, home, ["web"])
+        try:
+            target.connect_host()
+            target.find_guests()
+            assert [k.trust for k in target.host_keys.seen] == ["known_hosts", "known_hosts"]
+        finally:
+            target.close()
+
+
+@pytest.mark.parametrize("also_known", [False, True])
+def test_a_revoked_key_is_refused_even_when_new_keys_are_accepted(
+    home: Path, also_known: bool
+) -> None:
+    """``@revoked`` (OpenSSH) wins over the flag and over a plain entry for the key."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        known = host.known_hosts(home / ".ssh" / "known_hosts", dom0=also_known)
+        key = host.dom0.host_key
+        with known.open("a") as f:
+            f.write(f"@revoked * {key.get_name()} {key.get_base64()}\n")
+        target = host_target(host, home, ["web"], accept_new_host_keys=True)
+        try:
+            with pytest.raises(HarnessError, match="revoked") as caught:
+                target.connect_host()
+            assert fingerprint(key) in str(caught.value)
+            assert host.dom0.commands == []
+        finally:
+            target.close()
+
+
+def test_the_harness_own_machines_keep_trusting_their_keys(home: Path) -> None:
+    """The QEMU targets' logins (no host-key check: their own VMs behind a loopback
+    hostfwd) still connect, even where known_hosts has another key for the address."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        other = paramiko.ECDSAKey.generate()
+        (home / ".ssh" / "known_hosts").write_text(
+            f"[127.0.0.1]:{host.port} {other.get_name()} {other.get_base64()}\n"
+        )
+        with SshHost("dom0", "127.0.0.1", host.port, home / ".ssh" / "id_test") as dom0:
+            dom0.connect(Deadline(20))
+            assert dom0.check("xl domid web").strip() == "5"
+
+
+def test_pytest_refuses_a_known_hosts_file_that_does_not_exist(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    missing = tmp_path / "nope"
+    argv = ["scenarios/test_smoke.py", "--collect-only", "--target", "ssh://root@127.0.0.1:1"]
+    argv += ["--host-guest", "g", "--accept-new-host-keys", "--known-hosts", str(missing)]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert f"known_hosts file {missing} does not exist" in result.stderr

@@ -66,7 +66,7 @@ def test_builders_exact_bytes() -> None:
         "80010000001220000f000000000700000001"
     )
     assert parse_bind_command(bind_command(9, resumed=True)) == (9, True)
-    assert cancel_command() == bytes.fromhex("80010000000a20000f01")  # XENVTPM_CC_CANCEL
+    assert cancel_command() == bytes.fromhex("80010000000a20000f02")  # XENVTPM_CC_CANCEL
     assert pcr_read_command(10) == bytes.fromhex("8001000000140000017e00000001000b03000400")
     assert pcr_extend_command(10, b"\x01" * 32) == bytes.fromhex(
         "800200000041000001820000000a0000000940000009000000000000000001000b" + "01" * 32

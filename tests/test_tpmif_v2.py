@@ -106,7 +106,7 @@ def test_intake_v2_forwards_with_locality_and_reads_once() -> None:
          tpm.error_response(tpm.BAD_TAG_RC)),
         (page(14, VtpmState.SUBMIT, body=tpm.bind_command(3)), 0,
          tpm.error_response(tpm.TPM_RC.COMMAND_CODE)),
-        (page(10, VtpmState.SUBMIT, body=bytes.fromhex("80010000000a20000f01")), 0,
+        (page(10, VtpmState.SUBMIT, body=bytes.fromhex("80010000000a20000f02")), 0,
          tpm.error_response(tpm.TPM_RC.COMMAND_CODE)),  # XENVTPM_CC_CANCEL
     ],
 )  # fmt: skip

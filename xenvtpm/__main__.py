@@ -11,6 +11,7 @@ COMMANDS = {
     "manager": ("xenvtpm.manager", "the seed's /dev/vtpm: one swtpm per vTPM instance"),
     "simxend": ("xenvtpm.xen.simxend", "the simulated Xen hypervisor (xenstore, grants, events)"),
     "provision": ("xenvtpm.provision", "make vTPM instances (swtpm_setup) ahead of time"),
+    "reset": ("xenvtpm.reset", "operator: power-cycle an instance, ending its failure mode"),
     "attach": ("xenvtpm.toolstack", "toolstack: write a vTPM's xenstore directories"),
     "detach": ("xenvtpm.toolstack", "toolstack: remove a vTPM's xenstore directories"),
     "rogue": ("xenvtpm.rogue", "a hostile frontend: one attack on the backend, JSON lines"),

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
 
-#: Codes the manager itself interprets; a guest may never send them.
-RESERVED_CODES = frozenset({tpm.XENVTPM_CC_BIND, tpm.XENVTPM_CC_CANCEL})
+#: Codes the manager itself interprets (BIND, RESET and the rest of their block); a
+#: guest may never send them.
+RESERVED_CODES = tpm.XENVTPM_CC_RESERVED
 
 
 @dataclass(frozen=True, slots=True)

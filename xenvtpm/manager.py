@@ -25,8 +25,26 @@ Routing rules, and why:
   instance to a different domain than before power-cycles it (ctrl CMD_INIT, then
   TPM2_Startup(CLEAR)) once it has executed commands, so PCRs reset as on a reboot;
   a BIND marked *resumed* (``xl restore``: the same boot goes on) keeps the TPM.
-  CMD_INIT takes ~0.15 ms (measured), so it is sent synchronously from the loop, with
-  a 5 s timeout; TPM2_Startup goes through the instance's FIFO like any command.
+  :data:`xenvtpm.tpm.XENVTPM_CC_RESET` (an operator's) power-cycles it too. Control
+  requests never block the loop (:mod:`xenvtpm.swtpm_control`): a hung swtpm stalls
+  only its own instance.
+- A running guest's TPM never silently resets (:mod:`xenvtpm.continuity`). A planned
+  stop (SIGTERM) lets the commands in flight finish, then saves every swtpm's volatile
+  state, which the next manager restores once. swtpm death (EOF or error on its data
+  socket), a response that does not parse, or no response within ``command_timeout``
+  loses that state: the in-flight command gets TPM_RC_FAILURE, swtpm is restarted
+  from its state directory, and the instance answers in failure mode
+  (:mod:`xenvtpm.failure_mode`) until its domain reboots or an operator resets it.
+  A failed start answers the queued commands TPM_RC_FAILURE; a later packet retries.
+- :data:`xenvtpm.tpm.XENVTPM_CC_CANCEL` (a guest cancelled its command, or the backend
+  gave up on it) is answered nothing, so the backend's FIFO matching is unaffected.
+  The connection's commands queued for the instance become TPM_RC_CANCELED answers in
+  their FIFO place (payload dropped); if the command in flight came from that
+  connection, swtpm is asked to cancel it (``CMD_CANCEL_TPM_CMD``, once, on the control
+  channel).  swtpm 0.7.1 serves its control channel on the thread that runs commands:
+  it answers the cancel only after the command, which runs to its end (measured), so
+  the cancelled command is answered, and the backend's device slot freed, when swtpm is
+  done with it.
 - Bounds (issue 14): per instance, one connection may have at most
   :data:`QUEUE_PER_INSTANCE` commands queued behind the one in flight, and a connection
   at most :data:`UNREAD_REPLIES_MAX` replies it has not read.  The backend's link keeps
@@ -34,18 +52,9 @@ Routing rules, and why:
   and is closed, since any answer would break its FIFO matching of replies.  The link
   answers what it had sent TPM_RC_FAILURE and reconnects; a closed connection's queued
   commands are dropped at once.
-- :data:`xenvtpm.tpm.XENVTPM_CC_CANCEL` (a guest cancelled its command, or the backend
-  gave up on it) is answered nothing, so the backend's FIFO matching is unaffected.
-  The connection's commands queued for the instance become TPM_RC_CANCELED answers in
-  their FIFO place (payload dropped); if the command in flight came from that
-  connection, swtpm is asked to cancel it (``CMD_CANCEL_TPM_CMD``).  swtpm 0.7.1 runs
-  its control channel on the thread that runs commands: it answers the cancel only
-  after the command, which runs to its end (measured), so the cancelled command is
-  answered, and the backend's device slot freed, when swtpm is done with it.
-- swtpm death (EOF or error on its data socket), a response that does not parse, or no
-  response within ``command_timeout``: the in-flight command gets TPM_RC_FAILURE, swtpm
-  is restarted from its state directory, and queued commands continue.  A failed start
-  answers the queued commands TPM_RC_FAILURE; a later packet retries.
+- Acknowledged NV is on disk: when a command changed swtpm's state file, the file and
+  its directory are fsync'ed before the answer goes back (swtpm 0.7.1 has no fsync of
+  its own).
 
 The loop is single-threaded (``selectors``) with non-blocking sockets; the per-command
 path makes no thread hand-off, receives into preallocated buffers, replies with one
@@ -59,7 +68,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import os
 import selectors
@@ -70,16 +78,27 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
-from enum import Enum
+from functools import partial
 from pathlib import Path
 from queue import SimpleQueue
 from types import FrameType
 
+from . import failure_mode
+from .continuity import BOOT_ID_FILE, Continuity, RunRecord, read_boot_id
+from .durability import Signature, StateFileWatch
 from .errors import InstanceStartError, MalformedMessage, VTPMError
 from .manager_client import PREFIX_SIZE, ManagerClient
-from .swtpm import Swtpm, SwtpmConfig
+from .manager_instance import (
+    PREFIX_I,
+    Conn,
+    Instance,
+    InstanceState,
+    InstanceStatus,
+    Kind,
+    Request,
+)
+from .swtpm import PTM_CMD, Swtpm, SwtpmConfig
+from .swtpm_control import RESULT_SIZE, ControlChannel
 from .tpm import (
     HEADER_SIZE,
     MAX_COMMAND_SIZE,
@@ -87,6 +106,7 @@ from .tpm import (
     TPM_RC,
     XENVTPM_CC_BIND,
     XENVTPM_CC_CANCEL,
+    XENVTPM_CC_RESET,
     MalformedCommand,
     error_response,
     parse_bind_command,
@@ -96,123 +116,38 @@ from .tpm import (
     validate_response,
 )
 
-__all__ = [
-    "InstanceStatus",
-    "Manager",
-    "ManagerClient",
-    "build_parser",
-    "main",
-    "status_counts",
-]
+__all__ = ["InstanceStatus", "Manager", "ManagerClient", "build_parser", "main", "status_counts"]
 
 # "xenvtpm.manager" also when run as ``python -m xenvtpm.manager``
 log = logging.getLogger("xenvtpm.manager")
 
-_PREFIX_I = struct.Struct(">I")  # instance id, network byte order (seed)
 _HEADER_SIZE_AT_2_I = struct.Struct(">I")  # responseSize at offset 2 of the TPM header
 _RX_PACKET_BYTES = PREFIX_SIZE + MAX_COMMAND_SIZE + 1  # one more: detects oversize
 _FAILURE = error_response(TPM_RC.FAILURE)
 _SUCCESS = success_response()
 _CANCELED = error_response(TPM_RC.CANCELED)
 _STARTUP_CLEAR = startup_command(clear=True)
+_CTRL_INIT_FLAGS_I = struct.Struct(">I")  # struct ptm_init: init_flags (tpm_ioctl.h)
+#: A planned stop waits this long for commands in flight, then for the volatile saves.
+DRAIN_TIMEOUT = 10.0
 #: Commands one connection may queue per instance, behind the one in flight: above the
 #: backend link's own bound (manager_link.PENDING_PER_INSTANCE, in flight included).
 QUEUE_PER_INSTANCE = 4
 #: Replies one connection may leave unread (its socket buffer full) before it is closed.
 UNREAD_REPLIES_MAX = 4096
-
-
-class InstanceState(Enum):
-    STOPPED = "stopped"  # no swtpm; the next packet starts one
-    STARTING = "starting"  # a worker is (re)starting swtpm
-    RUNNING = "running"
-
-
-class _Kind(Enum):
-    FORWARD = 1  # a TPM command for swtpm
-    REPLY = 2  # answered by the manager itself, in FIFO order (payload is the answer)
-    BIND = 3  # XENVTPM_CC_BIND
-
-
-class _Conn:
-    """One backend connection: the socket and the replies it could not take yet."""
-
-    __slots__ = ("closed", "fd", "handler", "out", "sock")
-
-    def __init__(self, sock: socket.socket, handler: Callable[[_Conn, int], None]) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.out: deque[bytes] = deque()
-        self.closed = False
-        self.handler = functools.partial(handler, self)
-
-
-class _Request:
-    __slots__ = ("conn", "domid", "kind", "payload", "resumed")
-
-    def __init__(
-        self, conn: _Conn, kind: _Kind, payload: bytes, domid: int = 0, resumed: bool = False
-    ) -> None:
-        self.conn = conn
-        self.kind = kind
-        self.payload = payload
-        self.domid = domid
-        self.resumed = resumed  # BIND: the domain resumes a saved one (keep the TPM)
-
-
-@dataclass(frozen=True)
-class InstanceStatus:
-    """What :meth:`Manager.status` reports per instance (for leak counting and logs)."""
-
-    instance: int
-    state: str
-    pid: int | None
-    queued: int
-    in_flight: bool
-    bound_domid: int | None
-    peak: int  # most guest commands (BINDs not counted) held at once, in flight + queued
-
-
-class _Instance:
-    """Routing state of one vTPM instance; all fields belong to the loop thread."""
-
-    def __init__(
-        self, instance: int, config: SwtpmConfig, handler: Callable[[_Instance, int], None]
-    ) -> None:
-        self.id = instance
-        self.handler = functools.partial(handler, self)
-        self.prefix = _PREFIX_I.pack(instance)
-        self.config = config
-        self.log = log.getChild(f"instance{instance}")
-        self.state = InstanceState.STOPPED
-        self.swtpm: Swtpm | None = None
-        self.generation = 0  # tags worker results; a stale result is discarded
-        self.queue: deque[_Request] = deque()
-        self.inflight: _Request | None = None
-        self.deadline = 0.0
-        self.tx_rest = b""  # unsent tail of the in-flight command (rare)
-        self.rx = bytearray(MAX_RESPONSE_SIZE)
-        self.rxview = memoryview(self.rx)
-        self.rx_len = 0
-        self.bound_domid: int | None = None
-        self.dirty = False  # commands executed since swtpm (re)started or was reset
-        self.peak = 0  # most guest commands held at once (status, leak and abuse checks)
-
-    def count_peak(self) -> None:
-        """Note how many guest commands (not BINDs) this instance holds now."""
-        held = sum(1 for r in self.queue if r.kind is not _Kind.BIND)
-        if self.inflight is not None and self.inflight.kind is not _Kind.BIND:
-            held += 1
-        self.peak = max(self.peak, held)
+#: Worker results: instance, generation, the started swtpm (None: failed), the error,
+#: how it continued, and the record it continued from.
+_Started = tuple[int, int, Swtpm | None, BaseException | None, Continuity, RunRecord | None]
 
 
 class Manager:
     """Accepts backend connections and routes their packets to one swtpm per instance.
 
     ``start()`` binds the socket; ``serve_forever()`` runs the loop until
-    ``request_stop()`` (signal- and thread-safe); ``close()`` stops every swtpm (SIGTERM,
-    wait, SIGKILL) and unlinks the socket.  Both are idempotent; use it as a context
-    manager.
+    ``request_stop()`` (signal- and thread-safe), letting the commands in flight finish;
+    ``close()`` saves every swtpm's volatile state (a planned stop), stops every swtpm
+    (SIGTERM, wait, SIGKILL) and unlinks the socket. Both are idempotent; use it as a
+    context manager.
     """
 
     def __init__(
@@ -226,6 +161,8 @@ class Manager:
         start_timeout: float = 120.0,
         max_instances: int = 1024,
         swtpm_log_level: int | None = None,
+        boot_id_file: str | os.PathLike[str] = BOOT_ID_FILE,
+        durable: bool = True,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.state_root = Path(state_root).absolute()
@@ -238,19 +175,27 @@ class Manager:
         )
         self.command_timeout = command_timeout
         self.max_instances = max_instances
-        self._instances: dict[int, _Instance] = {}
-        self._busy: set[_Instance] = set()  # instances with a command in flight
+        self.boot_id_file = boot_id_file
+        self.boot_id = ""
+        self.durable = durable
+        self._instances: dict[int, Instance] = {}
+        self._busy: set[Instance] = set()  # a command in flight in swtpm (data deadline)
+        self._controlling: set[Instance] = set()  # a control request in flight
         self._sel: selectors.DefaultSelector | None = None
         self._listener: socket.socket | None = None
         self._wake_r = -1
         self._wake_w = -1
-        self._done: SimpleQueue[tuple[int, int, Swtpm | None, BaseException | None]]
-        self._done = SimpleQueue()
+        self._done: SimpleQueue[_Started] = SimpleQueue()
+        self._synced: SimpleQueue[tuple[int, int, Signature]] = SimpleQueue()
+        self._sync_jobs: SimpleQueue[tuple[int, int, StateFileWatch, Signature] | None]
+        self._sync_jobs = SimpleQueue()
+        self._syncer: threading.Thread | None = None
         self._threads: set[threading.Thread] = set()  # loop thread only
         self._wake_lock = threading.RLock()  # re-entrant: signal handlers wake too
         self._rx = bytearray(_RX_PACKET_BYTES)
         self._rxview = memoryview(self._rx)
         self._stop = False
+        self._drain_deadline: float | None = None
         self._started = False
         self._closed = False
         self._status_requested = False
@@ -274,6 +219,7 @@ class Manager:
         if self._started:
             return
         try:
+            self.boot_id = read_boot_id(self.boot_id_file)
             self.state_root.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._sel = selectors.DefaultSelector()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -314,7 +260,8 @@ class Manager:
         return sock
 
     def request_stop(self) -> None:
-        """Ask the loop to return; safe from signal handlers and other threads."""
+        """Ask the loop to return once the commands in flight are answered (a planned
+        stop); safe from signal handlers and other threads."""
         self._stop = True
         self._wake()
 
@@ -329,7 +276,7 @@ class Manager:
                 os.write(self._wake_w, b"\0")
 
     def close(self) -> None:
-        """Stop accepting, stop every swtpm (soft, then hard), unlink the socket."""
+        """Save each swtpm's volatile state, stop every swtpm, unlink the socket."""
         if self._closed:
             return
         self._closed = True
@@ -338,6 +285,7 @@ class Manager:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
         if self._instances:
+            self._save_volatile_states(time.monotonic() + DRAIN_TIMEOUT)
             log.info("stopping: %s", self._status_line())
         swtpms = [i.swtpm for i in self._instances.values() if i.swtpm is not None]
         for s in swtpms:
@@ -347,9 +295,12 @@ class Manager:
         for t in list(self._threads):  # workers see _closing and roll back quickly
             t.join(self.config.start_timeout)
         while not self._done.empty():
-            _, _, late, _ = self._done.get()
+            late = self._done.get()[2]
             if late is not None:
                 late.close()
+        if self._syncer is not None:
+            self._sync_jobs.put(None)
+            self._syncer.join(30)
         if self._sel is not None:
             for key in list(self._sel.get_map().values()):
                 if isinstance(key.fileobj, socket.socket) and key.fileobj is not self._listener:
@@ -362,28 +313,57 @@ class Manager:
                 if fd >= 0:
                     os.close(fd)
 
+    def _save_volatile_states(self, deadline: float) -> None:
+        """A planned stop: CMD_STORE_VOLATILE to every idle, healthy swtpm at once, then
+        wait (bounded) for the answers; each saved instance is recorded as saved, so
+        the next manager restores it (continuity.py). An instance not saved in time
+        is restored by nobody: its domain finds it in failure mode, never reset."""
+        waiting: dict[int, Instance] = {}
+
+        def saved(inst: Instance, answer: bytes | None) -> None:
+            waiting.pop(inst.id, None)
+            if answer == bytes(RESULT_SIZE):
+                inst.record(saved=True)
+                inst.log.info("volatile state saved for the next manager")
+            else:
+                inst.log.error("CMD_STORE_VOLATILE failed (%s)", answer)
+
+        for inst in self._instances.values():
+            control = inst.control
+            if inst.state is not InstanceState.RUNNING or control is None or inst.failed:
+                continue
+            if inst.inflight is not None:
+                inst.log.error("a command still in flight at stop: volatile state not saved")
+                continue
+            waiting[inst.id] = inst
+            control.request(
+                PTM_CMD.STORE_VOLATILE,
+                b"",
+                partial(saved, inst),
+                timeout=max(0.1, deadline - time.monotonic()),
+            )
+        with selectors.DefaultSelector() as sel:
+            for inst in waiting.values():
+                assert inst.control is not None
+                sel.register(inst.control.fileno(), selectors.EVENT_READ, inst)
+            while waiting:
+                now = time.monotonic()
+                for key, _ in sel.select(max(0.0, deadline - now)):
+                    key.data.control.on_readable()
+                for inst in list(waiting.values()):
+                    assert inst.control is not None
+                    inst.control.expire(time.monotonic())
+
     # -- status -----------------------------------------------------------------------
 
     def status(self) -> list[InstanceStatus]:
         """Instances, their state and swtpm pid (loop thread, or when stopped)."""
-        return [
-            InstanceStatus(
-                i.id,
-                i.state.value,
-                i.swtpm.pid if i.swtpm is not None and i.state is not InstanceState.STOPPED
-                else None,
-                len(i.queue),
-                i.inflight is not None,
-                i.bound_domid,
-                i.peak,
-            )
-            for i in self._instances.values()
-        ]  # fmt: skip
+        return [i.status() for i in self._instances.values()]
 
     def _status_line(self) -> str:
         parts = [
             f"{s.instance}:{s.state}:pid={s.pid}:queued={s.queued}:in_flight={int(s.in_flight)}"
-            f":peak={s.peak}"
+            f":peak={s.peak}" + (":FAILED" if s.failed else "")
             for s in self.status()
         ]
         return f"{len(parts)} instance(s) " + " ".join(parts)
@@ -391,33 +371,58 @@ class Manager:
     # -- loop -------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Run the event loop until :meth:`request_stop`."""
+        """Run the event loop until :meth:`request_stop`, then drain (bounded)."""
         self.start()
         sel = self._sel
         assert sel is not None
-        while not self._stop:
-            timeout = None
-            if self._busy:
-                now = time.monotonic()
-                timeout = max(min(i.deadline for i in self._busy) - now, 0.0)
-            ready = sel.select(timeout)
+        while True:
+            if self._stop and self._drained():
+                break
+            ready = sel.select(self._next_timeout())
             registered = sel.get_map()
             for key, mask in ready:
                 # an earlier callback of this batch may have torn this channel down (a
                 # swtpm restarted): its readiness is stale, and acting on it would crash
                 if registered.get(key.fd) is key:
                     key.data(mask)
-            if self._busy:
-                now = time.monotonic()
-                for inst in [i for i in self._busy if i.deadline <= now]:
-                    inst.log.error("no response in %.1f s: restarting swtpm", self.command_timeout)
-                    self._swtpm_failed(inst)
+            self._expire(time.monotonic())
+
+    def _drained(self) -> bool:
+        now = time.monotonic()
+        if self._drain_deadline is None:
+            self._drain_deadline = now + DRAIN_TIMEOUT
+        if now >= self._drain_deadline:
+            log.warning("stopping with commands still in flight")
+            return True
+        return all(i.inflight is None for i in self._instances.values())
+
+    def _next_timeout(self) -> float | None:
+        deadlines = [i.deadline for i in self._busy]
+        deadlines += [d for i in self._controlling if i.control and (d := i.control.deadline)]
+        if self._stop and self._drain_deadline is not None:
+            deadlines.append(self._drain_deadline)
+        if not deadlines:
+            return None
+        return max(min(deadlines) - time.monotonic(), 0.0)
+
+    def _expire(self, now: float) -> None:
+        for inst in [i for i in self._busy if i.deadline <= now]:
+            inst.log.error("no response in %.1f s: restarting swtpm", self.command_timeout)
+            self._swtpm_failed(inst)
+        for inst in list(self._controlling):
+            control = inst.control
+            if control is not None and control.pending:
+                control.expire(now)  # a timeout fails the requests: their callbacks act
+            if inst.control is None or not inst.control.pending:
+                self._controlling.discard(inst)
 
     def _on_wake(self, mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 512)
         while not self._done.empty():
             self._on_started(*self._done.get())
+        while not self._synced.empty():
+            self._on_synced(*self._synced.get())
         if self._status_requested:
             self._status_requested = False
             log.info("status: %s", self._status_line())
@@ -433,19 +438,19 @@ class Manager:
                 log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(False)
-            conn = _Conn(sock, self._on_conn_event)
+            conn = Conn(sock, self._on_conn_event)
             self._sel.register(sock, selectors.EVENT_READ, conn.handler)
             log.debug("backend connected (fd %d)", conn.fd)
 
     # -- backend connections ----------------------------------------------------------
 
-    def _on_conn_event(self, conn: _Conn, mask: int) -> None:
+    def _on_conn_event(self, conn: Conn, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and not conn.closed:
             self._read_packets(conn)
 
-    def _read_packets(self, conn: _Conn) -> None:
+    def _read_packets(self, conn: Conn) -> None:
         rx, mv = self._rx, self._rxview
         for _ in range(64):  # bounded: one busy backend cannot starve the others
             try:
@@ -461,41 +466,45 @@ class Manager:
                 return
             self._on_packet(conn, mv, n)
 
-    def _on_packet(self, conn: _Conn, mv: memoryview, n: int) -> None:
+    def _on_packet(self, conn: Conn, mv: memoryview, n: int) -> None:
         if n < PREFIX_SIZE:
             log.warning("dropped a %d-byte packet: no instance id", n)
             return
-        (instance,) = _PREFIX_I.unpack_from(mv)
+        (instance,) = PREFIX_I.unpack_from(mv)
         end = min(n, _RX_PACKET_BYTES)  # n > buffer: truncated, so > MAX_COMMAND_SIZE
         command = mv[PREFIX_SIZE:end]
         try:
             header = validate_command(command, max_size=MAX_COMMAND_SIZE)
             if header.code == XENVTPM_CC_CANCEL:
-                if len(command) != HEADER_SIZE:
+                if header.size != HEADER_SIZE:
                     raise MalformedCommand(TPM_RC.VALUE, "not a well-formed XENVTPM_CC_CANCEL")
                 self._cancel(conn, instance)
                 return  # no answer: it is no request
             if header.code == XENVTPM_CC_BIND:
                 domid, resumed = parse_bind_command(command)
-                req = _Request(conn, _Kind.BIND, b"", domid, resumed)
+                req = Request(conn, Kind.BIND, b"", domid, resumed)
+            elif header.code == XENVTPM_CC_RESET and header.size == HEADER_SIZE:
+                req = Request(conn, Kind.RESET, b"")
             else:
                 req = None
         except MalformedCommand as exc:
             if self._debug:
                 log.debug("instance %d: malformed command (%s)", instance, exc)
-            req = _Request(conn, _Kind.REPLY, error_response(exc.rc))
+            req = Request(conn, Kind.REPLY, error_response(exc.rc))
         inst = self._instances.get(instance)
-        if req is not None and req.kind is _Kind.REPLY:
+        if req is not None and req.kind is Kind.REPLY:
             if inst is None or (inst.inflight is None and not inst.queue):
                 # nothing of this instance is pending: answer now, start nothing
-                self._reply(conn, _PREFIX_I.pack(instance), req.payload)
+                self._reply(conn, PREFIX_I.pack(instance), req.payload)
                 return
         elif inst is None:
             if len(self._instances) >= self.max_instances:
                 log.error("instance %d refused: %d instances", instance, self.max_instances)
-                self._reply(conn, _PREFIX_I.pack(instance), _FAILURE)
+                self._reply(conn, PREFIX_I.pack(instance), _FAILURE)
                 return
-            inst = _Instance(instance, self.config, self._on_swtpm_event)
+            inst = Instance(
+                instance, self.config, self.boot_id, self._on_swtpm_event, self._on_control_event
+            )
             self._instances[instance] = inst
         assert inst is not None
         if self._debug:
@@ -505,9 +514,11 @@ class Manager:
             and inst.inflight is None
             and not inst.queue
             and inst.state is InstanceState.RUNNING
+            and not inst.failed
+            and not self._stop
         ):
             # fast path: idle instance, send straight from the receive buffer
-            self._send_command(inst, _Request(conn, _Kind.FORWARD, b""), command)
+            self._send_command(inst, Request(conn, Kind.FORWARD, b""), command)
             inst.peak = max(inst.peak, 1)
             return
         if sum(1 for r in inst.queue if r.conn is conn) >= QUEUE_PER_INSTANCE:
@@ -520,39 +531,51 @@ class Manager:
             self._close_conn(conn)
             return
         if req is None:
-            req = _Request(conn, _Kind.FORWARD, bytes(command))
+            req = Request(conn, Kind.FORWARD, bytes(command))
         inst.queue.append(req)
         inst.count_peak()
         if inst.state is InstanceState.STOPPED:
-            self._start_instance(inst, None)
+            self._start_instance(inst, None, None)
         elif inst.state is InstanceState.RUNNING and inst.inflight is None:
             self._pump(inst)
 
-    def _cancel(self, conn: _Conn, instance: int) -> None:
+    def _cancel(self, conn: Conn, instance: int) -> None:
         """XENVTPM_CC_CANCEL from ``conn``: its queued commands for ``instance`` become
         TPM_RC_CANCELED in their place; its command in flight is cancelled in swtpm."""
         inst = self._instances.get(instance)
         if inst is None:
             return
         for queued in inst.queue:
-            if queued.conn is conn and queued.kind is _Kind.FORWARD:
-                queued.kind, queued.payload = _Kind.REPLY, _CANCELED
+            if queued.conn is conn and queued.kind is Kind.FORWARD:
+                queued.kind, queued.payload = Kind.REPLY, _CANCELED
         running = inst.inflight
-        if running is not None and running.conn is conn and running.kind is _Kind.FORWARD:
-            self._cancel_in_flight(inst)
+        if running is not None and running.conn is conn and running.kind is Kind.FORWARD:
+            self._cancel_in_flight(inst, running)
 
-    def _cancel_in_flight(self, inst: _Instance) -> None:
-        """Ask swtpm to stop the command it runs (ctrl ``CMD_CANCEL_TPM_CMD``).
+    def _cancel_in_flight(self, inst: Instance, req: Request) -> None:
+        """Ask swtpm to stop the command it runs (ctrl ``CMD_CANCEL_TPM_CMD``), once.
 
         Its answer still comes through the data channel and goes to the backend like any
-        (the backend drops it and frees the guest's slot).  Not wired yet: it needs the
-        asynchronous control channel (a hung swtpm must not block this loop); swtpm
-        0.7.1 would not shorten the command anyway (module docstring).
-        """
-        if self._debug:
-            inst.log.debug("cancel of the command in flight requested")
+        (the backend drops it and frees the guest's slot). swtpm answers control requests
+        only between commands, so the cancel may wait as long as the command may run."""
+        control = inst.control
+        if control is None or req.cancelled or inst.syncing is not None:
+            return  # no channel (restarting), asked already, or already done
+        req.cancelled = True
+        generation = inst.generation
 
-    def _reply(self, conn: _Conn, prefix: bytes, payload: bytes | memoryview) -> None:
+        def done(answer: bytes | None) -> None:
+            if answer is None and inst.generation == generation and inst.control is control:
+                inst.log.error("swtpm control channel broken on a cancel: restarting swtpm")
+                self._swtpm_failed(inst)
+            elif self._debug:
+                inst.log.debug("CMD_CANCEL_TPM_CMD answered %s", answer)
+
+        timeout = max(inst.deadline - time.monotonic(), 0.0) + self.config.ctrl_timeout
+        control.request(PTM_CMD.CANCEL_TPM_CMD, b"", done, timeout=timeout)
+        self._controlling.add(inst)
+
+    def _reply(self, conn: Conn, prefix: bytes, payload: bytes | memoryview) -> None:
         if conn.closed:
             return
         if len(conn.out) >= UNREAD_REPLIES_MAX:
@@ -572,7 +595,7 @@ class Manager:
             log.info("backend connection failed on reply: %s", exc)
             self._close_conn(conn)
 
-    def _flush(self, conn: _Conn) -> None:
+    def _flush(self, conn: Conn) -> None:
         while conn.out:
             try:
                 conn.sock.send(conn.out[0])
@@ -586,7 +609,7 @@ class Manager:
         assert self._sel is not None
         self._sel.modify(conn.sock, selectors.EVENT_READ, conn.handler)
 
-    def _close_conn(self, conn: _Conn) -> None:
+    def _close_conn(self, conn: Conn) -> None:
         if conn.closed:
             return
         conn.closed = True  # its queued requests are skipped, its replies dropped
@@ -600,54 +623,42 @@ class Manager:
                 inst.queue = deque(r for r in inst.queue if r.conn is not conn)
         log.debug("backend disconnected (fd %d)", conn.fd)
 
-    # -- instances --------------------------------------------------------------------
+    # -- instances: commands ----------------------------------------------------------
 
-    def _pump(self, inst: _Instance) -> None:
-        """Serve the head of the queue until a command is in flight or it is empty."""
-        while inst.inflight is None and inst.queue and inst.state is InstanceState.RUNNING:
+    def _pump(self, inst: Instance) -> None:
+        """Serve the head of the queue until a command is in flight or it is empty.
+
+        During a planned stop nothing new starts: the queue waits for the next manager
+        (its backend link answers the waiting requests TPM_RC_FAILURE when we go)."""
+        while (
+            inst.inflight is None
+            and inst.queue
+            and inst.state is InstanceState.RUNNING
+            and not self._stop
+        ):
             req = inst.queue.popleft()
             if req.conn.closed:
                 continue
-            if req.kind is _Kind.REPLY:
+            if req.kind is Kind.REPLY:
                 self._reply(req.conn, inst.prefix, req.payload)
-            elif req.kind is _Kind.BIND:
+            elif req.kind is Kind.BIND:
                 self._bind_instance(inst, req)
+            elif req.kind is Kind.RESET:
+                inst.log.warning("operator reset: power-cycling the TPM")
+                req.domid = inst.bound_domid if inst.bound_domid is not None else -1
+                self._power_cycle(inst, req)
+            elif inst.failed and (answer := failure_mode.answer(_code(req.payload))):
+                self._reply(req.conn, inst.prefix, answer)
             else:
                 self._send_command(inst, req, req.payload)
 
-    def _bind_instance(self, inst: _Instance, req: _Request) -> None:
-        if req.domid == inst.bound_domid or not inst.dirty or req.resumed:
-            if req.resumed and req.domid != inst.bound_domid:
-                inst.log.info(
-                    "bound to domain %d, which resumes domain %s: TPM kept",
-                    req.domid,
-                    inst.bound_domid,
-                )
-            elif req.domid != inst.bound_domid:
-                inst.log.info("bound to domain %d (fresh TPM)", req.domid)
-            inst.bound_domid = req.domid
-            self._reply(req.conn, inst.prefix, _SUCCESS)
-            return
-        inst.log.info(
-            "bound to domain %d (was %s): power-cycling the TPM", req.domid, inst.bound_domid
-        )
-        assert inst.swtpm is not None
-        try:
-            inst.swtpm.ctrl_init()
-        except VTPMError as exc:
-            inst.log.error("%s: restarting swtpm", exc)
-            inst.inflight = req  # answered TPM_RC_FAILURE by the restart
-            self._swtpm_failed(inst)
-            return
-        self._send_command(inst, req, _STARTUP_CLEAR)  # completes in _on_response
-
-    def _send_command(self, inst: _Instance, req: _Request, command: bytes | memoryview) -> None:
+    def _send_command(self, inst: Instance, req: Request, command: bytes | memoryview) -> None:
         assert inst.swtpm is not None and inst.swtpm.data is not None
         inst.inflight = req
         inst.rx_len = 0
         inst.deadline = time.monotonic() + self.command_timeout
         self._busy.add(inst)
-        if req.kind is _Kind.FORWARD:
+        if req.kind is Kind.FORWARD:
             inst.dirty = True
         try:
             sent = inst.swtpm.data.send(command)
@@ -661,11 +672,11 @@ class Manager:
             inst.tx_rest = bytes(command[sent:])
             self._watch_swtpm(inst, selectors.EVENT_READ | selectors.EVENT_WRITE)
 
-    def _watch_swtpm(self, inst: _Instance, events: int) -> None:
+    def _watch_swtpm(self, inst: Instance, events: int) -> None:
         assert self._sel is not None and inst.swtpm is not None and inst.swtpm.data is not None
         self._sel.modify(inst.swtpm.data, events, inst.handler)
 
-    def _on_swtpm_event(self, inst: _Instance, mask: int) -> None:
+    def _on_swtpm_event(self, inst: Instance, mask: int) -> None:
         if mask & selectors.EVENT_WRITE and inst.tx_rest:
             assert inst.swtpm is not None and inst.swtpm.data is not None
             try:
@@ -682,7 +693,7 @@ class Manager:
         if mask & selectors.EVENT_READ:
             self._read_response(inst)
 
-    def _read_response(self, inst: _Instance) -> None:
+    def _read_response(self, inst: Instance) -> None:
         if inst.swtpm is None or inst.swtpm.data is None:
             return  # torn down since the event was reported
         try:
@@ -697,7 +708,7 @@ class Manager:
             inst.log.error("swtpm pid %s closed its data channel", inst.swtpm.pid)
             self._swtpm_failed(inst)
             return
-        if inst.inflight is None:
+        if inst.inflight is None or inst.syncing is not None:
             inst.log.error("swtpm sent %d unsolicited bytes: restarting it", n)
             self._swtpm_failed(inst)
             return
@@ -713,10 +724,9 @@ class Manager:
             return
         self._on_response(inst, inst.rxview[:size])
 
-    def _on_response(self, inst: _Instance, response: memoryview) -> None:
+    def _on_response(self, inst: Instance, response: memoryview) -> None:
         req = inst.inflight
         assert req is not None
-        inst.inflight = None
         inst.rx_len = 0
         self._busy.discard(inst)
         try:
@@ -725,35 +735,170 @@ class Manager:
             inst.log.error("unparseable swtpm response (%s): answering TPM_RC_FAILURE", exc)
             response = memoryview(_FAILURE)
         else:
-            if req.kind is _Kind.BIND:
-                if header.code == TPM_RC.SUCCESS:
-                    inst.bound_domid = req.domid
-                    inst.dirty = False
-                    response = memoryview(_SUCCESS)
-                else:
-                    inst.log.error("Startup(CLEAR) after CMD_INIT: 0x%x", header.code)
-                    response = memoryview(_FAILURE)
+            if req.kind in (Kind.BIND, Kind.RESET):
+                response = memoryview(self._power_cycled(inst, req, header.code))
+            elif inst.watch is not None and (sig := inst.watch.changed()) is not None:
+                # acknowledged state must be on disk first: fsync off the loop thread
+                inst.syncing = (bytes(response), sig)
+                self._sync(inst, inst.watch, sig)
+                return
+        inst.inflight = None
         self._reply(req.conn, inst.prefix, response)
         if inst.queue:
             self._pump(inst)
 
-    def _swtpm_failed(self, inst: _Instance) -> None:
-        """swtpm died, hung or broke framing: fail the command in flight, restart swtpm."""
+    # -- instances: durability --------------------------------------------------------
+
+    def _sync(self, inst: Instance, watch: StateFileWatch, sig: Signature) -> None:
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._syncer_main, name="fsync", daemon=True)
+            self._syncer.start()
+        self._sync_jobs.put((inst.id, inst.generation, watch, sig))
+
+    def _syncer_main(self) -> None:
+        while (job := self._sync_jobs.get()) is not None:
+            instance, generation, watch, sig = job
+            watch.sync()
+            self._synced.put((instance, generation, sig))
+            self._wake()
+
+    def _on_synced(self, instance: int, generation: int, sig: Signature) -> None:
+        inst = self._instances.get(instance)
+        if inst is None or inst.generation != generation or inst.syncing is None:
+            return  # swtpm failed meanwhile: its command was answered TPM_RC_FAILURE
+        response, _ = inst.syncing
+        inst.syncing = None
+        if inst.watch is not None:
+            inst.watch.synced(sig)
+        req, inst.inflight = inst.inflight, None
+        assert req is not None
+        self._reply(req.conn, inst.prefix, response)
+        if inst.queue:
+            self._pump(inst)
+
+    # -- instances: binding and power cycles ------------------------------------------
+
+    def _bind_instance(self, inst: Instance, req: Request) -> None:
+        new_boot = req.domid != inst.bound_domid and not req.resumed
+        if new_boot and inst.dirty:
+            inst.log.info(
+                "bound to domain %d (was %s): power-cycling the TPM", req.domid, inst.bound_domid
+            )
+            self._power_cycle(inst, req)
+            return
+        if new_boot:
+            if inst.failed:
+                inst.log.info("domain %d is a new boot: failure mode ends", req.domid)
+            inst.failed = False
+            inst.log.info("bound to domain %d (fresh TPM)", req.domid)
+        elif req.resumed and req.domid != inst.bound_domid:
+            inst.log.info(
+                "bound to domain %d, which resumes domain %s: TPM kept",
+                req.domid,
+                inst.bound_domid,
+            )
+        if req.domid != inst.bound_domid or new_boot:
+            inst.bound_domid = req.domid
+            inst.record()
+        self._reply(req.conn, inst.prefix, _SUCCESS)
+
+    def _power_cycle(self, inst: Instance, req: Request) -> None:
+        """CMD_INIT (through the control channel, never blocking the loop), then
+        TPM2_Startup(CLEAR) through the FIFO; completes in :meth:`_power_cycled`."""
+        assert inst.control is not None
+        inst.inflight = req
+        generation = inst.generation
+
+        def initialised(answer: bytes | None) -> None:
+            if inst.generation != generation or inst.inflight is not req:
+                return  # swtpm restarted meanwhile: req was answered TPM_RC_FAILURE
+            if answer != bytes(RESULT_SIZE):
+                inst.log.error("CMD_INIT failed (%s): restarting swtpm", answer)
+                self._new_boot(inst, req)  # a fresh swtpm is what the cycle was for
+                self._swtpm_failed(inst, lost=False)
+                return
+            self._send_command(inst, req, _STARTUP_CLEAR)
+
+        inst.control.request(
+            PTM_CMD.INIT,
+            _CTRL_INIT_FLAGS_I.pack(0),
+            initialised,
+            timeout=self.config.ctrl_timeout,
+        )
+        self._controlling.add(inst)
+
+    def _power_cycled(self, inst: Instance, req: Request, rc: int) -> bytes:
+        """TPM2_Startup(CLEAR) of a power cycle answered ``rc``: the reply to send."""
+        if rc != TPM_RC.SUCCESS:
+            inst.log.error("Startup(CLEAR) after CMD_INIT: 0x%x", rc)
+            return _FAILURE
+        self._new_boot(inst, req)
+        return _SUCCESS
+
+    def _new_boot(self, inst: Instance, req: Request) -> None:
+        if req.kind is Kind.BIND:
+            inst.bound_domid = req.domid
+        inst.dirty = False
+        inst.failed = False
+        inst.record()
+
+    def _on_control_event(self, inst: Instance, mask: int) -> None:
+        control = inst.control
+        if control is None:
+            return
+        generation = inst.generation
+        if not control.on_readable() and inst.generation == generation:
+            inst.log.error("swtpm control channel broken: restarting swtpm")
+            self._swtpm_failed(inst)
+
+    # -- instances: swtpm processes ---------------------------------------------------
+
+    def _swtpm_failed(self, inst: Instance, lost: bool | None = None) -> None:
+        """swtpm died, hung or broke framing: fail the command in flight, restart swtpm.
+
+        ``lost``: its volatile state was lost under a running domain (default: it held
+        any), so the instance goes to failure mode (continuity.py)."""
         req = inst.inflight
         inst.inflight = None
+        inst.syncing = None
         inst.tx_rest = b""
         inst.rx_len = 0
         self._busy.discard(inst)
         if req is not None:
             self._reply(req.conn, inst.prefix, _FAILURE)
-        old = inst.swtpm
-        if old is not None and old.data is not None and self._sel is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(old.data)
-        self._start_instance(inst, old)
+        if lost if lost is not None else inst.dirty:
+            if not inst.failed:
+                inst.log.error(
+                    "volatile state lost under domain %s: failure mode until it reboots "
+                    "or an operator resets the instance",
+                    inst.bound_domid,
+                )
+            inst.failed = True
+        inst.dirty = False
+        inst.record()
+        old = self._detach_swtpm(inst)
+        self._start_instance(inst, old, Continuity.LOST if inst.failed else Continuity.FRESH)
 
-    def _start_instance(self, inst: _Instance, old: Swtpm | None) -> None:
-        """(Re)start swtpm in a worker thread; the loop hears back through the pipe."""
+    def _detach_swtpm(self, inst: Instance) -> Swtpm | None:
+        """Take the swtpm's channels out of the loop; fail its control requests."""
+        old, control = inst.swtpm, inst.control
+        inst.control = None
+        self._controlling.discard(inst)
+        if self._sel is not None:
+            for fileobj in (old.data if old is not None else None, control):
+                if fileobj is not None:
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._sel.unregister(fileobj)
+        if control is not None:
+            control.fail_all()
+        return old
+
+    def _start_instance(
+        self, inst: Instance, old: Swtpm | None, continuity: Continuity | None
+    ) -> None:
+        """(Re)start swtpm in a worker thread; the loop hears back through the pipe.
+
+        ``continuity`` None: the first start in this process, decided by the record."""
         inst.state = InstanceState.STARTING
         inst.generation += 1
         inst.swtpm = Swtpm(inst.id, self.config)
@@ -762,27 +907,50 @@ class Manager:
         self._threads = {t for t in self._threads if t.is_alive()}
         t = threading.Thread(
             target=self._worker,
-            args=(inst.id, inst.generation, inst.swtpm, old),
+            args=(inst, inst.generation, inst.swtpm, old, continuity),
             name=f"swtpm-start-{inst.id}",
             daemon=True,
         )
         self._threads.add(t)
         t.start()
 
-    def _worker(self, instance: int, generation: int, new: Swtpm, old: Swtpm | None) -> None:
+    def _worker(
+        self,
+        inst: Instance,
+        generation: int,
+        new: Swtpm,
+        old: Swtpm | None,
+        continuity: Continuity | None,
+    ) -> None:
+        """Runs in a worker thread: touches only ``new``, ``old`` and the state files."""
         err: BaseException | None = None
+        record: RunRecord | None = None
+        how = Continuity.FRESH
         try:
             if old is not None:
                 old.close()
+            if continuity is None:
+                how, record = inst.continuity.before_start()
+            else:
+                how = continuity
+                inst.continuity.discard_volatile()  # never restored twice
             new.start()
+            if how is Continuity.RESTORED and record is not None:
+                inst.continuity.after_restore(record)
         except BaseException as exc:  # reported to the loop, which logs it
             err = exc
         finally:
-            self._done.put((instance, generation, None if err else new, err))
+            self._done.put((inst.id, generation, None if err else new, err, how, record))
             self._wake()
 
     def _on_started(
-        self, instance: int, generation: int, swtpm: Swtpm | None, err: BaseException | None
+        self,
+        instance: int,
+        generation: int,
+        swtpm: Swtpm | None,
+        err: BaseException | None,
+        how: Continuity,
+        record: RunRecord | None,
     ) -> None:
         inst = self._instances.get(instance)
         if inst is None or generation != inst.generation or self._closed:
@@ -797,14 +965,29 @@ class Manager:
                 inst.log.error("start failed: %r", err)
             while inst.queue:
                 req = inst.queue.popleft()
-                answer = req.payload if req.kind is _Kind.REPLY else _FAILURE
+                answer = req.payload if req.kind is Kind.REPLY else _FAILURE
                 self._reply(req.conn, inst.prefix, answer)
             return
-        assert swtpm.data is not None and self._sel is not None
+        assert swtpm.data is not None and swtpm.ctrl is not None and self._sel is not None
         swtpm.data.setblocking(False)
         self._sel.register(swtpm.data, selectors.EVENT_READ, inst.handler)
+        inst.control = ControlChannel(swtpm.ctrl, inst.id)
+        self._sel.register(inst.control, selectors.EVENT_READ, inst.control_handler)
+        inst.watch = StateFileWatch(swtpm.state_dir) if self.durable else None
         inst.state = InstanceState.RUNNING
-        inst.dirty = False
+        inst.dirty = how is Continuity.RESTORED
+        if record is not None:  # continued from the last manager's record
+            inst.bound_domid = record.domid
+            inst.failed = how is Continuity.LOST
+            if inst.failed:
+                inst.log.error(
+                    "volatile state of domain %s was lost with the last manager: failure "
+                    "mode until it reboots or an operator resets the instance",
+                    record.domid,
+                )
+                inst.record()
+            else:
+                inst.log.info("volatile state of domain %s restored", record.domid)
         self._pump(inst)
 
 
@@ -816,6 +999,11 @@ def status_counts(line: str, instance: int) -> dict[str, int] | None:
             fields = dict(f.split("=", 1) for f in part.split(":")[2:] if "=" in f)
             return {k: int(v) for k, v in fields.items() if k != "pid"}
     return None
+
+
+def _code(command: bytes) -> int:
+    """The command code of a validated command (header offset 6)."""
+    return int.from_bytes(command[6:10], "big")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -835,6 +1023,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds before a silent swtpm is restarted (default: %(default)s)",
     )
     p.add_argument("--max-instances", type=int, default=1024, help="instances served at most")
+    p.add_argument(
+        "--boot-id-file",
+        default=BOOT_ID_FILE,
+        help="this host boot's id; saved state of another boot is never restored "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-fsync",
+        dest="durable",
+        action="store_false",
+        help="answer before swtpm's state changes are on disk (benchmarks only: an "
+        "acknowledged NV write can then be lost in a power cut)",
+    )
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -856,6 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
         swtpm_setup=args.swtpm_setup,
         command_timeout=args.command_timeout,
         max_instances=args.max_instances,
+        boot_id_file=args.boot_id_file,
+        durable=args.durable,
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -45,6 +45,8 @@ __all__ = [
     "VTPM_PROXY_CC_SET_LOCALITY",
     "XENVTPM_CC_BIND",
     "XENVTPM_CC_CANCEL",
+    "XENVTPM_CC_RESERVED",
+    "XENVTPM_CC_RESET",
     "MalformedCommand",
     "TpmHeader",
     "bad_tag_rc",
@@ -190,6 +192,7 @@ class TPM_CC(IntEnum):
     ReadPublic = 0x173
     GetCapability = 0x17A
     GetRandom = 0x17B
+    GetTestResult = 0x17C
     PCR_Read = 0x17E
     PCR_Extend = 0x182
 
@@ -225,17 +228,25 @@ VTPM_PROXY_CC_SET_LOCALITY = 0x20001000
 XENVTPM_CC_BIND = TPM_CC_VENDOR_BIT | 0x0F00
 BIND_RESUMED = 0x1
 
+#: Operator command on the manager's socket (``python3 -m xenvtpm reset``): power-cycle
+#: the instance (its PCRs reset) and end its failure mode. 10 bytes, no parameters.
+XENVTPM_CC_RESET = TPM_CC_VENDOR_BIT | 0x0F01
+
 #: Vendor command reserved for the backend -> manager control path: a guest cancelled
 #: the command it has outstanding on this instance (protocol v2 CANCEL, or the backend
 #: gave up on it: timeout, the frontend left).
 #:
-#: ``80010000000a20000f01``, no parameters. The manager answers nothing (the backend's
+#: ``80010000000a20000f02``, no parameters. The manager answers nothing (the backend's
 #: link matches replies to requests FIFO per instance, and this is no request): if the
 #: instance's command in flight came from the same connection, it sends swtpm
 #: ``CMD_CANCEL_TPM_CMD``; that connection's commands queued for the instance are
 #: answered TPM_RC_CANCELED (0x909) in their FIFO place. A guest can never send this
 #: code: the backend filters it.
-XENVTPM_CC_CANCEL = TPM_CC_VENDOR_BIT | 0x0F01
+XENVTPM_CC_CANCEL = TPM_CC_VENDOR_BIT | 0x0F02
+
+#: Every code of this block belongs to the backend -> manager control path, present or
+#: future: the backend answers a guest's command in it TPM_RC_COMMAND_CODE, unsent.
+XENVTPM_CC_RESERVED = range(TPM_CC_VENDOR_BIT | 0x0F00, TPM_CC_VENDOR_BIT | 0x1000)
 
 HEADER_SIZE = 10
 #: swtpm 0.7.1: TPM_PT_MAX_COMMAND_SIZE (measured by TPM2_GetCapability).  swtpm does
@@ -413,6 +424,11 @@ def bind_command(domid: int, resumed: bool = False) -> bytes:
 def cancel_command() -> bytes:
     """The manager control command :data:`XENVTPM_CC_CANCEL` (10 bytes, no reply)."""
     return _HEADER_HII.pack(TPM_ST.NO_SESSIONS, HEADER_SIZE, XENVTPM_CC_CANCEL)
+
+
+def reset_command() -> bytes:
+    """The operator's :data:`XENVTPM_CC_RESET` (the instance is in the packet prefix)."""
+    return _HEADER_HII.pack(TPM_ST.NO_SESSIONS, HEADER_SIZE, XENVTPM_CC_RESET)
 
 
 def parse_bind_command(data: bytes | bytearray | memoryview) -> tuple[int, bool]:

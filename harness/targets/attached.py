@@ -145,6 +145,17 @@ class AttachedTarget:
             raise TargetNotReady(f"swtpm of {guest.name}", "no such process", self.logs())
         os.kill(pid, signal.SIGKILL)
 
+    def reset_vtpm(self, guest: Guest) -> None:
+        import subprocess
+        import sys
+
+        self._require(Capability.KILL_SWTPM)
+        subprocess.run(
+            [sys.executable, "-m", "xenvtpm", "reset", "--manager",
+             str(self.run_dir / "vtpm.sock"), str(guest.instance)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
     def probe(self, guest: AttachedGuest, *args: str) -> dict[str, Any]:
         self._require(Capability.XEN_PROBE)
         from harness.targets.sim import probe_as_domain

@@ -169,6 +169,9 @@ class BaseTarget:
     def swtpm_pid(self, guest: Guest) -> int | None:
         raise UnsupportedOperation(self.name, "kill-swtpm")
 
+    def reset_vtpm(self, guest: Guest) -> None:
+        raise UnsupportedOperation(self.name, "kill-swtpm")
+
     def pause_swtpm(self, guest: Guest) -> None:
         """SIGSTOP the guest's swtpm: a command sent now hangs (a hung TPM)."""
         self._signal_swtpm(guest, "STOP")

@@ -118,6 +118,10 @@ class DirectTarget(BaseTarget):
         g.process.start()
         g.process.wait_ready(Deadline(START_TIMEOUT))
 
+    def reset_vtpm(self, guest: Guest) -> None:
+        """Nothing to do: without the driver, kill_swtpm already started a fresh swtpm."""
+        self.require(Capability.KILL_SWTPM)
+
     def swtpm_pid(self, guest: Guest) -> int | None:
         g: DirectGuest = self._own(guest)
         return g.process.pid if g.process.alive else None

@@ -425,6 +425,15 @@ class SimTarget(BaseTarget):
             lambda: self._swtpm_of(self._own(guest)) != pid, f"swtpm {pid} to die"
         )
 
+    def reset_vtpm(self, guest: Guest) -> None:
+        """The operator's reset of the guest's instance: ends its failure mode."""
+        self.require(Capability.KILL_SWTPM)
+        g = self._own(guest)
+        subprocess.run(
+            [*self._py, "reset", "--manager", str(self.manager_socket), str(g.instance)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
     # -- probing as a guest ------------------------------------------------------------
     def probe(self, guest: SimGuest, *args: str) -> dict[str, Any]:
         """``python -m xenvtpm probe ARGS`` as ``guest``'s domain; its JSON answer."""

@@ -799,6 +799,15 @@ class XenTarget(BaseTarget):
         self._dom0().check(f"kill -KILL {pid}")
         Deadline(10.0).wait_for(lambda: self.swtpm_pid(guest) != pid, f"swtpm {pid} to die")
 
+    def reset_vtpm(self, guest: Guest) -> None:
+        """The operator's reset of the guest's instance, in dom0: ends its failure mode."""
+        self.require(Capability.KILL_SWTPM)
+        instance = self._own(guest).instance
+        self._dom0().check(
+            f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm reset "
+            f"--manager {xen_driver.MANAGER_SOCKET} {instance}"
+        )
+
     def _send_signal(self, pid: int, signal_name: str) -> None:
         self._dom0().check(f"kill -{signal_name} {pid}")  # swtpm runs in dom0
 

@@ -4,10 +4,11 @@ existing Xen host that the user names (issue 4, item 7). Nothing is booted.
 Bring-up walks off -> ready (STYLE.md 9):
 
     dom0      SSH to HOST (key: ``--ssh-key`` / ``$XENVTPM_SSH_KEY``, else the user's
-              default keys and agent; host key checked against known_hosts)
+              default keys and agent; host keys: ``harness.hostkeys``, known ones only
+              unless ``--accept-new-host-keys``, for dom0 and every guest)
     check     dom0 has xl, a running Xen, python3 >= 3.11, swtpm, Xen's libraries
     guests    each ``--host-guest NAME[=ADDRESS]``: ``xl domid NAME``, its SSH address
-              (given, or from xenstore / dom0's neighbour table), SSH through dom0
+              (given, or dom0's neighbour entry for the MAC xl gave it), SSH through dom0
     clean     stop xenvtpm daemons an earlier run left, detach its vTPMs (idempotent)
     check     each guest has python3 >= 3.11, tpm_vtpm_proxy, Xen's libraries, no TPM
     deploy    ``XenTarget.start_driver``, unchanged
@@ -15,8 +16,9 @@ Bring-up walks off -> ready (STYLE.md 9):
 ``close`` stops the daemons it started, detaches the vTPMs, collects the logs into
 ``artifacts/xen-host/`` (``$XENVTPM_ARTIFACTS``) and removes the directories and unloads
 the modules this run added, so the host is left as it was found. ``versions.json`` in
-the artifacts records the driver build and the Xen, dom0 and guest versions (for
-``harness.certify_report``).
+the artifacts records the driver build, the Xen, dom0 and guest versions and the host
+key each login used (for ``harness.certify_report``); ``known_hosts`` there holds those
+keys as lines to pin.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, ClassVar
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
+from harness.hostkeys import HostKeyCheck, resolve_known_hosts
 from harness.images import ROOT
 from harness.ssh import SshHost
 from harness.target import Capability
@@ -46,6 +49,7 @@ from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR, collect_logs
 SSH_KEY_ENV = "XENVTPM_SSH_KEY"
 CONNECT_TIMEOUT = 60.0  # the host is up already: a login that takes longer will not come
 VERSIONS_FILE = "versions.json"
+KNOWN_HOSTS_FILE = "known_hosts"  # the keys this run's logins used, as lines to pin
 XEN_LIBS = ("libxenstore.so.4", "libxengnttab.so.1", "libxenevtchn.so.1")
 # The daemons and tools this driver runs, and nothing else: ``python3 -m xenvtpm ...``
 # (start_daemon's and the relay's command line after exec), and swtpm under STATE_ROOT.
@@ -132,23 +136,27 @@ def parse_xl_info(text: str) -> dict[str, str]:
     return out
 
 
-def parse_macs(network_list: str) -> list[str]:
-    """The MAC addresses in ``xl network-list NAME`` (lower case)."""
-    return [
-        m.lower() for m in re.findall(r"\b(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\b", network_list)
-    ]
+def parse_macs(text: str) -> list[str]:
+    """The MAC addresses in ``text`` (a vif backend's ``mac`` node, ``xl network-list``),
+    lower case."""
+    return [m.lower() for m in re.findall(r"\b(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\b", text)]
 
 
-def address_from_neighbours(neighbours: str, macs: Sequence[str]) -> str | None:
-    """The IPv4 address ``ip neigh show`` in dom0 gives for one of ``macs`` (else IPv6)."""
+def neighbour_addresses(neighbours: str, macs: Sequence[str]) -> list[str]:
+    """The addresses ``ip neigh show`` in dom0 gives for ``macs`` (not FAILED), each
+    once: IPv4 first, then IPv6."""
     found: list[str] = []
     for line in neighbours.splitlines():
         words = line.split()
         mac = words[words.index("lladdr") + 1].lower() if "lladdr" in words[:-1] else None
-        if mac in macs and "FAILED" not in words:
+        if mac in macs and "FAILED" not in words and words[0] not in found:
             found.append(words[0])
-    v4 = [a for a in found if ":" not in a]
-    return next(iter(v4 or found), None)
+    return [a for a in found if ":" not in a] + [a for a in found if ":" in a]
+
+
+def address_from_neighbours(neighbours: str, macs: Sequence[str]) -> str | None:
+    """The IPv4 address ``ip neigh show`` in dom0 gives for one of ``macs`` (else IPv6)."""
+    return next(iter(neighbour_addresses(neighbours, macs)), None)
 
 
 def driver_build(root: Path = ROOT) -> dict[str, Any]:
@@ -261,12 +269,18 @@ class XenHostTarget(XenTarget):
         url: str,
         host_guests: Sequence[str] = (),
         ssh_key: str | os.PathLike[str] | None = None,
+        known_hosts: Sequence[str | os.PathLike[str]] = (),
+        accept_new_host_keys: bool = False,
     ) -> None:
-        """``guests`` is ignored: the guests are the ``host_guests`` the user named."""
+        """``guests`` is ignored: the guests are the ``host_guests`` the user named.
+        Host keys: ``~/.ssh/known_hosts`` and the ``known_hosts`` files are the known
+        ones; others only with ``accept_new_host_keys``."""
         self.spec = HostSpec.parse(url)
         specs = parse_guests(host_guests)
         self.key = resolve_key(ssh_key)
+        known_files = resolve_known_hosts(known_hosts)
         super().__init__(len(specs), run_dir, progress, detached)
+        self.host_keys = HostKeyCheck(known_files, accept_new_host_keys, self.say)
         explicit = os.environ.get("XENVTPM_ARTIFACTS")
         self.artifacts = Path(explicit) if explicit else ROOT / "artifacts" / "xen-host"
         self._host_guest_list = [HostGuest(i, self, s) for i, s in enumerate(specs)]
@@ -289,6 +303,7 @@ class XenHostTarget(XenTarget):
     def _start(self) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         (self.artifacts / VERSIONS_FILE).unlink(missing_ok=True)
+        (self.artifacts / KNOWN_HOSTS_FILE).unlink(missing_ok=True)
         self._collected = False
         t0 = time.monotonic()
         self.connect_host()
@@ -307,7 +322,12 @@ class XenHostTarget(XenTarget):
         """Log in to dom0 and check that it can run the driver's dom0 half."""
         self.say(f"connecting to dom0 {self.spec}" + (f" with key {self.key}" if self.key else ""))
         self.dom0 = SshHost(
-            "dom0", self.spec.host, self.spec.port, self.key, user=self.spec.user, known_hosts=True
+            "dom0",
+            self.spec.host,
+            self.spec.port,
+            self.key,
+            user=self.spec.user,
+            host_keys=self.host_keys,
         )
         self.dom0.connect(Deadline(CONNECT_TIMEOUT))
         self._cursors["dom0"] = self.dom0.run(JOURNAL_CURSOR)[1].strip()
@@ -332,7 +352,9 @@ class XenHostTarget(XenTarget):
                 raise TargetNotReady(f"guest {guest.name}", "that is dom0, not a guest")
             guest.ip = guest.given_address or self.lookup_address(guest)
             self.say(f"{guest.name}: domain {guest.domid}, ssh {guest.ip} through dom0")
-            guest.ssh = SshHost(guest.name, guest.ip, 22, self.key, via=dom0, known_hosts=True)
+            guest.ssh = SshHost(
+                guest.name, guest.ip, 22, self.key, via=dom0, host_keys=self.host_keys
+            )
             try:
                 guest.ssh.connect(Deadline(CONNECT_TIMEOUT))
             except TargetNotReady as e:
@@ -344,22 +366,47 @@ class XenHostTarget(XenTarget):
             self._cursors[guest.name] = guest.ssh.run(JOURNAL_CURSOR)[1].strip()
 
     def lookup_address(self, guest: HostGuest) -> str:
-        """The guest's address from xenstore (``attr/vif/0/ipv4/0``, written by guest
-        agents), else the dom0 neighbour entry of one of its MACs (``xl network-list``)."""
+        """The guest's address as dom0 knows it: the MACs xl gave its vifs, read from
+        dom0's backend nodes, then dom0's neighbour entry for one of them.
+
+        Never from the guest's own ``/local/domain/<domid>/`` tree (``attr/``, ``data/``,
+        its vif frontend): the guest writes those, and an address there could send
+        certify to another machine, for instance another guest whose key is known.
+        Several IPv4 neighbours for its MACs (one may be forged by ARP) are not guessed
+        between: the user names the address."""
         dom0 = self._dom0()
-        rc, out, _ = dom0.run(f"xenstore-read /local/domain/{guest.domid}/attr/vif/0/ipv4/0")
-        if rc == 0 and out.strip():
-            return out.strip()
-        macs = parse_macs(dom0.run(f"xl network-list {shlex.quote(guest.name)}")[1])
-        found = address_from_neighbours(dom0.run("ip neigh show")[1], macs) if macs else None
-        if found is None:
+        macs = self.vif_macs(guest)
+        found = neighbour_addresses(dom0.run("ip neigh show")[1], macs) if macs else []
+        v4 = [a for a in found if ":" not in a]
+        ask = f"give it as --host-guest {guest.name}=ADDRESS"
+        if len(v4) > 1:
             raise TargetNotReady(
                 f"guest {guest.name}",
-                "cannot find its SSH address (no attr/vif/0/ipv4/0 in its xenstore, MAC "
-                f"{', '.join(macs) or 'none'} not in dom0's `ip neigh`): give it as "
-                f"--host-guest {guest.name}=ADDRESS",
+                f"dom0's `ip neigh` has several addresses for its MAC {', '.join(macs)}: "
+                f"{', '.join(v4)}; {ask}",
             )
-        return found
+        if not found:
+            raise TargetNotReady(
+                f"guest {guest.name}",
+                f"cannot find its SSH address: its MAC {', '.join(macs) or '(none: no vif)'} "
+                f"is not in dom0's `ip neigh`; {ask} (addresses a guest publishes in its "
+                "own xenstore are not used: the guest can write them)",
+            )
+        return found[0]
+
+    def vif_macs(self, guest: HostGuest) -> list[str]:
+        """The MACs of the guest's vifs from dom0's backend nodes
+        (``/local/domain/0/backend/vif/<domid>/<devid>/mac``, written by xl; the guest
+        may read them, not write them), lower case."""
+        dom0 = self._dom0()
+        base = f"/local/domain/0/backend/vif/{guest.domid}"
+        rc, out, _ = dom0.run(f"xenstore-list {base}")
+        devids = [d for d in out.split() if d.isdigit()] if rc == 0 else []
+        macs: list[str] = []
+        for devid in devids:
+            rc, out, _ = dom0.run(f"xenstore-read {base}/{devid}/mac")
+            macs += parse_macs(out) if rc == 0 else []
+        return macs
 
     def clean_host(self, whose: str = "left by an earlier run") -> None:
         """Stop every xenvtpm daemon (guests first, then dom0's backend and manager, then
@@ -417,7 +464,8 @@ class XenHostTarget(XenTarget):
             self._loaded_before[name] = set(host.check("cut -d' ' -f1 /proc/modules").split())
 
     def record_versions(self) -> None:
-        """Driver build, Xen, dom0 and guest versions -> ``versions.json``, describe()."""
+        """Driver build, Xen, dom0 and guest versions, the host keys used ->
+        ``versions.json``, describe(); the keys also as ``known_hosts`` lines."""
         dom0 = self._dom0()
         info = parse_xl_info(dom0.check("xl info"))
         xen_keys = ("xen_major", "xen_minor", "xen_extra", "xen_version", "xen_changeset")
@@ -431,8 +479,11 @@ class XenHostTarget(XenTarget):
                 {"name": g.name, "domid": g.domid, "address": g.ip, **self._os_versions(g.host())}
                 for g in self._host_guests()
             ],
+            "host_keys": [k.to_dict() for k in self.host_keys.seen],
         }
         (self.artifacts / VERSIONS_FILE).write_text(json.dumps(self.versions, indent=2) + "\n")
+        lines = [k.known_hosts_line() for k in self.host_keys.seen]
+        (self.artifacts / KNOWN_HOSTS_FILE).write_text("".join(f"{line}\n" for line in lines))
 
     @staticmethod
     def _os_versions(host: SshHost) -> dict[str, str]:
@@ -496,6 +547,7 @@ class XenHostTarget(XenTarget):
                 "key": str(self.key) if self.key else None,
                 "user": self.spec.user,
             },
+            "host_keys": self.host_keys.describe(),
             "artifacts": str(self.artifacts),
             "versions": self.versions,
             "timings": self.timings,

@@ -1,0 +1,72 @@
+"""Acknowledged TPM state is on disk before the answer goes back (issue 14, point 6).
+
+Once a guest has the answer to NV_Write, NV_Increment, EvictControl... it may act on
+it (count a boot, release a secret), so that state must survive a power cut, not only a
+kill. swtpm 0.7.1 writes ``tpm2-00.permall`` to a temporary file and renames it over
+the old one, without fsync (``--tpmstate ...,fsync=on`` arrived in later swtpm), so
+dom0's page cache alone holds it until writeback.
+
+The manager therefore looks at the state file after every answer (one ``stat``: a few
+microseconds, no file opened) and, when it changed, holds the answer while a worker
+thread fsyncs the file and its directory (the rename), so that a guest writing NV in a
+loop never holds the manager's thread on the disk. Commands that change nothing
+persistent (GetRandom, PCR_Extend, ...) cost only the ``stat``.
+
+Spec: swtpm src/swtpm/swtpm_nvstore_dir.c (write, then rename); fsync(2) on a directory
+makes a rename durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PERMANENT_STATE = "tpm2-00.permall"
+
+Signature = tuple[int, int, int]  # inode, size, mtime in ns
+
+
+class StateFileWatch:
+    """The permanent state file of one instance, and its last durable version."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / PERMANENT_STATE
+        self._durable: Signature | None = self._signature()
+        self.syncs = 0
+
+    def _signature(self) -> Signature | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changed(self) -> Signature | None:
+        """The file's new signature if it changed since it was last made durable."""
+        sig = self._signature()
+        return sig if sig is not None and sig != self._durable else None
+
+    def sync(self) -> None:
+        """fsync the state file and its directory. Blocking: call off the loop thread.
+
+        A failure is logged, not raised: the state is in the page cache, and the answer
+        must still go back (the guest's command did execute).
+        """
+        try:
+            for path, flags in ((self.path, 0), (self.state_dir, os.O_DIRECTORY)):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError as exc:
+            log.error("fsync of %s failed: %s", self.path, exc)
+
+    def synced(self, sig: Signature) -> None:
+        """``sig`` is on disk (loop thread)."""
+        self._durable = sig
+        self.syncs += 1
