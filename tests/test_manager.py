@@ -609,6 +609,32 @@ def test_cancel_answers_queued_commands_canceled_in_their_place(mgr: RunningMana
     assert swtpm_pid(mgr.root, 4) == pid
 
 
+def test_swtpm_runs_a_cancelled_command_to_its_end(tmp_root: Path) -> None:
+    """The manager asks swtpm to cancel the command in flight (CMD_CANCEL_TPM_CMD, on
+    the control channel). swtpm 0.7.1 accepts it (result 0) but serves its control
+    channel between commands only: the command runs to its end and is answered."""
+    for m in managed(tmp_root, "--log-level", "DEBUG"):
+        with m.client() as c:
+            random_bytes(c.transact(6, get_random_command(8)))
+            pid = swtpm_pid(tmp_root, 6)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                c.send_packet(pfx(6) + get_random_command(16))
+                time.sleep(0.1)
+                c.send_packet(pfx(6) + cancel_command())
+                time.sleep(0.1)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert len(random_bytes(c.recv_packet()[4:])) == 16
+            deadline = time.monotonic() + 10
+            while "CMD_CANCEL_TPM_CMD answered" not in m.stderr():
+                assert time.monotonic() < deadline, "no answer to the cancel"
+                time.sleep(0.02)
+            assert "CMD_CANCEL_TPM_CMD answered b'\\x00\\x00\\x00\\x00'" in m.stderr()
+            assert len(random_bytes(c.transact(6, get_random_command(8)))) == 8
+            assert swtpm_pid(tmp_root, 6) == pid
+
+
 # -- bounds -----------------------------------------------------------------------------
 
 
