@@ -8,8 +8,10 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -407,6 +409,48 @@ def test_notify_never_blocks(dom0: SimHypervisor, guests: list[SimHypervisor]) -
         assert time.monotonic() - start < 5
         assert back.consume() is True
         assert not readable(back.fileno(), 0.05)
+
+
+def queued(fd: int) -> int:
+    """Events pending on a simulated port: the bytes waiting on its socket (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def test_notifies_on_an_unbound_port_are_dropped(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """Xen drops a notify on a port nobody bound yet (evtchn_send, ECS_UNBOUND): the
+    binder finds only the one event that bind_interdomain leaves pending."""
+    g1, _ = guests
+    front = g1.events.bind_unbound_port(0)
+    front.notify()
+    assert front.notify_many(1000) == 1000
+    with front, dom0.events.bind_interdomain(g1.domid, front.port) as back:
+        assert queued(back.fileno()) == 1
+        assert front.notify_many(5) == 5
+        assert queued(back.fileno()) == 6
+
+
+def test_a_guest_can_keep_its_port_pending(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """``notify_many`` queues one event per notify, up to the socket buffer, without
+    blocking: what a guest notifying after each of dom0's unmasks amounts to. A closed
+    port refuses it (as EVTCHNOP_send an unbound port); a peer that left takes none."""
+    g1, _ = guests
+    front = g1.events.bind_unbound_port(0)
+    back = dom0.events.bind_interdomain(g1.domid, front.port)
+    assert back.consume()
+    taken = 0
+    while n := front.notify_many(1 << 16):
+        taken += n
+    assert taken > 10_000 and queued(back.fileno()) == taken
+    assert front.notify_many(1) == 0  # full: already pending
+    back.close()
+    assert front.notify_many(1) == 0  # nobody listens any more
+    front.close()
+    with pytest.raises(EventChannelError):
+        front.notify_many(1)
 
 
 # --- resources, stats and process death ---------------------------------------------------
