@@ -28,6 +28,10 @@ from typing import Protocol, Self, runtime_checkable
 PAGE_SIZE = 4096
 DOMID_SELF = 0x7FF0  # xen/include/public/xen.h
 NR_RESERVED_GRANT_REFS = 8  # xen/include/public/grant_table.h: GNTTAB_NR_RESERVED_ENTRIES
+#: Events one ``EventChannel.consume`` takes at most. A guest that notifies again after
+#: every unmask keeps its port pending for ever (XSA-391 class); a bounded consume lets
+#: the loop, level-triggered, serve every other ready fd before it comes back.
+MAX_CONSUME_ROUNDS = 8
 
 
 class Access(enum.Enum):
@@ -169,7 +173,9 @@ class EventChannel(Protocol):
         ...
 
     def consume(self) -> bool:
-        """Clear and unmask pending events without blocking (xenevtchn_pending+unmask).
+        """Clear and unmask pending events without blocking (xenevtchn_pending+unmask),
+        at most ``MAX_CONSUME_ROUNDS`` of them: the port may still be pending afterwards
+        (a peer that keeps notifying), so call it from a level-triggered loop.
 
         Returns False once the channel can never fire again (the simulation sees its peer
         close); the real adapter always returns True.

@@ -24,6 +24,7 @@ from xenvtpm.errors import (
 )
 from xenvtpm.lifecycle import Closeable
 from xenvtpm.xen.interface import (
+    MAX_CONSUME_ROUNDS,
     PAGE_SIZE,
     EventChannel,
     Hypervisor,
@@ -217,20 +218,20 @@ class SimEventChannel(Closeable):
             return 0
 
     def consume(self) -> bool:
-        """Take pending events, one per round, while the port is pending (as the real
-        adapter's ``xenevtchn_pending`` + ``xenevtchn_unmask`` rounds do)."""
+        """Take at most ``MAX_CONSUME_ROUNDS`` events, as the real adapter's rounds of
+        ``xenevtchn_pending`` + ``xenevtchn_unmask`` do: here one recv takes them all."""
         if self._closed or self._dead:
             return False
-        while True:
-            try:
-                data = self._sock.recv(1)
-            except BlockingIOError:
-                return True
-            except OSError:
-                data = b""
-            if not data:
-                self._dead = True
-                return False
+        try:
+            data = self._sock.recv(MAX_CONSUME_ROUNDS)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self._dead = True
+            return False
+        return True
 
     def close(self) -> None:
         if self._closed:
