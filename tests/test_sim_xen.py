@@ -213,6 +213,29 @@ def test_watch_fires_on_registration_change_and_removal(
     assert quiet(xs) == []
 
 
+def test_read_watches_takes_a_bounded_batch(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """A guest writing its own nodes in a loop queues watch events for dom0 as fast as
+    it likes; one ``read_watches()`` on the backend's only thread takes at most 1,024 of
+    them (as the libxenstore adapter does), oldest first, and ``fileno()`` stays readable
+    while more wait, so the loop serves the other fds in between."""
+    g1, _ = guests
+    xs = dom0.xenstore
+    path = f"/local/domain/{g1.domid}/storm"
+    xs.watch(path, "w")
+    assert events(xs, 1) == [WatchEvent(path, "w")]
+    for i in range(2500):
+        g1.xenstore.write("storm/n", str(i))
+    xs.read(path)  # the events of every write above came before this reply
+    batches: list[list[WatchEvent]] = []
+    while readable(xs.fileno(), 0.2):
+        batches.append(xs.read_watches())
+        assert len(batches) < 10
+    assert [len(b) for b in batches] == [1024, 1024, 452]
+    assert [e for b in batches for e in b] == [WatchEvent(f"{path}/n", "w")] * 2500
+
+
 def test_transactions_commit_and_conflict(dom0: SimHypervisor, xen: Xen) -> None:
     xs = dom0.xenstore
     with XenStoreClient.open_unix(os.path.join(xen.run, "xenstored.sock")) as other:
