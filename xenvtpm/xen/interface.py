@@ -32,6 +32,9 @@ NR_RESERVED_GRANT_REFS = 8  # xen/include/public/grant_table.h: GNTTAB_NR_RESERV
 #: every unmask keeps its port pending for ever (XSA-391 class); a bounded consume lets
 #: the loop, level-triggered, serve every other ready fd before it comes back.
 MAX_CONSUME_ROUNDS = 8
+#: Watch events one ``XenStore.read_watches`` returns at most, for the same reason: a
+#: guest writing its own nodes in a loop queues them as fast as it likes.
+MAX_WATCH_BATCH = 1024
 
 
 class Access(enum.Enum):
@@ -109,7 +112,8 @@ class XenStore(Protocol):
         ...
 
     def read_watches(self) -> list[WatchEvent]:
-        """Every watch event waiting now, without blocking (xs_check_watch)."""
+        """The watch events waiting now, oldest first, at most ``MAX_WATCH_BATCH``,
+        without blocking (xs_check_watch); ``fileno()`` stays readable while more wait."""
         ...
 
     def close(self) -> None: ...
