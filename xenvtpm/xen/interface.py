@@ -173,7 +173,9 @@ class EventChannel(Protocol):
         ...
 
     def notify(self) -> None:
-        """Signal the remote end. Never blocks; repeated notifies coalesce."""
+        """Signal the remote end. Never blocks. Xen coalesces repeated notifies into one
+        pending bit; the sim queues them (one event each, up to its socket buffer): an
+        event means "look again", never a count."""
         ...
 
     def consume(self) -> bool:
