@@ -6,8 +6,10 @@ The boot itself runs in ``nox -s xen`` (minutes under TCG), never here.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -147,3 +149,28 @@ def test_unreachable_mirror_is_named() -> None:
 
     with pytest.raises(MirrorUnreachable, match=r"127\.0\.0\.1:9/debian"):
         check_mirror("http://127.0.0.1:9/debian", timeout=5)
+
+
+def test_a_reset_console_connection_is_a_closed_console(tmp_path: Path) -> None:
+    """QEMU dying under the KVM trial resets the console socket; that must read as a
+    closed console (TargetNotReady, so boot falls back to TCG), not ConnectionResetError
+    (which ended a fresh machine's whole Xen run: every scenario errored)."""
+    console = pytest.importorskip("harness.console")
+    path = tmp_path / "console.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        conn.sendall(b"(XEN) Xen version 4.17.5 (Debian)\r\n")
+        time.sleep(0.3)
+        conn.close()  # unread input in its buffer: the reader gets ECONNRESET
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    with console.SerialConsole(path, None, "c") as con:
+        con.expect(rb"Xen version", Deadline(5), "xen")
+        os.write(con._spawn.child_fd, b"\r")  # bytes QEMU never read before it died
+        with pytest.raises(TargetNotReady, match=r"dom0 login.*console closed"):
+            con.expect(rb"login: ", Deadline(5), "dom0 login")
