@@ -5,6 +5,7 @@ HarnessError
     TargetNotReady          a target or guest did not reach its ready state in time
     DeadlineExpired         a wait ran out of time (carries what it waited for)
     UnsupportedOperation    the target lacks the capability an operation needs
+    ResetFailed             the operator's reset of a vTPM instance was not acknowledged
     TransportError          talking to a guest's TPM failed
         TransportClosed         the peer closed the channel (e.g. swtpm died mid-command)
         TransportTimeout        no response within the transport timeout
@@ -80,6 +81,15 @@ class UnsupportedOperation(HarnessError):
         super().__init__(f"target {target} lacks capability {capability}")
         self.target = target
         self.capability = capability
+
+
+class ResetFailed(HarnessError):
+    """``python3 -m xenvtpm reset`` failed (e.g. the instance's swtpm was hung: the
+    manager restarted it, fresh, and answered TPM_RC_FAILURE)."""
+
+    def __init__(self, instance: int, output: str) -> None:
+        self.instance = instance
+        super().__init__(f"reset of vTPM instance {instance} failed: {output.strip()}")
 
 
 class TransportError(HarnessError):

@@ -46,7 +46,7 @@ from tpm_helpers import (
     storage_template,
 )
 
-from harness.errors import DeviceRefused, TransportTimeout
+from harness.errors import DeviceRefused, ResetFailed, TransportTimeout
 
 RECOVERY_S = 30.0  # how long a guest may take to get a working TPM back
 WORKER_JOIN_S = 90.0  # a command in flight must be answered well before this
@@ -54,6 +54,7 @@ DRIVERLESS = {"direct"}  # targets where the guest talks to swtpm itself
 ESAPI_KILL_ATTEMPTS = 5
 ESAPI_ERROR_WAIT_S = 20.0  # a killed command's TPM_RC_FAILURE reaches its ESAPI by then
 HUNG_CLIENT_WAIT_S = 10.0  # a client without a kernel gives up then; kernels give up first
+LATENCY_BOUND_S = 2.0  # a guest kernel's timeout for a short command (DESIGN.md 4)
 
 
 def wait_until_working(guest: Any, deadline_s: float = RECOVERY_S) -> int:
@@ -371,3 +372,52 @@ def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
         resp = Response.from_bytes(outcome)
         assert resp.code == RC.SUCCESS or outcome == error_response(RC.FAILURE)
     wait_until_working(guest)
+
+
+@pytest.mark.slow
+@pytest.mark.needs("kill-swtpm", "multi-guest")
+def test_power_cycle_of_a_hung_swtpm_stalls_no_other_guest(target: Any, guests: Any) -> None:
+    """A power cycle (a reboot's rebind, or the operator's reset) goes through swtpm's
+    control channel. With guest A's swtpm hung (SIGSTOP), that cycle waits for A alone:
+    guest B's commands stay within the latency bound throughout (the manager once waited
+    5 s for A's CMD_INIT, holding every guest). The cycle of the hung swtpm fails, and
+    the manager restarts it, fresh, as the cycle wanted."""
+    if target.name in DRIVERLESS:
+        pytest.skip("no manager: nothing routes A's and B's commands together")
+    a, b = guests[0], guests[1]
+    latencies: list[float] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        try:
+            with b.transport() as t:
+                while not stop.is_set():
+                    t0 = time.monotonic()
+                    assert_channel_works(t, 16)
+                    latencies.append(time.monotonic() - t0)
+        except BaseException as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    wait_for_samples(latencies, 5)
+    target.pause_swtpm(a)
+    try:
+        with pytest.raises(ResetFailed):
+            target.reset_vtpm(a)  # CMD_INIT on the hung swtpm: times out, restarted
+    finally:
+        with contextlib.suppress(Exception):
+            target.resume_swtpm(a)
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and failures == [], failures
+    assert max(latencies) < LATENCY_BOUND_S, f"guest B waited {max(latencies):.2f} s"
+    wait_until_working(a)
+
+
+def wait_for_samples(samples: list[float], n: int, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while len(samples) < n:
+        assert time.monotonic() < end, "the other guest never answered"
+        time.sleep(0.05)

@@ -63,6 +63,7 @@ ATTACKS: dict[str, tuple[list[str], list[str]]] = {
     "race": (["--count", "200", "--seconds", "2"], ["--count", "50", "--seconds", "2"]),
     "notify-empty": ([], []),
     "flood": (["--seconds", "2"], ["--seconds", "2", "--rate", "20000"]),
+    "storm": (["--seconds", "3"], ["--seconds", "4"]),  # longer than the victim's bound
     "second-request": ([], []),
     "leave": ([], []),
     "handshake-order": ([], ["--settle", "3"]),

@@ -6,8 +6,10 @@ The boot itself runs in ``nox -s xen`` (minutes under TCG), never here.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +83,10 @@ def test_qemu_argv_has_design_flags(tmp_path: Path) -> None:
         cfg.argv()
 
 
-def _console_pair(tmp_path: Path, chunks: list[bytes]) -> Path:
-    """A unix socket server that writes ``chunks`` to the first client, like QEMU's."""
+def _console_pair(tmp_path: Path, chunks: list[bytes], hold: bool = True) -> Path:
+    """A unix socket server that writes ``chunks`` to the first client, like QEMU's;
+    ``hold``: until the client closes, else it closes itself after 0.3 s, as a QEMU
+    that died."""
     path = tmp_path / "console.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
@@ -93,7 +97,10 @@ def _console_pair(tmp_path: Path, chunks: list[bytes]) -> Path:
         with conn:
             for chunk in chunks:
                 conn.sendall(chunk)
-            conn.recv(1)  # hold the connection until the client closes it
+            if hold:
+                conn.recv(1)  # hold the connection until the client closes it
+            else:
+                time.sleep(0.3)  # with the client's input unread: ECONNRESET there
         server.close()
 
     threading.Thread(target=serve, daemon=True).start()
@@ -147,3 +154,16 @@ def test_unreachable_mirror_is_named() -> None:
 
     with pytest.raises(MirrorUnreachable, match=r"127\.0\.0\.1:9/debian"):
         check_mirror("http://127.0.0.1:9/debian", timeout=5)
+
+
+def test_a_reset_console_connection_is_a_closed_console(tmp_path: Path) -> None:
+    """QEMU dying under the KVM trial resets the console socket; that must read as a
+    closed console (TargetNotReady, so boot falls back to TCG), not ConnectionResetError
+    (which ended a fresh machine's whole Xen run: every scenario errored)."""
+    console = pytest.importorskip("harness.console")
+    path = _console_pair(tmp_path, [b"(XEN) Xen version 4.17.5 (Debian)\r\n"], hold=False)
+    with console.SerialConsole(path, None, "c") as con:
+        con.expect(rb"Xen version", Deadline(5), "xen")
+        os.write(con._spawn.child_fd, b"\r")  # bytes QEMU never read before it died
+        with pytest.raises(TargetNotReady, match=r"dom0 login.*console closed"):
+            con.expect(rb"login: ", Deadline(5), "dom0 login")

@@ -267,6 +267,15 @@ def test_notify_flood(env: SimEnv, seconds: float) -> None:
     assert rc_of(cases["after"]) == 0
 
 
+def test_event_channel_storm(env: SimEnv) -> None:
+    """XSA-391 class: a guest that keeps its port pending (it notifies again after every
+    unmask) must not hold the backend's one thread: the other guest's GetRandom stays
+    under the bound for the whole storm, and the rogue is served again afterwards."""
+    cases = run_rogue(env, "storm", "--seconds", "3").cases()
+    assert cases["notify"]["notifies"] > 10_000, cases["notify"]
+    assert rc_of(cases["after"]) == 0
+
+
 def test_second_request_before_answer(env: SimEnv) -> None:
     cases = run_rogue(env, "second-request").cases()
     assert cases["count"]["answers"] == 1  # one request at a time: the second is ignored

@@ -43,7 +43,7 @@ from xenvtpm.vtpm_proxy import (
 )
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV, open_hypervisor
 from xenvtpm.xen.interface import Access, Perm, WatchEvent
-from xenvtpm.xen.linux import LinuxHypervisor
+from xenvtpm.xen.linux import LinuxEventChannel, LinuxHypervisor
 from xenvtpm.xen.linux_libs import PACKAGES, SIGNATURES, XenLibs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +119,77 @@ def test_signatures_match_the_headers_when_installed() -> None:
             assert match is not None, name
             returns_pointer = match.group(1).rstrip().endswith("*")
             assert returns_pointer == (sig.restype is ctypes.c_void_p), (name, match.group(1))
+
+
+class StormingEvtchn:
+    """libxenevtchn (``XenLibs.evtchn``) for one port whose peer notifies again after
+    every unmask, as a guest in a tight notify loop does: its fd never stops polling
+    readable. ``storming = False`` ends the storm at the next unmask. Spec: xenevtchn.h.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._r, self._w = os.pipe()
+        os.write(self._w, b"\x01")  # pending now, and again after every unmask
+        self.storming = True
+        self.pendings = 0
+        self.unmasks = 0
+
+    def xenevtchn_fd(self, handle: int) -> int:
+        return self._r
+
+    def xenevtchn_pending(self, handle: int) -> int:
+        self.pendings += 1
+        return self.port
+
+    def xenevtchn_unmask(self, handle: int, port: int) -> int:
+        assert port == self.port
+        self.unmasks += 1
+        if not self.storming:
+            os.read(self._r, 1)  # the peer stopped: nothing pending after this unmask
+        return 0
+
+    def xenevtchn_notify(self, handle: int, port: int) -> int:
+        return 0
+
+    def xenevtchn_unbind(self, handle: int, port: int) -> int:
+        return 0
+
+    def xenevtchn_close(self, handle: int) -> int:
+        os.close(self._r)
+        os.close(self._w)
+        return 0
+
+
+class EvtchnOnly:
+    """``XenLibs`` with only its libxenevtchn, which is all ``LinuxEventChannel`` uses."""
+
+    def __init__(self, evtchn: StormingEvtchn) -> None:
+        self.evtchn = evtchn
+
+
+def test_consume_returns_during_an_event_channel_storm() -> None:
+    """XSA-391 class: a guest that notifies again after every unmask keeps its port
+    pending for as long as it likes. ``consume()`` runs on the backend's only thread, so
+    it must return after a bounded number of pending/unmask rounds (the event loop calls
+    it again once every other ready fd is served), not loop while the port is pending."""
+    storm = StormingEvtchn(port=7)
+    channel = LinuxEventChannel(EvtchnOnly(storm), 1, 7)  # type: ignore[arg-type]
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(channel.consume()), daemon=True)
+    thread.start()
+    thread.join(2.0)
+    stuck = thread.is_alive()
+    storm.storming = False  # lets a looping consume() go, so the test ends
+    thread.join(5)
+    try:
+        assert not stuck, f"consume() still looping after 2 s: {storm.pendings} rounds"
+        assert result == [True]
+        assert 1 <= storm.pendings <= 64, storm.pendings  # bounded
+        assert storm.unmasks == storm.pendings  # every event taken is unmasked
+        assert select.select([channel.fileno()], [], [], 0)[0]  # still pending: next turn
+    finally:
+        channel.close()
 
 
 # -- the xenstore half against the simulated xenstored ------------------------------------

@@ -33,6 +33,34 @@ def test_callback_removed_by_an_earlier_one_in_the_same_batch_is_skipped() -> No
         os.close(fd)
 
 
+def test_an_fd_ready_for_ever_does_not_starve_the_others() -> None:
+    """Level-triggered, one callback per ready fd per iteration, then the due timers: a
+    device whose event channel stays pending (a storm) gets one turn per iteration, as
+    every other ready fd and timer does (docs/threat-model.md, event-channel storm)."""
+    loop = Loop()
+    (storm_r, storm_w), (other_r, other_w) = os.pipe(), os.pipe()
+    os.write(storm_w, b"x")  # never read: readable for ever
+    turns = {"storm": 0, "other": 0, "timer": 0}
+
+    def turn(name: str) -> None:
+        turns[name] += 1
+
+    def other() -> None:
+        os.read(other_r, 1)
+        turn("other")
+
+    loop.add_reader(storm_r, lambda: turn("storm"))
+    loop.add_reader(other_r, other)
+    for _ in range(100):
+        os.write(other_w, b"x")
+        loop.call_later(0, lambda: turn("timer"))
+        loop.run_once(1)
+    assert turns == {"storm": 100, "other": 100, "timer": 100}
+    loop.close()
+    for fd in (storm_r, storm_w, other_r, other_w):
+        os.close(fd)
+
+
 def test_timers_run_in_order_and_cancel() -> None:
     loop = Loop()
     calls: list[int] = []

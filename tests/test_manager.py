@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from xenvtpm.errors import ChannelClosed
-from xenvtpm.manager import InstanceStatus, Manager, ManagerClient, build_parser
+from xenvtpm.manager import InstanceStatus, Manager, ManagerClient
+from xenvtpm.manager_cli import build_parser
 from xenvtpm.tpm import (
     TPM_RC,
     bind_command,

@@ -8,8 +8,10 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from xenvtpm.errors import ChannelClosed, EventChannelError, GrantError, XenStoreError
-from xenvtpm.xen.interface import Access, Perm, WatchEvent
+from xenvtpm.xen.interface import MAX_CONSUME_ROUNDS, Access, Perm, WatchEvent
 from xenvtpm.xen.sim import SimControl, SimHypervisor
 from xenvtpm.xen.sim_hypercall import HcError, HcOp, HypercallClient, close_fds
 from xenvtpm.xen.xenstore_client import XenStoreClient
@@ -209,6 +211,29 @@ def test_watch_fires_on_registration_change_and_removal(
     xs.unwatch(path, "t1")
     g1.xenstore.write("w", "again")
     assert quiet(xs) == []
+
+
+def test_read_watches_takes_a_bounded_batch(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """A guest writing its own nodes in a loop queues watch events for dom0 as fast as
+    it likes; one ``read_watches()`` on the backend's only thread takes at most 1,024 of
+    them (as the libxenstore adapter does), oldest first, and ``fileno()`` stays readable
+    while more wait, so the loop serves the other fds in between."""
+    g1, _ = guests
+    xs = dom0.xenstore
+    path = f"/local/domain/{g1.domid}/storm"
+    xs.watch(path, "w")
+    assert events(xs, 1) == [WatchEvent(path, "w")]
+    for i in range(2500):
+        g1.xenstore.write("storm/n", str(i))
+    xs.read(path)  # the events of every write above came before this reply
+    batches: list[list[WatchEvent]] = []
+    while readable(xs.fileno(), 0.2):
+        batches.append(xs.read_watches())
+        assert len(batches) < 10
+    assert [len(b) for b in batches] == [1024, 1024, 452]
+    assert [e for b in batches for e in b] == [WatchEvent(f"{path}/n", "w")] * 2500
 
 
 def test_transactions_commit_and_conflict(dom0: SimHypervisor, xen: Xen) -> None:
@@ -405,8 +430,55 @@ def test_notify_never_blocks(dom0: SimHypervisor, guests: list[SimHypervisor]) -
         for _ in range(300_000):  # far more than a socket buffer holds
             front.notify()
         assert time.monotonic() - start < 5
-        assert back.consume() is True
+        pending = queued(back.fileno())
+        assert 0 < pending < 300_000
+        for _ in range(-(-pending // MAX_CONSUME_ROUNDS)):  # a bounded number of rounds each
+            assert back.consume() is True
         assert not readable(back.fileno(), 0.05)
+
+
+def queued(fd: int) -> int:
+    """Events pending on a simulated port: the bytes waiting on its socket (FIONREAD)."""
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+
+def test_notifies_on_an_unbound_port_are_dropped(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """Xen drops a notify on a port nobody bound yet (evtchn_send, ECS_UNBOUND): the
+    binder finds only the one event that bind_interdomain leaves pending."""
+    g1, _ = guests
+    front = g1.events.bind_unbound_port(0)
+    front.notify()
+    assert front.notify_many(1000) == 1000
+    with front, dom0.events.bind_interdomain(g1.domid, front.port) as back:
+        assert queued(back.fileno()) == 1
+        assert front.notify_many(5) == 5
+        assert queued(back.fileno()) == 6
+
+
+def test_a_guest_can_keep_its_port_pending(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """``notify_many`` queues one event per notify, up to the socket buffer, without
+    blocking: what a guest notifying after each of dom0's unmasks amounts to. A closed
+    port refuses it (as EVTCHNOP_send an unbound port); a peer that left takes none."""
+    g1, _ = guests
+    front = g1.events.bind_unbound_port(0)
+    back = dom0.events.bind_interdomain(g1.domid, front.port)
+    assert back.consume()
+    taken = 0
+    while n := front.notify_many(1 << 16):
+        taken += n
+    assert taken > 10_000 and queued(back.fileno()) == taken
+    assert front.notify_many(1) == 0  # full: already pending
+    assert back.consume() is True  # a bounded number of events, and still pending
+    assert queued(back.fileno()) == taken - MAX_CONSUME_ROUNDS
+    back.close()
+    assert front.notify_many(1) == 0  # nobody listens any more
+    front.close()
+    with pytest.raises(EventChannelError):
+        front.notify_many(1)
 
 
 # --- resources, stats and process death ---------------------------------------------------

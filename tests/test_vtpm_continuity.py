@@ -26,7 +26,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_faults import NV_SIZE, loaded_sessions_command, nv_define, nv_read, nv_write
+from test_faults import (
+    NV_SIZE,
+    loaded_sessions_command,
+    nv_define,
+    nv_read,
+    nv_undefine,
+    nv_write,
+)
 from test_manager import (
     REPO,
     err,
@@ -93,7 +100,7 @@ def in_use(c: ManagerClient, domid: int) -> tuple[bytes, bytes]:
     """Bind to ``domid``, define and write an NV index and extend PCR 16."""
     assert c.transact(INSTANCE, bind_command(domid)) == SUCCESS
     value = os.urandom(NV_SIZE)
-    c.transact(INSTANCE, nv_undefine_command())  # may not exist
+    c.transact(INSTANCE, nv_undefine())  # may not exist
     assert response_code(c.transact(INSTANCE, nv_define())) == TPM_RC.SUCCESS
     assert response_code(c.transact(INSTANCE, nv_write(value))) == TPM_RC.SUCCESS
     extend = c.transact(INSTANCE, pcr_extend_command(16, os.urandom(32)))
@@ -101,12 +108,6 @@ def in_use(c: ManagerClient, domid: int) -> tuple[bytes, bytes]:
     extended = pcr16(c)
     assert extended != bytes(32)
     return extended, value
-
-
-def nv_undefine_command() -> bytes:
-    from test_faults import nv_undefine
-
-    return nv_undefine()
 
 
 def nv_value(c: ManagerClient) -> bytes:
@@ -130,7 +131,10 @@ def assert_failure_mode(c: ManagerClient) -> None:
     assert test_result == TPM_RC.FAILURE
 
 
-def wait_gone(pid: int) -> None:
+def kill_swtpm(root: Path) -> None:
+    """SIGKILL the instance's swtpm and wait until it is gone (an unplanned loss)."""
+    pid = swtpm_pid(root, INSTANCE)
+    os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -162,9 +166,7 @@ def test_a_killed_swtpm_fails_closed_until_the_domain_reboots(tmp_root: Path) ->
     for m in managed(tmp_root):
         with m.client() as c:
             _, value = in_use(c, 5)
-            pid = swtpm_pid(tmp_root, INSTANCE)
-            os.kill(pid, signal.SIGKILL)
-            wait_gone(pid)
+            kill_swtpm(tmp_root)
             assert_failure_mode(c)
             assert c.transact(INSTANCE, bind_command(5)) == SUCCESS  # the backend rebinds
             assert_failure_mode(c)  # still the same boot of domain 5
@@ -180,9 +182,7 @@ def test_an_operator_reset_ends_failure_mode(tmp_root: Path) -> None:
     for m in managed(tmp_root):
         with m.client() as c:
             _, value = in_use(c, 5)
-            pid = swtpm_pid(tmp_root, INSTANCE)
-            os.kill(pid, signal.SIGKILL)
-            wait_gone(pid)
+            kill_swtpm(tmp_root)
             assert_failure_mode(c)
             reset = subprocess.run(
                 [sys.executable, "-m", "xenvtpm", "reset", "--manager", str(m.socket),

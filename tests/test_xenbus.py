@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import pytest
 
-from xenvtpm.errors import StateError
+from xenvtpm.errors import StateError, XenStoreError
 from xenvtpm.xen.interface import Perm
 from xenvtpm.xenbus import BACKEND_MOVES, FRONTEND_MOVES, StateNode, XenbusState, parse_state
 
@@ -16,6 +19,7 @@ class FakeStore:
         self.nodes: dict[str, bytes] = {}
         self.pending: dict[str, bytes] = {}
         self.conflicts = conflicts  # transactions to fail with EAGAIN first
+        self.commits = 0  # commits asked for, refused ones included
 
     def write(self, path: str, value: bytes | str, tx: int = 0) -> None:
         data = value.encode() if isinstance(value, str) else value
@@ -26,6 +30,7 @@ class FakeStore:
         return 1
 
     def transaction_end(self, tx: int, commit: bool = True) -> bool:
+        self.commits += commit
         if commit and self.conflicts:
             self.conflicts -= 1
             return False
@@ -74,3 +79,22 @@ def test_publish_writes_keys_and_state_together_and_retries_eagain() -> None:
         "device/vtpm/0/event-channel": b"3",
     }
     assert node.state == XenbusState.INITIALISED
+
+
+def test_publish_gives_up_when_every_commit_answers_eagain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transaction that can never commit (xenstored answers EAGAIN to every attempt)
+    must not hold the backend's only thread: a bounded number of retries with a short
+    backoff, well under a second in all, then an error logged and a XenStoreError
+    (EAGAIN) raised; nothing is published and the state stays where it was."""
+    store = FakeStore(conflicts=100_000)  # for ever, as far as publish can tell
+    node = StateNode(store, "backend/vtpm/1/0", BACKEND_MOVES)  # type: ignore[arg-type]
+    start = time.monotonic()
+    with caplog.at_level(logging.ERROR), pytest.raises(XenStoreError) as info:
+        node.publish(XenbusState.INIT_WAIT, {"feature-protocol-v2": "1"})
+    assert time.monotonic() - start < 0.5
+    assert (info.value.errno_name, info.value.path) == ("EAGAIN", "backend/vtpm/1/0")
+    assert 2 <= store.commits <= 10, store.commits
+    assert node.state == XenbusState.UNKNOWN and store.nodes == {}
+    assert "backend/vtpm/1/0" in caplog.text and "EAGAIN" in caplog.text

@@ -8,7 +8,7 @@ import sys
 COMMANDS = {
     "frontend": ("xenvtpm.frontend", "guest side: xenbus handshake, ring, TPM endpoint"),
     "backend": ("xenvtpm.backend", "dom0 side: validates requests, forwards to the manager"),
-    "manager": ("xenvtpm.manager", "the seed's /dev/vtpm: one swtpm per vTPM instance"),
+    "manager": ("xenvtpm.manager_cli", "the seed's /dev/vtpm: one swtpm per vTPM instance"),
     "simxend": ("xenvtpm.xen.simxend", "the simulated Xen hypervisor (xenstore, grants, events)"),
     "provision": ("xenvtpm.provision", "make vTPM instances (swtpm_setup) ahead of time"),
     "reset": ("xenvtpm.reset", "operator: power-cycle an instance, ending its failure mode"),

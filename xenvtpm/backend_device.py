@@ -38,7 +38,7 @@ from xenvtpm.backend_rings import (
     frontend_protocol,
     map_ring,
 )
-from xenvtpm.errors import MalformedMessage, XenError, XenStoreError
+from xenvtpm.errors import MalformedMessage, TransactionConflict, XenError, XenStoreError
 from xenvtpm.intake import Forward, NotSubmitted
 from xenvtpm.loop import Timer
 from xenvtpm.manager_link import Ticket
@@ -148,11 +148,10 @@ class BackendDevice:
             )
             return
         self._xs.watch(f"{self.frontend}/state", self.key.token)
-        # Both protocols are served; xen-tpmfront refuses a backend without this key.
-        self._state.publish(S.INIT_WAIT, {FEATURE_PROTOCOL_V2: "1"})
-        self.log.info(
-            "vtpm %d: instance %d, waiting for %s", self.key.devid, self.instance, self.frontend
-        )
+        if self._publish_init_wait():
+            self.log.info(
+                "vtpm %d: instance %d, waiting for %s", self.key.devid, self.instance, self.frontend
+            )
 
     def remove(self, publish: bool) -> None:
         """Forget the device: disconnect, stop watching, and say Closed if asked."""
@@ -168,6 +167,10 @@ class BackendDevice:
             return
         frontend = read_state(self._xs, self.frontend)
         mine = self._state.state
+        if mine == S.UNKNOWN:  # start() could not publish InitWait: again, then go on
+            if not self._publish_init_wait():
+                return
+            mine = self._state.state
         if frontend == S.INITIALISED and mine == S.INIT_WAIT:
             self.connect()
         elif frontend == S.INITIALISING and mine in (S.CONNECTED, S.CLOSING, S.CLOSED):
@@ -212,7 +215,9 @@ class BackendDevice:
         self._channel = channel
         self._backend.loop.add_reader(channel.fileno(), self._on_event)
         self._bind()
-        self._switch(S.CONNECTED)
+        if not self._switch(S.CONNECTED):
+            self.disconnect()  # still InitWait: the frontend's next change connects again
+            return
         self.log.info(
             "vtpm %d connected: ring ref %d, %s, port %d",
             self.key.devid,
@@ -249,11 +254,22 @@ class BackendDevice:
             self._xs.write(f"{self.path}/error", message[:256])
         self._switch(S.CLOSING)
 
-    def _switch(self, state: XenbusState) -> None:
+    def _publish_init_wait(self) -> bool:
+        # Both protocols are served; xen-tpmfront refuses a backend without this key.
+        return self._switch(S.INIT_WAIT, {FEATURE_PROTOCOL_V2: "1"})
+
+    def _switch(self, state: XenbusState, nodes: dict[str, str] | None = None) -> bool:
+        """Publish ``state`` (and ``nodes``). False if xenstore refused: logged, and only
+        this device waits, for its frontend's next change (every device shares the
+        backend's one thread, so a refusal is never retried here for long)."""
         try:
-            self._state.switch(state)
+            self._state.publish(state, nodes or {})
+        except TransactionConflict:
+            return False  # StateNode logged it
         except XenStoreError as e:
             self.log.warning("cannot publish %s: %s", state.name, e)
+            return False
+        return True
 
     def _read_flag(self, key: str) -> bool:
         """An optional toolstack flag in the backend directory: absent means 0."""

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 
 log = logging.getLogger(__name__)
 
@@ -70,3 +73,43 @@ class StateFileWatch:
         """``sig`` is on disk (loop thread)."""
         self._durable = sig
         self.syncs += 1
+
+
+class Syncer:
+    """One worker thread that runs :meth:`StateFileWatch.sync` for the manager's loop.
+
+    Jobs carry the instance and its swtpm generation so that the loop can drop a
+    result that a swtpm restart made stale. Started on the first job.
+    """
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._jobs: SimpleQueue[tuple[int, int, StateFileWatch, Signature] | None]
+        self._jobs = SimpleQueue()
+        self._done: SimpleQueue[tuple[int, int, Signature]] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def sync(self, instance: int, generation: int, watch: StateFileWatch, sig: Signature) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="fsync", daemon=True)
+            self._thread.start()
+        self._jobs.put((instance, generation, watch, sig))
+
+    def results(self) -> list[tuple[int, int, Signature]]:
+        out = []
+        while not self._done.empty():
+            out.append(self._done.get())
+        return out
+
+    def close(self, timeout: float = 30.0) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            instance, generation, watch, sig = job
+            watch.sync()
+            self._done.put((instance, generation, sig))
+            self._wake()

@@ -5,6 +5,7 @@ XenVTPMError
     StateError              a xenbus state machine asked to do what its state forbids
     XenError                a hypervisor operation failed
         XenStoreError           xenstore answered an error (``errno_name`` is e.g. "EACCES")
+            TransactionConflict     a transaction still answered EAGAIN after every retry
         GrantError              sharing or mapping a grant failed
         EventChannelError       allocating, binding or signalling an event channel failed
         HypervisorUnavailable   no hypervisor (real or simulated) could be reached
@@ -52,6 +53,19 @@ class XenStoreError(XenError):
     @property
     def errno(self) -> int:
         return int(getattr(_errno, self.errno_name, _errno.EIO))
+
+
+class TransactionConflict(XenStoreError):
+    """A xenstore transaction answered EAGAIN at every attempt its caller allows."""
+
+    def __init__(self, path: str, attempts: int, seconds: float) -> None:
+        super().__init__("EAGAIN", "transaction", path)
+        self.attempts = attempts
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        ms = self.seconds * 1000
+        return f"{super().__str__()} at all {self.attempts} attempts in {ms:.0f} ms"
 
 
 class GrantError(XenError):

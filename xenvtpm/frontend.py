@@ -23,7 +23,7 @@ from typing import Protocol
 from xenvtpm import tpm, tpmif
 from xenvtpm.daemon import configure_logging, default_log_level, run_service
 from xenvtpm.endpoint import SocketEndpoint
-from xenvtpm.errors import MalformedMessage, XenStoreError
+from xenvtpm.errors import MalformedMessage, TransactionConflict, XenStoreError
 from xenvtpm.loop import Loop, Timer
 from xenvtpm.tpmif_v2 import FEATURE_PROTOCOL_V2
 from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
@@ -36,6 +36,7 @@ S = XenbusState
 DATA_PAGES = tpmif.TPMIF_TX_RING_SIZE
 CAPACITY = tpmif.capacity(DATA_PAGES)
 DEFAULT_TIMEOUT = 180.0  # beyond the backend's own vTPM timeout; the backend answers first
+PUBLISH_RETRY_S = 1.0  # after xenstored refused a state change at every attempt
 
 
 class TpmClient(Protocol):
@@ -92,6 +93,7 @@ class Frontend:
         self._backend_path = ""
         self._queue: collections.deque[tuple[TpmClient, bytes]] = collections.deque()
         self._inflight: _InFlight | None = None
+        self._retry: Timer | None = None
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -125,6 +127,9 @@ class Frontend:
         if not self._started:
             return
         self._started = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         self._endpoint.close()
         self._fail_all(tpm.TPM_RC.FAILURE)
         self._loop.remove_reader(self._xs.fileno())
@@ -143,7 +148,23 @@ class Frontend:
 
     def _on_xenstore(self) -> None:
         if self._xs.read_watches():
+            self._look_at_backend()
+
+    def _look_at_backend(self) -> None:
+        """React to the backend's state. A state change that xenstored refused at every
+        attempt (StateNode logged it) is tried again a little later, as a fresh look."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        try:
             self._react(read_state(self._xs, self._backend_path))
+        except TransactionConflict:
+            self._retry_later()
+
+    def _retry_later(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+        self._retry = self._loop.call_later(PUBLISH_RETRY_S, self._look_at_backend)
 
     def _react(self, backend: XenbusState) -> None:
         mine = self._state.state
@@ -179,14 +200,18 @@ class Frontend:
         tpmif.write_ring(ring_page, tpmif.ring_entries(self._data_refs, [0] * len(data_pages)))
         self._channel = self._hv.events.bind_unbound_port(self._backend_id)
         self._loop.add_reader(self._channel.fileno(), self._on_event)
-        self._state.publish(
-            S.INITIALISED,
-            {
-                "ring-ref": str(refs[0]),
-                "event-channel": str(self._channel.port),
-                FEATURE_PROTOCOL_V2: "0",  # the 2006 ring
-            },
-        )
+        try:
+            self._state.publish(
+                S.INITIALISED,
+                {
+                    "ring-ref": str(refs[0]),
+                    "event-channel": str(self._channel.port),
+                    FEATURE_PROTOCOL_V2: "0",  # the 2006 ring
+                },
+            )
+        except XenStoreError:
+            self._drop_channel()  # nothing was published: the next try binds afresh
+            raise
 
     def _disconnect(self) -> None:
         """The backend left: fail the command in flight, drop the channel, start over."""
@@ -212,6 +237,8 @@ class Frontend:
     def _send_next(self) -> None:
         if self._inflight is not None or self._state.state != S.CONNECTED:
             return
+        if self._channel is None:  # dropped, and Initialising not yet published: wait
+            return
         while self._queue:
             client, command = self._queue.popleft()
             if client.alive:
@@ -229,7 +256,10 @@ class Frontend:
         assert self._channel is not None
         if not self._channel.consume():
             self.log.warning("event channel closed by the backend")
-            self._disconnect()
+            try:
+                self._disconnect()
+            except TransactionConflict:
+                self._retry_later()
             return
         inflight = self._inflight
         if inflight is None:

@@ -66,26 +66,20 @@ to each packet ... in network byte order"); DESIGN.md 2, 3.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
 import selectors
-import signal
 import socket
 import struct
-import sys
 import threading
 import time
 from collections import deque
-from functools import partial
 from pathlib import Path
-from queue import SimpleQueue
-from types import FrameType
 
 from . import failure_mode
-from .continuity import BOOT_ID_FILE, Continuity, RunRecord, read_boot_id
-from .durability import Signature, StateFileWatch
+from .continuity import BOOT_ID_FILE, Continuity, read_boot_id
+from .durability import Signature, StateFileWatch, Syncer
 from .errors import InstanceStartError, MalformedMessage, VTPMError
 from .manager_client import PREFIX_SIZE, ManagerClient
 from .manager_instance import (
@@ -98,7 +92,8 @@ from .manager_instance import (
     Request,
 )
 from .swtpm import PTM_CMD, Swtpm, SwtpmConfig
-from .swtpm_control import RESULT_SIZE, ControlChannel
+from .swtpm_control import RESULT_SIZE, ControlChannel, store_volatile
+from .swtpm_starter import Started, SwtpmStarter
 from .tpm import (
     HEADER_SIZE,
     MAX_COMMAND_SIZE,
@@ -116,9 +111,8 @@ from .tpm import (
     validate_response,
 )
 
-__all__ = ["InstanceStatus", "Manager", "ManagerClient", "build_parser", "main", "status_counts"]
+__all__ = ["InstanceStatus", "Manager", "ManagerClient", "status_counts"]
 
-# "xenvtpm.manager" also when run as ``python -m xenvtpm.manager``
 log = logging.getLogger("xenvtpm.manager")
 
 _HEADER_SIZE_AT_2_I = struct.Struct(">I")  # responseSize at offset 2 of the TPM header
@@ -135,9 +129,6 @@ DRAIN_TIMEOUT = 10.0
 QUEUE_PER_INSTANCE = 4
 #: Replies one connection may leave unread (its socket buffer full) before it is closed.
 UNREAD_REPLIES_MAX = 4096
-#: Worker results: instance, generation, the started swtpm (None: failed), the error,
-#: how it continued, and the record it continued from.
-_Started = tuple[int, int, Swtpm | None, BaseException | None, Continuity, RunRecord | None]
 
 
 class Manager:
@@ -185,12 +176,8 @@ class Manager:
         self._listener: socket.socket | None = None
         self._wake_r = -1
         self._wake_w = -1
-        self._done: SimpleQueue[_Started] = SimpleQueue()
-        self._synced: SimpleQueue[tuple[int, int, Signature]] = SimpleQueue()
-        self._sync_jobs: SimpleQueue[tuple[int, int, StateFileWatch, Signature] | None]
-        self._sync_jobs = SimpleQueue()
-        self._syncer: threading.Thread | None = None
-        self._threads: set[threading.Thread] = set()  # loop thread only
+        self._starter = SwtpmStarter(self._wake)
+        self._syncer = Syncer(self._wake)
         self._wake_lock = threading.RLock()  # re-entrant: signal handlers wake too
         self._rx = bytearray(_RX_PACKET_BYTES)
         self._rxview = memoryview(self._rx)
@@ -292,15 +279,8 @@ class Manager:
             s.terminate()  # all at once: channels closed, SIGTERM
         for s in swtpms:
             s.close()  # waits, SIGKILL after stop_timeout
-        for t in list(self._threads):  # workers see _closing and roll back quickly
-            t.join(self.config.start_timeout)
-        while not self._done.empty():
-            late = self._done.get()[2]
-            if late is not None:
-                late.close()
-        if self._syncer is not None:
-            self._sync_jobs.put(None)
-            self._syncer.join(30)
+        self._starter.close(self.config.start_timeout)
+        self._syncer.close()
         if self._sel is not None:
             for key in list(self._sel.get_map().values()):
                 if isinstance(key.fileobj, socket.socket) and key.fileobj is not self._listener:
@@ -314,45 +294,21 @@ class Manager:
                     os.close(fd)
 
     def _save_volatile_states(self, deadline: float) -> None:
-        """A planned stop: CMD_STORE_VOLATILE to every idle, healthy swtpm at once, then
-        wait (bounded) for the answers; each saved instance is recorded as saved, so
-        the next manager restores it (continuity.py). An instance not saved in time
-        is restored by nobody: its domain finds it in failure mode, never reset."""
-        waiting: dict[int, Instance] = {}
-
-        def saved(inst: Instance, answer: bytes | None) -> None:
-            waiting.pop(inst.id, None)
-            if answer == bytes(RESULT_SIZE):
-                inst.record(saved=True)
-                inst.log.info("volatile state saved for the next manager")
-            else:
-                inst.log.error("CMD_STORE_VOLATILE failed (%s)", answer)
-
+        """A planned stop: every idle, healthy swtpm saves its volatile state; each one
+        saved in time is recorded so, and the next manager restores it (continuity.py).
+        One not saved in time is restored by nobody: its domain finds it in failure
+        mode, never reset."""
+        idle = {}
         for inst in self._instances.values():
-            control = inst.control
-            if inst.state is not InstanceState.RUNNING or control is None or inst.failed:
+            if inst.state is not InstanceState.RUNNING or inst.control is None or inst.failed:
                 continue
             if inst.inflight is not None:
                 inst.log.error("a command still in flight at stop: volatile state not saved")
                 continue
-            waiting[inst.id] = inst
-            control.request(
-                PTM_CMD.STORE_VOLATILE,
-                b"",
-                partial(saved, inst),
-                timeout=max(0.1, deadline - time.monotonic()),
-            )
-        with selectors.DefaultSelector() as sel:
-            for inst in waiting.values():
-                assert inst.control is not None
-                sel.register(inst.control.fileno(), selectors.EVENT_READ, inst)
-            while waiting:
-                now = time.monotonic()
-                for key, _ in sel.select(max(0.0, deadline - now)):
-                    key.data.control.on_readable()
-                for inst in list(waiting.values()):
-                    assert inst.control is not None
-                    inst.control.expire(time.monotonic())
+            idle[inst.id] = inst.control
+        for instance in store_volatile(idle, deadline):
+            self._instances[instance].record(saved=True)
+            self._instances[instance].log.info("volatile state saved for the next manager")
 
     # -- status -----------------------------------------------------------------------
 
@@ -419,10 +375,10 @@ class Manager:
     def _on_wake(self, mask: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 512)
-        while not self._done.empty():
-            self._on_started(*self._done.get())
-        while not self._synced.empty():
-            self._on_synced(*self._synced.get())
+        for started in self._starter.results():
+            self._on_started(started)
+        for instance, generation, sig in self._syncer.results():
+            self._on_synced(instance, generation, sig)
         if self._status_requested:
             self._status_requested = False
             log.info("status: %s", self._status_line())
@@ -740,7 +696,7 @@ class Manager:
             elif inst.watch is not None and (sig := inst.watch.changed()) is not None:
                 # acknowledged state must be on disk first: fsync off the loop thread
                 inst.syncing = (bytes(response), sig)
-                self._sync(inst, inst.watch, sig)
+                self._syncer.sync(inst.id, inst.generation, inst.watch, sig)
                 return
         inst.inflight = None
         self._reply(req.conn, inst.prefix, response)
@@ -748,19 +704,6 @@ class Manager:
             self._pump(inst)
 
     # -- instances: durability --------------------------------------------------------
-
-    def _sync(self, inst: Instance, watch: StateFileWatch, sig: Signature) -> None:
-        if self._syncer is None:
-            self._syncer = threading.Thread(target=self._syncer_main, name="fsync", daemon=True)
-            self._syncer.start()
-        self._sync_jobs.put((inst.id, inst.generation, watch, sig))
-
-    def _syncer_main(self) -> None:
-        while (job := self._sync_jobs.get()) is not None:
-            instance, generation, watch, sig = job
-            watch.sync()
-            self._synced.put((instance, generation, sig))
-            self._wake()
 
     def _on_synced(self, instance: int, generation: int, sig: Signature) -> None:
         inst = self._instances.get(instance)
@@ -896,62 +839,19 @@ class Manager:
     def _start_instance(
         self, inst: Instance, old: Swtpm | None, continuity: Continuity | None
     ) -> None:
-        """(Re)start swtpm in a worker thread; the loop hears back through the pipe.
+        """(Re)start swtpm in a worker thread; :meth:`_on_started` hears back.
 
         ``continuity`` None: the first start in this process, decided by the record."""
         inst.state = InstanceState.STARTING
         inst.generation += 1
         inst.swtpm = Swtpm(inst.id, self.config)
-        if self._closed or self._stop:
-            return
-        self._threads = {t for t in self._threads if t.is_alive()}
-        t = threading.Thread(
-            target=self._worker,
-            args=(inst, inst.generation, inst.swtpm, old, continuity),
-            name=f"swtpm-start-{inst.id}",
-            daemon=True,
-        )
-        self._threads.add(t)
-        t.start()
+        if not (self._closed or self._stop):
+            self._starter.start(
+                inst.id, inst.generation, inst.continuity, inst.swtpm, old, continuity
+            )
 
-    def _worker(
-        self,
-        inst: Instance,
-        generation: int,
-        new: Swtpm,
-        old: Swtpm | None,
-        continuity: Continuity | None,
-    ) -> None:
-        """Runs in a worker thread: touches only ``new``, ``old`` and the state files."""
-        err: BaseException | None = None
-        record: RunRecord | None = None
-        how = Continuity.FRESH
-        try:
-            if old is not None:
-                old.close()
-            if continuity is None:
-                how, record = inst.continuity.before_start()
-            else:
-                how = continuity
-                inst.continuity.discard_volatile()  # never restored twice
-            new.start()
-            if how is Continuity.RESTORED and record is not None:
-                inst.continuity.after_restore(record)
-        except BaseException as exc:  # reported to the loop, which logs it
-            err = exc
-        finally:
-            self._done.put((inst.id, generation, None if err else new, err, how, record))
-            self._wake()
-
-    def _on_started(
-        self,
-        instance: int,
-        generation: int,
-        swtpm: Swtpm | None,
-        err: BaseException | None,
-        how: Continuity,
-        record: RunRecord | None,
-    ) -> None:
+    def _on_started(self, started: Started) -> None:
+        instance, generation, swtpm, err, how, record = started
         inst = self._instances.get(instance)
         if inst is None or generation != inst.generation or self._closed:
             if swtpm is not None:
@@ -1004,91 +904,3 @@ def status_counts(line: str, instance: int) -> dict[str, int] | None:
 def _code(command: bytes) -> int:
     """The command code of a validated command (header offset 6)."""
     return int.from_bytes(command[6:10], "big")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Arguments of ``python -m xenvtpm manager`` (everything after ``manager``)."""
-    p = argparse.ArgumentParser(
-        prog="xenvtpm manager",
-        description="vTPM manager: route instance-prefixed TPM packets to one swtpm each.",
-    )
-    p.add_argument("--socket", required=True, help="SOCK_SEQPACKET path to listen on")
-    p.add_argument("--state-root", required=True, help="directory of per-instance state")
-    p.add_argument("--swtpm", default="swtpm", help="swtpm executable (default: %(default)s)")
-    p.add_argument("--swtpm-setup", default="swtpm_setup", help="swtpm_setup executable")
-    p.add_argument(
-        "--command-timeout",
-        type=float,
-        default=60.0,
-        help="seconds before a silent swtpm is restarted (default: %(default)s)",
-    )
-    p.add_argument("--max-instances", type=int, default=1024, help="instances served at most")
-    p.add_argument(
-        "--boot-id-file",
-        default=BOOT_ID_FILE,
-        help="this host boot's id; saved state of another boot is never restored "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--no-fsync",
-        dest="durable",
-        action="store_false",
-        help="answer before swtpm's state changes are on disk (benchmarks only: an "
-        "acknowledged NV write can then be lost in a power cut)",
-    )
-    p.add_argument(
-        "--log-level",
-        default="INFO",
-        type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the manager until SIGTERM/SIGINT; exit 0 after a clean shutdown."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("xenvtpm").setLevel(args.log_level)
-    manager = Manager(
-        args.socket,
-        args.state_root,
-        swtpm=args.swtpm,
-        swtpm_setup=args.swtpm_setup,
-        command_timeout=args.command_timeout,
-        max_instances=args.max_instances,
-        boot_id_file=args.boot_id_file,
-        durable=args.durable,
-    )
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        manager.request_stop()
-
-    def status(signum: int, frame: FrameType | None) -> None:
-        manager.request_status()
-
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, stop),
-            (signal.SIGINT, stop),
-            (signal.SIGUSR1, status),
-        )
-    }
-    try:
-        try:
-            manager.start()
-        except (OSError, VTPMError) as exc:
-            log.error("cannot start: %s", exc)
-            return 1
-        manager.serve_forever()
-    finally:
-        manager.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("stopped")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

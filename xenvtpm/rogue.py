@@ -175,8 +175,12 @@ class Rogue:
     # -- the ring ------------------------------------------------------------------
 
     def drain(self) -> None:
-        if self.channel is not None:
-            self.channel.consume()
+        """Take every event pending now (one ``consume`` may leave some)."""
+        for _ in range(100_000):
+            if self.channel is None or not select.select([self.channel.fileno()], [], [], 0)[0]:
+                return
+            if not self.channel.consume():
+                return
 
     def put(self, packet: bytes, size: int | None = None, **entry: int) -> None:
         """Scatter ``packet`` into the data pages; entry 0's size is ``size`` if given."""
@@ -458,6 +462,35 @@ def _flood(r: Rogue, a: argparse.Namespace) -> None:
     send_case(r, "flood", "after", command())
 
 
+@attack("storm", "keep the backend's port pending for --seconds (event-channel storm)")
+def _storm(r: Rogue, a: argparse.Namespace) -> None:
+    """XSA-391 class: on Xen, notify in a tight loop, so that each of dom0's unmasks
+    finds a new event. The sim queues notifies instead (``notify_many``): the rogue
+    keeps that queue filled, waiting only while it is full. Then it starts over on a
+    fresh channel, which must be served as usual."""
+    r.connect_ok()
+    r.put(command(n=8))
+    channel = r.channel
+    assert channel is not None
+    many = getattr(channel, "notify_many", None)
+    sent = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < a.seconds:
+        if many is not None:
+            sent += many(1 << 16)
+            select.select([], [channel.fileno()], [], 0.01)
+            continue
+        for _ in range(256):
+            channel.notify()
+        sent += 256
+    elapsed = time.monotonic() - t0
+    emit("storm", "notify", "summary", notifies=sent, seconds=round(elapsed, 2),
+         rate=round(sent / elapsed))  # fmt: skip
+    r.restart()
+    r.connect_ok()
+    send_case(r, "storm", "after", command())
+
+
 @attack("second-request", "a second request before the first is answered")
 def _second_request(r: Rogue, a: argparse.Namespace) -> None:
     r.connect_ok()
@@ -600,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("attack", choices=sorted(ATTACKS))
     p.add_argument("--devid", type=int, default=0)
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    p.add_argument("--seconds", type=float, default=5.0, help="length of flood/race")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of flood/race/storm")
     p.add_argument("--rate", type=float, default=100_000, help="notifies per second (flood)")
     p.add_argument("--count", type=int, default=1000, help="reopen cycles / race rounds")
     p.add_argument("--settle", type=float, default=0.2,

@@ -17,7 +17,9 @@ man/man3/swtpm_ioctls.pod ("the control channel ... one request at a time").
 
 from __future__ import annotations
 
+import functools
 import logging
+import selectors
 import socket
 import struct
 import time
@@ -151,3 +153,33 @@ class ControlChannel:
         self._broken = True
         self.fail_all()
         return False
+
+
+def store_volatile(channels: dict[int, ControlChannel], deadline: float) -> list[int]:
+    """CMD_STORE_VOLATILE to every swtpm at once (``tpm2-00.volatilestate`` in its state
+    directory, loaded by its next start), then wait for the answers until ``deadline``.
+    Returns the instances that saved. Blocking: for a planned stop, after the loop."""
+    saved: list[int] = []
+    waiting = dict(channels)
+
+    def done(instance: int, answer: bytes | None) -> None:
+        waiting.pop(instance, None)
+        if answer == bytes(RESULT_SIZE):
+            saved.append(instance)
+        else:
+            log.error("instance %d: CMD_STORE_VOLATILE failed (%s)", instance, answer)
+
+    timeout = max(0.1, deadline - time.monotonic())
+    for instance, channel in channels.items():
+        channel.request(
+            PTM_CMD.STORE_VOLATILE, b"", functools.partial(done, instance), timeout=timeout
+        )
+    with selectors.DefaultSelector() as sel:
+        for channel in channels.values():
+            sel.register(channel.fileno(), selectors.EVENT_READ, channel)
+        while waiting:
+            for key, _ in sel.select(max(0.0, deadline - time.monotonic())):
+                key.data.on_readable()
+            for channel in list(waiting.values()):
+                channel.expire(time.monotonic())
+    return saved

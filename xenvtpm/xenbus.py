@@ -12,8 +12,9 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import time
 
-from xenvtpm.errors import MalformedMessage, StateError, XenStoreError
+from xenvtpm.errors import MalformedMessage, StateError, TransactionConflict, XenStoreError
 from xenvtpm.xen.interface import XenStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,12 @@ class XenbusState(enum.IntEnum):
 S = XenbusState
 _UINT = re.compile(rb"\A[0-9]{1,10}\Z")
 
+
+#: Pauses between the attempts of one ``StateNode.publish`` that xenstored answers EAGAIN:
+#: the first retry at once (a conflict is normally one other writer, done by then), then
+#: doubling; 7 attempts, ~31 ms of pauses in all. The backend's one thread serves every
+#: device, so a transaction that can never commit must cost it that, not for ever.
+PUBLISH_BACKOFF_S = (0.0, 0.001, 0.002, 0.004, 0.008, 0.016)
 
 #: Toolstack key in a vTPM's backend directory: "1" when the domain resumes a saved one
 #: (``xl restore``), so its vTPM keeps its state (PCRs too) instead of power-cycling.
@@ -115,7 +122,9 @@ class StateNode:
         """Write ``nodes`` (beside ``state``) and ``new`` in one transaction.
 
         The peer sees the keys and the state change together, as Linux frontends
-        publish ring-ref and event-channel; retried while xenstored says EAGAIN.
+        publish ring-ref and event-channel. Retried while xenstored says EAGAIN, with
+        the pauses of ``PUBLISH_BACKOFF_S``; then logged and TransactionConflict raised,
+        with nothing published and ``state`` unchanged.
         """
         if new == self.state and not nodes:
             return
@@ -123,7 +132,8 @@ class StateNode:
         if new != self.state and new not in allowed:
             raise StateError(self.state.name, "/".join(s.name for s in sorted(allowed)))
         values = {**nodes, "state": str(int(new))}
-        while True:
+        start = time.monotonic()
+        for attempt, pause in enumerate((*PUBLISH_BACKOFF_S, None), 1):
             tx = self._xs.transaction_start()
             try:
                 for key, value in values.items():
@@ -133,5 +143,10 @@ class StateNode:
                 raise
             if self._xs.transaction_end(tx, commit=True):
                 break
+            if pause is None:
+                error = TransactionConflict(self._node, attempt, time.monotonic() - start)
+                self._log.error("%s: cannot publish %s: %s", self._node, new.name, error)
+                raise error
+            time.sleep(pause)
         self._log.info("%s: %s -> %s", self._node, self.state.name, new.name)
         self.state = new

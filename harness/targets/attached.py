@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.errors import TargetNotReady, UnsupportedOperation
+from harness.errors import ResetFailed, TargetNotReady, UnsupportedOperation
 from harness.process import tail
 from harness.state import RunRecord
 from harness.target import Capability, Component, Guest
@@ -150,11 +150,13 @@ class AttachedTarget:
         import sys
 
         self._require(Capability.KILL_SWTPM)
-        subprocess.run(
+        result = subprocess.run(
             [sys.executable, "-m", "xenvtpm", "reset", "--manager",
              str(self.run_dir / "vtpm.sock"), str(guest.instance)],
-            check=True, capture_output=True, timeout=60,
+            capture_output=True, text=True, timeout=90,
         )  # fmt: skip
+        if result.returncode != 0:
+            raise ResetFailed(guest.instance, result.stderr)
 
     def probe(self, guest: AttachedGuest, *args: str) -> dict[str, Any]:
         self._require(Capability.XEN_PROBE)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.deadline import Deadline
-from harness.errors import HarnessError, LaunchFailure, TargetNotReady
+from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
 from harness.process import ManagedProcess, ProcessRecord, all_procs, proc_cmdline, tail
 from harness.target import Capability, Component, Guest
 from harness.targets.base import BaseGuest, BaseTarget
@@ -429,10 +429,12 @@ class SimTarget(BaseTarget):
         """The operator's reset of the guest's instance: ends its failure mode."""
         self.require(Capability.KILL_SWTPM)
         g = self._own(guest)
-        subprocess.run(
+        result = subprocess.run(
             [*self._py, "reset", "--manager", str(self.manager_socket), str(g.instance)],
-            check=True, capture_output=True, timeout=60,
+            capture_output=True, text=True, timeout=90,
         )  # fmt: skip
+        if result.returncode != 0:
+            raise ResetFailed(g.instance, result.stderr)
 
     # -- probing as a guest ------------------------------------------------------------
     def probe(self, guest: SimGuest, *args: str) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 from harness.console import DOM0_STAGES, ConsoleFailure, SerialConsole, Stage
 from harness.deadline import Deadline
-from harness.errors import HarnessError, LaunchFailure, TargetNotReady
+from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
 from harness.images import ROOT, Images, build_images, cache_root
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import (
@@ -803,10 +803,13 @@ class XenTarget(BaseTarget):
         """The operator's reset of the guest's instance, in dom0: ends its failure mode."""
         self.require(Capability.KILL_SWTPM)
         instance = self._own(guest).instance
-        self._dom0().check(
+        rc, out, err = self._dom0().run(
             f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm reset "
-            f"--manager {xen_driver.MANAGER_SOCKET} {instance}"
+            f"--manager {xen_driver.MANAGER_SOCKET} {instance}",
+            timeout=120,
         )
+        if rc != 0:
+            raise ResetFailed(instance, err or out)
 
     def _send_signal(self, pid: int, signal_name: str) -> None:
         self._dom0().check(f"kill -{signal_name} {pid}")  # swtpm runs in dom0

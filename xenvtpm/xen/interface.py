@@ -28,6 +28,13 @@ from typing import Protocol, Self, runtime_checkable
 PAGE_SIZE = 4096
 DOMID_SELF = 0x7FF0  # xen/include/public/xen.h
 NR_RESERVED_GRANT_REFS = 8  # xen/include/public/grant_table.h: GNTTAB_NR_RESERVED_ENTRIES
+#: Events one ``EventChannel.consume`` takes at most. A guest that notifies again after
+#: every unmask keeps its port pending for ever (XSA-391 class); a bounded consume lets
+#: the loop, level-triggered, serve every other ready fd before it comes back.
+MAX_CONSUME_ROUNDS = 8
+#: Watch events one ``XenStore.read_watches`` returns at most, for the same reason: a
+#: guest writing its own nodes in a loop queues them as fast as it likes.
+MAX_WATCH_BATCH = 1024
 
 
 class Access(enum.Enum):
@@ -105,7 +112,8 @@ class XenStore(Protocol):
         ...
 
     def read_watches(self) -> list[WatchEvent]:
-        """Every watch event waiting now, without blocking (xs_check_watch)."""
+        """The watch events waiting now, oldest first, at most ``MAX_WATCH_BATCH``,
+        without blocking (xs_check_watch); ``fileno()`` stays readable while more wait."""
         ...
 
     def close(self) -> None: ...
@@ -165,11 +173,15 @@ class EventChannel(Protocol):
         ...
 
     def notify(self) -> None:
-        """Signal the remote end. Never blocks; repeated notifies coalesce."""
+        """Signal the remote end. Never blocks. Xen coalesces repeated notifies into one
+        pending bit; the sim queues them (one event each, up to its socket buffer): an
+        event means "look again", never a count."""
         ...
 
     def consume(self) -> bool:
-        """Clear and unmask pending events without blocking (xenevtchn_pending+unmask).
+        """Clear and unmask pending events without blocking (xenevtchn_pending+unmask),
+        at most ``MAX_CONSUME_ROUNDS`` of them: the port may still be pending afterwards
+        (a peer that keeps notifying), so call it from a level-triggered loop.
 
         Returns False once the channel can never fire again (the simulation sees its peer
         close); the real adapter always returns True.

@@ -13,7 +13,8 @@ Facts this follows (DESIGN.md 4, measured in dom0 and a PV domU under Xen 4.17):
 * each event channel has its own xenevtchn handle, so ``fileno()`` is per port and
   ``xenevtchn_pending`` only ever returns that port;
 * after ``xenevtchn_pending`` the port stays masked until ``xenevtchn_unmask``:
-  ``consume()`` always unmasks, or every later notify would be lost;
+  ``consume()`` always unmasks, or every later notify would be lost, and takes at most
+  ``MAX_CONSUME_ROUNDS`` events (a guest can keep its port pending for ever);
 * ``bind_interdomain`` leaves one spurious event pending (the backend consumes it);
 * ``xengntshr_unshare`` does not revoke a mapping the peer still holds.
 
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING
 from xenvtpm.errors import EventChannelError, GrantError, HypervisorUnavailable
 from xenvtpm.lifecycle import Closeable
 from xenvtpm.xen.interface import (
+    MAX_CONSUME_ROUNDS,
     PAGE_SIZE,
     EventChannel,
     Hypervisor,
@@ -251,7 +253,10 @@ class LinuxEventChannel(Closeable):
             log.warning("notify on port %d: %s", self._port, last_error())
 
     def consume(self) -> bool:
-        """``xenevtchn_pending`` + ``xenevtchn_unmask`` for every event waiting now.
+        """``xenevtchn_pending`` + ``xenevtchn_unmask``, at most ``MAX_CONSUME_ROUNDS``
+        rounds: a peer that notifies again after every unmask keeps the port pending for
+        ever (XSA-391 class), and this runs on the backend's only thread. The fd then
+        stays readable and the level-triggered loop calls again after the other fds.
 
         ``pending`` may block even on a non-blocking fd (xenevtchn.h), so each call is
         preceded by a zero-timeout poll. Always True: a real port never reports its
@@ -260,7 +265,9 @@ class LinuxEventChannel(Closeable):
         h = self._h
         if h is None:
             return True
-        while self._poller.poll(0):
+        for _ in range(MAX_CONSUME_ROUNDS):
+            if not self._poller.poll(0):
+                break
             port = int(self._ev.xenevtchn_pending(h))
             if port < 0:
                 err = last_error()

@@ -23,7 +23,7 @@ from typing import Self
 
 from xenvtpm.errors import ChannelClosed, HypervisorUnavailable, XenStoreError
 from xenvtpm.lifecycle import Closeable
-from xenvtpm.xen.interface import Access, Perm, WatchEvent
+from xenvtpm.xen.interface import MAX_WATCH_BATCH, Access, Perm, WatchEvent
 from xenvtpm.xen.linux_libs import (
     XS_PERM_READ,
     XS_PERM_WRITE,
@@ -42,7 +42,6 @@ _TO_BITS = {
     Access.BOTH: XS_PERM_READ | XS_PERM_WRITE,
 }
 _FROM_BITS = {bits: access for access, bits in _TO_BITS.items()}
-_MAX_WATCH_BATCH = 1024  # xs_check_watch drained per call; the rest stays readable
 
 
 def _path(path: str, op: str) -> bytes:
@@ -203,10 +202,11 @@ class LinuxXenStore(Closeable):
         return self._fileno
 
     def read_watches(self) -> list[WatchEvent]:
-        """Drain ``xs_check_watch`` until EAGAIN. Spec: xenstore.h, xs_check_watch."""
+        """``xs_check_watch`` until EAGAIN or ``MAX_WATCH_BATCH`` events; libxenstore
+        keeps ``xs_fileno`` readable while more wait. Spec: xenstore.h, xs_check_watch."""
         h = self._handle("read_watches")
         events: list[WatchEvent] = []
-        while len(events) < _MAX_WATCH_BATCH:
+        while len(events) < MAX_WATCH_BATCH:
             ptr = self._xs.xs_check_watch(h)
             if not ptr:
                 if ctypes.get_errno() in (errno_mod.EAGAIN, 0):

@@ -24,6 +24,7 @@ from xenvtpm.errors import (
 )
 from xenvtpm.lifecycle import Closeable
 from xenvtpm.xen.interface import (
+    MAX_CONSUME_ROUNDS,
     PAGE_SIZE,
     EventChannel,
     Hypervisor,
@@ -157,7 +158,16 @@ class SimGrantTable:
 
 
 class SimEventChannel(Closeable):
-    """One port: a socketpair end shared with the remote port (``EventChannel``)."""
+    """One port: a socketpair end shared with the remote port (``EventChannel``).
+
+    Each byte on the socket is one notify. Xen keeps one pending bit per port, so a
+    guest floods dom0 only by notifying again after each of dom0's unmasks; the sim
+    cannot interleave a guest with dom0's rounds, so it lets the guest queue its
+    notifies instead (up to the socket buffer): each round of ``consume`` takes one, as
+    each ``xenevtchn_pending`` + ``xenevtchn_unmask`` of the real adapter takes one
+    event. A guest that keeps the buffer filled (``notify_many``) keeps its port
+    pending after every round, as a real guest notifying in a tight loop does.
+    """
 
     def __init__(self, hc: HypercallClient, port: int, sock: socket.socket) -> None:
         self._hc = hc
@@ -187,11 +197,33 @@ class SimEventChannel(Closeable):
         except OSError:
             self._dead = True  # the peer is gone: consume() reports it
 
+    def notify_many(self, count: int) -> int:
+        """``count`` notifies at once, never blocking; how many the buffer took.
+
+        What a guest notifying in a tight loop does to the remote port: one event after
+        each of its unmasks. Only on a bound port of this connection, as Xen's
+        EVTCHNOP_send (a closed port raises; before the remote binds, simxend drops
+        them at the bind, as Xen drops a notify on an unbound port).
+        """
+        if self._closed:
+            raise EventChannelError(f"event channel port {self._port} is closed")
+        if self._dead or count <= 0:
+            return 0
+        try:
+            return self._sock.send(b"\x01" * count, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._dead = True
+            return 0
+
     def consume(self) -> bool:
+        """Take at most ``MAX_CONSUME_ROUNDS`` events, as the real adapter's rounds of
+        ``xenevtchn_pending`` + ``xenevtchn_unmask`` do: here one recv takes them all."""
         if self._closed or self._dead:
             return False
         try:
-            data = self._sock.recv(4096)  # up to 4096 coalesced notifies in one call
+            data = self._sock.recv(MAX_CONSUME_ROUNDS)
         except BlockingIOError:
             return True
         except OSError:

@@ -8,6 +8,7 @@ a reader that dies fails every waiter with ChannelClosed. Spec: xs_wire.h; xs.c.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Self, TypeVar
 
 from xenvtpm.errors import ChannelClosed, MalformedMessage, XenStoreError
-from xenvtpm.xen.interface import Perm, WatchEvent
+from xenvtpm.xen.interface import MAX_WATCH_BATCH, Perm, WatchEvent
 from xenvtpm.xen.xenstore_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
@@ -58,7 +59,7 @@ class XenStoreClient:
         self.timeout = timeout
         self._lock = threading.Lock()  # guards the fields below and serialises sends
         self._waiters: dict[int, _Waiter] = {}
-        self._events: list[WatchEvent] = []
+        self._events: collections.deque[WatchEvent] = collections.deque()
         self._next_req = 1
         self._dead: BaseException | None = None
         self._started = False
@@ -308,16 +309,19 @@ class XenStoreClient:
         return self._watch_r
 
     def read_watches(self) -> list[WatchEvent]:
-        """Every queued watch event; ChannelClosed if none and the connection is gone."""
+        """The oldest ``MAX_WATCH_BATCH`` queued watch events at most; ``fileno()`` stays
+        readable while more wait. ChannelClosed if none and the connection is gone."""
         with self._lock:
             if self._closed:
                 raise ChannelClosed("xenstore client is closed")
-            events, self._events = self._events, []
+            queue = self._events
+            events = [queue.popleft() for _ in range(min(len(queue), MAX_WATCH_BATCH))]
             if not events and self._dead is not None:
                 raise ChannelClosed("xenstore connection is gone") from self._dead
-            try:
-                while os.read(self._watch_r, 4096):
+            if not queue:  # each event queued wrote a byte: quiet only once all are taken
+                try:
+                    while os.read(self._watch_r, 4096):
+                        pass
+                except BlockingIOError:
                     pass
-            except BlockingIOError:
-                pass
         return events

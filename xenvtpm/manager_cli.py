@@ -1,0 +1,101 @@
+"""``python3 -m xenvtpm manager``: run the vTPM manager (:mod:`xenvtpm.manager`) until
+SIGTERM/SIGINT, which is a planned stop (commands in flight finish, swtpm's volatile
+state is saved for the next manager)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from types import FrameType
+
+from .continuity import BOOT_ID_FILE
+from .errors import VTPMError
+from .manager import Manager
+
+log = logging.getLogger("xenvtpm.manager")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m xenvtpm manager`` (everything after ``manager``)."""
+    p = argparse.ArgumentParser(
+        prog="xenvtpm manager",
+        description="vTPM manager: route instance-prefixed TPM packets to one swtpm each.",
+    )
+    p.add_argument("--socket", required=True, help="SOCK_SEQPACKET path to listen on")
+    p.add_argument("--state-root", required=True, help="directory of per-instance state")
+    p.add_argument("--swtpm", default="swtpm", help="swtpm executable (default: %(default)s)")
+    p.add_argument("--swtpm-setup", default="swtpm_setup", help="swtpm_setup executable")
+    p.add_argument(
+        "--command-timeout",
+        type=float,
+        default=60.0,
+        help="seconds before a silent swtpm is restarted (default: %(default)s)",
+    )
+    p.add_argument("--max-instances", type=int, default=1024, help="instances served at most")
+    p.add_argument(
+        "--boot-id-file",
+        default=BOOT_ID_FILE,
+        help="this host boot's id; saved state of another boot is never restored "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-fsync",
+        dest="durable",
+        action="store_false",
+        help="answer before swtpm's state changes are on disk (benchmarks only: an "
+        "acknowledged NV write can then be lost in a power cut)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the manager until SIGTERM/SIGINT; exit 0 after a clean shutdown."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("xenvtpm").setLevel(args.log_level)
+    manager = Manager(
+        args.socket,
+        args.state_root,
+        swtpm=args.swtpm,
+        swtpm_setup=args.swtpm_setup,
+        command_timeout=args.command_timeout,
+        max_instances=args.max_instances,
+        boot_id_file=args.boot_id_file,
+        durable=args.durable,
+    )
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        manager.request_stop()
+
+    def status(signum: int, frame: FrameType | None) -> None:
+        manager.request_status()
+
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig, handler in (
+            (signal.SIGTERM, stop),
+            (signal.SIGINT, stop),
+            (signal.SIGUSR1, status),
+        )
+    }
+    try:
+        try:
+            manager.start()
+        except (OSError, VTPMError) as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        manager.serve_forever()
+    finally:
+        manager.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("stopped")
+    return 0
