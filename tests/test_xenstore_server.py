@@ -318,6 +318,38 @@ def test_transactions_on_disjoint_nodes_both_commit(s: Session) -> None:
     assert s.read(DOM0, "/local/domain/2/b") == b"2"
 
 
+def test_node_quota_holds_across_a_transaction_and_commits_beside_it(s: Session) -> None:
+    s.write(G1, "in/x", b"")
+    s.write(G1, "out/x", b"")
+    free = 20 - s.server.owned_nodes(1)
+    tx = start(s, G1)
+    for i in range(free):
+        s.write(G1, f"in/{i}", b"", tx)  # within quota as the transaction sees it
+    for i in range(free):
+        s.write(G1, f"out/{i}", b"")  # and outside it, meanwhile: no conflict
+    assert s.err(G1, XsType.XS_TRANSACTION_END, join_strings("T"), tx) == "ENOSPC"
+    assert s.server.owned_nodes(1) == 20
+    assert s.err(G1, XsType.XS_READ, join_strings("in/0")) == "ENOENT"
+
+
+def test_a_transaction_may_look_at_only_so_many_nodes() -> None:
+    server = XenStoreServer(transaction_node_quota=8)
+    server.connect(DOM0, 0)
+    server.introduce_domain(1, "g1")
+    server.connect(G1, 1)
+    s = Session(server)
+    for who in (G1, DOM0):
+        tx = start(s, who)
+        errors = [s.send(who, XsType.XS_READ, join_strings(f"/local/domain/1/n{i}"), tx)
+                  for i in range(12)]  # fmt: skip
+        codes = [e.payload for e in errors]
+        if who == G1:  # each missing read looks at the node and its nearest ancestor
+            assert codes == [b"ENOENT\x00"] * 7 + [b"ENOSPC\x00"] * 5
+        else:  # dom0 is not limited
+            assert codes == [b"ENOENT\x00"] * 12
+        s.ok(who, XsType.XS_TRANSACTION_END, join_strings("T"), tx)
+
+
 def test_quotas(s: Session) -> None:
     for _ in range(2):
         s.ok(G1, XsType.XS_TRANSACTION_START, b"\x00")
