@@ -1,0 +1,133 @@
+"""The simulated hypervisor never dies of what a guest sends on its own channels.
+
+Each input goes, raw, down a guest's own xenstore or hypercall connection of a real
+simxend process. The guest must get an error answer in the usual format (``XS_ERROR``
+``EINVAL``, or ``{"ok": false, "errno": "EINVAL"}``), and then simxend must still serve
+that connection, another guest and dom0.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_sim_xen import start_simxend, stop
+
+from xenvtpm.xen.sim import SimControl
+from xenvtpm.xen.sim_hypercall import HC_MSG_MAX, SCM_MAX_FD, close_fds
+from xenvtpm.xen.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket, XsType, join_strings
+
+
+@dataclass
+class RawGuest:
+    """A guest's two channels as bare sockets: it may send anything at all."""
+
+    domid: int
+    xs: socket.socket
+    hc: socket.socket
+
+    def xs_call(self, type_: XsType, payload: bytes, req_id: int = 7) -> XsPacket:
+        self.xs.sendall(XsPacket(type_, req_id, 0, payload).to_bytes())
+        head = self._recv_exactly(HEADER_SIZE)
+        body = self._recv_exactly(XsHeader.from_bytes(head).length)
+        return XsPacket.from_bytes(head + body)
+
+    def _recv_exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.xs.recv(n - len(data))
+            assert chunk, "simxend closed the guest's xenstore connection"
+            data += chunk
+        return data
+
+    def hc_call(self, request: bytes) -> dict[str, Any]:
+        self.hc.send(request)
+        data, fds, _flags, _ = socket.recv_fds(self.hc, HC_MSG_MAX, SCM_MAX_FD)
+        close_fds(fds)
+        assert data, "simxend closed the guest's hypercall connection"
+        reply = json.loads(data)
+        assert isinstance(reply, dict)
+        return reply
+
+    def close(self) -> None:
+        self.xs.close()
+        self.hc.close()
+
+
+@dataclass
+class Sim:
+    run: Path
+    ctl: SimControl
+    guest: RawGuest
+    other: RawGuest
+
+    def assert_serving(self) -> None:
+        """The attacker's own channels, another guest's and dom0's all still answer."""
+        for g in (self.guest, self.other):
+            path = join_strings(f"/local/domain/{g.domid}/name")
+            assert g.xs_call(XsType.XS_READ, path).type is XsType.XS_READ
+            assert g.hc_call(b'{"op": "whoami"}') == {"ok": True, "domid": g.domid}
+        assert self.guest.domid in self.ctl.list_domains()
+
+
+def _guest(ctl: SimControl, name: str) -> RawGuest:
+    domid = ctl.create_domain(name)
+    xs_fd, hc_fd = ctl.connect_domain(domid)
+    xs, hc = socket.socket(fileno=xs_fd), socket.socket(fileno=hc_fd)
+    xs.settimeout(5)
+    hc.settimeout(5)
+    return RawGuest(domid, xs, hc)
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Sim]:
+    """A simxend of its own per test: one that dies takes no other test with it."""
+    run = tmp_path / "run"
+    proc = start_simxend(run)
+    try:
+        with SimControl(str(run), timeout=5) as ctl:
+            guest, other = _guest(ctl, "attacker"), _guest(ctl, "bystander")
+            try:
+                yield Sim(run, ctl, guest, other)
+            finally:
+                guest.close()
+                other.close()
+    finally:
+        assert stop(proc) == 0, "simxend died: it did not stop cleanly on SIGTERM"
+
+
+# --- xenstore: a domain id argument ----------------------------------------------------
+
+SUPERSCRIPT_TWO = "\u00b2\0".encode()  # str.isdigit() says yes, int() says no
+
+
+@pytest.mark.parametrize(
+    "type_", [XsType.XS_GET_DOMAIN_PATH, XsType.XS_IS_DOMAIN_INTRODUCED], ids=lambda t: t.name
+)
+def test_a_non_ascii_digit_as_domain_id_is_einval(sim: Sim, type_: XsType) -> None:
+    reply = sim.guest.xs_call(type_, SUPERSCRIPT_TWO)
+    assert reply == XsPacket(XsType.XS_ERROR, 7, 0, b"EINVAL\0")
+    sim.assert_serving()
+
+
+# --- hypercalls: the JSON parser ---------------------------------------------------------
+
+
+def _einval(reply: dict[str, Any]) -> None:
+    assert reply["ok"] is False and reply["errno"] == "EINVAL", reply
+
+
+def test_json_nested_3000_deep_is_einval(sim: Sim) -> None:
+    _einval(sim.guest.hc_call(b"[" * 3000 + b"]" * 3000))
+    _einval(sim.guest.hc_call(b'{"op": "whoami", "x": ' + b'{"a": ' * 3000 + b"1" + b"}" * 3001))
+    sim.assert_serving()
+
+
+def test_a_5000_digit_integer_is_einval(sim: Sim) -> None:
+    _einval(sim.guest.hc_call(b'{"op": "gnt_unmap", "handle": ' + b"9" * 5000 + b"}"))
+    sim.assert_serving()
