@@ -25,6 +25,7 @@ from xenvtpm.xen.xenstore_wire import (
     decode_write,
     join_strings,
     one_string,
+    parse_decimal,
     split_strings,
 )
 
@@ -36,6 +37,8 @@ NODE_QUOTA = 2048  # nodes owned per unprivileged domain (xenstored -N default)
 WATCH_QUOTA = 128  # watches per connection (xenstored -W default)
 TRANSACTION_QUOTA = 16  # open transactions per connection
 TRANSACTION_NODE_QUOTA = 1024  # nodes one transaction may look at (xenstored -q nodes)
+
+DOMID_MAX = 0x7FEF  # the last ordinary domain id; 0x7FF0 up are reserved (xen.h)
 
 RELEASE_DOMAIN = "@releaseDomain"
 INTRODUCE_DOMAIN = "@introduceDomain"
@@ -460,10 +463,8 @@ class XenStoreServer:
 
     @staticmethod
     def _domid_arg(pkt: XsPacket) -> int:
-        text = one_string(pkt.payload)
-        if not text.isdigit() or int(text) > 0x7FEF:
-            raise _Fail("EINVAL")
-        return int(text)
+        """A domain id, strictly decimal (MalformedMessage answers EINVAL)."""
+        return parse_decimal(one_string(pkt.payload), DOMID_MAX)
 
     # --- watches -----------------------------------------------------------------------
 
