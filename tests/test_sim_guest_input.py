@@ -131,3 +131,17 @@ def test_json_nested_3000_deep_is_einval(sim: Sim) -> None:
 def test_a_5000_digit_integer_is_einval(sim: Sim) -> None:
     _einval(sim.guest.hc_call(b'{"op": "gnt_unmap", "handle": ' + b"9" * 5000 + b"}"))
     sim.assert_serving()
+
+
+# --- hypercalls: arguments ---------------------------------------------------------------
+
+
+def test_unsharing_a_grant_twice_in_one_call_is_einval(sim: Sim) -> None:
+    sim.guest.hc.send(b'{"op": "gnt_share", "domid": 0, "count": 1}')
+    data, fds, _flags, _ = socket.recv_fds(sim.guest.hc, HC_MSG_MAX, SCM_MAX_FD)
+    close_fds(fds)
+    (ref,) = json.loads(data)["refs"]
+    _einval(sim.guest.hc_call(json.dumps({"op": "gnt_unshare", "refs": [ref, ref]}).encode()))
+    assert sim.ctl.stats(sim.guest.domid)["grants"] == 1  # refused as a whole
+    assert sim.guest.hc_call(json.dumps({"op": "gnt_unshare", "refs": [ref]}).encode())["ok"]
+    sim.assert_serving()
