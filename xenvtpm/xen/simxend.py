@@ -410,8 +410,8 @@ class SimXen:
 
     def _gnt_unshare(self, conn: _Conn, request: HcRequest) -> _Handled:
         keys = [(conn.domid, ref) for ref in request.int_list_arg("refs")]
-        if not all(k in conn.shares for k in keys):
-            raise _Fail("EINVAL", "not a grant of this connection")
+        if len(set(keys)) != len(keys) or not all(k in conn.shares for k in keys):
+            raise _Fail("EINVAL", "not a grant of this connection, or named twice")
         for key in keys:
             self._release_grant(key)
         return HcReply.success(), [], []
