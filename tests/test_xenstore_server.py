@@ -169,6 +169,23 @@ def test_watch_events_only_to_readers_and_relative(s: Session) -> None:
     assert s.take(G1) == [("dev/state", "rel")]
 
 
+def test_an_over_long_watch_event_is_dropped_not_failing_the_write(s: Session) -> None:
+    """A guest's long token must not turn dom0's write into an error (xenstored drops it)."""
+    s.ok(G1, XsType.XS_WATCH, join_strings("/local/domain/1", "t" * 3000))
+    s.ok(G1, XsType.XS_WATCH, join_strings("/local/domain/1", "short"))
+    s.take(G1)
+    deep = "/local/domain/1/" + "a" * 1500
+    s.write(DOM0, deep, b"v")  # an XS_ERROR reply would fail here
+    assert s.read(DOM0, deep) == b"v"
+    assert s.take(G1) == [(deep, "short")]
+    s.write(DOM0, "/local/domain/1/b", b"v")
+    assert s.take(G1) == [("/local/domain/1/b", "t" * 3000), ("/local/domain/1/b", "short")]
+    tx = start(s, DOM0)
+    s.write(DOM0, deep + "/c", b"v", tx)
+    s.ok(DOM0, XsType.XS_TRANSACTION_END, join_strings("T"), tx)  # not EINVAL once applied
+    assert s.take(G1) == [(deep + "/c", "short")]
+
+
 def test_special_watches(s: Session) -> None:
     s.ok(DOM0, XsType.XS_WATCH, join_strings("@introduceDomain", "i"))
     s.ok(DOM0, XsType.XS_WATCH, join_strings("@releaseDomain", "r"))
