@@ -510,6 +510,11 @@ class XenStoreServer:
                         continue
                     if watch.relative_to and hit.startswith(watch.relative_to):
                         hit = hit[len(watch.relative_to) :]
+                    if len(hit.encode()) + len(watch.token.encode()) + 2 > XENSTORE_PAYLOAD_MAX:
+                        # xenstored_watch.c: an over-long event is dropped, so that a
+                        # watcher's long token cannot fail the writer's request.
+                        log.debug("dom%d: watch event for %s too long, dropped", conn.domid, hit)
+                        continue
                     out.append((conn_id, XsPacket.watch_event(hit, watch.token)))
         return out
 
