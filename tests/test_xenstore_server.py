@@ -136,6 +136,16 @@ def test_only_owner_or_dom0_sets_perms(s: Session) -> None:
     assert s.err(G1, XsType.XS_SET_PERMS, join_strings("mine", "x1")) == "EINVAL"
 
 
+@pytest.mark.parametrize(
+    "perm", ["r\u0665", "r\u00b2", "r" + "9" * 4000, "r65536", "r-1", "r+1", "r1_0", "r 1"]
+)
+def test_a_permission_takes_an_ascii_domain_id_only(s: Session, perm: str) -> None:
+    s.write(G1, "mine", b"")
+    assert s.err(G1, XsType.XS_SET_PERMS, join_strings("mine", "n1", perm)) == "EINVAL"
+    assert s.ok(G1, XsType.XS_GET_PERMS, join_strings("mine")) == b"n1\x00"
+    s.ok(G1, XsType.XS_SET_PERMS, join_strings("mine", "n1", "r65535"))
+
+
 def test_watch_fires_on_registration_change_and_descendants(s: Session) -> None:
     s.ok(DOM0, XsType.XS_WATCH, join_strings("/w", "t"))
     assert s.take(DOM0) == [("/w", "t")]  # fires once at once, even for a missing node
