@@ -47,9 +47,10 @@ class RawGuest:
 
     def hc_call(self, request: bytes) -> dict[str, Any]:
         self.hc.send(request)
-        data, fds, _flags, _ = socket.recv_fds(self.hc, HC_MSG_MAX, SCM_MAX_FD)
+        data, fds, flags, _ = socket.recv_fds(self.hc, HC_MSG_MAX, SCM_MAX_FD)
         close_fds(fds)
         assert data, "simxend closed the guest's hypercall connection"
+        assert not flags & socket.MSG_TRUNC, f"a reply over {HC_MSG_MAX} bytes: {data[:80]!r}"
         reply = json.loads(data)
         assert isinstance(reply, dict)
         return reply
@@ -144,4 +145,14 @@ def test_unsharing_a_grant_twice_in_one_call_is_einval(sim: Sim) -> None:
     _einval(sim.guest.hc_call(json.dumps({"op": "gnt_unshare", "refs": [ref, ref]}).encode()))
     assert sim.ctl.stats(sim.guest.domid)["grants"] == 1  # refused as a whole
     assert sim.guest.hc_call(json.dumps({"op": "gnt_unshare", "refs": [ref]}).encode())["ok"]
+    sim.assert_serving()
+
+
+@pytest.mark.parametrize(
+    "char", ["\U0001f600", "\U000e0001", "\\ud800"], ids=["emoji", "tag", "lone-surrogate"]
+)
+def test_an_error_reply_does_not_echo_a_huge_argument(sim: Sim, char: str) -> None:
+    """An unknown op is echoed in the message: 64 KiB of it must not overflow the reply."""
+    request = ('{"op": "' + char * (60000 // len(char.encode())) + '"}').encode()
+    _einval(sim.guest.hc_call(request))
     sim.assert_serving()
