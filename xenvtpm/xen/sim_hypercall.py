@@ -26,6 +26,7 @@ HC_MSG_MAX = 65536  # one request or reply, in bytes
 SCM_MAX_FD = 253  # linux/include/net/scm.h: descriptors per SCM_RIGHTS message
 DEFAULT_TIMEOUT = 10.0
 INT_DIGITS_MAX = 20  # every integer argument fits in 64 bits
+MESSAGE_MAX = 256  # characters of an error message: its JSON stays far below HC_MSG_MAX
 
 
 class HcOp(enum.StrEnum):
@@ -82,7 +83,8 @@ class HcRequest:
         try:
             return cls(HcOp(op), obj)
         except ValueError as exc:
-            raise MalformedMessage(f"unknown hypercall {op!r}") from exc
+            named = op[:64] if isinstance(op, str) else type(op).__name__  # no repr of a tree
+            raise MalformedMessage(f"unknown hypercall {named!r}") from exc
 
     def to_bytes(self) -> bytes:
         return json.dumps({"op": self.op.value, **self.args}).encode()
@@ -128,7 +130,8 @@ class HcReply:
 
     @classmethod
     def failure(cls, errno_name: str, message: str) -> HcReply:
-        return cls(False, errno=errno_name, message=message)
+        """An error; the message is cut short, as it may quote what a guest sent."""
+        return cls(False, errno=errno_name, message=message[:MESSAGE_MAX])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HcReply:
