@@ -8,6 +8,7 @@ that connection, another guest and dom0.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Iterator
@@ -85,11 +86,10 @@ def _guest(ctl: SimControl, name: str) -> RawGuest:
     return RawGuest(domid, xs, hc)
 
 
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Sim]:
-    """A simxend of its own per test: one that dies takes no other test with it."""
-    run = tmp_path / "run"
-    proc = start_simxend(run)
+@contextlib.contextmanager
+def running_sim(run: Path, fd_limit: int | None = None) -> Iterator[Sim]:
+    """A simxend of its own, with two raw guests; it must stop cleanly afterwards."""
+    proc = start_simxend(run, fd_limit)
     try:
         with SimControl(str(run), timeout=5) as ctl:
             guest, other = _guest(ctl, "attacker"), _guest(ctl, "bystander")
@@ -100,6 +100,13 @@ def sim(tmp_path: Path) -> Iterator[Sim]:
                 other.close()
     finally:
         assert stop(proc) == 0, "simxend died: it did not stop cleanly on SIGTERM"
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Sim]:
+    """One simxend per test: one that dies takes no other test with it."""
+    with running_sim(tmp_path / "run") as sim:
+        yield sim
 
 
 # --- xenstore: a domain id argument ----------------------------------------------------
@@ -155,4 +162,42 @@ def test_an_error_reply_does_not_echo_a_huge_argument(sim: Sim, char: str) -> No
     """An unknown op is echoed in the message: 64 KiB of it must not overflow the reply."""
     request = ('{"op": "' + char * (60000 // len(char.encode())) + '"}').encode()
     _einval(sim.guest.hc_call(request))
+    sim.assert_serving()
+
+
+# --- descriptors: the daemon holds one per granted page and two per unbound port ------------
+
+
+def _take_all(guest: RawGuest, request: dict[str, Any], most: int = 5000) -> set[str]:
+    """Repeat ``request`` until it fails; the errno names it failed with."""
+    for _ in range(most):
+        reply = guest.hc_call(json.dumps(request).encode())
+        if not reply["ok"]:
+            return {reply["errno"]}
+    return set()
+
+
+def test_a_guest_cannot_use_up_the_hypervisors_descriptors(tmp_path: Path) -> None:
+    """Unbound ports and grants until refused; dom0 and others must still get theirs."""
+    with running_sim(tmp_path / "run", fd_limit=1024) as sim:
+        _exhaust_then_check(sim)
+
+
+def _exhaust_then_check(sim: Sim) -> None:
+    port = {"op": "evtchn_alloc_unbound", "remote_domid": 0}
+    page = {"op": "gnt_share", "domid": 0, "count": 1}
+    refused = _take_all(sim.guest, port) | _take_all(sim.guest, page)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dom0:  # a new dom0 connection
+        dom0.settimeout(5)
+        dom0.connect(str(sim.run / "xenstored.sock"))
+        dom0.sendall(XsPacket(XsType.XS_READ, 1, 0, b"/local/domain/0/name\0").to_bytes())
+        assert dom0.recv(100)[HEADER_SIZE:] == b"Domain-0"
+    newcomer = _guest(sim.ctl, "newcomer")  # the toolstack can still start a domain
+    try:
+        for guest in (sim.other, newcomer):
+            assert guest.hc_call(json.dumps(port).encode())["ok"]
+            assert guest.hc_call(json.dumps(page).encode())["ok"]
+    finally:
+        newcomer.close()
+    assert refused == {"ENOSPC"}, "refused by the hypervisor's quota, not by running out"
     sim.assert_serving()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from resource import RLIMIT_NOFILE
 
 import pytest
 
@@ -59,11 +61,14 @@ class Xen:
     ctl: SimControl
 
 
-def start_simxend(run: Path) -> subprocess.Popen[bytes]:
+def start_simxend(run: Path, fd_limit: int | None = None) -> subprocess.Popen[bytes]:
+    """simxend as its own process; ``fd_limit`` sets its RLIMIT_NOFILE (soft and hard)."""
+    limit = None if fd_limit is None else (fd_limit, fd_limit)
     proc = subprocess.Popen(
         [sys.executable, "-m", "xenvtpm.xen.simxend", "--dir", str(run)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.PIPE,
+        preexec_fn=None if limit is None else lambda: resource.setrlimit(RLIMIT_NOFILE, limit),
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()  # blocks until "simxend: ready" (or death)
