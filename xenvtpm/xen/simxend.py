@@ -19,6 +19,7 @@ import fcntl
 import itertools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -49,6 +50,9 @@ DOMID_FIRST_RESERVED = 0x7FF0  # xen/include/public/xen.h
 MAX_GRANTS_PER_DOMAIN = 4096
 MAX_PORTS_PER_DOMAIN = 4096
 OUTBUF_LIMIT = 1 << 20  # a xenstore client this far behind on reading is dropped
+FD_RESERVE = 320  # descriptors never given to guests: dom0's connections, 253 read-only maps
+FD_SHARE = 4  # one domain may hold a quarter of what guests may hold, all together
+FD_LIMIT_WANTED = 65536  # main() raises the soft RLIMIT_NOFILE this far (within the hard one)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -94,6 +98,7 @@ class _Domain:
     name: str
     next_ref: int = NR_RESERVED_GRANT_REFS  # refs start at 8 and are per granting domain
     conns: set[int] = field(default_factory=set)
+    fds: int = 0  # descriptors the daemon holds for its grants and event channels
 
 
 @dataclass
@@ -130,6 +135,8 @@ class SimXen:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._started = False
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_budget = (1 << 20 if soft == resource.RLIM_INFINITY else soft) - FD_RESERVE
         self._closed = False
         self._handlers: dict[HcOp, Callable[[_Conn, HcRequest], _Handled]] = {
             HcOp.WHOAMI: lambda c, r: (HcReply.success(domid=c.domid), [], []),
@@ -228,6 +235,9 @@ class SimXen:
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE: dom0's own connections used up FD_RESERVE
+            log.warning("cannot accept a connection: %s", exc)
             return
         self._add_conn(sock, 0, xenstore=xenstore)
 
@@ -365,6 +375,24 @@ class SimXen:
         finally:
             close_fds(after)
 
+    def _hold_fds(self, domid: int, count: int) -> None:
+        """Count descriptors kept for a domain; ENOSPC before the daemon runs out of them.
+
+        Every page and port a guest asks for costs the daemon a descriptor or two, and
+        the per-domain limits add up past RLIMIT_NOFILE: without this, guests could
+        leave none for dom0's next connection.
+        """
+        dom = self._domains[domid]
+        if domid != 0:
+            held = sum(d.fds for d in self._domains.values()) + len(self._conns)
+            if dom.fds + count > self._fd_budget // FD_SHARE or held + count > self._fd_budget:
+                raise _Fail("ENOSPC", "the hypervisor holds too many descriptors")
+        dom.fds += count
+
+    def _unhold_fds(self, domid: int, count: int) -> None:
+        if (dom := self._domains.get(domid)) is not None:
+            dom.fds -= count
+
     def _require_dom0(self, conn: _Conn, request: HcRequest) -> None:
         if conn.domid != 0:
             raise _Fail("EPERM", f"{request.op} is for domain 0 only")
@@ -388,6 +416,7 @@ class SimXen:
             MAX_GRANTS_PER_DOMAIN
         ):
             raise _Fail("ENOSPC", "grant table full")
+        self._hold_fds(dom.domid, count)
         fds: list[int] = []
         try:
             for i in range(count):
@@ -400,6 +429,7 @@ class SimXen:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # no truncation: no SIGBUS
         except OSError:
             close_fds(fds)
+            self._unhold_fds(dom.domid, count)
             raise
         refs = list(range(dom.next_ref, dom.next_ref + count))
         dom.next_ref += count
@@ -421,6 +451,7 @@ class SimXen:
         if grant.conn in self._conns:
             self._conns[grant.conn].shares.discard(key)
         os.close(grant.fd)  # a live mapping keeps its own descriptor: it stays valid
+        self._unhold_fds(grant.granter, 1)
 
     def _gnt_map(self, conn: _Conn, request: HcRequest) -> _Handled:
         granter = self._domain_arg(request)
@@ -463,7 +494,12 @@ class SimXen:
     def _evtchn_alloc_unbound(self, conn: _Conn, request: HcRequest) -> _Handled:
         remote = self._domain_arg(request, "remote_domid")
         port = self._free_port(conn.domid)
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._hold_fds(conn.domid, 2)  # our copy of the guest's end, and the binder's end
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            self._unhold_fds(conn.domid, 2)
+            raise
         self._ports[(conn.domid, port)] = _Port(conn.domid, port, remote, conn.id, mine, theirs)
         conn.ports.add((conn.domid, port))
         return HcReply.success(port=port), [mine.fileno()], []
@@ -477,6 +513,8 @@ class SimXen:
         port = self._free_port(conn.domid)
         end, other.waiting = other.waiting, None
         other.peer = (conn.domid, port)
+        self._unhold_fds(remote, 1)  # the binder's end is the binder's now
+        self._domains[conn.domid].fds += 1
         self._ports[(conn.domid, port)] = _Port(
             conn.domid, port, remote, conn.id, end, None, (remote, remote_port)
         )
@@ -498,6 +536,7 @@ class SimXen:
         port = self._ports.pop(key)
         if port.conn in self._conns:
             self._conns[port.conn].ports.discard(key)
+        self._unhold_fds(port.domid, 1 if port.waiting is None else 2)
         for sock in (port.end, port.waiting):
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -577,6 +616,14 @@ class SimXen:
         return HcReply.success(domains=doms), [], []
 
 
+def _raise_fd_limit() -> None:
+    """Like xenstored's unit file (LimitNOFILE): room for many guests' pages and ports."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``simxend --dir RUN``: serve until SIGTERM/SIGINT; 0 on a clean stop."""
     parser = argparse.ArgumentParser(prog="simxend", description="simulated Xen hypervisor")
@@ -588,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="simxend %(levelname)s %(name)s: %(message)s",
     )
+    _raise_fd_limit()
     daemon = SimXen(args.dir)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
