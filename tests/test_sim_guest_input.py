@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,12 @@ from typing import Any
 import pytest
 from test_sim_xen import start_simxend, stop
 
+from xenvtpm.errors import XenStoreError
 from xenvtpm.xen.sim import SimControl
-from xenvtpm.xen.sim_hypercall import HC_MSG_MAX, SCM_MAX_FD, close_fds
+from xenvtpm.xen.sim_hypercall import HC_MSG_MAX, SCM_MAX_FD, HcError, HcRequest, close_fds
+from xenvtpm.xen.simxend import SimXen
+from xenvtpm.xen.xenstore_client import XenStoreClient
+from xenvtpm.xen.xenstore_server import Delivery, XenStoreServer
 from xenvtpm.xen.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket, XsType, join_strings
 
 
@@ -201,3 +206,46 @@ def _exhaust_then_check(sim: Sim) -> None:
         newcomer.close()
     assert refused == {"ENOSPC"}, "refused by the hypervisor's quota, not by running out"
     sim.assert_serving()
+
+
+# --- a bug nobody foresaw ---------------------------------------------------------------------
+
+
+class _PlantedBug(XenStoreServer):
+    """The real store with one planted bug: reading ``/bug`` raises, as a missed case would."""
+
+    def handle(self, conn_id: int, packet: XsPacket) -> list[Delivery]:
+        if packet.type is XsType.XS_READ and packet.payload == b"/bug\0":
+            raise KeyError("planted")
+        return super().handle(conn_id, packet)
+
+
+class _PlantedHypercallBug(SimXen):
+    """The real daemon whose ``stats`` raises: the hypercall side of the same check."""
+
+    def _stats(self, conn: Any, request: HcRequest) -> Any:
+        raise KeyError("planted")
+
+
+def test_an_unforeseen_bug_answers_eio_is_counted_and_serving_goes_on(tmp_path: Path) -> None:
+    daemon = _PlantedHypercallBug(str(tmp_path / "run"))
+    daemon.xs = _PlantedBug()
+    daemon.start()
+    loop = threading.Thread(target=daemon.run)
+    loop.start()
+    try:
+        with XenStoreClient.open_unix(str(tmp_path / "run" / "xenstored.sock"), timeout=3) as xs:
+            with pytest.raises(XenStoreError) as info:
+                xs.read("/bug")
+            assert info.value.errno_name == "EIO"
+            assert xs.read("/local/domain/0/name") == b"Domain-0"
+        with SimControl(str(tmp_path / "run"), timeout=5) as ctl:
+            with pytest.raises(HcError) as hc_info:
+                ctl.stats()
+            assert hc_info.value.errno_name == "EIO"
+            assert ctl.list_domains() == {0: "Domain-0"}
+        assert daemon.internal_errors == 2  # tests and fuzzers look here
+    finally:
+        daemon.request_stop()
+        loop.join(10)
+        daemon.close()
