@@ -135,6 +135,7 @@ class SimXen:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._started = False
+        self.internal_errors = 0  # requests that raised what no handler foresaw: bugs
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._fd_budget = (1 << 20 if soft == resource.RLIM_INFINITY else soft) - FD_RESERVE
         self._closed = False
@@ -308,7 +309,13 @@ class SimXen:
                 break
             packet = XsPacket.from_bytes(memoryview(conn.inbuf)[:end])
             del conn.inbuf[:end]
-            self._deliver(self.xs.handle(conn.id, packet))
+            try:
+                deliveries = self.xs.handle(conn.id, packet)
+            except Exception:  # a bug: it must not end every domain's hypervisor
+                self.internal_errors += 1
+                log.exception("dom%d: %s failed", conn.domid, packet.type.name)
+                deliveries = [(conn.id, XsPacket.error(packet.req_id, packet.tx_id, "EIO"))]
+            self._deliver(deliveries)
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         touched: dict[int, _Conn] = {}
@@ -367,6 +374,10 @@ class SimXen:
         except OSError as exc:
             log.warning("dom%d: hypercall failed: %s", conn.domid, exc)
             reply = HcReply.failure(errno.errorcode.get(exc.errno or 0, "EIO"), str(exc))
+        except Exception:  # a bug: it must not end every domain's hypervisor
+            self.internal_errors += 1
+            log.exception("dom%d: hypercall failed", conn.domid)
+            reply = HcReply.failure("EIO", "internal error")
         try:
             socket.send_fds(conn.sock, [reply.to_bytes()], send)
         except OSError as exc:  # includes a full buffer: one request at a time, remember
