@@ -211,8 +211,19 @@ class SimXen:
     def run(self) -> None:
         self.start()
         while not self._stopping:
-            for key, mask in self._sel.select():
-                key.data(mask)
+            self.pump()
+
+    def pump(self, timeout: float | None = None) -> None:
+        """Serve what is ready (waiting up to ``timeout``): one turn of ``run()``'s loop."""
+        for key, mask in self._sel.select(timeout):
+            key.data(mask)
+
+    def attach(self, sock: socket.socket, domid: int, *, xenstore: bool) -> None:
+        """Serve a connected socket as a connection of ``domid``, as ``accept`` and
+        ``connect_domain`` do: lets an in-process user (the fuzzer) skip the run dir."""
+        if domid not in self._domains:
+            raise ValueError(f"no domain {domid}")
+        self._add_conn(sock, domid, xenstore=xenstore)
 
     def close(self) -> None:
         """Drop every connection (releasing its resources), unlink the sockets. Idempotent."""
