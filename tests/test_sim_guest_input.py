@@ -128,6 +128,28 @@ def test_a_non_ascii_digit_as_domain_id_is_einval(sim: Sim, type_: XsType) -> No
     sim.assert_serving()
 
 
+BAD_DOMAIN_IDS = {
+    "arabic-indic-five": "\u0665\0".encode(),
+    "4000-digits": b"9" * 4000 + b"\0",
+    "reserved-32752": b"32752\0",
+    "negative": b"-1\0",
+    "hex": b"0x1\0",
+    "not-utf8": b"\xff\xfe\0",
+    "no-nul": b"1",
+    "two-strings": b"1\x002\0",
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("payload", BAD_DOMAIN_IDS.values(), ids=BAD_DOMAIN_IDS.keys())
+def test_every_bad_domain_id_is_einval_on_one_connection(sim: Sim, payload: bytes) -> None:
+    for type_ in (XsType.XS_GET_DOMAIN_PATH, XsType.XS_IS_DOMAIN_INTRODUCED):
+        assert sim.guest.xs_call(type_, payload) == XsPacket(XsType.XS_ERROR, 7, 0, b"EINVAL\0")
+    path = sim.guest.xs_call(XsType.XS_GET_DOMAIN_PATH, f"{sim.guest.domid}\0".encode())
+    assert path.payload == f"/local/domain/{sim.guest.domid}\0".encode()
+    sim.assert_serving()
+
+
 # --- hypercalls: the JSON parser ---------------------------------------------------------
 
 
