@@ -11,6 +11,11 @@ Targets (each a function of one byte string that raises only when a property bre
     xs-wire        xenstore wire parsing: headers, packets, strings, writes, permissions
     xs-server      the simulated xenstored serving a guest's packet stream: no crash,
                    one reply per request, dom0's nodes untouched
+    hypercall      simxend itself (in-process) serving a guest's hypercall channel: one
+                   well-formed reply per message, no unforeseen exception, still serving
+    xs-domid       simxend serving a guest's xenstore request that names a domain id
+                   (GET_DOMAIN_PATH, IS_DOMAIN_INTRODUCED, SET_PERMS...): the same
+                   (both in harness/fuzz_sim.py)
 
 Engines: atheris (coverage-guided libFuzzer, one child process per target so a crash
 or a hang ends only that run; it is restarted for the rest of the budget) when it can
@@ -41,6 +46,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from harness.fuzz_sim import fuzz_hypercall, fuzz_xs_domid, seeds_hypercall, seeds_xs_domid
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
 from xenvtpm.intake import RESERVED_CODES, Forward, NotSubmitted, intake, intake_v2
@@ -227,6 +233,8 @@ TARGETS: dict[str, Target] = {
     "tpm-command": fuzz_tpm_command,
     "xs-wire": fuzz_xs_wire,
     "xs-server": fuzz_xs_server,
+    "hypercall": fuzz_hypercall,
+    "xs-domid": fuzz_xs_domid,
 }
 
 
@@ -262,6 +270,10 @@ def seeds(name: str) -> list[bytes]:
         return [_ring(12), _ring(40960), _ring(0) + rand]
     if name == "tpm-command":
         return [rand, tpm.pcr_read_command(3), tpm.error_response(0x142), tpm.bind_command(1)]
+    if name == "hypercall":
+        return seeds_hypercall()
+    if name == "xs-domid":
+        return seeds_xs_domid()
     path = "device/vtpm/0/state"
     packets = [
         _xs(wire.XsType.XS_READ, wire.join_strings(_SECRET)),
@@ -417,6 +429,7 @@ import sys, atheris
 with atheris.instrument_imports(include=["xenvtpm"]):
     import xenvtpm.intake, xenvtpm.tpm, xenvtpm.tpmif, xenvtpm.tpmif_v2
     import xenvtpm.xen.xenstore_server, xenvtpm.xen.xenstore_wire
+    import xenvtpm.xen.simxend, xenvtpm.xen.sim_hypercall, xenvtpm.xen.interface
 from harness.fuzz import child
 child(sys.argv[1], sys.argv[2:])
 """

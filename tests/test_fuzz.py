@@ -24,6 +24,16 @@ def test_regression_inputs_pass() -> None:
     assert fuzz.replay(CORPUS) == {}
 
 
+def test_the_inputs_that_once_ended_simxend_are_replayed() -> None:
+    """Issue 14's inputs, on the targets that drive simxend itself."""
+    assert {"json-nested-3000-deep", "integer-5000-digits", "gnt-unshare-one-ref-twice"} <= {
+        p.name for p in (CORPUS / "hypercall").iterdir()
+    }
+    assert {"get-domain-path-superscript-two", "is-domain-introduced-superscript-two"} <= {
+        p.name for p in (CORPUS / "xs-domid").iterdir()
+    }
+
+
 @pytest.mark.parametrize("name", list(fuzz.TARGETS))
 def test_seeds_pass(name: str) -> None:
     for seed in fuzz.seeds(name):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from resource import RLIMIT_NOFILE
 
 import pytest
 
@@ -61,11 +63,14 @@ class Xen:
     ctl: SimControl
 
 
-def start_simxend(run: Path) -> subprocess.Popen[bytes]:
+def start_simxend(run: Path, fd_limit: int | None = None) -> subprocess.Popen[bytes]:
+    """simxend as its own process; ``fd_limit`` sets its RLIMIT_NOFILE (soft and hard)."""
+    limit = None if fd_limit is None else (fd_limit, fd_limit)
     proc = subprocess.Popen(
         [sys.executable, "-m", "xenvtpm.xen.simxend", "--dir", str(run)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.PIPE,
+        preexec_fn=None if limit is None else lambda: resource.setrlimit(RLIMIT_NOFILE, limit),
     )
     assert proc.stderr is not None
     line = proc.stderr.readline()  # blocks until "simxend: ready" (or death)
@@ -249,22 +254,57 @@ def test_transactions_commit_and_conflict(dom0: SimHypervisor, xen: Xen) -> None
 
         tx = xs.transaction_start()
         xs.write("/txtest/a", "2", tx)
-        other.write("/txtest/b", "meanwhile")
+        other.write("/txtest/a", "meanwhile")
         assert xs.transaction_end(tx) is False  # EAGAIN: must retry
-        assert other.read("/txtest/a") == b"1"
+        assert other.read("/txtest/a") == b"meanwhile"
 
         attempts = []
 
         def body(t: int) -> str:
             attempts.append(t)
             if len(attempts) == 1:
-                other.write("/txtest/c", "conflict")
+                other.write("/txtest/a", "conflict")
             xs.write("/txtest/a", "3", t)
             return "done"
 
         assert xs.transact(body) == "done"
         assert len(attempts) == 2 and other.read("/txtest/a") == b"3"
         xs.rm("/txtest")
+
+
+def test_guest_writing_its_own_nodes_in_a_loop_does_not_fail_dom0_transactions(
+    dom0: SimHypervisor, guests: list[SimHypervisor]
+) -> None:
+    """A guest cannot freeze dom0's commits by writing its own subtree (C xenstored)."""
+    g1, _ = guests
+    be = f"/local/domain/0/backend/txloop/{g1.domid}"
+    dom0.xenstore.write(f"{be}/state", "1")
+    written = 0
+    stop_flag = threading.Event()
+
+    def guest_loop() -> None:
+        nonlocal written
+        while not stop_flag.is_set():
+            g1.xenstore.write(f"device/vtpm/0/n{written % 50}", str(written))
+            written += 1
+
+    loop = threading.Thread(target=guest_loop)
+    loop.start()
+    results = []
+    try:
+        for i in range(20):
+            tx = dom0.xenstore.transaction_start()
+            assert dom0.xenstore.read(f"{be}/state", tx) == b"1"
+            dom0.xenstore.write(f"{be}/n", str(i), tx)
+            seen = written
+            wait_for(lambda seen=seen: written > seen, "a guest write inside the transaction")
+            results.append(dom0.xenstore.transaction_end(tx))
+    finally:
+        stop_flag.set()
+        loop.join()
+    assert results == [True] * 20, f"{results.count(False)} of 20 commits got EAGAIN"
+    assert dom0.xenstore.read(f"{be}/n") == b"19"
+    dom0.xenstore.rm("/local/domain/0/backend/txloop")
 
 
 def test_release_domain_fires_on_destroy(dom0: SimHypervisor, xen: Xen) -> None:

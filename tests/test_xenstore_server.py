@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from xenvtpm.errors import XenStoreError
@@ -134,6 +136,16 @@ def test_only_owner_or_dom0_sets_perms(s: Session) -> None:
     assert s.err(G1, XsType.XS_SET_PERMS, join_strings("mine", "x1")) == "EINVAL"
 
 
+@pytest.mark.parametrize(
+    "perm", ["r\u0665", "r\u00b2", "r" + "9" * 4000, "r65536", "r-1", "r+1", "r1_0", "r 1"]
+)
+def test_a_permission_takes_an_ascii_domain_id_only(s: Session, perm: str) -> None:
+    s.write(G1, "mine", b"")
+    assert s.err(G1, XsType.XS_SET_PERMS, join_strings("mine", "n1", perm)) == "EINVAL"
+    assert s.ok(G1, XsType.XS_GET_PERMS, join_strings("mine")) == b"n1\x00"
+    s.ok(G1, XsType.XS_SET_PERMS, join_strings("mine", "n1", "r65535"))
+
+
 def test_watch_fires_on_registration_change_and_descendants(s: Session) -> None:
     s.ok(DOM0, XsType.XS_WATCH, join_strings("/w", "t"))
     assert s.take(DOM0) == [("/w", "t")]  # fires once at once, even for a missing node
@@ -165,6 +177,23 @@ def test_watch_events_only_to_readers_and_relative(s: Session) -> None:
     assert s.take(G1) == []
     s.write(DOM0, "/local/domain/1/dev/state", b"1")
     assert s.take(G1) == [("dev/state", "rel")]
+
+
+def test_an_over_long_watch_event_is_dropped_not_failing_the_write(s: Session) -> None:
+    """A guest's long token must not turn dom0's write into an error (xenstored drops it)."""
+    s.ok(G1, XsType.XS_WATCH, join_strings("/local/domain/1", "t" * 3000))
+    s.ok(G1, XsType.XS_WATCH, join_strings("/local/domain/1", "short"))
+    s.take(G1)
+    deep = "/local/domain/1/" + "a" * 1500
+    s.write(DOM0, deep, b"v")  # an XS_ERROR reply would fail here
+    assert s.read(DOM0, deep) == b"v"
+    assert s.take(G1) == [(deep, "short")]
+    s.write(DOM0, "/local/domain/1/b", b"v")
+    assert s.take(G1) == [("/local/domain/1/b", "t" * 3000), ("/local/domain/1/b", "short")]
+    tx = start(s, DOM0)
+    s.write(DOM0, deep + "/c", b"v", tx)
+    s.ok(DOM0, XsType.XS_TRANSACTION_END, join_strings("T"), tx)  # not EINVAL once applied
+    assert s.take(G1) == [(deep + "/c", "short")]
 
 
 def test_special_watches(s: Session) -> None:
@@ -199,17 +228,153 @@ def test_transactions_isolate_and_commit(s: Session) -> None:
     assert s.take(DOM0) == [("/tx/a", "t")]
 
 
+def start(s: Session, conn: int) -> int:
+    return int(s.ok(conn, XsType.XS_TRANSACTION_START, b"\x00").rstrip(b"\x00"))
+
+
 def test_transaction_conflict_is_eagain_and_abort_discards(s: Session) -> None:
-    tx = int(s.ok(DOM0, XsType.XS_TRANSACTION_START, b"\x00").rstrip(b"\x00"))
+    tx = start(s, DOM0)
     s.write(DOM0, "/c", b"tx", tx)
-    s.write(G1, "outside", b"now")  # any commit since the start
+    s.write(DOM0, "/c", b"now")  # the node the transaction wrote, committed since
     assert s.err(DOM0, XsType.XS_TRANSACTION_END, join_strings("T"), tx) == "EAGAIN"
+    s.ok(DOM0, XsType.XS_RM, join_strings("/c"))
     assert s.err(DOM0, XsType.XS_READ, join_strings("/c")) == "ENOENT"
     assert s.err(DOM0, XsType.XS_READ, join_strings("/c"), tx) == "ENOENT"  # tx is gone
-    tx = int(s.ok(DOM0, XsType.XS_TRANSACTION_START, b"\x00").rstrip(b"\x00"))
+    tx = start(s, DOM0)
     s.write(DOM0, "/c", b"tx", tx)
     s.ok(DOM0, XsType.XS_TRANSACTION_END, join_strings("F"), tx)
     assert s.err(DOM0, XsType.XS_READ, join_strings("/c")) == "ENOENT"
+
+
+BE = "/local/domain/0/backend/vtpm/1/0"
+
+
+def _read(s: Session, tx: int) -> None:
+    s.read(DOM0, f"{BE}/x", tx)
+
+
+def _missing(s: Session, tx: int) -> None:
+    assert s.err(DOM0, XsType.XS_READ, join_strings(f"{BE}/new"), tx) == "ENOENT"
+
+
+def _list(s: Session, tx: int) -> None:
+    assert split_strings(s.ok(DOM0, XsType.XS_DIRECTORY, join_strings(BE), tx)) == ["x"]
+
+
+def _perms(s: Session, tx: int) -> None:
+    s.ok(DOM0, XsType.XS_GET_PERMS, join_strings(f"{BE}/x"), tx)
+
+
+def _write(s: Session, tx: int) -> None:
+    s.write(DOM0, f"{BE}/x", b"tx", tx)
+
+
+def _create(s: Session, tx: int) -> None:
+    s.write(DOM0, f"{BE}/mine", b"tx", tx)
+
+
+def _remove(s: Session, tx: int) -> None:
+    s.ok(DOM0, XsType.XS_RM, join_strings(BE), tx)
+
+
+def _rm(s: Session, path: str) -> None:
+    s.ok(DOM0, XsType.XS_RM, join_strings(path))
+
+
+#: (what the transaction does, what dom0 commits meanwhile outside it): a real conflict.
+CONFLICTS: dict[str, tuple[Callable[[Session, int], None], Callable[[Session], None]]] = {
+    "read-then-written": (_read, lambda s: s.write(DOM0, f"{BE}/x", b"2")),
+    "read-then-removed": (_read, lambda s: _rm(s, f"{BE}/x")),
+    "missing-then-created": (_missing, lambda s: s.write(DOM0, f"{BE}/new", b"")),
+    "listed-then-child-added": (_list, lambda s: s.write(DOM0, f"{BE}/y", b"")),
+    "listed-then-child-removed": (_list, lambda s: _rm(s, f"{BE}/x")),
+    "perms-then-changed": (
+        _perms,
+        lambda s: s.ok(DOM0, XsType.XS_SET_PERMS, join_strings(f"{BE}/x", "n0", "r1")),
+    ),
+    "written-by-both": (_write, lambda s: s.write(DOM0, f"{BE}/x", b"2")),
+    "created-beside-a-new-sibling": (_create, lambda s: s.write(DOM0, f"{BE}/y", b"")),
+    "removed-while-a-child-appears": (_remove, lambda s: s.write(DOM0, f"{BE}/x/deep", b"")),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFLICTS))
+def test_a_real_conflict_fails_the_commit_with_eagain(s: Session, case: str) -> None:
+    inside, outside = CONFLICTS[case]
+    s.write(DOM0, f"{BE}/x", b"1")
+    tx = start(s, DOM0)
+    inside(s, tx)
+    outside(s)
+    assert s.err(DOM0, XsType.XS_TRANSACTION_END, join_strings("T"), tx) == "EAGAIN"
+
+
+@pytest.mark.parametrize("inside", [_read, _missing, _list, _perms, _write, _create, _remove])
+def test_a_guest_writing_its_own_nodes_does_not_fail_dom0s_transaction(
+    s: Session, inside: Callable[[Session, int], None]
+) -> None:
+    s.write(DOM0, f"{BE}/x", b"1")
+    s.ok(DOM0, XsType.XS_WATCH, join_strings(BE, "be"))
+    tx = start(s, DOM0)
+    inside(s, tx)
+    for i in range(5):  # the guest creates, rewrites and removes its own nodes
+        s.write(G1, f"device/vtpm/0/n{i}", b"x")
+        s.write(G1, "device/vtpm/0/state", str(i).encode())
+        s.ok(G1, XsType.XS_RM, join_strings(f"device/vtpm/0/n{i}"))
+    s.read(DOM0, f"{BE}/x")  # reads outside the transaction commit nothing either
+    s.take(DOM0)
+    s.ok(DOM0, XsType.XS_TRANSACTION_END, join_strings("T"), tx)
+    if inside is _write:
+        assert s.read(DOM0, f"{BE}/x") == b"tx"
+        assert s.take(DOM0) == [(f"{BE}/x", "be")]  # watches fire on commit
+    if inside is _create:
+        assert s.read(DOM0, f"{BE}/mine") == b"tx"
+    if inside is _remove:
+        assert s.err(DOM0, XsType.XS_READ, join_strings(BE)) == "ENOENT"
+    assert s.read(DOM0, "/local/domain/1/device/vtpm/0/state") == b"4"  # theirs stayed
+
+
+def test_transactions_on_disjoint_nodes_both_commit(s: Session) -> None:
+    s.write(G1, "a", b"0")
+    s.write(G2, "b", b"0")
+    t1, t2 = start(s, G1), start(s, G2)
+    s.write(G1, "a", b"1", t1)
+    s.write(G2, "b", b"2", t2)
+    s.ok(G1, XsType.XS_TRANSACTION_END, join_strings("T"), t1)
+    s.ok(G2, XsType.XS_TRANSACTION_END, join_strings("T"), t2)
+    assert s.read(DOM0, "/local/domain/1/a") == b"1"
+    assert s.read(DOM0, "/local/domain/2/b") == b"2"
+
+
+def test_node_quota_holds_across_a_transaction_and_commits_beside_it(s: Session) -> None:
+    s.write(G1, "in/x", b"")
+    s.write(G1, "out/x", b"")
+    free = 20 - s.server.owned_nodes(1)
+    tx = start(s, G1)
+    for i in range(free):
+        s.write(G1, f"in/{i}", b"", tx)  # within quota as the transaction sees it
+    for i in range(free):
+        s.write(G1, f"out/{i}", b"")  # and outside it, meanwhile: no conflict
+    assert s.err(G1, XsType.XS_TRANSACTION_END, join_strings("T"), tx) == "ENOSPC"
+    assert s.server.owned_nodes(1) == 20
+    assert s.err(G1, XsType.XS_READ, join_strings("in/0")) == "ENOENT"
+
+
+def test_a_transaction_may_look_at_only_so_many_nodes() -> None:
+    server = XenStoreServer(transaction_node_quota=8)
+    server.connect(DOM0, 0)
+    server.introduce_domain(1, "g1")
+    server.connect(G1, 1)
+    s = Session(server)
+    for who in (G1, DOM0):
+        tx = start(s, who)
+        errors = [s.send(who, XsType.XS_READ, join_strings(f"/local/domain/1/n{i}"), tx)
+                  for i in range(12)]  # fmt: skip
+        codes = [e.payload for e in errors]
+        if who == G1:  # each missing read looks at the node and its nearest ancestor
+            assert codes == [b"ENOENT\x00"] * 7 + [b"ENOSPC\x00"] * 5
+        else:  # dom0 is not limited
+            assert codes == [b"ENOENT\x00"] * 12
+        s.ok(who, XsType.XS_TRANSACTION_END, join_strings("T"), tx)
 
 
 def test_quotas(s: Session) -> None:

@@ -17,6 +17,7 @@ from xenvtpm.xen.xenstore_wire import (
     encode_write,
     join_strings,
     one_string,
+    parse_decimal,
     split_strings,
 )
 
@@ -113,3 +114,12 @@ def test_packet_length_must_match_header() -> None:
 def test_max_payload_accepted() -> None:
     pkt = XsPacket(XsType.XS_WRITE, 1, 2, b"p\x00" + b"v" * (XENSTORE_PAYLOAD_MAX - 2))
     assert XsPacket.from_bytes(pkt.to_bytes()) == pkt
+
+
+def test_parse_decimal_takes_ascii_digits_only() -> None:
+    assert parse_decimal("0", 0x7FEF) == 0
+    assert parse_decimal("32751", 0x7FEF) == 0x7FEF
+    for bad in ("", "\u00b2", "\u0665", "1\u00b2", "-1", "+1", " 1", "1_0", "0x10", "32752",
+                "9" * 5000):
+        with pytest.raises(MalformedMessage):
+            parse_decimal(bad, 0x7FEF)

@@ -27,6 +27,7 @@ from typing import Protocol, Self, runtime_checkable
 
 PAGE_SIZE = 4096
 DOMID_SELF = 0x7FF0  # xen/include/public/xen.h
+DOMID_T_MAX = 0xFFFF  # xen/include/public/xen.h: typedef uint16_t domid_t
 NR_RESERVED_GRANT_REFS = 8  # xen/include/public/grant_table.h: GNTTAB_NR_RESERVED_ENTRIES
 #: Events one ``EventChannel.consume`` takes at most. A guest that notifies again after
 #: every unmask keeps its port pending for ever (XSA-391 class); a bounded consume lets
@@ -69,11 +70,21 @@ class Perm:
 
     @classmethod
     def from_wire(cls, text: str) -> Perm:
-        if len(text) < 2 or not text[1:].isdigit():
+        """``r5``: a letter, then a domain id in ASCII digits within ``domid_t``.
+
+        str.isdigit() alone would pass "\u0665" (int() makes it 5) and "\u00b2" (int()
+        raises), and any length: a guest's string reaches here through XS_SET_PERMS.
+        """
+        digits = text[1:]
+        if (
+            not 1 <= len(digits) <= len(str(DOMID_T_MAX))
+            or not (digits.isascii() and digits.isdigit())
+            or int(digits) > DOMID_T_MAX
+        ):
             from xenvtpm.errors import MalformedMessage
 
-            raise MalformedMessage(f"bad xenstore permission {text!r}")
-        return cls(int(text[1:]), Access(text[0]))
+            raise MalformedMessage(f"bad xenstore permission {text[:32]!r}")
+        return cls(int(digits), Access(text[0]))
 
 
 @dataclass(frozen=True)

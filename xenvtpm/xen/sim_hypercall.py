@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 HC_MSG_MAX = 65536  # one request or reply, in bytes
 SCM_MAX_FD = 253  # linux/include/net/scm.h: descriptors per SCM_RIGHTS message
 DEFAULT_TIMEOUT = 10.0
+INT_DIGITS_MAX = 20  # every integer argument fits in 64 bits
+MESSAGE_MAX = 256  # characters of an error message: its JSON stays far below HC_MSG_MAX
 
 
 class HcOp(enum.StrEnum):
@@ -45,11 +47,25 @@ class HcOp(enum.StrEnum):
     LIST_DOMAINS = "list_domains"
 
 
+def _parse_int(text: str) -> int:
+    """A JSON integer, refused before int() when longer than any argument can be."""
+    if len(text.lstrip("-")) > INT_DIGITS_MAX:
+        raise MalformedMessage(f"hypercall integer of {len(text)} digits")
+    return int(text)
+
+
 def _load(data: bytes) -> dict[str, Any]:
+    """One message, or MalformedMessage: a guest's bytes must never raise anything else.
+
+    json.loads raises RecursionError on deep nesting, and ValueError for an integer over
+    Python's digit limit; both are refused here, the second before int() even runs.
+    """
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_int=_parse_int)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"hypercall message is not JSON: {data[:64]!r}") from exc
+    except RecursionError as exc:
+        raise MalformedMessage("hypercall message nested too deep") from exc
     if not isinstance(obj, dict):
         raise MalformedMessage("hypercall message is not a JSON object")
     return obj
@@ -67,7 +83,8 @@ class HcRequest:
         try:
             return cls(HcOp(op), obj)
         except ValueError as exc:
-            raise MalformedMessage(f"unknown hypercall {op!r}") from exc
+            named = op[:64] if isinstance(op, str) else type(op).__name__  # no repr of a tree
+            raise MalformedMessage(f"unknown hypercall {named!r}") from exc
 
     def to_bytes(self) -> bytes:
         return json.dumps({"op": self.op.value, **self.args}).encode()
@@ -113,7 +130,8 @@ class HcReply:
 
     @classmethod
     def failure(cls, errno_name: str, message: str) -> HcReply:
-        return cls(False, errno=errno_name, message=message)
+        """An error; the message is cut short, as it may quote what a guest sent."""
+        return cls(False, errno=errno_name, message=message[:MESSAGE_MAX])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> HcReply:

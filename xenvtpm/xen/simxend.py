@@ -19,6 +19,7 @@ import fcntl
 import itertools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -49,6 +50,9 @@ DOMID_FIRST_RESERVED = 0x7FF0  # xen/include/public/xen.h
 MAX_GRANTS_PER_DOMAIN = 4096
 MAX_PORTS_PER_DOMAIN = 4096
 OUTBUF_LIMIT = 1 << 20  # a xenstore client this far behind on reading is dropped
+FD_RESERVE = 320  # descriptors never given to guests: dom0's connections, 253 read-only maps
+FD_SHARE = 4  # one domain may hold a quarter of what guests may hold, all together
+FD_LIMIT_WANTED = 65536  # main() raises the soft RLIMIT_NOFILE this far (within the hard one)
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -94,6 +98,7 @@ class _Domain:
     name: str
     next_ref: int = NR_RESERVED_GRANT_REFS  # refs start at 8 and are per granting domain
     conns: set[int] = field(default_factory=set)
+    fds: int = 0  # descriptors the daemon holds for its grants and event channels
 
 
 @dataclass
@@ -130,6 +135,9 @@ class SimXen:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._started = False
+        self.internal_errors = 0  # requests that raised what no handler foresaw: bugs
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_budget = (1 << 20 if soft == resource.RLIM_INFINITY else soft) - FD_RESERVE
         self._closed = False
         self._handlers: dict[HcOp, Callable[[_Conn, HcRequest], _Handled]] = {
             HcOp.WHOAMI: lambda c, r: (HcReply.success(domid=c.domid), [], []),
@@ -203,8 +211,19 @@ class SimXen:
     def run(self) -> None:
         self.start()
         while not self._stopping:
-            for key, mask in self._sel.select():
-                key.data(mask)
+            self.pump()
+
+    def pump(self, timeout: float | None = None) -> None:
+        """Serve what is ready (waiting up to ``timeout``): one turn of ``run()``'s loop."""
+        for key, mask in self._sel.select(timeout):
+            key.data(mask)
+
+    def attach(self, sock: socket.socket, domid: int, *, xenstore: bool) -> None:
+        """Serve a connected socket as a connection of ``domid``, as ``accept`` and
+        ``connect_domain`` do: lets an in-process user (the fuzzer) skip the run dir."""
+        if domid not in self._domains:
+            raise ValueError(f"no domain {domid}")
+        self._add_conn(sock, domid, xenstore=xenstore)
 
     def close(self) -> None:
         """Drop every connection (releasing its resources), unlink the sockets. Idempotent."""
@@ -228,6 +247,9 @@ class SimXen:
         try:
             sock, _ = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
+            return
+        except OSError as exc:  # EMFILE: dom0's own connections used up FD_RESERVE
+            log.warning("cannot accept a connection: %s", exc)
             return
         self._add_conn(sock, 0, xenstore=xenstore)
 
@@ -298,7 +320,13 @@ class SimXen:
                 break
             packet = XsPacket.from_bytes(memoryview(conn.inbuf)[:end])
             del conn.inbuf[:end]
-            self._deliver(self.xs.handle(conn.id, packet))
+            try:
+                deliveries = self.xs.handle(conn.id, packet)
+            except Exception:  # a bug: it must not end every domain's hypervisor
+                self.internal_errors += 1
+                log.exception("dom%d: %s failed", conn.domid, packet.type.name)
+                deliveries = [(conn.id, XsPacket.error(packet.req_id, packet.tx_id, "EIO"))]
+            self._deliver(deliveries)
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
         touched: dict[int, _Conn] = {}
@@ -357,6 +385,10 @@ class SimXen:
         except OSError as exc:
             log.warning("dom%d: hypercall failed: %s", conn.domid, exc)
             reply = HcReply.failure(errno.errorcode.get(exc.errno or 0, "EIO"), str(exc))
+        except Exception:  # a bug: it must not end every domain's hypervisor
+            self.internal_errors += 1
+            log.exception("dom%d: hypercall failed", conn.domid)
+            reply = HcReply.failure("EIO", "internal error")
         try:
             socket.send_fds(conn.sock, [reply.to_bytes()], send)
         except OSError as exc:  # includes a full buffer: one request at a time, remember
@@ -364,6 +396,24 @@ class SimXen:
             self._drop(conn.id)
         finally:
             close_fds(after)
+
+    def _hold_fds(self, domid: int, count: int) -> None:
+        """Count descriptors kept for a domain; ENOSPC before the daemon runs out of them.
+
+        Every page and port a guest asks for costs the daemon a descriptor or two, and
+        the per-domain limits add up past RLIMIT_NOFILE: without this, guests could
+        leave none for dom0's next connection.
+        """
+        dom = self._domains[domid]
+        if domid != 0:
+            held = sum(d.fds for d in self._domains.values()) + len(self._conns)
+            if dom.fds + count > self._fd_budget // FD_SHARE or held + count > self._fd_budget:
+                raise _Fail("ENOSPC", "the hypervisor holds too many descriptors")
+        dom.fds += count
+
+    def _unhold_fds(self, domid: int, count: int) -> None:
+        if (dom := self._domains.get(domid)) is not None:
+            dom.fds -= count
 
     def _require_dom0(self, conn: _Conn, request: HcRequest) -> None:
         if conn.domid != 0:
@@ -388,6 +438,7 @@ class SimXen:
             MAX_GRANTS_PER_DOMAIN
         ):
             raise _Fail("ENOSPC", "grant table full")
+        self._hold_fds(dom.domid, count)
         fds: list[int] = []
         try:
             for i in range(count):
@@ -400,6 +451,7 @@ class SimXen:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # no truncation: no SIGBUS
         except OSError:
             close_fds(fds)
+            self._unhold_fds(dom.domid, count)
             raise
         refs = list(range(dom.next_ref, dom.next_ref + count))
         dom.next_ref += count
@@ -410,8 +462,8 @@ class SimXen:
 
     def _gnt_unshare(self, conn: _Conn, request: HcRequest) -> _Handled:
         keys = [(conn.domid, ref) for ref in request.int_list_arg("refs")]
-        if not all(k in conn.shares for k in keys):
-            raise _Fail("EINVAL", "not a grant of this connection")
+        if len(set(keys)) != len(keys) or not all(k in conn.shares for k in keys):
+            raise _Fail("EINVAL", "not a grant of this connection, or named twice")
         for key in keys:
             self._release_grant(key)
         return HcReply.success(), [], []
@@ -421,6 +473,7 @@ class SimXen:
         if grant.conn in self._conns:
             self._conns[grant.conn].shares.discard(key)
         os.close(grant.fd)  # a live mapping keeps its own descriptor: it stays valid
+        self._unhold_fds(grant.granter, 1)
 
     def _gnt_map(self, conn: _Conn, request: HcRequest) -> _Handled:
         granter = self._domain_arg(request)
@@ -463,7 +516,12 @@ class SimXen:
     def _evtchn_alloc_unbound(self, conn: _Conn, request: HcRequest) -> _Handled:
         remote = self._domain_arg(request, "remote_domid")
         port = self._free_port(conn.domid)
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._hold_fds(conn.domid, 2)  # our copy of the guest's end, and the binder's end
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            self._unhold_fds(conn.domid, 2)
+            raise
         self._ports[(conn.domid, port)] = _Port(conn.domid, port, remote, conn.id, mine, theirs)
         conn.ports.add((conn.domid, port))
         return HcReply.success(port=port), [mine.fileno()], []
@@ -482,6 +540,8 @@ class SimXen:
             for _ in range(16):
                 end.recv(1 << 16, socket.MSG_DONTWAIT)
         other.peer = (conn.domid, port)
+        self._unhold_fds(remote, 1)  # the binder's end is the binder's now
+        self._domains[conn.domid].fds += 1
         self._ports[(conn.domid, port)] = _Port(
             conn.domid, port, remote, conn.id, end, None, (remote, remote_port)
         )
@@ -503,6 +563,7 @@ class SimXen:
         port = self._ports.pop(key)
         if port.conn in self._conns:
             self._conns[port.conn].ports.discard(key)
+        self._unhold_fds(port.domid, 1 if port.waiting is None else 2)
         for sock in (port.end, port.waiting):
             if sock is not None:
                 with contextlib.suppress(OSError):
@@ -582,6 +643,14 @@ class SimXen:
         return HcReply.success(domains=doms), [], []
 
 
+def _raise_fd_limit() -> None:
+    """Like xenstored's unit file (LimitNOFILE): room for many guests' pages and ports."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_WANTED)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``simxend --dir RUN``: serve until SIGTERM/SIGINT; 0 on a clean stop."""
     parser = argparse.ArgumentParser(prog="simxend", description="simulated Xen hypervisor")
@@ -593,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="simxend %(levelname)s %(name)s: %(message)s",
     )
+    _raise_fd_limit()
     daemon = SimXen(args.dir)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -25,6 +25,7 @@ from xenvtpm.xen.xenstore_wire import (
     decode_write,
     join_strings,
     one_string,
+    parse_decimal,
     split_strings,
 )
 
@@ -35,6 +36,9 @@ Delivery = tuple[int, XsPacket]  # (connection id, packet to send it)
 NODE_QUOTA = 2048  # nodes owned per unprivileged domain (xenstored -N default)
 WATCH_QUOTA = 128  # watches per connection (xenstored -W default)
 TRANSACTION_QUOTA = 16  # open transactions per connection
+TRANSACTION_NODE_QUOTA = 1024  # nodes one transaction may look at (xenstored -q nodes)
+
+DOMID_MAX = 0x7FEF  # the last ordinary domain id; 0x7FF0 up are reserved (xen.h)
 
 RELEASE_DOMAIN = "@releaseDomain"
 INTRODUCE_DOMAIN = "@introduceDomain"
@@ -74,13 +78,47 @@ class Node:
 
 @dataclass
 class _View:
-    """A whole tree; a transaction works on a copy (nodes are immutable, so it is cheap)."""
+    """A whole tree. A transaction works on a copy that records what it looked at.
+
+    Nodes are immutable and every change puts a new one in place, so "changed since the
+    transaction saw it" is an identity test against ``seen``: the node found at the first
+    lookup of each path (None if it was missing). That covers reads, listings (a child
+    added or removed replaces the parent), permission checks, and the nodes a write
+    creates or a removal takes away. Spec: xenstored_transaction.c (per-node generation
+    counts, compared when the transaction ends).
+    """
 
     nodes: dict[str, Node]
     owned: Counter[int]
+    seen: dict[str, Node | None] | None = None  # a transaction's copy only
+    written: set[str] = field(default_factory=set)  # paths a transaction's copy changed
 
-    def copy(self) -> _View:
-        return _View(dict(self.nodes), Counter(self.owned))
+    def transaction_copy(self) -> _View:
+        return _View(dict(self.nodes), Counter(self.owned), {})
+
+    def get(self, path: str) -> Node | None:
+        node = self.nodes.get(path)
+        if self.seen is not None:
+            self.seen.setdefault(path, node)
+        return node
+
+    def at(self, path: str) -> Node:
+        node = self.get(path)
+        assert node is not None, path
+        return node
+
+    def put(self, path: str, node: Node) -> None:
+        self.get(path)  # a change is a look first: what it replaced must not change
+        self.nodes[path] = node
+        if self.seen is not None:
+            self.written.add(path)
+
+    def pop(self, path: str) -> Node:
+        node = self.at(path)
+        del self.nodes[path]
+        if self.seen is not None:
+            self.written.add(path)
+        return node
 
 
 @dataclass(frozen=True)
@@ -101,8 +139,7 @@ class _Watch:
 
 @dataclass
 class _Transaction:
-    view: _View
-    generation: int
+    view: _View  # a copy with ``seen``
     changes: list[_Change] = field(default_factory=list)
 
 
@@ -130,13 +167,14 @@ class XenStoreServer:
         node_quota: int = NODE_QUOTA,
         watch_quota: int = WATCH_QUOTA,
         transaction_quota: int = TRANSACTION_QUOTA,
+        transaction_node_quota: int = TRANSACTION_NODE_QUOTA,
     ) -> None:
         self.node_quota = node_quota
         self.watch_quota = watch_quota
         self.transaction_quota = transaction_quota
+        self.transaction_node_quota = transaction_node_quota
         root = (Perm(0, Access.NONE),)
         self._view = _View({"/": Node(b"", root)}, Counter())
-        self._generation = 0
         self._conns: dict[int, _Conn] = {}
         self._next_tx = 1
         self._domains: set[int] = {0}
@@ -172,12 +210,12 @@ class XenStoreServer:
         self._domains.add(domid)
         view = self._view
         changes = [self._apply(view, 0, domain_path(domid), b"", create_only=True)]
-        view.nodes[domain_path(domid)] = replace(
-            view.nodes[domain_path(domid)], perms=(Perm(domid, Access.NONE),)
+        view.put(
+            domain_path(domid),
+            replace(view.at(domain_path(domid)), perms=(Perm(domid, Access.NONE),)),
         )
         self._recount(view)
         changes.append(self._apply(view, 0, f"{domain_path(domid)}/name", name.encode()))
-        self._generation += 1
         return self._fire(changes) + self._fire_special(INTRODUCE_DOMAIN)
 
     def release_domain(self, domid: int) -> list[Delivery]:
@@ -186,7 +224,6 @@ class XenStoreServer:
         out: list[Delivery] = []
         if domain_path(domid) in self._view.nodes:
             out = self._fire([self._remove(self._view, domain_path(domid))])
-            self._generation += 1
         return out + self._fire_special(RELEASE_DOMAIN)
 
     # --- direct access for the daemon and tests (as domain 0, no watches fired) --------
@@ -207,7 +244,6 @@ class XenStoreServer:
             payload, changes, events = self._dispatch(conn_id, conn, packet)
             reply = XsPacket(packet.type, packet.req_id, packet.tx_id, payload)
             if changes and packet.tx_id == 0:
-                self._generation += 1
                 events = events + self._fire(changes)
         except _Fail as fail:
             reply = XsPacket.error(packet.req_id, packet.tx_id, fail.errno_name)
@@ -266,16 +302,20 @@ class XenStoreServer:
         tx = conn.transactions.get(tx_id)
         if tx is None:
             raise _Fail("ENOENT")
+        assert tx.view.seen is not None
+        if conn.domid != 0 and len(tx.view.seen) >= self.transaction_node_quota:
+            raise _Fail("ENOSPC")  # xenstored_transaction.c, access_node: quota_trans_nodes
         return tx.view
 
     def _nearest(self, view: _View, path: str) -> tuple[str, Node]:
+        """The nearest existing ancestor-or-self (only it counts as looked at)."""
         while path not in view.nodes:
             path = parent_of(path)
-        return path, view.nodes[path]
+        return path, view.at(path)
 
     def _readable(self, conn: _Conn, view: _View, path: str) -> Node:
         """The node if the caller may read it; ENOENT/EACCES like xenstored's get_node."""
-        node = view.nodes.get(path)
+        node = view.get(path)
         if node is None:
             _, ancestor = self._nearest(view, path)
             raise _Fail("ENOENT" if access_of(conn.domid, ancestor.perms).can_read else "EACCES")
@@ -309,31 +349,32 @@ class XenStoreServer:
         if domid != 0 and missing and view.owned[domid] + len(missing) > self.node_quota:
             raise _Fail("ENOSPC")  # xenstored_core.c, create_node
         for new in reversed(missing):
-            parent = view.nodes[parent_of(new)]
+            parent = view.at(parent_of(new))
             perms = parent.perms
             if domid != 0:
                 perms = (Perm(domid, perms[0].access), *perms[1:])
-            view.nodes[new] = Node(b"", perms)
+            view.put(new, Node(b"", perms))
             view.owned[perms[0].domid] += 1
             name = new.rsplit("/", 1)[1]
-            view.nodes[parent_of(new)] = replace(parent, children=(*parent.children, name))
-        node = view.nodes[path]
+            view.put(parent_of(new), replace(parent, children=(*parent.children, name)))
+        node = view.at(path)
         if not create_only:
-            view.nodes[path] = replace(node, value=value)
+            view.put(path, replace(node, value=value))
         return _Change(path, node.perms)
 
     def _remove(self, view: _View, path: str) -> _Change:
-        node = view.nodes[path]
+        node = view.at(path)
         stack = [path]
         while stack:
             victim = stack.pop()
-            gone = view.nodes.pop(victim)
+            gone = view.pop(victim)
             view.owned[gone.perms[0].domid] -= 1
             stack.extend(f"{victim.rstrip('/')}/{c}" for c in gone.children)
-        parent = view.nodes[parent_of(path)]
+        parent = view.at(parent_of(path))
         name = path.rsplit("/", 1)[1]
-        view.nodes[parent_of(path)] = replace(
-            parent, children=tuple(c for c in parent.children if c != name)
+        view.put(
+            parent_of(path),
+            replace(parent, children=tuple(c for c in parent.children if c != name)),
         )
         return _Change(path, node.perms, removal=True)
 
@@ -360,7 +401,7 @@ class XenStoreServer:
         path = self._one_path(conn, pkt)
         view = self._view_for(conn, pkt.tx_id)
         self._check_writable(conn, view, path)
-        if path in view.nodes:
+        if view.get(path) is not None:
             return b"OK\x00", []  # xenstored_core.c, do_mkdir: an existing node is fine
         return b"OK\x00", [self._apply(view, conn.domid, path, b"", create_only=True)]
 
@@ -369,10 +410,10 @@ class XenStoreServer:
         if path == "/":
             raise _Fail("EINVAL")
         view = self._view_for(conn, pkt.tx_id)
-        if path not in view.nodes:
+        if view.get(path) is None:
             # xenstored_core.c, do_rm: a missing node whose parent exists is already gone.
             self._check_writable(conn, view, path)
-            if parent_of(path) in view.nodes:
+            if view.get(parent_of(path)) is not None:
                 return b"OK\x00", []
             raise _Fail("ENOENT")
         self._check_writable(conn, view, path)
@@ -400,7 +441,7 @@ class XenStoreServer:
         except ValueError as exc:  # a letter outside "nrwb"
             raise _Fail("EINVAL") from exc
         view = self._view_for(conn, pkt.tx_id)
-        node = view.nodes.get(path)
+        node = view.get(path)
         if node is None:
             raise _Fail("ENOENT")
         if conn.domid != 0:
@@ -409,7 +450,7 @@ class XenStoreServer:
                 raise _Fail("EACCES")
             if perms[0].domid != conn.domid:
                 raise _Fail("EPERM")
-        view.nodes[path] = replace(node, perms=perms)
+        view.put(path, replace(node, perms=perms))
         view.owned[node.perms[0].domid] -= 1
         view.owned[perms[0].domid] += 1
         return b"OK\x00", [_Change(path, perms)]
@@ -422,10 +463,8 @@ class XenStoreServer:
 
     @staticmethod
     def _domid_arg(pkt: XsPacket) -> int:
-        text = one_string(pkt.payload)
-        if not text.isdigit() or int(text) > 0x7FEF:
-            raise _Fail("EINVAL")
-        return int(text)
+        """A domain id, strictly decimal (MalformedMessage answers EINVAL)."""
+        return parse_decimal(one_string(pkt.payload), DOMID_MAX)
 
     # --- watches -----------------------------------------------------------------------
 
@@ -471,6 +510,11 @@ class XenStoreServer:
                         continue
                     if watch.relative_to and hit.startswith(watch.relative_to):
                         hit = hit[len(watch.relative_to) :]
+                    if len(hit.encode()) + len(watch.token.encode()) + 2 > XENSTORE_PAYLOAD_MAX:
+                        # xenstored_watch.c: an over-long event is dropped, so that a
+                        # watcher's long token cannot fail the writer's request.
+                        log.debug("dom%d: watch event for %s too long, dropped", conn.domid, hit)
+                        continue
                     out.append((conn_id, XsPacket.watch_event(hit, watch.token)))
         return out
 
@@ -490,7 +534,7 @@ class XenStoreServer:
             raise _Fail("ENOSPC")  # xenstored_transaction.c, do_transaction_start
         tx_id = self._next_tx
         self._next_tx = self._next_tx % 0xFFFFFFFF + 1  # never 0: that means "none"
-        conn.transactions[tx_id] = _Transaction(self._view.copy(), self._generation)
+        conn.transactions[tx_id] = _Transaction(self._view.transaction_copy())
         return join_strings(str(tx_id))
 
     def _do_transaction_end(
@@ -504,10 +548,34 @@ class XenStoreServer:
             raise _Fail("ENOENT")
         if arg == "F":
             return b"OK\x00", [], []
-        if tx.generation != self._generation:
-            raise _Fail("EAGAIN")  # something committed since we copied: caller retries
-        if not tx.changes:
-            return b"OK\x00", [], []
-        self._view = tx.view
-        self._generation += 1
+        self._commit(conn, tx.view)
         return b"OK\x00", [], self._fire(tx.changes)
+
+    def _commit(self, conn: _Conn, tx: _View) -> None:
+        """Apply a transaction's changes, or EAGAIN if a node it looked at changed since.
+
+        Spec: xenstored_transaction.c, check_transaction (a node's generation differs:
+        EAGAIN), then its changes are copied into the store. Quota counts are checked
+        again: other commits may have used up the domain's quota meanwhile.
+        """
+        assert tx.seen is not None
+        store = self._view
+        if any(store.nodes.get(path) is not node for path, node in tx.seen.items()):
+            raise _Fail("EAGAIN")  # someone else changed what we saw: caller retries
+        delta: Counter[int] = Counter()
+        for path in tx.written:
+            old, new = store.nodes.get(path), tx.nodes.get(path)
+            if old is not None:
+                delta[old.perms[0].domid] -= 1
+            if new is not None:
+                delta[new.perms[0].domid] += 1
+        mine = conn.domid
+        if mine != 0 and delta[mine] > 0 and store.owned[mine] + delta[mine] > self.node_quota:
+            raise _Fail("ENOSPC")
+        for path in tx.written:
+            new = tx.nodes.get(path)
+            if new is None:
+                store.nodes.pop(path, None)
+            else:
+                store.nodes[path] = new
+        store.owned.update(delta)

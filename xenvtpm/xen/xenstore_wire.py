@@ -154,6 +154,20 @@ def one_string(payload: bytes) -> str:
     return parts[0]
 
 
+def parse_decimal(text: str, limit: int) -> int:
+    """A decimal number in ``0..limit``: ASCII digits only, so never more than int() takes.
+
+    ``str.isdigit()`` also accepts digits int() refuses ("\u00b2") and ones it converts
+    ("\u0665" is 5): a guest's string is parsed here instead, into MalformedMessage.
+    """
+    if not 0 < len(text) <= len(str(limit)) or not text.isascii() or not text.isdigit():
+        raise MalformedMessage(f"not a number in 0..{limit}: {text[:32]!r}")
+    value = int(text)
+    if value > limit:
+        raise MalformedMessage(f"not a number in 0..{limit}: {text[:32]!r}")
+    return value
+
+
 def encode_write(path: str, value: bytes) -> bytes:
     """``XS_WRITE`` payload: ``path\\0value`` with no NUL after the value."""
     return path.encode() + b"\x00" + value
