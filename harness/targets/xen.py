@@ -923,7 +923,7 @@ class XenKernelFrontendTarget(XenTarget):
             Capability.XL,
             Capability.SHARED_CLIENTS,
         }
-    ) | {Capability.SAVE_RESTORE}
+    ) | {Capability.SAVE_RESTORE, Capability.KERNEL_CANCEL}
 
     def connect_vtpm(self, guest: XenGuest) -> None:
         """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the
