@@ -39,6 +39,11 @@ def sysfs_cancel(guest: Any) -> None:
     assert rc == 0, f"no sysfs cancel for {chip}: {err}"
 
 
+def cancel_later(guest: Any, done: threading.Event) -> None:
+    if not done.wait(CANCEL_AFTER_S):
+        sysfs_cancel(guest)
+
+
 @pytest.mark.slow
 @pytest.mark.needs("kernel-cancel")
 def test_client_cancels_a_long_create_primary(target: Any, guest: Any) -> None:
@@ -49,12 +54,7 @@ def test_client_cancels_a_long_create_primary(target: Any, guest: Any) -> None:
     for _ in range(ATTEMPTS):
         with guest.transport() as t:
             done = threading.Event()
-
-            def cancel_later() -> None:
-                if not done.wait(CANCEL_AFTER_S):
-                    sysfs_cancel(guest)
-
-            canceller = threading.Thread(target=cancel_later, daemon=True)
+            canceller = threading.Thread(target=cancel_later, args=(guest, done), daemon=True)
             canceller.start()
             try:
                 outcomes.append(t.transmit(slow_create_primary_cmd(), timeout=180))
