@@ -740,7 +740,7 @@ class Manager:
                 req.domid,
                 inst.bound_domid,
             )
-        if req.domid != inst.bound_domid or new_boot:
+        if req.domid != inst.bound_domid:
             inst.bound_domid = req.domid
             inst.record()
         self._reply(req.conn, inst.prefix, _SUCCESS)
