@@ -82,7 +82,6 @@ from .continuity import BOOT_ID_FILE, Continuity, read_boot_id
 from .durability import Signature, StateFileWatch, Syncer
 from .errors import InstanceStartError, MalformedMessage, VTPMError
 from .manager_client import PREFIX_SIZE, ManagerClient
-from .poller import Poller
 from .manager_instance import (
     PREFIX_I,
     Conn,
@@ -92,6 +91,7 @@ from .manager_instance import (
     Kind,
     Request,
 )
+from .poller import Poller
 from .swtpm import PTM_CMD, Swtpm, SwtpmConfig
 from .swtpm_control import RESULT_SIZE, ControlChannel, store_volatile
 from .swtpm_starter import Started, SwtpmStarter
