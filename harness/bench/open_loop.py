@@ -224,10 +224,24 @@ def saturation(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "machine": (top.get("machine_cpu_busy_pct") or 0.0) / 100.0,
     }
     first = max(headroom, key=lambda k: headroom[k])
+    cpu = top["cpu_us_per_op"]
+
+    def rate(us: float, cores: int) -> float | None:
+        return round(cores * 1e6 / us) if us > 0 else None
+
     return {
         "level": {"guests": top["guests"], "rate_per_guest": top["rate_per_guest"]},
         "share_of_limit": {k: round(v, 3) for k, v in headroom.items()},
         "nearest_limit": first,
+        # commands/s each role could serve alone at this level's CPU per command; the
+        # last one is every role of the path sharing the machine's cores, nothing else
+        "capacity_per_s": {
+            "backend": rate(cpu.get("backend", 0.0), 1),
+            "manager": rate(cpu.get("manager", 0.0), 1),
+            "frontends": rate(cpu.get("frontends", 0.0), ncpu),
+            "swtpm": rate(cpu.get("swtpm", 0.0), ncpu),
+            "whole_path": rate(sum(cpu.values()), ncpu),
+        },
         "machine_cpu_busy_pct": top.get("machine_cpu_busy_pct"),
         "how": "CPU of each role over the level's wall time, against its limit: one "
         "core for the single-threaded backend and manager, all cores for the frontends "
@@ -304,7 +318,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         sat = report.get("open_loop_meta", {}).get("saturation")
         if sat:
             out.append(f"nearest its limit at {sat['level']}: {sat['nearest_limit']} "
-                       f"(share of limit: {sat['share_of_limit']})")  # fmt: skip
+                       f"(share of limit: {sat['share_of_limit']}); commands/s each role "
+                       f"could serve alone: {sat['capacity_per_s']}")  # fmt: skip
     r = report.get("ratios", {})
     over = ratio(r.get("getrandom_p50_pinned"), r.get("floor3_getrandom_p50_pinned"))
     if over is not None:
