@@ -56,8 +56,9 @@ Routing rules, and why:
   its directory are fsync'ed before the answer goes back (swtpm 0.7.1 has no fsync of
   its own).
 
-The loop is single-threaded (``selectors``) with non-blocking sockets; the per-command
-path makes no thread hand-off, receives into preallocated buffers, replies with one
+The loop is single-threaded (one epoll, :mod:`xenvtpm.poller`) with non-blocking
+sockets; the per-command path makes no thread hand-off, receives into preallocated
+buffers (one backend packet per readiness), replies with one
 ``sendmsg([prefix, response])`` and logs nothing unless debug is enabled.
 
 Spec: 000_a1dfc4f903a123f1.txt ("a 4-byte virtual TPM instance identifier is prepended
