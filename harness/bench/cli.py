@@ -327,9 +327,10 @@ class Bench:
         levels: open_loop.Levels = open_loop.QUICK_LEVELS if self.quick else open_loop.FULL_LEVELS
         duration, warmup = (3.0, 0.5) if self.quick else (8.0, 1.0)
         self.report["open_loop"] = []
+        per_instance = 0.3 if self.template is not None else 2.5  # cloned, or manufactured
         while levels:
             most = max(n for n, _ in levels)
-            need = most * 0.3 + len(levels) * (duration + warmup + 1.0) + 10
+            need = most * per_instance + len(levels) * (duration + warmup + 1.0) + 10
             if need <= self.budget.remaining:
                 break
             self.note(f"open loop: {most} guests skipped: needs ~{need:.0f} s, "
