@@ -8,6 +8,7 @@ import contextlib
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -99,3 +100,17 @@ def test_the_goal_level_is_judged_on_p99_and_errors() -> None:
     assert open_loop.goal_met([entry | {"errors": 1}])[0] is False
     assert open_loop.goal_met([entry | {"p99_us": 21_000.0}])[0] is False
     assert open_loop.goal_met([entry | {"guests": 32}]) == (None, None)
+
+
+def test_an_overloaded_level_ends_with_its_window_and_counts_the_backlog(
+    tmp_path: Path,
+) -> None:
+    def slow(command: bytes) -> bytes:
+        time.sleep(0.05)  # 20 answers a second, for 100 a second due
+        return _RANDOM_16
+
+    with endpoints(tmp_path, [slow]) as paths:
+        res = open_loop.drive(paths, rate=100.0, duration=0.3, warmup=0.0)
+    assert res.due == 30
+    assert res.unsent > 0 and res.late_sends > 0 and res.errors == 0
+    assert res.answered + res.unsent == res.due
