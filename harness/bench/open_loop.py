@@ -305,13 +305,13 @@ def rows(entries: Sequence[dict[str, Any]]) -> list[list[Any]]:
     for e in entries:
         pct = e.get("cpu_pct_of_one_core", {})
         rows.append([e["guests"], e["rate_per_guest"], e["offered_per_s"], e["p50_us"],
-                     e["p99_us"], e["errors"], e["late_sends"], pct.get("backend"),
+                     e["p99_us"], e["errors"], e["late_sends"], e.get("unsent"), pct.get("backend"),
                      pct.get("manager"), pct.get("frontends"), pct.get("swtpm"),
                      e.get("machine_cpu_busy_pct")])  # fmt: skip
     return rows
 
 
-TABLE_HEADER = ["guests", "rate/guest", "offered/s", "p50 us", "p99 us", "errors", "late",
+TABLE_HEADER = ["guests", "rate/guest", "offered/s", "p50 us", "p99 us", "errors", "late", "unsent",
                 "backend %", "manager %", "frontends %", "swtpm %", "CPUs busy %"]  # fmt: skip
 
 
