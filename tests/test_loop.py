@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 
-from xenvtpm.loop import Loop
+from xenvtpm.loop import Alarm, Loop
 
 
 def test_callback_removed_by_an_earlier_one_in_the_same_batch_is_skipped() -> None:
@@ -86,4 +86,38 @@ def test_cancelled_timers_do_not_pile_up() -> None:
     for _ in range(10_000):
         loop.call_later(180.0, lambda: None).cancel()
     assert loop.pending_timers() < 200
+    loop.close()
+
+
+def test_an_alarm_rearmed_per_command_keeps_one_timer_and_fires_once_due() -> None:
+    """A per-command timeout (issue 20): arming stores a deadline; the loop holds one
+    timer per alarm whatever the number of commands, and only a deadline that passed
+    while armed fires."""
+    loop = Loop()
+    fired: list[str] = []
+    alarm = Alarm(loop, 0.05, lambda: fired.append("late"))
+    for _ in range(1000):
+        alarm.arm()
+        alarm.disarm()
+    assert loop.pending_timers() == 1
+    alarm.arm()
+    loop.call_later(0.2, loop.stop)
+    loop.run()
+    assert fired == ["late"] and not alarm.armed
+    alarm.close()
+    assert loop.pending_timers() == 0
+    loop.close()
+
+
+def test_an_alarm_disarmed_in_time_never_fires() -> None:
+    loop = Loop()
+    fired: list[str] = []
+    alarm = Alarm(loop, 0.05, lambda: fired.append("late"))
+    alarm.arm()
+    loop.call_later(0.03, alarm.disarm)
+    loop.call_later(0.03, alarm.arm)  # re-armed: its deadline moves on, to 0.08
+    loop.call_later(0.07, alarm.disarm)
+    loop.call_later(0.15, loop.stop)
+    loop.run()
+    assert fired == []
     loop.close()

@@ -40,7 +40,7 @@ from xenvtpm.backend_rings import (
 )
 from xenvtpm.errors import MalformedMessage, TransactionConflict, XenError, XenStoreError
 from xenvtpm.intake import Forward, NotSubmitted
-from xenvtpm.loop import Timer
+from xenvtpm.loop import Alarm
 from xenvtpm.manager_link import Ticket
 from xenvtpm.tpmif_v2 import VtpmState
 from xenvtpm.xen.interface import EventChannel
@@ -109,7 +109,10 @@ class BackendDevice:
         self._ticket: Ticket | None = None  # the slot: this device's request on the path
         self._waiting = False  # the frontend waits for that request's answer
         self._deferred = False  # signalled while the slot was held: look when it frees
-        self._timer: Timer | None = None  # the frontend's wait: answered FAILURE at expiry
+        # the frontend's wait (answered FAILURE at expiry), and the deferred request's
+        loop = backend.loop
+        self._wait = Alarm(loop, backend.timeout, self._on_timeout)
+        self._deferral = Alarm(loop, backend.timeout, self._on_deferred_timeout)
         self._bind_ticket: Ticket | None = None
         self.requests = 0
 
@@ -237,7 +240,8 @@ class BackendDevice:
         if self._waiting:
             self._give_up()
         self._deferred = False
-        self._stop_timer()
+        self._wait.close()
+        self._deferral.close()
         if self._channel is not None:
             self._backend.loop.remove_reader(self._channel.fileno())
             self._channel.close()
@@ -344,7 +348,7 @@ class BackendDevice:
             self.instance, decision.command, self._on_reply
         )
         self._waiting = True
-        self._timer = self._backend.loop.call_later(self._backend.timeout, self._on_timeout)
+        self._wait.arm()
 
     def _on_reply(self, response: memoryview) -> None:
         """The manager answered (or the link dropped) this device's request: the slot is
@@ -366,7 +370,6 @@ class BackendDevice:
             self.instance,
             self._backend.timeout,
         )
-        self._timer = None
         self._give_up()
         self._answer(_FAILURE)
 
@@ -382,16 +385,13 @@ class BackendDevice:
         """The frontend signalled while the slot is held for an answer nobody waits for:
         look at its pages when the slot frees, or answer by the timeout."""
         self._deferred = True
-        if self._timer is None:
-            self._timer = self._backend.loop.call_later(
-                self._backend.timeout, self._on_deferred_timeout
-            )
+        if not self._deferral.armed:
+            self._deferral.arm()
 
     def _on_deferred_timeout(self) -> None:
         """The slot stayed held for the whole timeout: answer what the frontend put on
         its pages (one look) without forwarding it, as for a silent vTPM. A v2 CANCEL
         keeps waiting for the slot: its answer is IDLE, and only the slot's end gives it."""
-        self._timer = None
         if not self._deferred or self._ring is None:
             return
         decision = self._ring.take()
@@ -408,9 +408,8 @@ class BackendDevice:
         self._answer(decision if not isinstance(decision, Forward) else _FAILURE)
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._wait.disarm()
+        self._deferral.disarm()
 
     def _answer(self, response: bytes | memoryview) -> None:
         if self._channel is None or self._ring is None:

@@ -117,6 +117,11 @@ class Ring2006:
         self._ring = ring
         self._data = data
         self._refs = refs
+        # the mappings' own views, looked up once: their close releases these very views
+        self._ring_page = ring.pages[0]
+        self._data_pages = data.pages
+        self._npages = len(refs)
+        self._capacity = tpmif.capacity(len(refs))
 
     @classmethod
     def map(cls, hv: Hypervisor, domid: int, ring_ref: int) -> Ring2006:
@@ -142,15 +147,15 @@ class Ring2006:
         return f"2006 ring, {len(self._refs)} data pages"
 
     def take(self) -> bytes | Forward:
-        return intake(self._ring.pages[0], self._data.pages, len(self._refs))
+        return intake(self._ring_page, self._data_pages, self._npages)
 
     def cancel_requested(self) -> bool:
         return False  # the 2006 ring has no cancel: events in flight mean nothing
 
     def answer(self, response: bytes | memoryview) -> None:
-        if len(response) > tpmif.capacity(len(self._refs)):
+        if len(response) > self._capacity:
             response = _FAILURE
-        tpmif.write_packet(self._ring.pages[0], self._data.pages, self._refs, response)
+        tpmif.write_packet(self._ring_page, self._data_pages, self._refs, response)
 
     def cancelled(self) -> None:
         pass  # never asked for (cancel_requested is always False)

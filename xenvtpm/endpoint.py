@@ -10,6 +10,7 @@ time, in arrival order, each whole.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
@@ -110,7 +111,7 @@ class SocketEndpoint:
         sock.setblocking(False)
         client = EndpointClient(sock, self)
         self._clients.add(client)
-        self._loop.add_reader(sock.fileno(), lambda: self._receive(client))
+        self._loop.add_reader(sock.fileno(), functools.partial(self._receive, client))
 
     def _receive(self, client: EndpointClient) -> None:
         assert self._on_command is not None

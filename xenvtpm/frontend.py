@@ -17,14 +17,13 @@ import collections
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from xenvtpm import tpm, tpmif
 from xenvtpm.daemon import configure_logging, default_log_level, run_service
 from xenvtpm.endpoint import SocketEndpoint
 from xenvtpm.errors import MalformedMessage, TransactionConflict, XenStoreError
-from xenvtpm.loop import Loop, Timer
+from xenvtpm.loop import Alarm, Loop, Timer
 from xenvtpm.tpmif_v2 import FEATURE_PROTOCOL_V2
 from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
@@ -52,13 +51,6 @@ class Endpoint(Protocol):
 
     def start(self, loop: Loop, on_command: Callable[[TpmClient, memoryview], None]) -> None: ...
     def close(self) -> None: ...
-
-
-@dataclass
-class _InFlight:
-    client: TpmClient
-    timer: Timer
-    abandoned: bool = False  # we gave up waiting; the late answer must be dropped
 
 
 class Frontend:
@@ -92,7 +84,9 @@ class Frontend:
         self._backend_id = -1
         self._backend_path = ""
         self._queue: collections.deque[tuple[TpmClient, bytes]] = collections.deque()
-        self._inflight: _InFlight | None = None
+        self._inflight: TpmClient | None = None  # whose command is on the ring
+        self._abandoned = False  # we gave up waiting; the late answer must be dropped
+        self._alarm = Alarm(loop, timeout, self._on_timeout)
         self._retry: Timer | None = None
         self._started = False
 
@@ -132,6 +126,7 @@ class Frontend:
             self._retry = None
         self._endpoint.close()
         self._fail_all(tpm.TPM_RC.FAILURE)
+        self._alarm.close()
         self._loop.remove_reader(self._xs.fileno())
         try:
             if self._state.state not in (S.UNKNOWN, S.CLOSED):
@@ -231,13 +226,18 @@ class Frontend:
         if len(command) > CAPACITY:
             client.reply(tpm.error_response(tpm.TPM_RC.COMMAND_SIZE))
             return
+        if self._inflight is None and not self._queue and self._ready():
+            self._submit(client, command)  # the ring is free: straight onto the pages
+            return
         self._queue.append((client, bytes(command)))
         self._send_next()
 
+    def _ready(self) -> bool:
+        """Connected, with a channel (not dropped and waiting to publish again)."""
+        return self._state.state == S.CONNECTED and self._channel is not None
+
     def _send_next(self) -> None:
-        if self._inflight is not None or self._state.state != S.CONNECTED:
-            return
-        if self._channel is None:  # dropped, and Initialising not yet published: wait
+        if self._inflight is not None or not self._ready():
             return
         while self._queue:
             client, command = self._queue.popleft()
@@ -245,24 +245,30 @@ class Frontend:
                 break
         else:
             return
+        self._submit(client, command)
+
+    def _submit(self, client: TpmClient, command: bytes | memoryview) -> None:
+        """Put one command on the ring and signal it: the ring's one request."""
         assert self._pages is not None and self._channel is not None
         pages = self._pages.pages
         tpmif.write_packet(pages[0], pages[1:], self._data_refs, command)
-        timer = self._loop.call_later(self._timeout, self._on_timeout)
-        self._inflight = _InFlight(client, timer)
+        self._inflight = client
+        self._abandoned = False
+        self._alarm.arm()
         self._channel.notify()
 
     def _on_event(self) -> None:
-        assert self._channel is not None
-        if not self._channel.consume():
+        channel = self._channel
+        assert channel is not None
+        if not channel.consume():
             self.log.warning("event channel closed by the backend")
             try:
                 self._disconnect()
             except TransactionConflict:
                 self._retry_later()
             return
-        inflight = self._inflight
-        if inflight is None:
+        client = self._inflight
+        if client is None:
             return  # spurious: the backend only ever answers a request
         assert self._pages is not None
         pages = self._pages.pages
@@ -273,25 +279,25 @@ class Frontend:
             self.log.warning("backend sent a malformed response: %s", e)
             response = tpm.error_response(tpm.TPM_RC.FAILURE)
         self._inflight = None
-        inflight.timer.cancel()
-        if not inflight.abandoned:
-            inflight.client.reply(response)
-        self._send_next()
+        self._alarm.disarm()
+        if not self._abandoned:
+            client.reply(response)
+        if self._queue:
+            self._send_next()
 
     def _on_timeout(self) -> None:
-        inflight = self._inflight
-        if inflight is None or inflight.abandoned:
+        client = self._inflight
+        if client is None or self._abandoned:
             return
         self.log.warning("no answer from the backend in %.0f s", self._timeout)
-        inflight.abandoned = True
-        inflight.client.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
+        self._abandoned = True
+        client.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
 
     def _fail_inflight(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.timer.cancel()
-            if not inflight.abandoned:
-                inflight.client.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
+        client, self._inflight = self._inflight, None
+        self._alarm.disarm()
+        if client is not None and not self._abandoned:
+            client.reply(tpm.error_response(tpm.TPM_RC.FAILURE))
 
     def _fail_all(self, rc: int) -> None:
         self._fail_inflight()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
@@ -32,11 +33,11 @@ from xenvtpm.errors import MalformedMessage
 RESERVED_CODES = tpm.XENVTPM_CC_RESERVED
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
+class Forward(NamedTuple):
     """A well-formed command, copied out of shared memory: send it to the manager.
 
     ``locality`` is what a v2 frontend asked for (0 on the 2006 ring, which has none).
+    A tuple, not a frozen dataclass: one per command, at a fifth of the cost (issue 20).
     """
 
     command: bytes

@@ -56,8 +56,9 @@ Routing rules, and why:
   its directory are fsync'ed before the answer goes back (swtpm 0.7.1 has no fsync of
   its own).
 
-The loop is single-threaded (``selectors``) with non-blocking sockets; the per-command
-path makes no thread hand-off, receives into preallocated buffers, replies with one
+The loop is single-threaded (one epoll, :mod:`xenvtpm.poller`) with non-blocking
+sockets; the per-command path makes no thread hand-off, receives into preallocated
+buffers (one backend packet per readiness), replies with one
 ``sendmsg([prefix, response])`` and logs nothing unless debug is enabled.
 
 Spec: 000_a1dfc4f903a123f1.txt ("a 4-byte virtual TPM instance identifier is prepended
@@ -91,6 +92,7 @@ from .manager_instance import (
     Kind,
     Request,
 )
+from .poller import Poller
 from .swtpm import PTM_CMD, Swtpm, SwtpmConfig
 from .swtpm_control import RESULT_SIZE, ControlChannel, store_volatile
 from .swtpm_starter import Started, SwtpmStarter
@@ -172,7 +174,7 @@ class Manager:
         self._instances: dict[int, Instance] = {}
         self._busy: set[Instance] = set()  # a command in flight in swtpm (data deadline)
         self._controlling: set[Instance] = set()  # a control request in flight
-        self._sel: selectors.DefaultSelector | None = None
+        self._sel: Poller | None = None
         self._listener: socket.socket | None = None
         self._wake_r = -1
         self._wake_w = -1
@@ -208,7 +210,7 @@ class Manager:
         try:
             self.boot_id = read_boot_id(self.boot_id_file)
             self.state_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._sel = selectors.DefaultSelector()
+            self._sel = Poller()
             self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
             self._listener = self._bind()
@@ -334,14 +336,12 @@ class Manager:
         while True:
             if self._stop and self._drained():
                 break
-            ready = sel.select(self._next_timeout())
-            registered = sel.get_map()
-            for key, mask in ready:
-                # an earlier callback of this batch may have torn this channel down (a
-                # swtpm restarted): its readiness is stale, and acting on it would crash
-                if registered.get(key.fd) is key:
-                    key.data(mask)
-            self._expire(time.monotonic())
+            due = self._next_due()
+            # an earlier handler of a batch may tear a channel down (a swtpm restarted):
+            # the poller skips its stale readiness, whose handling would crash
+            sel.dispatch(None if due is None else max(due - time.monotonic(), 0.0))
+            if self._controlling or (due is not None and time.monotonic() >= due):
+                self._expire(time.monotonic())
 
     def _drained(self) -> bool:
         now = time.monotonic()
@@ -352,14 +352,17 @@ class Manager:
             return True
         return all(i.inflight is None for i in self._instances.values())
 
-    def _next_timeout(self) -> float | None:
-        deadlines = [i.deadline for i in self._busy]
+    def _next_due(self) -> float | None:
+        """The first deadline: a command's, a control request's or the drain's. Every
+        command passes here twice, most often with one instance busy and nothing else."""
+        busy = self._busy
+        if len(busy) == 1 and not self._controlling and not self._stop:
+            return next(iter(busy)).deadline
+        deadlines = [i.deadline for i in busy]
         deadlines += [d for i in self._controlling if i.control and (d := i.control.deadline)]
         if self._stop and self._drain_deadline is not None:
             deadlines.append(self._drain_deadline)
-        if not deadlines:
-            return None
-        return max(min(deadlines) - time.monotonic(), 0.0)
+        return min(deadlines) if deadlines else None
 
     def _expire(self, now: float) -> None:
         for inst in [i for i in self._busy if i.deadline <= now]:
@@ -407,20 +410,23 @@ class Manager:
             self._read_packets(conn)
 
     def _read_packets(self, conn: Conn) -> None:
-        rx, mv = self._rx, self._rxview
-        for _ in range(64):  # bounded: one busy backend cannot starve the others
-            try:
-                n = conn.sock.recv_into(rx, len(rx), socket.MSG_TRUNC)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.info("backend connection failed: %s", exc)
-                self._close_conn(conn)
-                return
-            if n == 0:
-                self._close_conn(conn)
-                return
-            self._on_packet(conn, mv, n)
+        """One packet per readiness: the loop is level-triggered, so the next one comes
+        in the next round, after every other ready channel had its turn (one busy
+        backend cannot starve the others), and no ``recv`` is spent finding the socket
+        empty when, as most often, one packet was there."""
+        rx = self._rx
+        try:
+            n = conn.sock.recv_into(rx, len(rx), socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.info("backend connection failed: %s", exc)
+            self._close_conn(conn)
+            return
+        if n == 0:
+            self._close_conn(conn)
+            return
+        self._on_packet(conn, self._rxview, n)
 
     def _on_packet(self, conn: Conn, mv: memoryview, n: int) -> None:
         if n < PREFIX_SIZE:

@@ -156,7 +156,7 @@ class ManagerLink:
 
     def outstanding(self, instance: int) -> int:
         """Requests of ``instance`` sent and not answered, or waiting in the backlog."""
-        return len(self._pending.get(instance, ())) + self._backlogged[instance]
+        return len(self._pending.get(instance, ())) + self._backlogged.get(instance, 0)
 
     # -- internals -------------------------------------------------------------------
 
@@ -176,6 +176,7 @@ class ManagerLink:
 
     def _send(self, instance: int, command: bytes, ticket: Ticket) -> None:
         assert self._sock is not None
+        queue = self._pending.get(instance)
         try:
             self._sock.sendmsg([_INSTANCE_I.pack(instance), command])
         except BlockingIOError:
@@ -186,7 +187,9 @@ class ManagerLink:
             self._answer_soon([ticket], _FAILURE)
             self._disconnect(f"send failed: {e}")
             return
-        self._pending.setdefault(instance, collections.deque()).append(ticket)
+        if queue is None:
+            self._pending[instance] = queue = collections.deque()
+        queue.append(ticket)
 
     def _connect(self) -> None:
         self._retry = None
@@ -253,9 +256,7 @@ class ManagerLink:
             self.dropped_replies += 1
             log.warning("unexpected reply for instance %d: dropped", instance)
             return
-        ticket = queue.popleft()
-        if not queue:
-            del self._pending[instance]
+        ticket = queue.popleft()  # an empty FIFO stays, for the instance's next request
         response = view[PREFIX_SIZE:]
         try:
             if n > MAX_PACKET:  # the buffer holds one byte more than any legal packet
@@ -264,6 +265,8 @@ class ManagerLink:
         except MalformedMessage as e:
             log.error("instance %d: manager sent a malformed response (%s)", instance, e)
             response = memoryview(_FAILURE)
-        if ticket.callback is None:
+        callback, ticket.callback = ticket.callback, None
+        if callback is None:
             self.dropped_replies += 1
-        ticket.resolve(response)
+        else:
+            callback(response)

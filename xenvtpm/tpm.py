@@ -26,8 +26,8 @@ Part 2, 6.5 (TPM_CC), 6.6 (TPM_RC), 6.9 (TPM_ST), 6.12 (TPM_SU).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from .errors import MalformedMessage
 
@@ -306,9 +306,12 @@ class MalformedCommand(MalformedMessage):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class TpmHeader:
+class TpmHeader(NamedTuple):
     """The 10-byte header shared by commands (``code`` = TPM_CC) and responses (TPM_RC).
+
+    Immutable like a frozen dataclass, but a tuple: every command is parsed five times
+    on its way (backend, manager and three responses), and a frozen dataclass's
+    ``__init__`` costs about 1 us there, a tuple's about 0.2 us (issue 20).
 
     Spec: TCG TPM2 Part 1, 18.2 / 18.8: ``tag u16, commandSize/responseSize u32,
     commandCode/responseCode u32``, big-endian.
@@ -327,7 +330,7 @@ class TpmHeader:
             raise MalformedMessage(
                 f"TPM header needs {HEADER_SIZE} bytes, got {len(data)}"
             ) from exc
-        return cls(tag, size, code)
+        return cls._make((tag, size, code))
 
     def to_bytes(self) -> bytes:
         try:
@@ -352,7 +355,7 @@ def validate_command(
     length = len(data)
     if length < HEADER_SIZE:
         raise MalformedCommand(TPM_RC.COMMAND_SIZE, f"command of {length} bytes < header")
-    header = TpmHeader.from_bytes(data)
+    header = TpmHeader._make(_HEADER_HII.unpack_from(data, 0))
     if header.tag not in _COMMAND_TAGS:
         raise MalformedCommand(bad_tag_rc(header.tag), f"command tag 0x{header.tag:04x}")
     if header.size != length:
@@ -373,7 +376,9 @@ def validate_response(data: bytes | bytearray | memoryview) -> TpmHeader:
 
     Spec: TCG TPM2 Part 1, 18.8; Part 2, 6.9 (TPM_ST_RSP_COMMAND).
     """
-    header = TpmHeader.from_bytes(data)
+    if len(data) < HEADER_SIZE:
+        raise MalformedMessage(f"TPM header needs {HEADER_SIZE} bytes, got {len(data)}")
+    header = TpmHeader._make(_HEADER_HII.unpack_from(data, 0))
     if header.tag not in _RESPONSE_TAGS:
         raise MalformedMessage(f"response tag 0x{header.tag:04x}")
     if header.size != len(data):

@@ -175,24 +175,46 @@ def write_packet(
     page ``i`` on (0 for pages the packet does not reach).  Data goes first, then the
     ring, so a peer that looks early sees no size pointing at stale data.  It runs
     twice per command, so it builds no entry objects: one slice copy per page and one
-    ``pack_into`` for the ring (the same bytes as :func:`write_ring` of
-    :func:`ring_entries`, pinned by the tests).
+    ``pack_into`` for the ring, from a copy of the entries' fields kept per set of refs
+    (the same bytes as :func:`write_ring` of :func:`ring_entries`, pinned by the tests).
     """
     npages = len(pages)
     if len(refs) != npages or not 0 < npages <= TPMIF_TX_RING_SIZE:
         raise ValueError(f"{len(refs)} refs for {npages} pages")
-    sizes = page_sizes(len(packet), npages)
-    src = memoryview(packet)
-    fields: list[int] = []
-    for i, (ref, remaining) in enumerate(zip(refs, sizes, strict=True)):
-        if remaining:
-            n = min(remaining, PAGE_SIZE)
-            pages[i][:n] = src[i * PAGE_SIZE : i * PAGE_SIZE + n]
-        fields += (0, ref, 0, remaining)
+    length = len(packet)
+    if length > npages * PAGE_SIZE:
+        raise MalformedMessage(f"packet of {length} bytes does not fit {npages} pages")
+    fields = _ring_fields(refs)
+    if length <= PAGE_SIZE:  # every command of a TPM 2.0 client so far
+        pages[0][:length] = packet
+        fields[3] = length
+    else:
+        src = memoryview(packet)
+        for i in range(pages_needed(length)):
+            off = i * PAGE_SIZE
+            n = min(length - off, PAGE_SIZE)
+            pages[i][:n] = src[off : off + n]
+            fields[4 * i + 3] = length - off
     try:
         _RING_PREFIXES[npages].pack_into(ring, 0, *fields)
     except struct.error as exc:
         raise MalformedMessage(f"cannot write ring entries: {exc}") from exc
+
+
+#: Per set of data-page refs, the ring entries' fields with every ``size`` 0.
+_FIELDS: dict[tuple[int, ...], list[int]] = {}
+_FIELDS_MAX = 4096  # refs sets kept (one per connected device); beyond: built per call
+
+
+def _ring_fields(refs: Sequence[int]) -> list[int]:
+    """A fresh list ``[addr 0, ref, unused 0, size 0]`` per entry, for ``pack_into``."""
+    key = refs if isinstance(refs, tuple) else tuple(refs)
+    fields = _FIELDS.get(key)
+    if fields is None:
+        fields = [x for ref in key for x in (0, ref, 0, 0)]
+        if len(_FIELDS) < _FIELDS_MAX:
+            _FIELDS[key] = fields
+    return fields.copy()
 
 
 def read_length(ring: bytes | bytearray | memoryview, npages: int) -> int:
@@ -228,16 +250,20 @@ def packet_length(entries: Sequence[TxRequest], npages: int) -> int:
 def gather(pages: Sequence[memoryview], length: int) -> bytes:
     """Copy ``length`` bytes out of consecutive data pages into one private ``bytes``.
 
-    One pass, one allocation (the result): ``bytes.join`` over page slices.
+    One pass, one allocation (the result): one slice copy if the packet fits a page,
+    else ``bytes.join`` over page slices.
     ``length`` must already be checked (:func:`packet_length`); it is re-checked here.
     """
     if not 0 <= length <= len(pages) * PAGE_SIZE:
         raise MalformedMessage(f"packet of {length} bytes exceeds {len(pages)} pages")
-    full, rest = divmod(length, PAGE_SIZE)
-    parts = [pages[i][:PAGE_SIZE] for i in range(full)]
-    if rest:
-        parts.append(pages[full][:rest])
-    data = b"".join(parts)
+    if 0 < length <= PAGE_SIZE:
+        data = bytes(pages[0][:length])
+    else:
+        full, rest = divmod(length, PAGE_SIZE)
+        parts = [pages[i][:PAGE_SIZE] for i in range(full)]
+        if rest:
+            parts.append(pages[full][:rest])
+        data = b"".join(parts)
     if len(data) != length:
         raise MalformedMessage(f"pages hold {len(data)} of {length} bytes (short page)")
     return data

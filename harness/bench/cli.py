@@ -10,7 +10,9 @@ One run, in this order (each phase bounded by the run's time budget):
 3. the cost of one driver command: CPU, wake-ups, py-spy profile, system calls
    (``profiling.py``);
 4. scale: 1, 8, 32 and 128 guests on one backend and manager (``scale.py``);
-5. ``bench.json``, ``latency_vs_instances.png`` and the tables, with every goal of
+5. open loop: N guests each sending GetRandom at a fixed rate, up to 128 x 20/s and
+   beyond (``open_loop.py``);
+6. ``bench.json``, ``latency_vs_instances.png`` and the tables, with every goal of
    issue 6 judged met or not met (``stats.py``).
 
 ``--target xen`` runs ``xen.py`` instead: a Xen guest's /dev/tpm0 against swtpm in dom0.
@@ -34,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from harness.bench import floor, micro, procs, profiling, scale, stats
+from harness.bench import floor, micro, open_loop, procs, profiling, scale, stats
 from harness.bench.latency import GET_RANDOM_16, Link, PathClient, Plan, measure_workload
 from harness.bench.plot import latency_vs_instances
 from harness.deadline import Deadline
@@ -115,6 +117,7 @@ class Bench:
         self.template_dir = Path(tempfile.mkdtemp(prefix="xvbench-template-"))
         self.direct: DirectTarget | None = None
         self.level1: scale.Level | None = None
+        self.template: Path | None = None  # manufactured state that later levels clone
 
     def note(self, text: str) -> None:
         _say(text)
@@ -288,7 +291,7 @@ class Bench:
                 per_instance = max(level.bringup_s / n, 0.05)
             failed = True
             if template is None:  # the first (fresh) level's state seeds the others
-                template = scale.save_template(level, self.template_dir)
+                template = self.template = scale.save_template(level, self.template_dir)
             try:
                 _say(f"scale: {n} guests, closed loop for {duration:.0f} s")
                 entries.append(scale.measure_level(level, duration, warmup))
@@ -318,6 +321,31 @@ class Bench:
                 entry["backend_mb_per_instance"] = share
                 entry["rss_mb_per_instance"] = round(share + (entry.get("swtpm_rss_mb") or 0.0), 2)
 
+    def open_loop(self) -> None:
+        """Fixed-rate guests (issue 20, part 3), quick mode included: the goal level
+        (128 x 20/s) needs one 128-guest bring-up of cloned state, ~20-40 s here."""
+        levels: open_loop.Levels = open_loop.QUICK_LEVELS if self.quick else open_loop.FULL_LEVELS
+        duration, warmup = (3.0, 0.5) if self.quick else (8.0, 1.0)
+        self.report["open_loop"] = []
+        per_instance = 0.3 if self.template is not None else 2.5  # cloned, or manufactured
+        while levels:
+            most = max(n for n, _ in levels)
+            need = most * per_instance + len(levels) * (duration + warmup + 1.0) + 10
+            if need <= self.budget.remaining:
+                break
+            self.note(f"open loop: {most} guests skipped: needs ~{need:.0f} s, "
+                      f"{self.budget.remaining:.0f} s of the budget left")  # fmt: skip
+            levels = tuple(lv for lv in levels if lv[0] < most)
+        if not levels:
+            return
+        try:
+            entries, meta = open_loop.run(levels, duration, warmup, self.template, _say)
+        except Exception as exc:
+            self.report["errors"].append(f"open loop: {type(exc).__name__}: {exc}")
+            return
+        self.report["open_loop"] = entries
+        self.report["open_loop_meta"] = meta
+
     # -- the run ---------------------------------------------------------------------
 
     def run(self) -> int:
@@ -338,6 +366,7 @@ class Bench:
             assert self.direct is not None
             self.direct.close()
             self.scale()
+            self.open_loop()
             self.check_machine("end")
         except KeyboardInterrupt:
             self.report["errors"].append("interrupted")
@@ -432,6 +461,7 @@ class Bench:
         if self.report.get("scale"):
             parts += ["", "Scale: one backend + manager, N guests in closed loops of GetRandom", ""]
             parts.append(stats.scale_table(self.report["scale"]))
+        parts += open_loop.summary_lines(self.report)
         parts += ["", "Goals (issue 6)", "", stats.goals_table(goals)]
         for n in self.report["notes"]:
             parts.append(f"note: {n}")

@@ -49,7 +49,7 @@ def hot_path_steps() -> dict[str, Any]:
 
     def timer() -> None:
         loop.call_later(180.0, lambda: None).cancel()
-        loop._next_timeout()
+        loop._next_due()
 
     try:
         tpmif.write_packet(ring, data, refs, GET_RANDOM_16)

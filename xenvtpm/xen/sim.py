@@ -36,6 +36,7 @@ from xenvtpm.xen.xenstore_client import XenStoreClient
 
 log = logging.getLogger(__name__)
 
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 SIM_FDS_ENV = "XENVTPM_SIM_FDS"  # same names as xenvtpm.xen (kept here: no import cycle)
 SIM_DIR_ENV = "XENVTPM_SIM_DIR"
 XENSTORED_SOCK = "xenstored.sock"
@@ -174,6 +175,7 @@ class SimEventChannel(Closeable):
         self._port = port
         self._sock = sock
         self._sock.setblocking(False)
+        self._events = bytearray(MAX_CONSUME_ROUNDS)  # consume() reads into it: no copy
         self._dead = False
         self._closed = False
 
@@ -191,7 +193,7 @@ class SimEventChannel(Closeable):
         if self._closed or self._dead:
             return
         try:
-            self._sock.send(b"\x01", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            self._sock.send(b"\x01", _SEND_FLAGS)
         except BlockingIOError:
             pass
         except OSError:
@@ -210,7 +212,7 @@ class SimEventChannel(Closeable):
         if self._dead or count <= 0:
             return 0
         try:
-            return self._sock.send(b"\x01" * count, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            return self._sock.send(b"\x01" * count, _SEND_FLAGS)
         except BlockingIOError:
             return 0
         except OSError:
@@ -223,12 +225,12 @@ class SimEventChannel(Closeable):
         if self._closed or self._dead:
             return False
         try:
-            data = self._sock.recv(MAX_CONSUME_ROUNDS)
+            taken = self._sock.recv_into(self._events)
         except BlockingIOError:
             return True
         except OSError:
-            data = b""
-        if not data:
+            taken = 0
+        if not taken:
             self._dead = True
             return False
         return True
