@@ -123,7 +123,9 @@ class SshServer:
         with self._lock:
             transports, self._transports = self._transports, []
         for transport in transports:
-            transport.close()
+            # A guest's transport runs over a channel of dom0's, which may be gone.
+            with contextlib.suppress(EOFError, OSError, paramiko.SSHException):
+                transport.close()
 
     def known_hosts_line(self, address: str, port: int = 22) -> str:
         """This server's key as a known_hosts line for ``address`` (``[address]:port``
@@ -268,5 +270,7 @@ class FakeXenHost:
         tb: TracebackType | None,
     ) -> None:
         self._listener.close()
-        for server in [self.dom0, *self.dom0.routes.values()]:
+        # Guests first: their transports run over channels of dom0's, whose threads
+        # would otherwise fail (EOFError) writing to a channel that dom0 closed.
+        for server in [*self.dom0.routes.values(), self.dom0]:
             server.close()
