@@ -38,6 +38,9 @@ class Capability(enum.StrEnum):
     # /dev/tpm0 (and /dev/tpmrm0 if it registered a TPM 2.0), tpm2-tools, /opt/tpm2-selftests
     DOM0_SHELL = "dom0-shell"  # target.dom0_run(cmd) as root in a dom0 with swtpm,
     # tpm_vtpm_proxy and /opt/tpm2-selftests: a baseline TPM beside the guests' vTPMs
+    POWER_CUT = "power-cut"  # target.power_cut_and_cold_boot(): the machine killed without
+    # a shutdown (its page caches lost), the same disks booted cold, every guest back with
+    # its vTPM instance
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 
