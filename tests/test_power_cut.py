@@ -38,6 +38,7 @@ EXT4_GOING_FLAGS_NOLOGFLUSH = 0x2  # no flush of the journal, nor of the data
 INSTANCE = 1
 NV_INDEX = 0x01500016
 NV_SIZE = 64
+EK_HANDLE = 0x81010001  # the RSA EK that manufacturing makes persistent
 
 
 def _cannot_cut_power() -> str | None:
@@ -168,6 +169,30 @@ def test_without_fsync_the_same_power_cut_loses_it(tmp_path: Path, disk: Path) -
     disk, and this power cut really loses it (so the test above can fail)."""
     before, value = _nv_after_a_cut_behind(PoweredManager(tmp_path, disk, "--no-fsync"))
     assert value == before, "the unsynced write survived: this cut loses nothing"
+
+
+def test_a_new_instance_is_on_disk_before_its_first_answer(tmp_path: Path, disk: Path) -> None:
+    """The guest's first answer may already depend on the new TPM's seeds (its EK, a
+    key sealed under its SRK): manufacturing must not be lost in a power cut after it."""
+    manager = PoweredManager(tmp_path, disk)
+    client = manager.start()
+    try:
+        ek = _ok(client, tpmwire.read_public(EK_HANDLE)).body  # manufactures the instance
+        manager.cut()
+    finally:
+        client.close()
+        manager.kill()
+    client = manager.start()
+    try:
+        resp = tpmwire.Response.from_bytes(
+            client.transact(INSTANCE, tpmwire.read_public(EK_HANDLE))
+        )
+        assert resp.code == tpmwire.RC.SUCCESS and resp.body == ek, (
+            "after the power cut the instance has another EK: it was manufactured anew"
+        )
+    finally:
+        client.close()
+        manager.kill()
 
 
 @pytest.fixture(autouse=True)
