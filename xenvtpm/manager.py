@@ -38,7 +38,8 @@ Routing rules, and why:
   A failed start answers the queued commands TPM_RC_FAILURE; a later packet retries.
 - Acknowledged NV is on disk: when a command changed swtpm's state file, the file and
   its directory are fsync'ed before the answer goes back (swtpm 0.7.1 has no fsync of
-  its own).
+  its own); so are they before the first answer after each swtpm start (manufacturing
+  wrote them without fsync).
 
 The loop is single-threaded (``selectors``) with non-blocking sockets; the per-command
 path makes no thread hand-off, receives into preallocated buffers, replies with one
