@@ -34,7 +34,10 @@ MARKERS = {
     "xen": "needs a real Xen hypervisor",
     "device": "needs a kernel TPM device (/dev/tpm0) in the guest",
     "external": "suites not written for this driver (kernel tpm2 selftests, tpm2-tools)",
+    "powercut": "kills the whole machine and cold-boots it (minutes): only with -m powercut",
 }
+# Markers whose scenarios run only when the -m expression names them (opt-in).
+OPT_IN = {"powercut": "opt-in (a cold boot of Xen under TCG takes minutes): -m powercut"}
 TPM_RC_INITIALIZE = 0x100
 
 _TARGET_KEY = pytest.StashKey["Target"]()
@@ -157,7 +160,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     else:
         name = config.getoption("--target")
         caps = capabilities_of(name, _target_setup(config)[0])
+    markexpr = config.getoption("markexpr", "") or ""
     for item in items:
+        for marker, why in OPT_IN.items():
+            if item.get_closest_marker(marker) and marker not in markexpr:
+                item.add_marker(pytest.mark.skip(reason=why))
         for mark in item.iter_markers("needs"):
             for cap in mark.args:
                 if cap not in caps:

@@ -167,7 +167,8 @@ def xen(session: nox.Session) -> None:
     through their kernels' /dev/tpm0, once per kind of guest: with our frontend
     (``--target xen``), then with stock xen-tpmfront (``--target xen-kernel``).
 
-    ``nox -s xen -- --kind kernel [pytest args]`` runs one kind. Each kind writes
+    ``nox -s xen -- --kind kernel [pytest args]`` runs one kind; ``-- -m powercut`` runs
+    the opt-in power-cut scenario (a cold boot, about 4 minutes per kind). Each kind writes
     artifacts/<target>/junit.xml and its logs; the session fails if any kind failed or
     a QEMU of the run is left behind.
     """

@@ -41,6 +41,9 @@ class Capability(enum.StrEnum):
     KERNEL_CANCEL = "kernel-cancel"  # guest.run("echo 1 > .../cancel"): the guest kernel
     # cancels the command in flight through its driver (sysfs cancel of a TPM 1.2 chip;
     # xen-tpmfront then signals protocol v2 CANCEL to the backend)
+    POWER_CUT = "power-cut"  # target.power_cut_and_cold_boot(): the machine killed without
+    # a shutdown (its page caches lost), the same disks booted cold, every guest back with
+    # its vTPM instance
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 

@@ -1,7 +1,10 @@
-"""The few raw TPM 2.0 commands the harness itself sends (readiness, cleanup, smoke).
+"""The few raw TPM 2.0 commands the harness itself sends (readiness, cleanup, smoke,
+and the NV commands of the NV-write benchmark and the power-cut scenario).
 
-Built by hand so that cleanup works even when an ESAPI context is dead. Spec: TPM 2.0
-Library Part 3 (commands) and Part 2 (structures); codes from tpm2-tss ``tss2_tpm2_types.h``.
+Built by hand so that cleanup works even when an ESAPI context is dead, and so that a
+command is sent and answered with nothing else in between (no TSS round trips). Spec:
+TPM 2.0 Library Part 3 (commands) and Part 2 (structures); codes from tpm2-tss
+``tss2_tpm2_types.h``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,13 @@ class Tag(enum.IntEnum):
 
 
 class CC(enum.IntEnum):
+    NV_UNDEFINE_SPACE = 0x0122
+    NV_DEFINE_SPACE = 0x012A
+    NV_WRITE = 0x0137
     STARTUP = 0x0144
+    NV_READ = 0x014E
     FLUSH_CONTEXT = 0x0165
+    READ_PUBLIC = 0x0173
     GET_CAPABILITY = 0x017A
     GET_RANDOM = 0x017B
 
@@ -49,6 +57,22 @@ class HandleRange(enum.IntEnum):
 
 
 SU_CLEAR = 0x0000
+RH_OWNER = 0x40000001  # TPM_RH_OWNER
+RS_PW = 0x40000009  # TPM_RS_PW: the password session
+ALG_SHA256 = 0x000B  # TPM_ALG_SHA256
+
+
+class NVAttr(enum.IntFlag):
+    """TPMA_NV bits (Part 2, 13.4)."""
+
+    AUTHWRITE = 0x00000004
+    AUTHREAD = 0x00040000
+    NO_DA = 0x02000000
+
+
+# TPMS_AUTH_COMMAND of a password session with an empty password: handle, no nonce,
+# continueSession, no hmac (Part 1, 19.8.4).
+_PASSWORD_SESSION = struct.pack(">IHBH", RS_PW, 0, 0x01, 0)
 
 
 @dataclass(frozen=True)
@@ -85,6 +109,49 @@ def flush_context(handle: int) -> bytes:
 
 def get_capability_handles(first: int, count: int = 64) -> bytes:
     return command(CC.GET_CAPABILITY, struct.pack(">III", Cap.HANDLES, first, count))
+
+
+def with_password(code: int, handles: bytes, params: bytes = b"") -> bytes:
+    """A command with one password session (empty password) on its authorized handle."""
+    body = handles + struct.pack(">I", len(_PASSWORD_SESSION)) + _PASSWORD_SESSION + params
+    return command(code, body, Tag.SESSIONS)
+
+
+def nv_define_space(index: int, size: int) -> bytes:
+    """NV_DefineSpace under the owner: an ordinary index, read and written with its own
+    (empty) auth, no dictionary-attack lockout."""
+    attrs = NVAttr.AUTHWRITE | NVAttr.AUTHREAD | NVAttr.NO_DA
+    public = struct.pack(">IHIHH", index, ALG_SHA256, attrs, 0, size)  # TPMS_NV_PUBLIC
+    params = struct.pack(">H", 0) + struct.pack(">H", len(public)) + public  # auth, publicInfo
+    return with_password(CC.NV_DEFINE_SPACE, struct.pack(">I", RH_OWNER), params)
+
+
+def nv_undefine_space(index: int) -> bytes:
+    return with_password(CC.NV_UNDEFINE_SPACE, struct.pack(">II", RH_OWNER, index))
+
+
+def nv_write(index: int, data: bytes, offset: int = 0) -> bytes:
+    params = struct.pack(">H", len(data)) + data + struct.pack(">H", offset)
+    return with_password(CC.NV_WRITE, struct.pack(">II", index, index), params)
+
+
+def nv_read(index: int, size: int, offset: int = 0) -> bytes:
+    return with_password(
+        CC.NV_READ, struct.pack(">II", index, index), struct.pack(">HH", size, offset)
+    )
+
+
+def read_public(handle: int) -> bytes:
+    return command(CC.READ_PUBLIC, struct.pack(">I", handle))
+
+
+def parse_nv_read(resp: Response) -> bytes:
+    """The data of an NV_Read response: parameterSize, then a TPM2B_MAX_NV_BUFFER."""
+    try:
+        (length,) = struct.unpack_from(">H", resp.body, 4)
+    except struct.error as e:
+        raise TransportError(f"malformed NV_Read response {resp.body.hex()}") from e
+    return resp.body[6 : 6 + length]
 
 
 def parse_random(resp: Response) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.bench import cli, profiling, scale, stats, tpm_timing
+from harness.bench import cli, nvwrite, profiling, scale, stats, tpm_timing
 from harness.bench import xen as xenbench
 from xenvtpm import tpm
 
@@ -270,3 +270,24 @@ def test_timing_script_refuses_a_failed_command() -> None:
     with pytest.raises(tpm_timing.TimingError):
         tpm_timing.check(b"\x80\x01")
     assert tpm_timing.main(["bogus"]) == 2
+
+
+def test_nv_write_table_has_both_managers_and_their_ratio() -> None:
+    def summary(p50: float, p99: float) -> dict[str, float]:
+        return {"p50_us": p50, "p99_us": p99}
+
+    entry = {
+        "fsync": {"nv_write": summary(4000.0, 9000.0), "getrandom": summary(150.0, 900.0)},
+        "no_fsync": {"nv_write": summary(500.0, 3000.0), "getrandom": summary(150.0, 800.0)},
+        "ratio": {"nv_write_p50": 8.0, "nv_write_p99": 3.0, "getrandom_p50": 1.0,
+                  "getrandom_p99": 1.125},
+    }  # fmt: skip
+    lines = nvwrite.nv_table(entry).splitlines()
+    assert lines[0].split() == ["through", "the", "manager", "(us)", "fsync", "--no-fsync", "ratio"]
+    assert lines[2].split() == ["NV_Write(64", "bytes)", "p50", "4,000", "500.0", "8"]
+    assert lines[5].split() == ["GetRandom(16)", "p99", "900.0", "800.0", "1.12"]
+
+
+def test_filesystem_of_names_the_mount_holding_a_path(tmp_path: Path) -> None:
+    fstype, on, source = nvwrite.filesystem_of(tmp_path).split(" ", 2)
+    assert on == "on" and fstype and source

@@ -141,3 +141,37 @@ def test_attach_to_a_running_environment(tmp_path: Path) -> None:
     finally:
         subprocess.run([*harness, "down"], env=env, capture_output=True, timeout=60, check=False)
         shutil.rmtree(run, ignore_errors=True)
+
+
+OPT_IN = """
+import pytest
+
+@pytest.mark.powercut
+def test_cuts_power():
+    pass
+
+def test_ordinary():
+    pass
+"""
+
+
+@pytest.mark.parametrize(
+    ("select", "expected"),
+    [([], "1 passed, 1 skipped"), (["-m", "powercut"], "1 passed, 1 deselected")],
+)
+def test_power_cut_scenarios_run_only_when_selected(
+    tmp_path: Path, select: list[str], expected: str
+) -> None:
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_opt_in.py").write_text(textwrap.dedent(OPT_IN))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_opt_in.py", "--target", "direct",
+         "-p", "no:cacheprovider", "-rs", *select],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert expected in out, out
+    if not select:
+        assert "opt-in (a cold boot of Xen under TCG takes minutes): -m powercut" in out

@@ -18,6 +18,31 @@ def test_command_bytes() -> None:
     )
 
 
+def test_nv_command_bytes_with_a_password_session() -> None:
+    """The same bytes tests/test_faults.py sends; index 0x01000A90, empty passwords."""
+    index = 0x01000A90
+    assert tpmwire.nv_define_space(index, 8) == bytes.fromhex(
+        "80020000002d0000012a40000001000000094000000900000100000000000e01000a90000b0204000400000008"
+    )
+    assert tpmwire.nv_write(index, b"\x01\x02") == bytes.fromhex(
+        "8002000000250000013701000a9001000a9000000009400000090000010000000201020000"
+    )
+    assert tpmwire.nv_read(index, 8) == bytes.fromhex(
+        "8002000000230000014e01000a9001000a900000000940000009000001000000080000"
+    )
+    assert tpmwire.nv_undefine_space(index) == bytes.fromhex(
+        "80020000001f000001224000000101000a9000000009400000090000010000"
+    )
+    assert tpmwire.read_public(0x81010001) == bytes.fromhex("80010000000e0000017381010001")
+
+
+def test_parse_nv_read_takes_the_data_after_the_parameter_size() -> None:
+    resp = tpmwire.Response.from_bytes(
+        bytes.fromhex("800200000019" "00000000" "00000006" "0004deadbeef" "0000010000")
+    )
+    assert tpmwire.parse_nv_read(resp) == bytes.fromhex("deadbeef")
+
+
 def test_parse_handles() -> None:
     resp = tpmwire.Response.from_bytes(
         bytes.fromhex("80010000001b000000000100000001000000028000000080000001")

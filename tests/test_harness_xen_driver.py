@@ -58,3 +58,13 @@ def test_missing_device_says_so_with_the_frontend_log() -> None:
     guest = RecordingHost("guest0", [], set())
     with pytest.raises(TargetNotReady, match="no /dev/tpm0"):
         xen_driver.wait_for_device(guest, "guest0", timeout=0.1)
+
+
+def test_manager_flags_from_the_environment_follow_its_arguments(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = f"manager --socket {xen_driver.MANAGER_SOCKET} --state-root {xen_driver.STATE_ROOT}"
+    monkeypatch.delenv(xen_driver.MANAGER_FLAGS_ENV, raising=False)
+    assert xen_driver.manager_args() == base
+    monkeypatch.setenv(xen_driver.MANAGER_FLAGS_ENV, "--no-fsync --log-level 'DEBUG;x'")
+    assert xen_driver.manager_args() == f"{base} --no-fsync --log-level 'DEBUG;x'"

@@ -12,6 +12,12 @@ thread fsyncs the file and its directory (the rename), so that a guest writing N
 loop never holds the manager's thread on the disk. Commands that change nothing
 persistent (GetRandom, PCR_Extend, ...) cost only the ``stat``.
 
+Nothing is taken as durable at a swtpm start: swtpm_setup (manufacturing) and swtpm
+itself write the state without fsync, and the first answers (the EK, a key made under
+the new seeds) already depend on it. So the first answer after every start waits for
+one sync too, which also fsyncs the state root, where the instance's own directory
+entry lives.
+
 Spec: swtpm src/swtpm/swtpm_nvstore_dir.c (write, then rename); fsync(2) on a directory
 makes a rename durable.
 """
@@ -38,7 +44,7 @@ class StateFileWatch:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.path = state_dir / PERMANENT_STATE
-        self._durable: Signature | None = self._signature()
+        self._durable: Signature | None = None  # nothing yet: see the module docstring
         self.syncs = 0
 
     def _signature(self) -> Signature | None:
@@ -54,13 +60,17 @@ class StateFileWatch:
         return sig if sig is not None and sig != self._durable else None
 
     def sync(self) -> None:
-        """fsync the state file and its directory. Blocking: call off the loop thread.
+        """fsync the state file and its directory, and the first time the state root
+        too. Blocking: call off the loop thread.
 
         A failure is logged, not raised: the state is in the page cache, and the answer
         must still go back (the guest's command did execute).
         """
+        paths = [(self.path, 0), (self.state_dir, os.O_DIRECTORY)]
+        if self._durable is None:  # the loop thread sets it only between syncs
+            paths.append((self.state_dir.parent, os.O_DIRECTORY))
         try:
-            for path, flags in ((self.path, 0), (self.state_dir, os.O_DIRECTORY)):
+            for path, flags in paths:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
                 try:
                     os.fsync(fd)

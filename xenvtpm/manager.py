@@ -54,7 +54,8 @@ Routing rules, and why:
   commands are dropped at once.
 - Acknowledged NV is on disk: when a command changed swtpm's state file, the file and
   its directory are fsync'ed before the answer goes back (swtpm 0.7.1 has no fsync of
-  its own).
+  its own); so are they before the first answer after each swtpm start (manufacturing
+  wrote them without fsync).
 
 The loop is single-threaded (one epoll, :mod:`xenvtpm.poller`) with non-blocking
 sockets; the per-command path makes no thread hand-off, receives into preallocated

@@ -9,10 +9,12 @@ One run, in this order (each phase bounded by the run's time budget):
    unpinned (``latency.py``);
 3. the cost of one driver command: CPU, wake-ups, py-spy profile, system calls
    (``profiling.py``);
-4. scale: 1, 8, 32 and 128 guests on one backend and manager (``scale.py``);
-5. open loop: N guests each sending GetRandom at a fixed rate, up to 128 x 20/s and
+4. what durable NV costs: NV_Write through a manager with and without its fsync
+   (``nvwrite.py``);
+5. scale: 1, 8, 32 and 128 guests on one backend and manager (``scale.py``);
+6. open loop: N guests each sending GetRandom at a fixed rate, up to 128 x 20/s and
    beyond (``open_loop.py``);
-6. ``bench.json``, ``latency_vs_instances.png`` and the tables, with every goal of
+7. ``bench.json``, ``latency_vs_instances.png`` and the tables, with every goal of
    issue 6 judged met or not met (``stats.py``).
 
 ``--target xen`` runs ``xen.py`` instead: a Xen guest's /dev/tpm0 against swtpm in dom0.
@@ -36,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from harness.bench import floor, micro, open_loop, procs, profiling, scale, stats
+from harness.bench import floor, micro, nvwrite, open_loop, procs, profiling, scale, stats
 from harness.bench.latency import GET_RANDOM_16, Link, PathClient, Plan, measure_workload
 from harness.bench.plot import latency_vs_instances
 from harness.deadline import Deadline
@@ -260,6 +262,17 @@ class Bench:
                 res[mode]["p50_us"], direct
             )
 
+    def nv_write(self) -> None:
+        """NV_Write p50/p99 with and without the manager's fsync (issue 14, point 6)."""
+        if self.budget.remaining < 60:
+            self.note(f"nv_write skipped: {self.budget.remaining:.0f} s of the budget left")
+            return
+        try:
+            self.report["nv_write"] = nvwrite.measure(self.quick, _say)
+        except Exception as e:  # the other phases still count: report and go on
+            self.report["errors"].append(f"nv_write: {type(e).__name__}: {e}")
+            _say(f"nv_write failed: {type(e).__name__}: {e}")
+
     def scale(self) -> None:
         assert self.level1 is not None
         duration, warmup = (3.0, 0.5) if self.quick else (8.0, 1.0)
@@ -365,6 +378,7 @@ class Bench:
             self.relay_floor()
             assert self.direct is not None
             self.direct.close()
+            self.nv_write()
             self.scale()
             self.open_loop()
             self.check_machine("end")
@@ -458,6 +472,11 @@ class Bench:
                       f"pinned p50 {fl['pinned']['p50_us']} us (x{r['floor3_getrandom_p50_pinned']}"
                       f" direct), unpinned p50 {fl['unpinned']['p50_us']} us "
                       f"(x{r['floor3_getrandom_p50_unpinned']})"]  # fmt: skip
+        nv = self.report.get("nv_write")
+        if nv:
+            parts += ["", "Durable NV (issue 14): NV_Write and GetRandom straight to a manager, "
+                      f"with its fsync and with --no-fsync (state on {nv['state_filesystem']})",
+                      "", nvwrite.nv_table(nv)]  # fmt: skip
         if self.report.get("scale"):
             parts += ["", "Scale: one backend + manager, N guests in closed loops of GetRandom", ""]
             parts.append(stats.scale_table(self.report["scale"]))

@@ -17,6 +17,7 @@ journal, ``xl dmesg``, ``/var/log/xen`` (xl and guest console logs) and daemon l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ from harness.qemu import (
     Accel,
     MachineConfig,
     QemuMachine,
+    free_port,
     kvm_usable,
     make_overlay,
     qemu_version,
@@ -179,6 +181,7 @@ class XenTarget(BaseTarget):
             Capability.SHARED_CLIENTS,
             Capability.KERNEL_TPM,
             Capability.DOM0_SHELL,
+            Capability.POWER_CUT,
         }
     )
 
@@ -697,6 +700,45 @@ class XenTarget(BaseTarget):
             f"{g.tpm_device} {waited:.1f} s after unpause"
         )
         return waited
+
+    def power_cut_and_cold_boot(self) -> float:
+        """Pull the plug, then power on: QEMU is SIGKILLed at once (no shutdown, no flush:
+        whatever dom0 and the guests had not flushed to their disks is gone), the same
+        disks (this run's qcow2 overlays, not the saved machine's RAM) boot cold, the
+        guests are created again and the driver is started; each guest keeps its vTPM
+        instance. Seconds from the cut to every guest's TPM device."""
+        self.require(Capability.POWER_CUT)
+        machine = self.machine
+        if machine is None or machine.config.overlays is None:
+            raise TargetNotReady("qemu", "no running machine on qcow2 overlays to power off")
+        config = dataclasses.replace(machine.config, incoming=None, ssh_port=free_port())
+        t0, pid = time.monotonic(), machine.pid
+        machine.power_cut()
+        self.machine = None
+        self.say(f"power cut: qemu {pid} killed; booting its disks cold")
+        self._daemons.clear()
+        for host in [self.dom0, *(g.ssh for g in self._guests)]:
+            if host is not None:
+                host.close()
+        self.dom0 = None
+        for g in self._guests:
+            g.ssh, g.domid = None, None
+        self.machine = QemuMachine(config, die_with_parent=self.die_with_parent)
+        self._boot_t0 = time.monotonic()
+        self.machine.start()
+        self.console = SerialConsole(config.console_socket, config.console_log, "dom0 console")
+        self.console.start()
+        first_boot = self.timings.pop("qemu_to_dom0_ssh_s", None)  # this boot's, in _wait_dom0
+        self._wait_dom0(Deadline(BOOT_TIMEOUT))
+        self.timings["cold_boot_to_dom0_ssh_s"] = self.timings.pop("qemu_to_dom0_ssh_s")
+        if first_boot is not None:
+            self.timings["qemu_to_dom0_ssh_s"] = first_boot
+        self.start_guests()
+        self.start_driver()
+        seconds = time.monotonic() - t0
+        self.timings["power_cut_to_tpm_devices_s"] = round(seconds, 1)
+        self.say(f"power cut: every guest's TPM device is back {seconds:.0f} s after the cut")
+        return seconds
 
     def connect_vtpm(self, guest: XenGuest) -> None:
         """Toolstack entries for the guest's vTPM in dom0, then its frontend: ours

@@ -12,6 +12,7 @@ independently: this module only needs a host to run commands on.
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from harness.errors import TargetNotReady
 
 MANAGER_SOCKET = "/run/xenvtpm/vtpm.sock"
 STATE_ROOT = "/var/lib/xenvtpm"
+# More flags for dom0's manager (e.g. --no-fsync, to see the power-cut scenario fail).
+MANAGER_FLAGS_ENV = "XENVTPM_MANAGER_FLAGS"
 DOM0_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc")
 GUEST_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "tpm_vtpm_proxy")
 # swtpm_setup alone takes 20-30 s in a TCG dom0 (measured); the warm-up retries meanwhile.
@@ -54,7 +57,11 @@ StartDaemon = Callable[[Host, str, str], int]
 
 
 def manager_args() -> str:
-    return f"manager --socket {MANAGER_SOCKET} --state-root {STATE_ROOT}"
+    """The manager's arguments in dom0, with ``$XENVTPM_MANAGER_FLAGS`` after them."""
+    extra = shlex.split(os.environ.get(MANAGER_FLAGS_ENV, ""))
+    return f"manager --socket {MANAGER_SOCKET} --state-root {STATE_ROOT}" + "".join(
+        f" {shlex.quote(flag)}" for flag in extra
+    )
 
 
 def backend_args() -> str:
