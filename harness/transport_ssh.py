@@ -16,6 +16,7 @@ one transport per guest, or relay ``/dev/tpmrm0``, which admits many.
 from __future__ import annotations
 
 import contextlib
+import select
 import shlex
 import socket
 import time
@@ -150,6 +151,16 @@ class RelayTransport(Closeable):
             wait_for_exit(channel, CLOSE_TIMEOUT)
         self._abort()
 
+    def usable(self) -> bool:
+        """Open, and its relay still there: an idle relay never speaks first, so end of
+        file, an exit status or bytes waiting on its channel mean it is gone or astray."""
+        channel = self._channel
+        return channel is not None and channel_idle(channel)
+
+    def abort(self) -> None:
+        """Close the channel without waiting: the relay sees end of file and exits."""
+        self._abort()
+
     def _abort(self) -> None:
         """Close the channel without waiting (the relay is silent or broken)."""
         channel, self._channel = self._channel, None
@@ -159,6 +170,24 @@ class RelayTransport(Closeable):
 
     def __repr__(self) -> str:
         return f"RelayTransport({self.name!r}, device={self.device!r})"
+
+
+def channel_idle(channel: Channel) -> bool:
+    """Nothing has happened on ``channel`` since its last frame: not closed, no end of
+    file or exit status (a paramiko channel), nothing to read and no hang-up (a socket)."""
+    if getattr(channel, "closed", False) or getattr(channel, "eof_received", False):
+        return False
+    exit_status_ready = getattr(channel, "exit_status_ready", None)
+    if exit_status_ready is not None and exit_status_ready():
+        return False
+    recv_ready = getattr(channel, "recv_ready", None)
+    if recv_ready is not None:
+        return not recv_ready()
+    if isinstance(channel, socket.socket):
+        poller = select.poll()
+        poller.register(channel, select.POLLIN | select.POLLHUP | select.POLLRDHUP)
+        return not poller.poll(0)
+    return True
 
 
 def end_of_input(channel: Channel) -> None:
