@@ -45,12 +45,13 @@ from harness.qemu import (
     make_overlay,
     qemu_version,
 )
+from harness.relay_pool import RelayPool
 from harness.ssh import SshHost
 from harness.target import Capability, Component, Guest
 from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.transport import RawTransport
-from harness.transport_ssh import open_relay
+from harness.transport_ssh import RelayTransport, open_relay
 from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
 
 FIRST_INSTANCE = 1000
@@ -121,10 +122,16 @@ class XenGuest(BaseGuest):
 
     def transport(self, shared: bool = False) -> RawTransport:
         """The guest's TPM device (``tpm_device``; ``shared``: /dev/tpmrm0) through
-        ``python3 -m xenvtpm relay`` over SSH."""
+        ``python3 -m xenvtpm relay`` over SSH, leased from the target's pool of relays
+        (``harness.relay_pool``: started once, not per transport)."""
         if shared:
             self.target.require(Capability.SHARED_CLIENTS)
         device = "/dev/tpmrm0" if shared else self.tpm_device
+        return self.target.relays.lease(
+            self.name, device, lambda: self._open_relay(device), shared=shared
+        )
+
+    def _open_relay(self, device: str) -> RelayTransport:
         return open_relay(
             self.host().client(), device, name=self.name, package_dir=REMOTE_PACKAGE_DIR
         )
@@ -205,6 +212,7 @@ class XenTarget(BaseTarget):
         self._boot_t0 = 0.0
         self.timings: dict[str, float] = {}
         self._daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
+        self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports
 
     @property
     def guests(self) -> Sequence[XenGuest]:
@@ -751,6 +759,7 @@ class XenTarget(BaseTarget):
 
     # -- xl: real domains, the vTPM's life beside the guest's --------------------------------
     def stop_frontend(self, guest: XenGuest) -> None:
+        self.relays.release(guest.name)  # the device goes: nothing may hold it open
         self.stop_daemon(guest.host(), "frontend")
 
     def start_frontend(self, guest: XenGuest) -> None:
@@ -785,6 +794,7 @@ class XenTarget(BaseTarget):
 
     def _forget_session(self, guest: XenGuest) -> None:
         """The guest's daemons and login end with its domain: drop our handles."""
+        self.relays.release(guest.name)
         self._daemons.pop(guest.name, None)
         if guest.ssh is not None:
             guest.ssh.close()
@@ -883,6 +893,7 @@ class XenTarget(BaseTarget):
             self.machine = None
 
     def _stop(self) -> None:
+        self.relays.close()
         try:
             with contextlib.suppress(Exception):
                 self._collect_dom0()
@@ -899,6 +910,7 @@ class XenTarget(BaseTarget):
             self._close_machine()
 
     def _detach(self) -> list[ProcessRecord]:
+        self.relays.close()
         if self.machine is None:
             return []
         for g in self._guests:

@@ -507,6 +507,7 @@ class XenHostTarget(XenTarget):
         """Stop and detach, collect the logs, undo what this run added; then XenTarget
         closes the logins (it has no machine to stop)."""
         try:
+            self.relays.release()  # the guests' devices free before modules are unloaded
             if self.dom0 is not None and self.dom0.connected:
                 with contextlib.suppress(HarnessError):
                     self.clean_host(whose="this run's")
