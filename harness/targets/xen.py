@@ -50,6 +50,7 @@ from harness.ssh import SshHost
 from harness.target import Capability, Component, Guest
 from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseGuest, BaseTarget
+from harness.targets.health import Check, failed_checks
 from harness.transport import RawTransport
 from harness.transport_ssh import RelayTransport, open_relay
 from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
@@ -604,17 +605,23 @@ class XenTarget(BaseTarget):
 
     # -- disturbing the driver (capabilities) ------------------------------------------------
     def problems(self) -> list[str]:
-        """Daemons that should run and do not: one command per host."""
+        """What ``health_checks`` finds broken: one command per host, all hosts at once."""
         if not self._started:
             return []
-        out = []
-        for name, host in self.hosts().items():
-            for daemon in xen_driver.dead_daemons(host, self._daemons.get(name, {})):
-                out.append(
-                    f"{daemon} in {name} exited; log {REMOTE_LOG_DIR}/{daemon}.log there "
-                    f"(fetched into {self.artifacts} on close)"
-                )
-        return out
+        return [check.problem for check in failed_checks(self.hosts(), self.health_checks())]
+
+    def health_checks(self) -> list[Check]:
+        """Every daemon this target started runs."""
+        return [
+            Check(
+                name,
+                f"kill -0 {pid}",
+                f"{daemon} in {name} exited; log {REMOTE_LOG_DIR}/{daemon}.log there "
+                f"(fetched into {self.artifacts} on close)",
+            )
+            for name, daemons in self._daemons.items()
+            for daemon, pid in daemons.items()
+        ]
 
     def restart(self, component: Component) -> None:
         """Stop and start one component, then wait until every guest is served again."""
@@ -998,11 +1005,13 @@ class XenKernelFrontendTarget(XenTarget):
         guest.tpm_device = waited.device
         return waited.seconds
 
-    def problems(self) -> list[str]:
-        out = super().problems()
-        for guest in self._guests:
-            if guest.ssh is not None and guest.ssh.connected:
-                rc, _, _ = guest.run(f"test -c {guest.tpm_device}")
-                if rc != 0:
-                    out.append(f"{guest.name}: {guest.tpm_device} is gone (xen-tpmfront unbound)")
-        return out
+    def health_checks(self) -> list[Check]:
+        """Also: each guest's TPM device is there (xen-tpmfront never rebinds by itself)."""
+        return super().health_checks() + [
+            Check(
+                guest.name,
+                f"test -c {guest.tpm_device}",
+                f"{guest.name}: {guest.tpm_device} is gone (xen-tpmfront unbound)",
+            )
+            for guest in self._guests
+        ]

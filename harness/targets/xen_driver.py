@@ -162,15 +162,6 @@ def stop_daemon(host: Host, name: str, pid: int, timeout: float = 30.0) -> None:
         raise TargetNotReady(name, f"pid {pid} ignored SIGTERM for {timeout:.0f} s (killed)")
 
 
-def dead_daemons(host: Host, daemons: dict[str, int]) -> list[str]:
-    """The names of ``daemons`` (name -> pid) that no longer run on ``host``: one command."""
-    if not daemons:
-        return []
-    checks = "; ".join(f"kill -0 {pid} 2>/dev/null || echo {name}" for name, pid in daemons.items())
-    _, out, _ = host.run(checks, timeout=30)
-    return out.split()
-
-
 def swtpm_pid(dom0: Host, instance: int) -> int | None:
     """The running swtpm of ``instance`` (its pid file, checked against /proc), or None."""
     pid_file = f"{STATE_ROOT}/{instance}/swtpm.pid"
