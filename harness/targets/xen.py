@@ -672,8 +672,10 @@ class XenTarget(BaseTarget):
                 raise TargetNotReady(g.name, f"no new domain {GUEST_TIMEOUT:.0f} s after xl reboot")
             time.sleep(1.0)
         assert old is not None
-        self._detach_domain(old)
-        self.wait_guest(g, deadline)
+        with ThreadPoolExecutor(1) as pool:  # the old domain's vTPM goes while the new boots
+            detached = pool.submit(self._detach_domain, old)
+            self.wait_guest(g, deadline)
+            detached.result()
         self.connect_vtpm(g)
         self.wait_for_device(g)
         self.say(f"{g.name}: rebooted, domain {old} -> {g.domid} in {time.monotonic() - t0:.0f} s")
