@@ -42,6 +42,8 @@ TPM_RC_INITIALIZE = 0x100
 
 _TARGET_KEY = pytest.StashKey["Target"]()
 _FAILED_KEY = pytest.StashKey[bool]()
+_CLEAN_KEY = pytest.StashKey[str]()  # the collector whose last test left the target healthy
+_ITEM_FAILED_KEY = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -250,14 +252,30 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
 @pytest.fixture(autouse=True)
 def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
     """A daemon that crashed fails the test during which it crashed (at teardown), and
-    the environment is restarted so that one crash does not fail every later test."""
+    the environment is restarted so that one crash does not fail every later test.
+
+    The check after a test is the one before the next, as long as nothing ran between:
+    so before a test it runs only after a failure, or when the previous test was in
+    another module or class (whose fixtures have been torn down since). A ``device``
+    scenario opens the guest's TPM device itself: the harness's relays let go of it
+    first (``harness.relay_pool``)."""
     if "target" not in request.fixturenames:
         yield
         return
     tgt: Any = request.getfixturevalue("target")
-    _check_health(tgt, "before this test (after an earlier one)")
+    config, item = request.config, request.node
+    scope = item.parent.nodeid if item.parent is not None else ""
+    if config.stash.get(_CLEAN_KEY, None) != scope:
+        _check_health(tgt, "before this test (after an earlier one)")
+    config.stash[_CLEAN_KEY] = ""
+    if item.get_closest_marker("device") is not None:
+        relays = getattr(tgt, "relays", None)
+        if relays is not None:
+            relays.release()
     yield
     _check_health(tgt, "during this test")
+    if not item.stash.get(_ITEM_FAILED_KEY, False):
+        config.stash[_CLEAN_KEY] = scope
 
 
 _INTERRUPTED: list[bool] = []  # set once the run is interrupted (Ctrl-C, SIGTERM)
@@ -335,6 +353,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report: pytest.TestReport = outcome.get_result()
     if report.failed:
         item.config.stash[_FAILED_KEY] = True
+        item.stash[_ITEM_FAILED_KEY] = True
         tgt = item.config.stash.get(_TARGET_KEY, None)
         if tgt is not None:
             lines = [f"{name}: {path}" for name, path in sorted(_all_logs(tgt).items())]
