@@ -42,8 +42,10 @@ TPM_RC_INITIALIZE = 0x100
 
 _TARGET_KEY = pytest.StashKey["Target"]()
 _FAILED_KEY = pytest.StashKey[bool]()
+_BRINGUP_KEY = pytest.StashKey[float]()  # seconds the target took to come up, until reported
 _CLEAN_KEY = pytest.StashKey[str]()  # the collector whose last test left the target healthy
 _ITEM_FAILED_KEY = pytest.StashKey[bool]()
+SLOWEST = 10  # scenarios listed by time at the end of a run
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -226,7 +228,8 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     failed = True
     try:
         tgt.start()
-        say(f"target {tgt.name} ready in {time.monotonic() - t0:.1f} s")
+        config.stash[_BRINGUP_KEY] = time.monotonic() - t0
+        say(f"target {tgt.name} ready in {config.stash[_BRINGUP_KEY]:.1f} s")
         yield tgt
         failed = config.stash[_FAILED_KEY] or request.session.testsfailed > 0
     finally:
@@ -344,7 +347,8 @@ def esapi(guest: Guest) -> Iterator[Any]:
 @dataclass
 class _Result:
     outcome: str = "passed"
-    duration: float = 0.0
+    duration: float = 0.0  # setup, call and teardown, less the target's bring-up
+    bringup: float = 0.0  # the target came up in this test's setup (session fixture)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -372,6 +376,10 @@ class _Summary:
             return  # unit tests have pytest's own summary; the table is for scenarios
         res = self.results.setdefault(report.nodeid, _Result())
         res.duration += report.duration
+        if report.when == "setup" and _BRINGUP_KEY in self.config.stash:
+            res.bringup = self.config.stash[_BRINGUP_KEY]  # in this setup's time
+            res.duration -= res.bringup
+            del self.config.stash[_BRINGUP_KEY]
         first = res.outcome in ("passed", "skipped")  # keep the first failure's kind
         if report.failed and first:
             res.outcome = "failed" if report.when == "call" else f"error ({report.when})"
@@ -395,6 +403,21 @@ class _Summary:
         for res in self.results.values():
             counts[res.outcome] = counts.get(res.outcome, 0) + 1
         tr.write_line(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+        self._slowest(tr)
+
+    def _slowest(self, tr: Any) -> None:
+        """The scenarios' time in all and the slowest ones (the JUnit has every test's
+        time, the first one's with the target's bring-up in it)."""
+        total = sum(res.duration for res in self.results.values())
+        bringup = sum(res.bringup for res in self.results.values())
+        tr.section(f"{SLOWEST} slowest scenarios")
+        tr.write_line(
+            f"scenario time {total:.0f} s ({total / 60:.1f} min) over {len(self.results)} "
+            f"scenarios; target bring-up {bringup:.0f} s besides"
+        )
+        ranked = sorted(self.results.items(), key=lambda kv: kv[1].duration, reverse=True)
+        for nodeid, res in ranked[:SLOWEST]:
+            tr.write_line(f"{res.duration:>8.1f}s  {res.outcome:<9} {nodeid}")
 
 
 if os.environ.get("XENVTPM_HARNESS_DEBUG"):
