@@ -30,7 +30,6 @@ from harness.transport import RawTransport
 MARKERS = {
     "needs(*capabilities)": "skip unless the target has every named capability",
     "hostile": "a frontend that breaks the rules",
-    "slow": "takes more than a few seconds",
     "xen": "needs a real Xen hypervisor",
     "device": "needs a kernel TPM device (/dev/tpm0) in the guest",
     "external": "suites not written for this driver (kernel tpm2 selftests, tpm2-tools)",

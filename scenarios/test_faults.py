@@ -135,7 +135,6 @@ def assert_fails_closed(target: Any, guest: Any) -> None:
     wait_until_working(guest)
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
     """The command in flight when swtpm dies gets exactly TPM_RC_FAILURE (through the
@@ -164,7 +163,6 @@ def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
             nv_remove(ctx, index)
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     """A TSS user whose CreatePrimary is cut short by the crash gets a TSS error (TPM_RC_
@@ -214,7 +212,6 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
         assert len(bytes(ctx.get_random(32))) == 32
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: Any) -> None:
     """A command to a hung swtpm ends for its client in bounded time: our frontend's
@@ -241,7 +238,6 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: 
             assert len(assert_channel_works(t, n)) == n
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) -> None:
     """After swtpm dies between commands, a connection opened before the crash gets
@@ -266,7 +262,6 @@ def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) ->
     assert target.swtpm_pid(guest) not in (None, old)
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm")
 def test_killed_swtpm_never_shows_reset_pcrs(target: Any, guest: Any) -> None:
     """Extend PCR 16, SIGKILL the swtpm: PCR 16 then reads back the same or the instance
@@ -288,7 +283,6 @@ def test_killed_swtpm_never_shows_reset_pcrs(target: Any, guest: Any) -> None:
     wait_until_working(guest)
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm", "multi-guest")
 def test_swtpm_crash_leaves_other_guest_alone(target: Any, guests: Any) -> None:
     """While guest A's swtpm is killed, every command of guest B succeeds."""
@@ -318,7 +312,6 @@ def test_swtpm_crash_leaves_other_guest_alone(target: Any, guests: Any) -> None:
     assert target.swtpm_pid(b) == b_pid
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("component", [
     pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
     pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
@@ -343,7 +336,6 @@ def test_restart_while_idle_guest_reconnects(target: Any, guest: Any, component:
         assert len(bytes(ctx.get_random(16))) == 16
 
 
-@pytest.mark.slow
 @pytest.mark.needs("restart-backend", "xen-probe")
 def test_backend_restart_xenbus_reconnects(target: Any, guest: Any) -> None:
     """After a backend restart, the guest's xenstore device state is 4 (Connected) again."""
@@ -353,7 +345,6 @@ def test_backend_restart_xenbus_reconnects(target: Any, guest: Any) -> None:
     assert res["ok"] and str(res["value"]).strip() == "4", res
 
 
-@pytest.mark.slow
 @pytest.mark.needs("restart-backend")
 def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
     """Commands running while the backend restarts are each answered, either normally or
@@ -374,7 +365,6 @@ def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
     wait_until_working(guest)
 
 
-@pytest.mark.slow
 @pytest.mark.needs("kill-swtpm", "multi-guest")
 def test_power_cycle_of_a_hung_swtpm_stalls_no_other_guest(target: Any, guests: Any) -> None:
     """A power cycle (a reboot's rebind, or the operator's reset) goes through swtpm's

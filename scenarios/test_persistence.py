@@ -83,7 +83,6 @@ def _reset_count(ctx: ESAPI) -> int:
     return int(ctx.read_clock().clockInfo.resetCount)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("event", list(EVENTS.values()))
 def test_nv_survives(target: Any, guest: Any, event: Event,
                      request: pytest.FixtureRequest) -> None:
@@ -102,7 +101,6 @@ def test_nv_survives(target: Any, guest: Any, event: Event,
             nv_remove(ctx, index)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("event", list(EVENTS.values()))
 def test_persistent_key_survives(target: Any, guest: Any, event: Event,
                                  request: pytest.FixtureRequest) -> None:
@@ -139,7 +137,6 @@ def _extend_both(ctx: ESAPI) -> tuple[bytes, bytes]:
     return static, read_pcr(ctx, DEBUG_PCR)
 
 
-@pytest.mark.slow
 @pytest.mark.needs("reboot")
 def test_pcrs_reset_on_reboot(target: Any, guest: Any) -> None:
     """After a guest reboot the extended PCRs read zeros and resetCount went up, while the
@@ -159,7 +156,6 @@ def test_pcrs_reset_on_reboot(target: Any, guest: Any) -> None:
         assert pub.publicArea.marshal() == ek
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("component", [
     pytest.param("frontend", marks=pytest.mark.needs("restart-frontend")),
     pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
@@ -181,7 +177,6 @@ def test_pcrs_kept_on_driver_restart(target: Any, guest: Any, component: str) ->
         assert _reset_count(ctx) == resets
 
 
-@pytest.mark.slow
 @pytest.mark.needs("save-restore")
 def test_pcrs_kept_across_save_and_restore(target: Any, guest: Any) -> None:
     """``xl save`` + ``xl restore`` is the same boot going on in a new domain: the
@@ -199,7 +194,6 @@ def test_pcrs_kept_across_save_and_restore(target: Any, guest: Any) -> None:
         assert _reset_count(ctx) == resets
 
 
-@pytest.mark.slow
 @pytest.mark.needs("reboot", "multi-guest")
 def test_reboot_leaves_other_guest_alone(target: Any, guests: Any) -> None:
     """Rebooting guest A resets A's PCRs only: guest B's extended PCR keeps its value."""
