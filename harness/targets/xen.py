@@ -672,13 +672,19 @@ class XenTarget(BaseTarget):
                 raise TargetNotReady(g.name, f"no new domain {GUEST_TIMEOUT:.0f} s after xl reboot")
             time.sleep(1.0)
         assert old is not None
+        t1 = time.monotonic()
         with ThreadPoolExecutor(1) as pool:  # the old domain's vTPM goes while the new boots
             detached = pool.submit(self._detach_domain, old)
             self.wait_guest(g, deadline)
             detached.result()
+        t2 = time.monotonic()
         self.connect_vtpm(g)
         self.wait_for_device(g)
-        self.say(f"{g.name}: rebooted, domain {old} -> {g.domid} in {time.monotonic() - t0:.0f} s")
+        t3 = time.monotonic()
+        self.say(
+            f"{g.name}: rebooted, domain {old} -> {g.domid} in {t3 - t0:.0f} s (down "
+            f"{t1 - t0:.0f} s, up to SSH {t2 - t1:.0f} s, vTPM {t3 - t2:.0f} s)"
+        )
 
     def save_restore(self, guest: XenGuest) -> float:
         """``xl save`` then ``xl restore``, as a host does to suspend or migrate a guest;
