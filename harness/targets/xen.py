@@ -739,6 +739,7 @@ class XenTarget(BaseTarget):
         machine.power_cut()
         self.machine = None
         self.say(f"power cut: qemu {pid} killed; booting its disks cold")
+        self.relays.close()  # their logins died with the machine
         self._daemons.clear()
         for host in [self.dom0, *(g.ssh for g in self._guests)]:
             if host is not None:
@@ -992,7 +993,7 @@ class XenKernelFrontendTarget(XenTarget):
             Capability.XL,
             Capability.SHARED_CLIENTS,
         }
-    ) | {Capability.SAVE_RESTORE, Capability.KERNEL_CANCEL}
+    ) | {Capability.SAVE_RESTORE}
 
     def connect_vtpm(self, guest: XenGuest) -> None:
         """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the
