@@ -56,7 +56,6 @@ def _ek(guest: Guest) -> bytes:
 
 
 @pytest.mark.powercut
-@pytest.mark.slow
 @pytest.mark.needs("power-cut", "dom0-shell")
 def test_an_acknowledged_nv_write_survives_a_power_cut(
     target: Any, guests: Sequence[Guest]
