@@ -38,9 +38,6 @@ class Capability(enum.StrEnum):
     # /dev/tpm0 (and /dev/tpmrm0 if it registered a TPM 2.0), tpm2-tools, /opt/tpm2-selftests
     DOM0_SHELL = "dom0-shell"  # target.dom0_run(cmd) as root in a dom0 with swtpm,
     # tpm_vtpm_proxy and /opt/tpm2-selftests: a baseline TPM beside the guests' vTPMs
-    KERNEL_CANCEL = "kernel-cancel"  # guest.run("echo 1 > .../cancel"): the guest kernel
-    # cancels the command in flight through its driver (sysfs cancel of a TPM 1.2 chip;
-    # xen-tpmfront then signals protocol v2 CANCEL to the backend)
     POWER_CUT = "power-cut"  # target.power_cut_and_cold_boot(): the machine killed without
     # a shutdown (its page caches lost), the same disks booted cold, every guest back with
     # its vTPM instance

@@ -42,6 +42,7 @@ import pytest
 
 from xenvtpm import tpm
 from xenvtpm.manager import status_counts
+from xenvtpm.tpmif_v2 import VtpmState
 
 pytestmark = [pytest.mark.hostile, pytest.mark.needs("xen-probe")]
 
@@ -308,3 +309,28 @@ def test_rogue_frontend(
     assert not failures, failures[:3]
     assert latencies and max(latencies) < LATENCY_BOUND_S, max(latencies, default=None)
     assert evidence["after"] == before
+
+
+def test_client_cancels_a_long_create_primary(
+    toolstack: Toolstack, request: pytest.FixtureRequest
+) -> None:
+    """Protocol v2 CANCEL as xen-tpmfront's ``vtpm_cancel`` sends it, reaching a long RSA
+    CreatePrimary in flight: the page stays CANCEL (the device's slot held) until the
+    manager answers the command, then goes IDLE without the answer (FINISH would hand
+    the client an answer it gave up on); GetRandom works after; the manager never held
+    two of the client's commands.
+
+    A stock guest's user cannot send this at will: Linux 6.1's sysfs ``cancel`` takes
+    the chip's ``tpm_mutex``, which the command in flight holds, so it waits for the
+    answer; the kernel sends CANCEL itself when a command outlasts its duration. So the
+    client here is the rogue's v2 frontend, on every target, playing the kernel's part.
+    """
+    observations = toolstack.rogue("cancel", ["--count", "5"])
+    record(request.config, "cancel", {"observations": observations})
+    tries = [o for o in observations if o["case"].startswith("try-")]
+    assert tries and tries[-1]["result"] == "cancelled", tries  # reached in flight
+    assert tries[-1]["state"] == VtpmState.IDLE, tries[-1]  # never FINISH, never stuck
+    after = next(o for o in observations if o["case"] == "after")
+    assert after["result"] == "response" and after["rc"] == 0 and after["length"] == 28, after
+    rogue_instance = status_counts(toolstack.target.manager_status_line(), ROGUE_INSTANCE)
+    assert rogue_instance is not None and rogue_instance["peak"] == 1, rogue_instance

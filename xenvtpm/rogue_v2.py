@@ -13,6 +13,13 @@ as Linux xen-tpmfront does (one shared page, ``feature-protocol-v2 = 1`` next to
   done. Create, not CreatePrimary: a CreatePrimary that ran after its cancel leaves its
   object loaded, and three of them fill swtpm's object slots (TPM_RC_OBJECT_MEMORY),
   after which every further one fails at once.
+* ``cancel``: not an attack but what a v2 client does when its user gives up (Linux
+  xen-tpmfront's ``vtpm_cancel``, called on the kernel's own timeout): SUBMIT a long RSA
+  CreatePrimary, CANCEL it 20 ms later, wait for the page. The backend keeps the
+  device's slot (the page says CANCEL) until the manager answers the command, then
+  writes IDLE without the answer; the cancelled command's object, if swtpm ran it to
+  its end, is flushed, and GetRandom works after. Up to ``--count`` tries, for the
+  command that ended before its CANCEL arrived.
 
 Standard library only: it deploys with the driver into any domain.
 Spec: Linux include/xen/interface/io/tpmif.h; drivers/char/tpm/xen-tpmfront.c.
@@ -135,6 +142,48 @@ def _cancel_flood(r: Rogue, a: argparse.Namespace) -> None:
     transact_v2(r, page, struct.pack(">HIII", 0x8001, 14, tpm.TPM_CC.FlushContext, parent))
     t2 = time.monotonic()
     report("cancel-flood", "after", transact_v2(r, page, tpm.get_random_command(16)), t2)
+
+
+CANCEL_AFTER_S = 0.02  # RSA-2048 key generation: 0.15-0.5 s in swtpm here, seconds in TCG
+TPM_CAP_HANDLES, TRANSIENT_FIRST = 1, 0x80000000  # TPM2 Part 2, 6.12 and 7.2
+
+
+@attack("cancel", "protocol v2: a client CANCELs its long CreatePrimary (not an attack)")
+def _cancel(r: Rogue, a: argparse.Namespace) -> None:
+    page = connect_v2(r)
+    for attempt in range(1, min(a.count, 5) + 1):
+        command = create_primary_rsa(2048, struct.pack(">I", attempt))
+        submit(page, command)
+        r.notify()
+        time.sleep(CANCEL_AFTER_S)
+        page[_STATE] = VtpmState.CANCEL
+        r.notify()
+        t0 = time.monotonic()
+        ended = wait_state(page, (VtpmState.IDLE, VtpmState.FINISH), r.timeout)
+        held_s = round(time.monotonic() - t0, 3)
+        # The page still holding our command (its code, not a response code, at offset
+        # 6) means the answer was dropped: the CANCEL reached the command in flight.
+        in_flight = bytes(page[_DATA : _DATA + len(command)]) == command
+        emit("cancel", f"try-{attempt}", "cancelled" if in_flight else "answered-first",
+             state=int(page[_STATE]) if ended else None, held_s=held_s)  # fmt: skip
+        flush_transients(r, page)  # swtpm ran the CreatePrimary: its object is loaded
+        if in_flight:
+            break
+    t1 = time.monotonic()
+    report("cancel", "after", transact_v2(r, page, tpm.get_random_command(16)), t1)
+
+
+def flush_transients(r: Rogue, page: memoryview) -> None:
+    """FlushContext of every loaded object (GetCapability of the transient handles)."""
+    command = struct.pack(">HIIIII", 0x8001, 22, tpm.TPM_CC.GetCapability, TPM_CAP_HANDLES,
+                          TRANSIENT_FIRST, 16)  # fmt: skip
+    response = transact_v2(r, page, command)
+    if response is None or tpm.response_code(response) != tpm.TPM_RC.SUCCESS:
+        raise RogueError(f"GetCapability(handles) failed: {response!r}")
+    (count,) = struct.unpack_from(">I", response, tpm.HEADER_SIZE + 5)  # more, cap
+    for i in range(count):
+        (handle,) = struct.unpack_from(">I", response, tpm.HEADER_SIZE + 9 + 4 * i)
+        transact_v2(r, page, struct.pack(">HIII", 0x8001, 14, tpm.TPM_CC.FlushContext, handle))
 
 
 def primary(r: Rogue, page: memoryview) -> int:

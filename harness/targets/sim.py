@@ -135,7 +135,6 @@ class SimTarget(BaseTarget):
         Capability.KERNEL_TPM,
         Capability.DOM0_SHELL,
         Capability.SAVE_RESTORE,
-        Capability.KERNEL_CANCEL,
     }
 
     def __init__(
