@@ -8,6 +8,11 @@ renders; it touches no host, so it is tested by feeding it files.
 
     python -m harness.certify_report --junit J --versions V --out report.md [--host H]
 
+The verdict is honest about coverage (issue 16): **PASSED** only when nothing failed
+and the host lacked no capability a scenario needed; **PARTIAL** (exit 2) when it did,
+with how many scenarios ran and every skip with its reason; **FAILED** (exit 1) on a
+failure or error, or when nothing passed at all.
+
 Spec: pytest's JUnit XML (``testsuite``/``testcase`` with ``failure``, ``error``,
 ``skipped``; an xfail is ``skipped type="pytest.xfail"``).
 """
@@ -15,6 +20,7 @@ Spec: pytest's JUnit XML (``testsuite``/``testcase`` with ``failure``, ``error``
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import sys
 import xml.etree.ElementTree as ET
@@ -24,6 +30,16 @@ from pathlib import Path
 from typing import Any
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed")
+MISSING_CAPABILITY = " lacks capability "  # conftest's skip reason for a needs() marker
+
+
+class Verdict(enum.Enum):
+    """The report's result, and ``main``'s exit code."""
+
+    PASSED = 0
+    FAILED = 1
+    PARTIAL = 2
+    NO_RESULTS = 3
 
 
 @dataclass(frozen=True)
@@ -102,6 +118,23 @@ def parse_junit(text: str | bytes) -> Suite:
     return Suite(tuple(cases), total, timestamp)
 
 
+def verdict(suite: Suite | None) -> Verdict:
+    """FAILED beats PARTIAL: a failure is news whatever else was skipped."""
+    if suite is None:
+        return Verdict.NO_RESULTS
+    if not suite.ok:
+        return Verdict.FAILED
+    if any(c.outcome == "skipped" and MISSING_CAPABILITY in c.message for c in suite.cases):
+        return Verdict.PARTIAL
+    return Verdict.PASSED
+
+
+def _coverage(suite: Suite) -> str:
+    ran = sum(c.outcome != "skipped" for c in suite.cases)
+    total = len(suite.cases)
+    return f"Coverage: {ran} of {total} scenarios ran ({100 * ran // max(total, 1)}%)."
+
+
 def _cell(text: Any) -> str:
     """A markdown table cell: one line, pipes escaped."""
     return " ".join(str(text).split()).replace("|", "\\|")
@@ -178,13 +211,15 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
     host = host or str(versions.get("host", "")) or "unknown host"
     lines = [f"# xenvtpm certification: {host}", ""]
     if suite is None:
-        verdict = "**NO RESULTS** (pytest wrote no JUnit file: it did not run)"
+        result = "**NO RESULTS** (pytest wrote no JUnit file: it did not run)"
     else:
-        verdict = "**PASSED**" if suite.ok else "**FAILED**"
+        result = f"**{verdict(suite).name}**"
         counts = suite.counts()
         shown = ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("passed", "failed"))
-        verdict += f": {shown}; {len(suite.cases)} scenarios in {suite.time:.1f} s"
-    lines += [f"Result: {verdict}", ""]
+        result += f": {shown}; {len(suite.cases)} scenarios in {suite.time:.1f} s"
+    lines += [f"Result: {result}", ""]
+    if suite is not None:
+        lines += [_coverage(suite), ""]
     if suite is not None and suite.timestamp:
         lines += [f"Run started {suite.timestamp}.", ""]
     lines += ["| what | version |", "|---|---|"]
@@ -213,6 +248,10 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
         lines += [
             f"- `{c.scenario}` ({c.outcome}): {_cell(_first_line(c.message))}" for c in problems
         ]
+    skipped = [c for c in suite.cases if c.outcome == "skipped"]
+    if skipped:
+        lines += ["", "## Skipped", ""]
+        lines += [f"- `{c.scenario}`: {_cell(_first_line(c.message))}" for c in skipped]
     return "\n".join(lines) + "\n"
 
 
@@ -236,11 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="", help="shown in the title (default: from versions)")
     args = p.parse_args(argv)
     suite = write_report(args.junit, args.versions, args.out, args.host)
+    result = verdict(suite)
     print(
-        f"certify: report in {args.out}"
-        + ("" if suite is None else f" ({len(suite.cases)} scenarios)")
+        f"certify: {result.name} - report in {args.out}"
+        + ("" if suite is None else f" ({len(suite.cases)} scenarios; {_coverage(suite)})")
     )
-    return 0 if suite is not None and suite.ok else 1
+    return 1 if result is Verdict.NO_RESULTS else result.value
 
 
 if __name__ == "__main__":

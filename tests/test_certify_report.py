@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.certify_report import main, parse_junit, render, write_report
+from harness.certify_report import Verdict, main, parse_junit, render, verdict, write_report
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites name="pytest tests"><testsuite name="xenvtpm-certify" errors="1" failures="1"
@@ -148,3 +148,57 @@ def test_report_lists_each_host_key_and_how_it_was_trusted() -> None:
 def test_report_with_only_known_keys_has_no_warning() -> None:
     text = render(dict(VERSIONS, host_keys=HOST_KEYS[:1]), parse_junit(JUNIT))
     assert "SHA256:7rXhQ2Vt0dom0" in text and "accepted new" not in text
+
+
+def _junit(*cases: str) -> str:
+    return JUNIT.split("<testcase")[0] + "".join(cases) + "</testsuite></testsuites>"
+
+
+PASS = '<testcase classname="scenarios.test_smoke" name="test_a" time="1"/>'
+MISSING = (
+    '<testcase classname="scenarios.test_faults" name="test_restart_backend" time="0">'
+    '<skipped type="pytest.skip" message="target xen-host lacks capability restart-backend"/>'
+    "</testcase>"
+)
+NOT_HERE = (
+    '<testcase classname="scenarios.test_external" name="test_tpmrm" time="0">'
+    '<skipped type="pytest.skip" message="no /dev/tpmrm0 in this guest"/></testcase>'
+)
+
+
+def test_a_missing_capability_makes_the_run_partial_with_its_coverage() -> None:
+    """Certify honestly (issue 16): a host that lacked a capability did not pass what
+    it skipped; the report says PARTIAL, how much ran, and each skip with its reason."""
+    suite = parse_junit(_junit(PASS, PASS.replace("test_a", "test_b"), MISSING, NOT_HERE))
+    assert verdict(suite) is Verdict.PARTIAL
+    text = render(VERSIONS, suite)
+    assert "Result: **PARTIAL**: 2 passed, 0 failed, 2 skipped; 4 scenarios" in text
+    assert "Coverage: 2 of 4 scenarios ran (50%)." in text
+    lines = text.splitlines()
+    skipped = lines[lines.index("## Skipped") :]
+    assert (
+        "- `scenarios.test_faults::test_restart_backend`: "
+        "target xen-host lacks capability restart-backend" in skipped
+    )
+    assert "- `scenarios.test_external::test_tpmrm`: no /dev/tpmrm0 in this guest" in skipped
+
+
+def test_passed_needs_every_capability_and_lists_other_skips() -> None:
+    suite = parse_junit(_junit(PASS, NOT_HERE))
+    assert verdict(suite) is Verdict.PASSED
+    text = render(VERSIONS, suite)
+    assert "Result: **PASSED**" in text and "Coverage: 1 of 2 scenarios ran (50%)." in text
+    assert "## Skipped" in text
+
+
+def test_failed_beats_partial_and_nothing_passed_is_failed() -> None:
+    assert verdict(parse_junit(JUNIT)) is Verdict.FAILED  # a failure and a missing capability
+    assert verdict(parse_junit(_junit(MISSING))) is Verdict.FAILED  # nothing ran at all
+    assert verdict(None) is Verdict.NO_RESULTS
+
+
+@pytest.mark.parametrize(("cases", "code"), [((PASS,), 0), ((PASS, MISSING), 2), ((MISSING,), 1)])
+def test_exit_code_by_verdict(tmp_path: Path, cases: tuple[str, ...], code: int) -> None:
+    (tmp_path / "junit.xml").write_text(_junit(*cases))
+    argv = ["--junit", str(tmp_path / "junit.xml"), "--versions", str(tmp_path / "v.json")]
+    assert main([*argv, "--out", str(tmp_path / "r.md")]) == code
