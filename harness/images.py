@@ -511,20 +511,41 @@ class Builder:
         self.timings[f"{label}_mke2fs_s"] = round(time.monotonic() - t0, 1)
 
 
+def cached_build(root: Path, recipes: Path, pubkey: str) -> Path | None:
+    """The newest cached build of the current recipe, from whichever mirror it was
+    built: a cache hit needs no apt source (an offline host, or one without bookworm)."""
+    manifests = sorted(root.glob("*/manifest.json"), key=lambda m: m.stat().st_mtime, reverse=True)
+    for manifest in manifests:
+        try:
+            mirror = str(json.loads(manifest.read_text())["mirror"])
+        except (OSError, ValueError, KeyError):
+            continue
+        if recipe_key(recipes, mirror, pubkey) == manifest.parent.name:
+            return manifest.parent
+    return None
+
+
 def build_images(
-    say: Progress | None = None, *, rebuild: bool = False, recipes: Path = RECIPES
+    say: Progress | None = None,
+    *,
+    rebuild: bool = False,
+    recipes: Path = RECIPES,
+    sources: Path = Path("/etc/apt"),
 ) -> Images:
-    """The images for the current recipe: from the cache, or built now (cold ~3 min)."""
+    """The images for the current recipe: from the cache, or built now (cold ~3 min).
+    The host's apt ``sources`` are read only to build."""
     out: Progress = say or (lambda m: log.info("%s", m))
     root = cache_root()
-    mirror = host_mirror()
     ssh_key, pubkey = ensure_ssh_key(root)
-    key = recipe_key(recipes, mirror, pubkey)
-    final = root / key
     with _locked(root):
-        if final.exists() and not rebuild:
-            out(f"images: cache hit {final} (recipe {key}): nothing to rebuild")
-            return Images.load(final, ssh_key, built=False)
+        hit = None if rebuild else cached_build(root, recipes, pubkey)
+        if hit is not None:
+            out(f"images: cache hit {hit} (recipe {hit.name}): nothing to rebuild")
+            prune(root, keep=KEEP_BUILDS)
+            return Images.load(hit, ssh_key, built=False)
+        mirror = host_mirror(sources)
+        key = recipe_key(recipes, mirror, pubkey)
+        final = root / key
         missing = [t for t in ("debootstrap", "mke2fs", "chroot") if shutil.which(t) is None]
         if missing:
             raise ImageBuildError(
@@ -568,7 +589,8 @@ def build_images(
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest builds (a running QEMU keeps its open files)."""
+    """Delete all but the ``keep`` newest builds (a running QEMU keeps its open files),
+    and what interrupted builds left. Called with the cache's lock held."""
     builds = sorted(
         (p.parent for p in root.glob("*/manifest.json")),
         key=lambda d: (d / "manifest.json").stat().st_mtime,
@@ -577,6 +599,10 @@ def prune(root: Path, keep: int) -> None:
     for old in builds[keep:]:
         log.info("images: removing old build %s", old)
         shutil.rmtree(old, ignore_errors=True)
+    for half_built in root.glob("*.tmp"):  # an interrupted build's; ours holds the lock
+        if half_built.is_dir():
+            log.info("images: removing the half-built %s", half_built)
+            shutil.rmtree(half_built, ignore_errors=True)
 
 
 def main() -> int:  # pragma: no cover - ``python -m harness.images`` / ``nox -s images``
