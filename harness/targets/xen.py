@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
+from harness import accel_verdict
 from harness.console import DOM0_STAGES, ConsoleFailure, SerialConsole, Stage
 from harness.deadline import Deadline
 from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
@@ -344,26 +345,21 @@ class XenTarget(BaseTarget):
         return cache_root() / "accel.json"
 
     def choose_accel(self) -> Accel:
-        """KVM unless it is known (from an earlier try on this host) not to run Xen."""
-        forced = os.environ.get(ACCEL_ENV, "auto")
-        if forced in ("kvm", "tcg"):
-            return forced  # type: ignore[return-value]
-        if not kvm_usable():
-            return "tcg"
-        with contextlib.suppress(OSError, ValueError):
-            known = json.loads(self._accel_record().read_text())
-            if known.get("host") == self._host_key() and not known.get("kvm_runs_xen"):
-                return "tcg"
-        return "kvm"
+        """KVM unless a recent trial on this host showed it cannot run Xen
+        (:mod:`harness.accel_verdict`); ``$XENVTPM_ACCEL`` overrides."""
+        return accel_verdict.choose(
+            accel_verdict.read_verdict(self._accel_record()),
+            self._host_key(),
+            forced=os.environ.get(ACCEL_ENV, "auto"),
+            kvm_usable=kvm_usable(),
+        )
 
     def _host_key(self) -> str:
         return f"{platform.release()} | {qemu_version()}"
 
     def _remember_accel(self, kvm_runs_xen: bool, why: str) -> None:
-        self._accel_record().parent.mkdir(parents=True, exist_ok=True)
-        self._accel_record().write_text(
-            json.dumps({"host": self._host_key(), "kvm_runs_xen": kvm_runs_xen, "why": why})
-        )
+        verdict = accel_verdict.AccelVerdict.now(self._host_key(), kvm_runs_xen, why)
+        accel_verdict.write_verdict(self._accel_record(), verdict)
 
     def _machine_config(
         self, accel: Accel, backings: Sequence[Path] | None = None, incoming: Path | None = None
