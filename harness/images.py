@@ -62,6 +62,7 @@ GUEST_SIZE = "1536M"
 # The kernel's TPM 2.0 selftests: where they are in linux-source-6.1's tarball (in dom0's
 # rootfs after debootstrap) and where both images get them.
 KERNEL_SOURCE_PACKAGE = "linux-source-6.1"
+XEN_PACKAGE = "xen-hypervisor-4.17-amd64"  # its exact version goes into the manifest
 KERNEL_SOURCE_TARBALL = "usr/src/linux-source-6.1.tar.xz"
 SELFTESTS_MEMBER = "linux-source-6.1/tools/testing/selftests/tpm2"
 SELFTESTS_DIR = "opt/tpm2-selftests"
@@ -439,6 +440,7 @@ class Builder:
             "dom0_kernel": f"/boot/vmlinuz-{version}",
             "dom0_initrd": f"/boot/initrd.img-{version}",
             "xen": xen[-1].name,
+            "xen_package_version": self.package_version(rootfs, XEN_PACKAGE),
         }
 
     def package_version(self, rootfs: Path, package: str) -> str:

@@ -226,6 +226,8 @@ class XenTarget(BaseTarget):
         t0 = time.monotonic()
         self.images = build_images(self.say)
         self.timings["images_s"] = round(time.monotonic() - t0, 1)
+        # What this run boots, exactly: Xen's and the kernel's package versions, recipe.
+        shutil.copy2(self.images.dir / "manifest.json", self.artifacts / "images-manifest.json")
         if not (self._snapshots() and self.restore()):
             self.boot()
             self.start_guests()
