@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from harness.targets.health import Check, failed_checks, script
+from harness.targets.health import Check, failed_checks, failures, script
 
 
 class LocalShell:
@@ -63,10 +63,20 @@ def test_checks_of_hosts_not_connected_are_skipped() -> None:
 
 
 def test_a_check_that_prints_cannot_pass_for_another() -> None:
-    """Each check's own output goes nowhere: only the script's failure indexes count."""
-    checks = [Check("h", "echo 1; true", "a"), Check("h", "true", "b")]
-    assert "{ echo 1; true; } >/dev/null 2>&1 || echo 0" in script(checks)
+    """A check's output is only evidence (after a ``|``), never a failure marker."""
+    checks = [Check("h", "echo 1; echo @@1; true", "a"), Check("h", "echo @@0; true", "b")]
     assert failed_checks({"h": LocalShell()}, checks) == []
+    checks.append(Check("h", "echo @@0; false", "c"))
+    assert failures({"h": LocalShell()}, checks) == [(checks[2], "@@0")]
+
+
+def test_a_failed_check_brings_its_last_lines_as_evidence() -> None:
+    """The evidence of a failed check (say, the new dmesg lines), at most 20 lines."""
+    checks = [Check("h", "seq 1 30; false", "a"), Check("h", "echo fine", "b")]
+    ((check, evidence),) = failures({"h": LocalShell()}, checks)
+    assert check is checks[0]
+    assert evidence.splitlines() == [str(i) for i in range(11, 31)]
+    assert "o=$(" in script(checks)
 
 
 def test_a_host_that_cannot_be_asked_raises() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 CHECK_TIMEOUT = 30.0
+EVIDENCE_LINES = 20  # of a failed check's output, into the test's report
 
 
 class Shell(Protocol):
@@ -36,30 +37,55 @@ class Check:
 
 
 def script(checks: Sequence[Check]) -> str:
-    """One shell command running every check, printing the index of each that failed."""
+    """One shell command running every check; for each that failed, a line ``@@<index>``
+    then the last lines of its output (its evidence: the new dmesg lines, say), each
+    after a ``|``, so no output can pass for another check's failure."""
     return "; ".join(
-        f"{{ {check.test}; }} >/dev/null 2>&1 || echo {i}" for i, check in enumerate(checks)
+        f'o=$( {{ {check.test}; }} 2>&1 ) || {{ echo "@@{i}"; printf "%s\\n" "$o" | tail -n '
+        f"{EVIDENCE_LINES} | sed 's/^/|/'; }}"
+        for i, check in enumerate(checks)
     )
 
 
-def failed_checks(
+def _parse(out: str, todo: Sequence[Check]) -> dict[Check, str]:
+    failed: dict[Check, list[str]] = {}
+    current: list[str] | None = None
+    for line in out.splitlines():
+        index = line[2:]
+        if line.startswith("@@") and index.isdigit() and int(index) < len(todo):
+            current = failed.setdefault(todo[int(index)], [])
+        elif current is not None and line.startswith("|"):
+            current.append(line[1:])
+    return {check: "\n".join(lines).strip() for check, lines in failed.items()}
+
+
+def failures(
     hosts: Mapping[str, Shell], checks: Sequence[Check], timeout: float = CHECK_TIMEOUT
-) -> list[Check]:
-    """The checks that fail now, in the order given. Checks of hosts not in ``hosts``
-    (not connected) are skipped; a host that cannot be asked raises its SSH error."""
+) -> list[tuple[Check, str]]:
+    """The checks that fail now, in the order given, each with its output. Checks of
+    hosts not in ``hosts`` (not connected) are skipped; a host that cannot be asked
+    raises its SSH error."""
     by_host: dict[str, list[Check]] = {}
     for check in checks:
         if check.host in hosts:
             by_host.setdefault(check.host, []).append(check)
 
-    def ask(name: str) -> set[Check]:
+    def ask(name: str) -> dict[Check, str]:
         todo = by_host[name]
         _, out, _ = hosts[name].run(script(todo), timeout=timeout)
-        failed = {int(word) for word in out.split() if word.isdigit()}
-        return {todo[i] for i in failed if i < len(todo)}
+        return _parse(out, todo)
 
     if not by_host:
         return []
+    found: dict[Check, str] = {}
     with ThreadPoolExecutor(len(by_host)) as pool:
-        failed = set().union(*pool.map(ask, by_host))
-    return [check for check in checks if check in failed]
+        for result in pool.map(ask, by_host):
+            found.update(result)
+    return [(check, found[check]) for check in checks if check in found]
+
+
+def failed_checks(
+    hosts: Mapping[str, Shell], checks: Sequence[Check], timeout: float = CHECK_TIMEOUT
+) -> list[Check]:
+    """The checks that fail now, in the order given (see :func:`failures`)."""
+    return [check for check, _ in failures(hosts, checks, timeout)]
