@@ -222,6 +222,19 @@ class SshHost(Closeable):
         """Run, raise CommandFailed unless it exits 0, return stdout."""
         return self.run(command, timeout, check=True)[1]
 
+    def stream(self, command: str) -> paramiko.Channel:
+        """Start ``command`` on a channel of its own and return the channel, to read its
+        output as it comes (``tail -F``); closing the channel ends the command."""
+        transport = self.client().get_transport()
+        if transport is None:
+            raise SshError(f"{self.name}: not connected")
+        try:
+            channel = transport.open_session()
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError) as e:
+            raise SshError(f"{self.name}: {command!r}: {e!r}") from e
+        return channel
+
     # -- files ---------------------------------------------------------------------------
     def sftp(self) -> paramiko.SFTPClient:
         if self._sftp is None:

@@ -135,6 +135,7 @@ class SimTarget(BaseTarget):
         Capability.KERNEL_TPM,
         Capability.DOM0_SHELL,
         Capability.SAVE_RESTORE,
+        Capability.CRASH_WATCH,  # nothing to crash but processes: their exits are problems()
     }
 
     def __init__(

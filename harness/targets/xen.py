@@ -25,13 +25,23 @@ import platform
 import shlex
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
 from harness import accel_verdict
 from harness.console import DOM0_STAGES, ConsoleFailure, SerialConsole, Stage
+from harness.crash_watch import (
+    DOM0_KERNEL_LOGS,
+    GUEST_KERNEL_LOGS,
+    ChannelSource,
+    Crash,
+    CrashWatch,
+    FileSource,
+    guest_console_command,
+    new_crash_lines_check,
+)
 from harness.deadline import Deadline
 from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
 from harness.images import ROOT, Images, build_images, cache_root
@@ -51,7 +61,7 @@ from harness.ssh import SshHost
 from harness.target import Capability, Component, Guest
 from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseGuest, BaseTarget
-from harness.targets.health import Check, failed_checks
+from harness.targets.health import Check, failures
 from harness.transport import RawTransport
 from harness.transport_ssh import RelayTransport, open_relay
 from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
@@ -191,6 +201,7 @@ class XenTarget(BaseTarget):
             Capability.KERNEL_TPM,
             Capability.DOM0_SHELL,
             Capability.POWER_CUT,
+            Capability.CRASH_WATCH,
         }
     )
 
@@ -215,6 +226,9 @@ class XenTarget(BaseTarget):
         self.timings: dict[str, float] = {}
         self._daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
         self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports
+        self.crash_watch: CrashWatch | None = None
+        self.crashes: list[Crash] = []  # every crash seen since the target started
+        self.on_crash: Callable[[Crash], None] | None = None  # the fixtures' alarm
 
     @property
     def guests(self) -> Sequence[XenGuest]:
@@ -235,9 +249,42 @@ class XenTarget(BaseTarget):
             if self._snapshots() and self.accel == "tcg":
                 self.save_snapshot()
         self.start_driver()
+        self.watch_crashes()
         self.say(
             "xen target ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         )
+
+    # -- crash watch: every console until teardown (harness/crash_watch.py) -----------------
+    def watch_crashes(self) -> None:
+        """Follow the serial console, each guest's console (through dom0) and QEMU."""
+        self.stop_watching()
+        machine, dom0 = self.machine, self._dom0()
+        if machine is None:
+            return
+        sources: list[FileSource | ChannelSource] = [
+            FileSource("serial console (Xen, dom0)", machine.config.console_log)
+        ]
+        sources += [
+            ChannelSource(f"{g.name} console", dom0.stream(guest_console_command(g.name)))
+            for g in self._guests
+        ]
+
+        def alive() -> str | None:
+            return None if machine.alive else f"qemu (pid {machine.pid}) is gone"
+
+        self.crash_watch = CrashWatch(sources, self._crash_seen, alive).start()
+
+    def stop_watching(self) -> None:
+        """Before the machine stops on purpose (close, power cut): that is no crash."""
+        if self.crash_watch is not None:
+            self.crash_watch.close()
+            self.crash_watch = None
+
+    def _crash_seen(self, crash: Crash) -> None:
+        self.crashes.append(crash)
+        self.say(f"CRASH on {crash}")
+        if self.on_crash is not None:
+            self.on_crash(crash)
 
     # -- saved booted machines (warm start) ------------------------------------------------
     @staticmethod
@@ -606,11 +653,15 @@ class XenTarget(BaseTarget):
         """What ``health_checks`` finds broken: one command per host, all hosts at once."""
         if not self._started:
             return []
-        return [check.problem for check in failed_checks(self.hosts(), self.health_checks())]
+        return [
+            f"{check.problem}\n{evidence}" if evidence else check.problem
+            for check, evidence in failures(self.hosts(), self.health_checks())
+        ]
 
     def health_checks(self) -> list[Check]:
-        """Every daemon this target started runs."""
-        return [
+        """Every daemon this target started runs, and no host's kernel logs have a crash
+        line not reported yet (``harness.crash_watch``: Oops, WARNING, panic, ...)."""
+        daemons = [
             Check(
                 name,
                 f"kill -0 {pid}",
@@ -620,6 +671,22 @@ class XenTarget(BaseTarget):
             for name, daemons in self._daemons.items()
             for daemon, pid in daemons.items()
         ]
+        logs = [
+            Check(
+                "dom0",
+                new_crash_lines_check(DOM0_KERNEL_LOGS),
+                "new crash lines in dom0's kernel logs (dmesg, xl dmesg, the guests' consoles):",
+            )
+        ]
+        logs += [
+            Check(
+                g.name,
+                new_crash_lines_check(GUEST_KERNEL_LOGS),
+                f"new crash lines in {g.name}'s dmesg:",
+            )
+            for g in self._guests
+        ]
+        return daemons + logs
 
     def restart(self, component: Component) -> None:
         """Stop and start one component, then wait until every guest is served again."""
@@ -734,6 +801,7 @@ class XenTarget(BaseTarget):
             raise TargetNotReady("qemu", "no running machine on qcow2 overlays to power off")
         config = dataclasses.replace(machine.config, incoming=None, ssh_port=free_port())
         t0, pid = time.monotonic(), machine.pid
+        self.stop_watching()  # a planned death
         machine.power_cut()
         self.machine = None
         self.say(f"power cut: qemu {pid} killed; booting its disks cold")
@@ -757,6 +825,7 @@ class XenTarget(BaseTarget):
             self.timings["qemu_to_dom0_ssh_s"] = first_boot
         self.start_guests()
         self.start_driver()
+        self.watch_crashes()
         seconds = time.monotonic() - t0
         self.timings["power_cut_to_tpm_devices_s"] = round(seconds, 1)
         self.say(f"power cut: every guest's TPM device is back {seconds:.0f} s after the cut")
@@ -899,6 +968,7 @@ class XenTarget(BaseTarget):
 
     # -- lifecycle -------------------------------------------------------------------------
     def _close_machine(self) -> None:
+        self.stop_watching()
         if self.console is not None:
             self.console.close()
             self.console = None
@@ -925,6 +995,7 @@ class XenTarget(BaseTarget):
 
     def _detach(self) -> list[ProcessRecord]:
         self.relays.close()
+        self.stop_watching()  # the environment is handed on; ``harness status`` scans it
         if self.machine is None:
             return []
         for g in self._guests:
