@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from harness.crash_watch import Crash, CrashAlarm
 from harness.target import Guest, Target
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
@@ -33,6 +34,7 @@ MARKERS = {
     "xen": "needs a real Xen hypervisor",
     "device": "needs a kernel TPM device (/dev/tpm0) in the guest",
     "external": "suites not written for this driver (kernel tpm2 selftests, tpm2-tools)",
+    "crashes": "crashes a guest on purpose: restored after it, the crash expected",
     "powercut": "kills the whole machine and cold-boots it (minutes): only with -m powercut",
 }
 # Markers whose scenarios run only when the -m expression names them (opt-in).
@@ -274,10 +276,37 @@ def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
         relays = getattr(tgt, "relays", None)
         if relays is not None:
             relays.release()
-    yield
+    crashes = getattr(tgt, "crashes", None)  # a target with a crash watch (Xen under QEMU)
+    seen = len(crashes) if crashes is not None else 0
+    if crashes is not None:
+        tgt.on_crash = _ALARM.fire
+        _ALARM.arm()
+    try:
+        yield
+    finally:
+        _ALARM.disarm()
+    if crashes is not None and len(tgt.crashes) > seen:
+        expected = item.get_closest_marker("crashes") is not None
+        failed = item.stash.get(_ITEM_FAILED_KEY, False)
+        _crashed(tgt, tgt.crashes[seen:], already_failed=failed or expected)
     _check_health(tgt, "during this test")
     if not item.stash.get(_ITEM_FAILED_KEY, False):
         config.stash[_CLEAN_KEY] = scope
+
+
+_ALARM = CrashAlarm()  # a crash seen by the target's watch fails the running test at once
+
+
+def _crashed(tgt: Any, crashes: list[Crash], already_failed: bool) -> None:
+    """The next test starts on a restored machine; this one fails with every crash
+    seen during it (unless the alarm already failed it with the first)."""
+    if not _INTERRUPTED:
+        tgt.recover()
+    if not already_failed:
+        pytest.fail(
+            "\n\n".join(c.report() for c in crashes) + f"\n(target {tgt.name} was restarted)",
+            pytrace=False,
+        )
 
 
 _INTERRUPTED: list[bool] = []  # set once the run is interrupted (Ctrl-C, SIGTERM)
