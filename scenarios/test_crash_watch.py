@@ -1,0 +1,60 @@
+"""The crash watch on Xen under QEMU (``harness/crash_watch.py``, issue 16 point 1).
+
+A crash shows up as what it is, at once, with its console, instead of as a chain of
+SSH timeouts minutes later; the next test starts on a restored machine:
+
+- a guest crashed with ``echo c > /proc/sysrq-trigger`` (``on_crash="destroy"``: xl
+  throws the domain away) fails the test running at the time with the guest console's
+  excerpt, well within 90 s;
+- a line in the WARNING format written to a guest's ``/dev/kmsg`` (at debug level, so
+  only ``dmesg`` has it, not the console) is a problem of the target after the test that
+  wrote it, reported once, which fails that test (``conftest._check_health``);
+- the next scenario finds every guest served again.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from typing import Any
+
+import pytest
+
+from harness.crash_watch import CrashSeen
+from harness.tpmwire import get_random
+
+pytestmark = pytest.mark.needs("crash-watch")
+
+SEEN_WITHIN_S = 90.0
+
+
+@pytest.mark.crashes
+def test_a_guest_crash_fails_the_running_test_at_once(target: Any, guests: Any) -> None:
+    victim = guests[-1]
+    t0 = time.monotonic()
+    with pytest.raises(CrashSeen) as info:
+        victim.run("echo 1 > /proc/sys/kernel/sysrq; echo c > /proc/sysrq-trigger", timeout=120)
+        time.sleep(SEEN_WITHIN_S * 2)  # the crash must interrupt this, not the timeout
+    waited = time.monotonic() - t0
+    crash = info.value.crash
+    assert waited < SEEN_WITHIN_S, (waited, crash)
+    assert crash.console == f"{victim.name} console", crash
+    assert crash.pattern in ("kernel panic", "kernel oops", "kernel bug"), crash
+    assert "sysrq" in crash.excerpt, crash.excerpt
+    assert crash in target.crashes
+
+
+def test_the_next_test_runs_on_a_restored_machine(target: Any, guests: Any) -> None:
+    for guest in guests:
+        with guest.transport() as t:
+            response = t.transmit(get_random(8))
+        assert response[6:10] == b"\0\0\0\0" and len(response) == 20, response.hex()
+
+
+def test_a_warning_in_a_guests_kernel_log_is_reported_once(target: Any, guest: Any) -> None:
+    line = f"WARNING: CPU: 0 PID: 1 at xenvtpm/probe.c:1 probe_{os.urandom(4).hex()}+0x0/0x0"
+    guest.run(f"echo {shlex.quote('<7>' + line)} > /dev/kmsg")
+    problems = target.problems()  # what the check after this test finds
+    assert any(line in p and guest.name in p for p in problems), problems
+    assert not any(line in p for p in target.problems())  # once
