@@ -1,14 +1,16 @@
 """``python -m harness`` (console script ``harness``): bring an environment up, keep it up.
 
     up --target sim --guests N   start everything in the background; print ONE JSON object
-    status [--json]              what runs, pids alive
+    status [--json]              what runs, pids alive, crashes seen on any console
     logs [NAME] [-n LINES]       every log's path, or the tail of one
     down                         stop everything ``up`` started; nothing is left running
     ssh dom0|GUEST [CMD...]      (xen) a root shell or command in dom0 or a guest
     console [dom0|GUEST]         (xen) the serial console of dom0, or xl console of a guest
 
 Progress goes to stderr, the JSON to stdout, so ``harness up | jq`` works. Exit status:
-0 success, 1 a harness error (explained on stderr), 2 bad usage.
+0 success, 1 a harness error (explained on stderr), 2 bad usage; ``status``: 1 when a
+process is dead, 3 when a console showed a crash (a panic, an Oops, a WARNING: each
+console's first is printed, all are under ``"crashes"`` in ``--json``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from harness.crash_watch import GUEST_LOGS_COMMAND, Crash, crashes_in_logs, parse_guest_logs
 from harness.errors import EnvironmentNotRunning, EnvironmentRunning, HarnessError
 from harness.process import ProcessRecord, all_procs, proc_cmdline, stop_family, tail
 from harness.state import RunRecord, RunState
@@ -122,12 +126,38 @@ def _require(state: RunState) -> RunRecord:
     return record
 
 
+def _crashes(record: RunRecord) -> list[Crash]:
+    """Every crash on any console of a Xen environment since ``up``: the serial
+    console's log on this host, and each guest's console log in dom0 (one command)."""
+    if record.target not in ("xen", "xen-kernel"):
+        return []
+    serial = Path(record.description.get("artifacts", "")) / "console.log"
+    why = ""
+    try:
+        done = subprocess.run(
+            _ssh_argv(record, "dom0", [GUEST_LOGS_COMMAND]), capture_output=True, timeout=60
+        )
+        if done.returncode != 0:
+            why = f"exit {done.returncode}: {done.stderr.decode(errors='replace')[-300:]}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        why = str(e)
+    if why:
+        why = f"dom0 did not answer over SSH ({why})"
+        return [*crashes_in_logs(serial, {}), Crash("dom0", "unreachable", why, why, time.time())]
+    return crashes_in_logs(serial, parse_guest_logs(done.stdout))
+
+
 def cmd_status(state: RunState, as_json: bool) -> int:
+    """0: all is well; 1: a process is dead; 3: a crash was seen on a console."""
     record = _require(state)
     rows = [(p, p.alive()) for p in record.processes]
+    crashes = _crashes(record)
     if as_json:
         out = record.to_json()
         out["alive"] = {p.name: alive for p, alive in rows}
+        out["crashes"] = [
+            {"console": c.console, "pattern": c.pattern, "line": c.line} for c in crashes
+        ]
         print(json.dumps(out, indent=2))
     else:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.started))
@@ -139,6 +169,13 @@ def cmd_status(state: RunState, as_json: bool) -> int:
             )
         for p, alive in rows:
             print(f"  {p.name:<20} pid {p.pid:<8} {'running' if alive else 'DEAD'}")
+        first: dict[str, Crash] = {}
+        for c in crashes:
+            first.setdefault(c.console, c)
+        for c in first.values():
+            print(f"  CRASH on {c}")
+    if crashes:
+        return 3
     return 0 if all(alive for _, alive in rows) else 1
 
 
