@@ -46,6 +46,7 @@ _FAILED_KEY = pytest.StashKey[bool]()
 _BRINGUP_KEY = pytest.StashKey[float]()  # seconds the target took to come up, until reported
 _CLEAN_KEY = pytest.StashKey[str]()  # the collector whose last test left the target healthy
 _ITEM_FAILED_KEY = pytest.StashKey[bool]()
+_CRASHES_KEY = pytest.StashKey[int]()  # how many of the target's crashes were reported
 SLOWEST = 10  # scenarios listed by time at the end of a run
 
 
@@ -137,12 +138,37 @@ def pytest_configure(config: pytest.Config) -> None:
             _target_setup(config)
         except ValueError as e:
             raise pytest.UsageError(str(e)) from e
+    _check_workers(config)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     config.stash[_FAILED_KEY] = False
     config.pluginmanager.register(_Summary(config), "xenvtpm-summary")
+
+
+def _check_workers(config: pytest.Config) -> None:
+    """pytest-xdist (``-n N``): each worker brings up its own environment, so workers
+    share no run directory, socket, vTPM instance or NV index, and never stop another's
+    daemons. That holds for the sim target; a Xen machine per worker (two TCG QEMUs on
+    this 2-core host) and a shared ``--attach`` environment are refused, by name."""
+    workers = config.getoption("numprocesses", None)
+    if not workers:
+        return
+    if config.getoption("--attach"):
+        raise pytest.UsageError("-n: --attach shares one environment; workers may not")
+    target = config.getoption("--target")
+    if target != "sim":
+        raise pytest.UsageError(
+            f"-n {workers}: scenarios spread over workers on --target sim only, each worker "
+            f"with its own simulated Xen; --target {target} would start one machine per "
+            "worker (see README, Benchmarks: -n on Xen)"
+        )
+
+
+def _worker() -> str:
+    """This pytest-xdist worker's id ("gw0", ...), or "" without xdist."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "")
 
 
 def _attached_record(config: pytest.Config) -> Any:
@@ -195,11 +221,17 @@ def _progress(config: pytest.Config) -> Any:
 
 
 def _logs_dir(config: pytest.Config) -> Path | None:
+    """Where a failed run's daemon logs go: ``ARTIFACTS/logs``, one directory further
+    per pytest-xdist worker (each has daemons of its own)."""
     explicit = config.getoption("--artifacts")
-    if explicit:
-        return Path(explicit) / "logs"
     junit = config.getoption("xmlpath", None)
-    return Path(junit).parent / "logs" if junit else None
+    if explicit:
+        logs = Path(explicit) / "logs"
+    elif junit:
+        logs = Path(junit).parent / "logs"
+    else:
+        return None
+    return logs / _worker() if _worker() else logs
 
 
 def _all_logs(target: Target) -> dict[str, Path]:
@@ -277,18 +309,20 @@ def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
         if relays is not None:
             relays.release()
     crashes = getattr(tgt, "crashes", None)  # a target with a crash watch (Xen under QEMU)
-    seen = len(crashes) if crashes is not None else 0
     if crashes is not None:
+        if len(crashes) > config.stash.get(_CRASHES_KEY, 0):  # between tests, or bring-up
+            _crashed(config, tgt, crashes[config.stash.get(_CRASHES_KEY, 0) :], "before this test")
         tgt.on_crash = _ALARM.fire
         _ALARM.arm()
     try:
         yield
     finally:
         _ALARM.disarm()
-    if crashes is not None and len(tgt.crashes) > seen:
+    if crashes is not None and len(tgt.crashes) > config.stash.get(_CRASHES_KEY, 0):
         expected = item.get_closest_marker("crashes") is not None
         failed = item.stash.get(_ITEM_FAILED_KEY, False)
-        _crashed(tgt, tgt.crashes[seen:], already_failed=failed or expected)
+        new = tgt.crashes[config.stash.get(_CRASHES_KEY, 0) :]
+        _crashed(config, tgt, new, "during this test", already_failed=failed or expected)
     _check_health(tgt, "during this test")
     if not item.stash.get(_ITEM_FAILED_KEY, False):
         config.stash[_CLEAN_KEY] = scope
@@ -297,14 +331,22 @@ def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
 _ALARM = CrashAlarm()  # a crash seen by the target's watch fails the running test at once
 
 
-def _crashed(tgt: Any, crashes: list[Crash], already_failed: bool) -> None:
+def _crashed(
+    config: pytest.Config, tgt: Any, crashes: list[Crash], when: str, already_failed: bool = False
+) -> None:
     """The next test starts on a restored machine; this one fails with every crash
-    seen during it (unless the alarm already failed it with the first)."""
-    if not _INTERRUPTED:
-        tgt.recover()
+    seen ``when`` (unless the alarm already failed it with the first). Each crash is
+    reported once: the count of those reported is kept in the config's stash."""
+    try:
+        if not _INTERRUPTED:
+            tgt.recover()
+    finally:  # what the dying machine printed until it was stopped is this crash's
+        config.stash[_CRASHES_KEY] = len(tgt.crashes)
     if not already_failed:
         pytest.fail(
-            "\n\n".join(c.report() for c in crashes) + f"\n(target {tgt.name} was restarted)",
+            f"crash {when}:\n"
+            + "\n\n".join(c.report() for c in crashes)
+            + f"\n(target {tgt.name} was restarted)",
             pytrace=False,
         )
 
