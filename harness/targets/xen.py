@@ -227,6 +227,7 @@ class XenTarget(BaseTarget):
         self._daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
         self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports
         self.crash_watch: CrashWatch | None = None
+        self._crashed_guests: set[str] = set()  # since this machine started
         self.crashes: list[Crash] = []  # every crash seen since the target started
         self.on_crash: Callable[[Crash], None] | None = None  # the fixtures' alarm
 
@@ -258,6 +259,7 @@ class XenTarget(BaseTarget):
     def watch_crashes(self) -> None:
         """Follow the serial console, each guest's console (through dom0) and QEMU."""
         self.stop_watching()
+        self._crashed_guests.clear()
         machine, dom0 = self.machine, self._dom0()
         if machine is None:
             return
@@ -282,6 +284,9 @@ class XenTarget(BaseTarget):
 
     def _crash_seen(self, crash: Crash) -> None:
         self.crashes.append(crash)
+        for g in self._guests:
+            if crash.console == f"{g.name} console":
+                self._crashed_guests.add(g.name)  # its console in dom0 keeps what it said
         self.say(f"CRASH on {crash}")
         if self.on_crash is not None:
             self.on_crash(crash)
@@ -963,7 +968,11 @@ class XenTarget(BaseTarget):
     def _collect_dom0(self) -> None:
         """dom0's dmesg and journal, xl dmesg, /var/log/xen and daemon logs -> artifacts."""
         if self.dom0 is not None and self.dom0.connected:
-            guests = {g.name: g.ssh for g in self._guests if g.ssh is not None}
+            guests = {
+                g.name: g.ssh
+                for g in self._guests
+                if g.ssh is not None and g.name not in self._crashed_guests  # would time out
+            }
             collect_logs(self.dom0, guests, self.artifacts)
 
     # -- lifecycle -------------------------------------------------------------------------
