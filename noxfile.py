@@ -22,7 +22,13 @@ ARTIFACTS = ROOT / "artifacts"
 
 # swtpm runs the vTPMs; libtss2-dev, pkg-config and gcc build tpm2-pytss.
 DEBIAN_PACKAGES = ["swtpm", "swtpm-tools", "libtss2-dev", "pkg-config", "gcc"]
-HARNESS = ["tpm2-pytss==3.0.0", "cryptography>=41", "pytest>=8", "hypothesis>=6.100"]
+HARNESS = [
+    "tpm2-pytss==3.0.0",
+    "cryptography>=41",
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "pytest-xdist>=3.5",  # nox -s sim -- -n 2: workers with environments of their own
+]
 LINT = ["ruff>=0.6", "mypy>=1.10", "pytest>=8", "hypothesis>=6.100", "cryptography>=41"]
 # Real Xen under QEMU (sessions images and xen only): host tools and SSH/console libraries.
 XEN_DEBIAN_PACKAGES = [
@@ -150,15 +156,6 @@ def orphan_qemu_pids() -> set[int]:
 # The kinds of guest ``nox -s xen`` runs the suite on, in order: our frontend (through
 # tpm_vtpm_proxy), then the guest kernels' own xen-tpmfront (protocol v2).
 XEN_GUEST_KINDS = {"python": "xen", "kernel": "xen-kernel"}
-# Left out of the stock guests' run to fit CI's time (a reboot costs ~2 min under TCG):
-# reboots are the toolstack's and manager's path, which the first run covers; one
-# reboot of a stock guest (test_pcrs_reset_on_reboot: new domain, PCRs reset, same EK)
-# stays in.
-XEN_KERNEL_DESELECT = [
-    "scenarios/test_persistence.py::test_nv_survives[reboot]",
-    "scenarios/test_persistence.py::test_persistent_key_survives[reboot]",
-    "scenarios/test_persistence.py::test_reboot_leaves_other_guest_alone",
-]
 
 
 @nox.session
@@ -187,7 +184,6 @@ def xen(session: nox.Session) -> None:
         for kind in kinds:
             target = XEN_GUEST_KINDS[kind]
             out = ARTIFACTS / target
-            trim = [f"--deselect={t}" for t in XEN_KERNEL_DESELECT] if kind == "kernel" else []
             session.log(f"xen: the scenario suite on {kind} guests (--target {target})")
             try:
                 session.run(
@@ -197,7 +193,6 @@ def xen(session: nox.Session) -> None:
                     "--guests=2",
                     f"--junitxml={out / 'junit.xml'}",
                     f"--artifacts={out}",
-                    *trim,
                     *pytest_args,
                 )
             except nox.command.CommandFailed:
