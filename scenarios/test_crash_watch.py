@@ -31,6 +31,8 @@ SEEN_WITHIN_S = 90.0
 
 @pytest.mark.crashes
 def test_a_guest_crash_fails_the_running_test_at_once(target: Any, guests: Any) -> None:
+    if target.name == "xen-kernel":  # the watch is the harness's, the same for both kinds
+        pytest.skip("one guest crash per nox -s xen: on --target xen (the restore costs minutes)")
     victim = guests[-1]
     t0 = time.monotonic()
     with pytest.raises(CrashSeen) as info:
