@@ -323,9 +323,25 @@ def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
         failed = item.stash.get(_ITEM_FAILED_KEY, False)
         new = tgt.crashes[config.stash.get(_CRASHES_KEY, 0) :]
         _crashed(config, tgt, new, "during this test", already_failed=failed or expected)
+    if item.stash.get(_ITEM_FAILED_KEY, False) and not _INTERRUPTED:
+        _kernel_log_evidence(tgt, item)
     _check_health(tgt, "during this test")
     if not item.stash.get(_ITEM_FAILED_KEY, False):
         config.stash[_CLEAN_KEY] = scope
+
+
+def _kernel_log_evidence(tgt: Any, item: pytest.Item) -> None:
+    """A failed test's report gets the crash lines new in the hosts' kernel logs (all
+    levels: also what no console printed)."""
+    scan = getattr(tgt, "kernel_log_problems", None)
+    if scan is None:
+        return
+    try:
+        found = scan()
+    except Exception as e:  # a host that cannot be asked: the health check will say
+        found = [f"kernel logs not scanned: {e!r}"]
+    if found:
+        item.add_report_section("teardown", "crash lines in kernel logs", "\n".join(found))
 
 
 _ALARM = CrashAlarm()  # a crash seen by the target's watch fails the running test at once

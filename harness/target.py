@@ -41,9 +41,9 @@ class Capability(enum.StrEnum):
     POWER_CUT = "power-cut"  # target.power_cut_and_cold_boot(): the machine killed without
     # a shutdown (its page caches lost), the same disks booted cold, every guest back with
     # its vTPM instance
-    CRASH_WATCH = "crash-watch"  # target.crashes, target.problems(): the machine's
-    # consoles watched until teardown (a crash fails the running test at once) and every
-    # host's kernel logs scanned after each test (harness/crash_watch.py)
+    CRASH_WATCH = "crash-watch"  # target.crashes, target.kernel_log_problems(): the
+    # machine's consoles watched until teardown (a crash fails the running test at once),
+    # every host's kernel logs scanned after a failed test (harness/crash_watch.py)
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 

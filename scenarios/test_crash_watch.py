@@ -6,9 +6,9 @@ SSH timeouts minutes later; the next test starts on a restored machine:
 - a guest crashed with ``echo c > /proc/sysrq-trigger`` (``on_crash="destroy"``: xl
   throws the domain away) fails the test running at the time with the guest console's
   excerpt, well within 90 s;
-- a line in the WARNING format written to a guest's ``/dev/kmsg`` (at debug level, so
-  only ``dmesg`` has it, not the console) is a problem of the target after the test that
-  wrote it, reported once, which fails that test (``conftest._check_health``);
+- a line in the WARNING format written to a guest's ``/dev/kmsg`` at debug level (so only
+  ``dmesg`` has it, no console) is found by the kernel-log scan that a failed test's
+  report gets (``target.kernel_log_problems``), once;
 - the next scenario finds every guest served again.
 """
 
@@ -57,6 +57,6 @@ def test_the_next_test_runs_on_a_restored_machine(target: Any, guests: Any) -> N
 def test_a_warning_in_a_guests_kernel_log_is_reported_once(target: Any, guest: Any) -> None:
     line = f"WARNING: CPU: 0 PID: 1 at xenvtpm/probe.c:1 probe_{os.urandom(4).hex()}+0x0/0x0"
     guest.run(f"echo {shlex.quote('<7>' + line)} > /dev/kmsg")
-    problems = target.problems()  # what the check after this test finds
+    problems = target.kernel_log_problems()  # what a failed test's report gets
     assert any(line in p and guest.name in p for p in problems), problems
-    assert not any(line in p for p in target.problems())  # once
+    assert not any(line in p for p in target.kernel_log_problems())  # once

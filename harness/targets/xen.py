@@ -664,9 +664,8 @@ class XenTarget(BaseTarget):
         ]
 
     def health_checks(self) -> list[Check]:
-        """Every daemon this target started runs, and no host's kernel logs have a crash
-        line not reported yet (``harness.crash_watch``: Oops, WARNING, panic, ...)."""
-        daemons = [
+        """Every daemon this target started runs."""
+        return [
             Check(
                 name,
                 f"kill -0 {pid}",
@@ -676,14 +675,24 @@ class XenTarget(BaseTarget):
             for name, daemons in self._daemons.items()
             for daemon, pid in daemons.items()
         ]
-        logs = [
+
+    def kernel_log_problems(self) -> list[str]:
+        """Crash lines new since the last call in dom0's dmesg, ``xl dmesg`` and the
+        guests' console logs, and in each guest's dmesg (at every log level, also those
+        below the consoles' level that the watch cannot see); one command per host, all
+        at once. Not in the per-test health check: under TCG it cost 2.4 s per test
+        (test_errors' mean went from 1.0 to 3.4 s), so the fixtures run it after a
+        failed test, for its evidence."""
+        if not self._started:
+            return []
+        checks = [
             Check(
                 "dom0",
                 new_crash_lines_check(DOM0_KERNEL_LOGS),
                 "new crash lines in dom0's kernel logs (dmesg, xl dmesg, the guests' consoles):",
             )
         ]
-        logs += [
+        checks += [
             Check(
                 g.name,
                 new_crash_lines_check(GUEST_KERNEL_LOGS),
@@ -691,7 +700,7 @@ class XenTarget(BaseTarget):
             )
             for g in self._guests
         ]
-        return daemons + logs
+        return [f"{c.problem}\n{evidence}" for c, evidence in failures(self.hosts(), checks)]
 
     def restart(self, component: Component) -> None:
         """Stop and start one component, then wait until every guest is served again."""
