@@ -275,6 +275,7 @@ class XenTarget(BaseTarget):
             return None if machine.alive else f"qemu (pid {machine.pid}) is gone"
 
         self.crash_watch = CrashWatch(sources, self._crash_seen, alive).start()
+        self.kernel_log_problems()  # the baseline: a failed test's scan shows what is new
 
     def stop_watching(self) -> None:
         """Before the machine stops on purpose (close, power cut): that is no crash."""
