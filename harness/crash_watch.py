@@ -92,9 +92,16 @@ def match(line: bytes) -> str | None:
     return None if m is None else _NAMES[(m.lastindex or 1) - 1]
 
 
-def scan(console: str, lines: Iterable[bytes], now: float | None = None) -> list[Crash]:
-    """Every crash in ``lines`` of ``console`` (for ``harness status`` and tests)."""
-    before: collections.deque[bytes] = collections.deque(maxlen=CONTEXT_LINES)
+def scan(
+    console: str,
+    lines: Iterable[bytes],
+    now: float | None = None,
+    before: collections.deque[bytes] | None = None,
+) -> list[Crash]:
+    """Every crash in ``lines`` of ``console``, each with the lines before it; ``before``
+    carries those lines from one call to the next (the watch's growing logs)."""
+    if before is None:
+        before = collections.deque(maxlen=CONTEXT_LINES)
     crashes: list[Crash] = []
     for line in lines:
         line = line.rstrip(b"\r\n")[:MAX_LINE]
@@ -228,12 +235,8 @@ class CrashWatch:
         *lines, rest = (self._partial.pop(console, b"") + data).split(b"\n")
         self._partial[console] = rest[-MAX_LINE:]
         before = self._before.setdefault(console, collections.deque(maxlen=CONTEXT_LINES))
-        for raw in lines:
-            line = raw.rstrip(b"\r")[:MAX_LINE]
-            name = match(line)
-            if name is not None:
-                self._report(_crash(console, name, line, [*before, line], None))
-            before.append(line)
+        for crash in scan(console, lines, before=before):
+            self._report(crash)
 
     def _report(self, crash: Crash) -> None:
         with self._lock:
