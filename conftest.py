@@ -310,19 +310,20 @@ def _healthy_target(request: pytest.FixtureRequest) -> Iterator[None]:
             relays.release()
     crashes = getattr(tgt, "crashes", None)  # a target with a crash watch (Xen under QEMU)
     if crashes is not None:
-        if len(crashes) > config.stash.get(_CRASHES_KEY, 0):  # between tests, or bring-up
-            _crashed(config, tgt, crashes[config.stash.get(_CRASHES_KEY, 0) :], "before this test")
+        reported = config.stash.get(_CRASHES_KEY, 0)
+        if len(crashes) > reported:  # between tests, or during bring-up
+            _crashed(config, tgt, crashes[reported:], "before this test")
         tgt.on_crash = _ALARM.fire
         _ALARM.arm()
     try:
         yield
     finally:
         _ALARM.disarm()
-    if crashes is not None and len(tgt.crashes) > config.stash.get(_CRASHES_KEY, 0):
+    reported = config.stash.get(_CRASHES_KEY, 0)
+    if crashes is not None and len(tgt.crashes) > reported:
         expected = item.get_closest_marker("crashes") is not None
         failed = item.stash.get(_ITEM_FAILED_KEY, False)
-        new = tgt.crashes[config.stash.get(_CRASHES_KEY, 0) :]
-        _crashed(config, tgt, new, "during this test", already_failed=failed or expected)
+        _crashed(config, tgt, tgt.crashes[reported:], "during this test", failed or expected)
     if item.stash.get(_ITEM_FAILED_KEY, False) and not _INTERRUPTED:
         _kernel_log_evidence(tgt, item)
     _check_health(tgt, "during this test")

@@ -143,7 +143,7 @@ def _crashes(record: RunRecord) -> list[Crash]:
         why = str(e)
     if why:
         why = f"dom0 did not answer over SSH ({why})"
-        return [*crashes_in_logs(serial, {}), Crash("dom0", "unreachable", why, why, time.time())]
+        return [*crashes_in_logs(serial, {}), Crash("dom0", "unreachable", why, why)]
     return crashes_in_logs(serial, parse_guest_logs(done.stdout))
 
 

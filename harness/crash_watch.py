@@ -25,7 +25,6 @@ import re
 import shlex
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +65,6 @@ class Crash:
     pattern: str
     line: str
     excerpt: str
-    seen_at: float
 
     def __str__(self) -> str:
         return f"{self.console}: {self.pattern}: {self.line}"
@@ -95,7 +93,6 @@ def match(line: bytes) -> str | None:
 def scan(
     console: str,
     lines: Iterable[bytes],
-    now: float | None = None,
     before: collections.deque[bytes] | None = None,
 ) -> list[Crash]:
     """Every crash in ``lines`` of ``console``, each with the lines before it; ``before``
@@ -107,17 +104,14 @@ def scan(
         line = line.rstrip(b"\r\n")[:MAX_LINE]
         name = match(line)
         if name is not None:
-            crashes.append(_crash(console, name, line, [*before, line], now))
+            crashes.append(_crash(console, name, line, [*before, line]))
         before.append(line)
     return crashes
 
 
-def _crash(
-    console: str, name: str, line: bytes, context: Sequence[bytes], now: float | None
-) -> Crash:
+def _crash(console: str, name: str, line: bytes, context: Sequence[bytes]) -> Crash:
     text = b"\n".join(context).decode(errors="replace")
-    return Crash(console, name, line.decode(errors="replace").strip(), text,
-                 time.time() if now is None else now)  # fmt: skip
+    return Crash(console, name, line.decode(errors="replace").strip(), text)
 
 
 class LineSource(Protocol):
@@ -201,8 +195,6 @@ class CrashWatch:
         self._on_crash = on_crash
         self._alive = alive
         self._interval = interval
-        self._lock = threading.Lock()
-        self._crashes: list[Crash] = []
         self._partial: dict[str, bytes] = {}
         self._before: dict[str, collections.deque[bytes]] = {}
         self._dead = False
@@ -213,11 +205,6 @@ class CrashWatch:
         self._thread.start()
         return self
 
-    @property
-    def crashes(self) -> list[Crash]:
-        with self._lock:
-            return list(self._crashes)
-
     def poll(self) -> None:
         """One round: every source, then the machine (the thread calls this)."""
         for source in self.sources:
@@ -227,7 +214,7 @@ class CrashWatch:
             why = self._alive()
             if why is not None:
                 self._dead = True
-                self._report(Crash("qemu", "machine died", why, why, time.time()))
+                self._report(Crash("qemu", "machine died", why, why))
 
     def _feed(self, console: str, data: bytes) -> None:
         if not data:
@@ -239,8 +226,6 @@ class CrashWatch:
             self._report(crash)
 
     def _report(self, crash: Crash) -> None:
-        with self._lock:
-            self._crashes.append(crash)
         self._on_crash(crash)
 
     def _run(self) -> None:
