@@ -684,7 +684,7 @@ class XenTarget(BaseTarget):
         at once. Not in the per-test health check: under TCG it cost 2.4 s per test
         (test_errors' mean went from 1.0 to 3.4 s), so the fixtures run it after a
         failed test, for its evidence."""
-        if not self._started:
+        if self.dom0 is None:  # not up (called from _start too, before it has finished)
             return []
         checks = [
             Check(
