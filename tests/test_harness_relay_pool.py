@@ -52,6 +52,15 @@ class FakeTpm:
             except OSError:
                 return
 
+    def refuse(self) -> None:
+        """From now on every write to the device fails (EPIPE). A shutdown, not a close:
+        closing a socket that the serving thread is blocked in ``recv`` on keeps it open
+        until that ``recv`` returns, so a write could still be taken and answered by an
+        end of file (an empty read), which is not a refusal."""
+        self.device.shutdown(socket.SHUT_RDWR)
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
     def close(self) -> None:
         self.wake.set()
         self.host.close()
@@ -140,6 +149,9 @@ def test_a_relay_stuck_in_a_command_is_never_handed_out_again(relays: Relays) ->
     with pool.lease("guest0", "/dev/tpm0", relays.start) as t, pytest.raises(TransportTimeout):
         t.transmit(HANG, timeout=0.2)
     relays.tpm.wake.set()  # the late answer goes to the first relay, whose channel is gone
+    # The fake device is one socket read by every relay: were the next relay already
+    # reading, it could take the late answer, which a real device's one opener cannot.
+    wait_for(lambda: relays.exits == [-1])  # the first relay took it and found no harness
     with pool.lease("guest0", "/dev/tpm0", relays.start) as t:
         for n in (11, 13, 17):
             assert t.transmit(get_random(n), timeout=5) == answer_to(get_random(n))
@@ -150,7 +162,7 @@ def test_a_relay_stuck_in_a_command_is_never_handed_out_again(relays: Relays) ->
 def test_a_refused_command_keeps_the_relay(relays: Relays) -> None:
     """An error frame (the kernel's EINVAL, ETIME) is an answer: the relay goes on."""
     pool = RelayPool()
-    relays.tpm.device.close()  # every write now fails (EPIPE), as a refused one would
+    relays.tpm.refuse()  # every write now fails (EPIPE), as a refused one would
     with pool.lease("guest0", "/dev/tpm0", relays.start) as t, pytest.raises(DeviceRefused):
         t.transmit(get_random(4), timeout=5)
     with pool.lease("guest0", "/dev/tpm0", relays.start) as t, pytest.raises(DeviceRefused):
