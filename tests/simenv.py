@@ -135,10 +135,11 @@ class SimEnv:
             timeout=60,
         )
 
-    def start_backend(self, timeout: float = 10.0) -> Daemon:
+    def start_backend(self, timeout: float = 10.0, trace: Path | None = None) -> Daemon:
         return self.spawn(
             "backend",
-            ["backend", "--manager", self.manager_socket, "--timeout", str(timeout)],
+            ["backend", "--manager", self.manager_socket, "--timeout", str(timeout)]
+            + (["--trace", str(trace)] if trace is not None else []),
             env={SIM_DIR_ENV: str(self.run_dir)},
         )
 

@@ -26,6 +26,7 @@ from xenvtpm.daemon import default_log_level, run_service
 from xenvtpm.errors import XenStoreError
 from xenvtpm.loop import Loop
 from xenvtpm.manager_link import ManagerLink, Ticket
+from xenvtpm.traffic_trace import TrafficTrace
 from xenvtpm.xen.interface import Hypervisor
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,15 @@ class Backend:
     """Every vTPM device whose backend is this domain."""
 
     def __init__(
-        self, hv: Hypervisor, loop: Loop, manager_path: str, timeout: float = DEFAULT_TIMEOUT
+        self,
+        hv: Hypervisor,
+        loop: Loop,
+        manager_path: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        trace: TrafficTrace | None = None,
     ) -> None:
         self.hv = hv
+        self.trace = trace  # a line per request answered (--trace), or None
         self.xs = hv.xenstore
         self.loop = loop
         self.timeout = timeout
@@ -74,6 +81,8 @@ class Backend:
         self.devices.clear()
         self.loop.remove_reader(self.xs.fileno())
         self.manager.close()
+        if self.trace is not None:
+            self.trace.close()
 
     # -- xenstore ------------------------------------------------------------------
 
@@ -160,12 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help=f"seconds a vTPM may take per command (default {DEFAULT_TIMEOUT:.0f})",
     )
+    p.add_argument(
+        "--trace",
+        metavar="DIR",
+        help="write a line per TPM request and its answer to DIR/instance-<N>.trace "
+        "(time, codes, sizes; rotated at 256 KiB): python -m harness trace GUEST reads it",
+    )
     p.add_argument("--log-level", default=default_log_level())
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    trace = TrafficTrace(args.trace) if args.trace else None
     return run_service(
-        "backend", args.log_level, lambda hv, loop: Backend(hv, loop, args.manager, args.timeout)
+        "backend",
+        args.log_level,
+        lambda hv, loop: Backend(hv, loop, args.manager, args.timeout, trace),
     )

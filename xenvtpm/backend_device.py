@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,7 @@ from xenvtpm.intake import Forward, NotSubmitted
 from xenvtpm.loop import Alarm
 from xenvtpm.manager_link import Ticket
 from xenvtpm.tpmif_v2 import VtpmState
+from xenvtpm.traffic_trace import AnsweredBy
 from xenvtpm.xen.interface import EventChannel
 from xenvtpm.xenbus import (
     BACKEND_MOVES,
@@ -115,6 +117,7 @@ class BackendDevice:
         self._deferral = Alarm(loop, backend.timeout, self._on_deferred_timeout)
         self._bind_ticket: Ticket | None = None
         self.requests = 0
+        self._traced = (0.0, -1, -1)  # with --trace: the request in flight's time, code, size
 
     @property
     def connected(self) -> bool:
@@ -322,6 +325,7 @@ class BackendDevice:
             # ignored. The cancelled command keeps the slot; IDLE once it is gone.
             if self._ring.cancel_requested():
                 self.log.info("vtpm %d: the frontend cancelled its request", self.key.devid)
+                self._trace(AnsweredBy.CANCELLED, None)
                 self._give_up()
                 self._deferred = True
         else:
@@ -342,8 +346,11 @@ class BackendDevice:
             return
         self.requests += 1
         if not isinstance(decision, Forward):
+            self._trace(AnsweredBy.BACKEND, decision, (time.time(), -1, -1))
             self._answer(decision)  # malformed: the backend answers by itself
             return
+        if self._backend.trace is not None:
+            self._traced = (time.time(), decision.code, len(decision.command))
         self._ticket = self._backend.manager.request(
             self.instance, decision.command, self._on_reply
         )
@@ -357,6 +364,7 @@ class BackendDevice:
         self._stop_timer()
         if self._waiting:
             self._waiting = False
+            self._trace(AnsweredBy.MANAGER, response)
             self._answer(response)
         elif self._deferred:
             self._deferred = False
@@ -370,6 +378,7 @@ class BackendDevice:
             self.instance,
             self._backend.timeout,
         )
+        self._trace(AnsweredBy.TIMEOUT, _FAILURE)
         self._give_up()
         self._answer(_FAILURE)
 
@@ -405,7 +414,26 @@ class BackendDevice:
             self.key.devid,
             self.instance,
         )
-        self._answer(decision if not isinstance(decision, Forward) else _FAILURE)
+        if isinstance(decision, Forward):
+            request = (time.time(), decision.code, len(decision.command))
+            self._trace(AnsweredBy.TIMEOUT, _FAILURE, request)
+            self._answer(_FAILURE)
+        else:
+            self._trace(AnsweredBy.BACKEND, decision, (time.time(), -1, -1))
+            self._answer(decision)
+
+    def _trace(
+        self,
+        by: AnsweredBy,
+        response: bytes | memoryview | None,
+        request: tuple[float, int, int] | None = None,
+    ) -> None:
+        """A line in the traffic trace, if the backend keeps one: ``request`` (its time,
+        code and size; -1: unknown, a malformed one) or else the one in flight."""
+        trace = self._backend.trace
+        if trace is not None:
+            started, code, size = request or self._traced
+            trace.record(self.instance, self.key.domid, started, code, size, response, by)
 
     def _stop_timer(self) -> None:
         self._wait.disarm()

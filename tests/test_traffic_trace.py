@@ -1,0 +1,114 @@
+"""The backend's traffic trace: its lines, their bound, and the real backend writing them.
+
+What a failed scenario's report shows of a guest's TPM traffic comes from here
+(``xenvtpm.traffic_trace`` in the backend, ``harness.traffic`` reading it).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from simenv import SimEnv
+
+from harness.traffic import parse_line, read_trace, render, section, window
+from xenvtpm import tpm
+from xenvtpm.traffic_trace import AnsweredBy, TrafficTrace
+
+GET_RANDOM_8 = tpm.get_random_command(8)
+ANSWER_8 = struct.pack(">HIIH", 0x8001, 20, 0, 8) + bytes(8)
+
+
+def test_a_line_names_the_command_the_sizes_and_the_response(tmp_path: Path) -> None:
+    trace = TrafficTrace(tmp_path)
+    t0 = time.time()
+    trace.record(1000, 7, t0, 0x17B, 12, ANSWER_8, AnsweredBy.MANAGER)
+    trace.record(1000, 7, t0 + 1, -1, -1, tpm.error_response(0x95), AnsweredBy.BACKEND)
+    trace.record(1000, 7, t0 + 2, 0x131, 300, None, AnsweredBy.CANCELLED)
+    trace.close()
+    lines = read_trace(tmp_path, 1000)
+    parsed = [parse_line(line) for line in lines]
+    assert [p.command_code if p else None for p in parsed] == [0x17B, -1, 0x131]
+    first, refused, cancelled = (render(p) for p in parsed if p)
+    assert " dom7 GetRandom 12 B -> 20 B SUCCESS " in first and first.endswith("(manager)")
+    assert "(malformed) ? -> 10 B 0x95 " in refused and refused.endswith("(backend)")
+    assert "CreatePrimary 300 B -> 0 B (no response)" in cancelled
+    assert read_trace(tmp_path, 1001) == []  # another instance's file: none yet
+
+
+def test_the_window_holds_only_the_tests_requests(tmp_path: Path) -> None:
+    trace = TrafficTrace(tmp_path)
+    for t in (100.0, 200.0, 300.0):
+        trace.record(1, 1, t, 0x17B, 12, ANSWER_8, AnsweredBy.MANAGER)
+    lines = read_trace(tmp_path, 1)
+    assert [t.started for t in window(lines, 150.0, 250.0)] == [200.0]
+    assert section(lines, 400.0) == "(no TPM request in this test's time)"
+    cut = section(lines, 0.0, limit=1).splitlines()
+    assert cut[0] == "... 2 earlier requests left out" and len(cut) == 2
+    assert window(["garbage", "", "1.0 dom=x"], 0.0) == []  # unreadable lines are skipped
+
+
+def test_a_guests_traffic_cannot_fill_dom0s_disk(tmp_path: Path) -> None:
+    """Rotated at max_bytes, one old file kept: a chatty guest costs at most twice it,
+    and the newest requests are always there."""
+    trace = TrafficTrace(tmp_path, max_bytes=4096)
+    for i in range(2000):
+        trace.record(1, 1, float(i), 0x17B, 12, ANSWER_8, AnsweredBy.MANAGER)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["instance-1.trace", "instance-1.trace.1"]
+    assert sum(f.stat().st_size for f in files) <= 2 * 4096 + 200
+    lines = read_trace(tmp_path, 1)
+    assert parse_line(lines[-1]) is not None and parse_line(lines[-1]).started == 1999.0  # type: ignore[union-attr]
+    starts = [p.started for p in map(parse_line, lines) if p]
+    assert starts == sorted(starts)  # the rotated file's lines first
+
+
+def test_a_trace_that_cannot_be_written_stops_and_serves_on(tmp_path: Path) -> None:
+    (tmp_path / "instance-1.trace").mkdir()  # opening it fails: as a full disk would
+    trace = TrafficTrace(tmp_path)
+    trace.record(1, 1, 1.0, 0x17B, 12, ANSWER_8, AnsweredBy.MANAGER)  # no exception
+    assert "Is a directory" in trace.failed
+    trace.record(2, 1, 1.0, 0x17B, 12, ANSWER_8, AnsweredBy.MANAGER)
+    assert not (tmp_path / "instance-2.trace").exists()  # stopped for good
+
+
+@pytest.fixture
+def traced_env(tmp_path: Path) -> Iterator[SimEnv]:
+    env = SimEnv(tmp_path)
+    try:
+        env.start_hypervisor()
+        env.start_manager()
+        env.start_backend(timeout=10.0, trace=tmp_path / "trace")
+        env.add_guest("guest1", instance=1)
+        env.add_guest("guest2", instance=2)
+        yield env
+    except BaseException:
+        print(env.logs())
+        raise
+    finally:
+        env.close()
+
+
+def test_the_backend_traces_each_guests_requests_apart(traced_env: SimEnv) -> None:
+    """The real backend: a forwarded command and a refused one, each in its guest's
+    file only, with what the guest got back."""
+    one, two = traced_env.guests
+    t0 = time.time()
+    assert tpm.response_code(one.transmit(GET_RANDOM_8)) == 0
+    bad_tag = struct.pack(">HIIH", 0x8003, 12, 0x17B, 16)
+    assert one.transmit(bad_tag) == tpm.error_response(tpm.bad_tag_rc(0x8003))
+    assert tpm.response_code(two.transmit(tpm.get_random_command(4))) == 0
+    directory = traced_env.workdir / "trace"
+    mine = window(read_trace(directory, 1), t0)
+    assert [(t.command_code, t.command_size, t.response_size, t.response_code, t.by)
+            for t in mine] == [
+        (0x17B, 12, 20, 0, "manager"),
+        (-1, -1, 10, tpm.bad_tag_rc(0x8003), "backend"),
+    ]  # fmt: skip
+    assert all(t.domid == one.domid for t in mine)
+    theirs = window(read_trace(directory, 2), t0)
+    assert [(t.command_size, t.response_size, t.domid) for t in theirs] == [(12, 16, two.domid)]
+
