@@ -47,6 +47,9 @@ _BRINGUP_KEY = pytest.StashKey[float]()  # seconds the target took to come up, u
 _CLEAN_KEY = pytest.StashKey[str]()  # the collector whose last test left the target healthy
 _ITEM_FAILED_KEY = pytest.StashKey[bool]()
 _CRASHES_KEY = pytest.StashKey[int]()  # how many of the target's crashes were reported
+_STARTED_KEY = pytest.StashKey[float]()  # a test's start, wall clock: its trace window
+_TRACED_KEY = pytest.StashKey[bool]()  # the test's report has its TPM traffic already
+CLOCK_SLACK = 0.5  # seconds: dom0's clock is set from this host's at each warm start
 SLOWEST = 10  # scenarios listed by time at the end of a run
 
 
@@ -449,6 +452,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if tgt is not None:
             lines = [f"{name}: {path}" for name, path in sorted(_all_logs(tgt).items())]
             report.sections.append(("xenvtpm logs", "\n".join(lines)))
+            if not item.stash.get(_TRACED_KEY, False):
+                item.stash[_TRACED_KEY] = True
+                report.sections += _traffic_sections(tgt, item.stash.get(_STARTED_KEY, 0.0))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_STARTED_KEY] = time.time()
+
+
+def _traffic_sections(tgt: Any, started: float) -> list[tuple[str, str]]:
+    """Per guest, the TPM requests its vTPM's backend saw during the test (its trace,
+    ``harness.traffic``): on any target with the capability, at no cost to passing tests."""
+    from harness.target import Capability
+    from harness.traffic import section
+
+    if Capability.TRAFFIC_TRACE not in tgt.capabilities:
+        return []
+    until = time.time() + CLOCK_SLACK
+    sections = []
+    for guest in tgt.guests:
+        try:
+            text = section(tgt.tpm_trace(guest), started - CLOCK_SLACK, until)
+        except Exception as e:  # a dom0 gone: the health check says why
+            text = f"(the trace could not be read: {e!r})"
+        sections.append((f"TPM traffic of {guest.name}, backend side", text))
+    return sections
 
 
 class _Summary:

@@ -6,7 +6,11 @@ What a failed scenario's report shows of a guest's TPM traffic comes from here
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -111,4 +115,45 @@ def test_the_backend_traces_each_guests_requests_apart(traced_env: SimEnv) -> No
     assert all(t.domid == one.domid for t in mine)
     theirs = window(read_trace(directory, 2), t0)
     assert [(t.command_size, t.response_size, t.domid) for t in theirs] == [(12, 16, two.domid)]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+FAILING_SCENARIO = """
+from harness import tpmwire
+
+def test_before(guest):
+    with guest.transport() as t:
+        t.transmit(tpmwire.get_random(4))
+
+def test_fails_after_a_command(guest):
+    with guest.transport() as t:
+        assert t.transmit(tpmwire.get_random(8))[6:10] == bytes(4)
+    assert False, "deliberate"
+"""
+
+
+def test_a_failed_scenarios_report_carries_its_tpm_traffic(tmp_path: Path) -> None:
+    """On sim, as on Xen: the requests of the failed test's time, per guest, by name; not
+    those of the test before it."""
+    pytest.importorskip("tpm2_pytss")
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_traced.py").write_text(FAILING_SCENARIO)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_traced.py", "--target", "sim",
+         "-p", "no:cacheprovider"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_ARTIFACTS":
+                           str(tmp_path / "artifacts")},
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert "1 passed" in out and "1 failed" in out, out
+    report = out[out.index("TPM traffic of guest0, backend side") :]
+    first = report.splitlines()[1]
+    assert " GetRandom 12 B -> 20 B SUCCESS " in first and first.endswith("(manager)"), report
+    assert "-> 16 B" not in report  # test_before's GetRandom(4)
+    guest1 = report[report.index("TPM traffic of guest1, backend side") :]
+    assert guest1.splitlines()[1] == "(no TPM request in this test's time)", guest1
+    for line in out.splitlines():  # nothing left running
+        if "kept run directory" in line:
+            shutil.rmtree(line.split()[-1], ignore_errors=True)
 

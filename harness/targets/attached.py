@@ -19,6 +19,7 @@ from harness.process import tail
 from harness.state import RunRecord
 from harness.target import Capability, Component, Guest
 from harness.targets.base import BaseGuest
+from harness.traffic import TRACE_DIR_NAME, read_trace
 from harness.transport import RawTransport, SeqpacketTransport, SwtpmTransport
 
 # What an attached environment of each kind can still do without owning its daemons.
@@ -30,6 +31,7 @@ ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
             Capability.VALIDATION,
             Capability.KILL_SWTPM,
             Capability.SHARED_CLIENTS,
+            Capability.TRAFFIC_TRACE,
         }
     ),
     "direct": frozenset({Capability.MULTI_GUEST, Capability.SHARED_CLIENTS}),
@@ -104,6 +106,10 @@ class AttachedTarget:
         if self._control is not None:
             self._control.close()
             self._control = None
+
+    def tpm_trace(self, guest: Guest) -> list[str]:
+        """The backend's traffic trace of ``guest``'s vTPM (sim: in the run directory)."""
+        return read_trace(self.run_dir / TRACE_DIR_NAME, guest.instance)
 
     def problems(self) -> list[str]:
         return [

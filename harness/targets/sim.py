@@ -32,6 +32,7 @@ from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotRe
 from harness.process import ManagedProcess, ProcessRecord, all_procs, proc_cmdline, tail
 from harness.target import Capability, Component, Guest
 from harness.targets.base import BaseGuest, BaseTarget
+from harness.traffic import TRACE_DIR_NAME, read_trace
 from harness.transport import RawTransport, SeqpacketTransport
 
 START_TIMEOUT = 30.0
@@ -151,6 +152,7 @@ class SimTarget(BaseTarget):
         self._sim_dir_env, self._sim_fds_env = SIM_DIR_ENV, SIM_FDS_ENV
         self.state_root = self.run_dir / "state"
         self.manager_socket = self.run_dir / "vtpm.sock"
+        self.trace_dir = self.run_dir / TRACE_DIR_NAME  # the backend's traffic trace
         self._control: Any = None  # xenvtpm.xen.sim.SimControl
         self._dom0: Any = None  # the dom0 Hypervisor (toolstack's xenstore)
         self._watch_seq = 0
@@ -172,7 +174,8 @@ class SimTarget(BaseTarget):
             die_with_parent=self.die_with_parent,
         )  # fmt: skip
         self.backend = ManagedProcess(
-            "backend", [*py, "backend", "--manager", str(self.manager_socket)],
+            "backend", [*py, "backend", "--manager", str(self.manager_socket),
+                        "--trace", str(self.trace_dir)],
             self.log_dir / "backend.log", env=dom0_env, die_with_parent=self.die_with_parent,
         )  # fmt: skip
         self._py = py
@@ -414,6 +417,10 @@ class SimTarget(BaseTarget):
     def swtpm_pid(self, guest: Guest) -> int | None:
         self.require(Capability.KILL_SWTPM)
         return self._swtpm_of(self._own(guest))
+
+    def tpm_trace(self, guest: Guest) -> list[str]:
+        """The backend's traffic trace of ``guest``'s vTPM, as lines."""
+        return read_trace(self.trace_dir, guest.instance)
 
     def kill_swtpm(self, guest: Guest) -> None:
         """SIGKILL the guest's swtpm; restarting it is the manager's job."""

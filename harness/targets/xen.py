@@ -202,6 +202,7 @@ class XenTarget(BaseTarget):
             Capability.DOM0_SHELL,
             Capability.POWER_CUT,
             Capability.CRASH_WATCH,
+            Capability.TRAFFIC_TRACE,
         }
     )
 
@@ -390,6 +391,11 @@ class XenTarget(BaseTarget):
         that need dom0 itself, e.g. a baseline swtpm behind dom0's own vTPM proxy."""
         self.require(Capability.DOM0_SHELL)
         return self._dom0().run(command, timeout)
+
+    def tpm_trace(self, guest: Guest) -> list[str]:
+        """The backend's traffic trace of ``guest``'s vTPM, as lines (one SSH command)."""
+        _, out, _ = self._dom0().run(xen_driver.trace_command(guest.instance), timeout=30)
+        return out.splitlines()
 
     def _dom0(self) -> SshHost:
         if self.dom0 is None:

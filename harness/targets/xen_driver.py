@@ -23,6 +23,7 @@ from harness.deadline import Deadline
 from harness.errors import TargetNotReady
 
 MANAGER_SOCKET = "/run/xenvtpm/vtpm.sock"
+TRACE_DIR = "/run/xenvtpm/trace"  # the backend's traffic trace, one file per instance
 STATE_ROOT = "/var/lib/xenvtpm"
 # More flags for dom0's manager (e.g. --no-fsync, to see the power-cut scenario fail).
 MANAGER_FLAGS_ENV = "XENVTPM_MANAGER_FLAGS"
@@ -65,7 +66,13 @@ def manager_args() -> str:
 
 
 def backend_args() -> str:
-    return f"backend --manager {MANAGER_SOCKET}"
+    return f"backend --manager {MANAGER_SOCKET} --trace {TRACE_DIR}"
+
+
+def trace_command(instance: int) -> str:
+    """Print the instance's trace, the rotated file first (either may not exist yet)."""
+    base = f"{TRACE_DIR}/instance-{int(instance)}.trace"
+    return f"cat {base}.1 {base} 2>/dev/null; true"
 
 
 def attach_command(guest: GuestVtpm, package_dir: str, resumed: bool = False) -> str:

@@ -256,7 +256,7 @@ class XenHostTarget(XenTarget):
     # until reviewed there. REBOOT in particular must never be inherited: XenTarget's
     # reboot is ``xl destroy`` + ``xl create`` from the harness's own guest template.
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
-        {Capability.MULTI_GUEST, Capability.SHARED_CLIENTS}
+        {Capability.MULTI_GUEST, Capability.SHARED_CLIENTS, Capability.TRAFFIC_TRACE}
     )
 
     def __init__(
