@@ -6,6 +6,7 @@
     down                         stop everything ``up`` started; nothing is left running
     ssh dom0|GUEST [CMD...]      (xen) a root shell or command in dom0 or a guest
     console [dom0|GUEST]         (xen) the serial console of dom0, or xl console of a guest
+    trace GUEST [--no-follow]    the TPM requests the backend answered for GUEST, live
 
 Progress goes to stderr, the JSON to stdout, so ``harness up | jq`` works. Exit status:
 0 success, 1 a harness error (explained on stderr), 2 bad usage; ``status``: 1 when a
@@ -247,6 +248,42 @@ def cmd_console(state: RunState, name: str) -> int:
     os.execvp(argv[0], argv)
 
 
+def _trace_argv(record: RunRecord, name: str, follow: bool) -> list[str]:
+    """The command that prints (and with ``follow`` keeps printing) the guest's trace."""
+    from harness.targets.xen_driver import TRACE_DIR
+    from harness.traffic import TRACE_DIR_NAME, trace_file
+
+    instances = {g["name"]: int(g["instance"]) for g in record.description.get("guests", [])}
+    if name not in instances:
+        raise HarnessError(f"no guest {name!r}; known: {', '.join(instances)}")
+    if record.target in ("xen", "xen-kernel"):
+        path = str(trace_file(Path(TRACE_DIR), instances[name]))
+        return _ssh_argv(record, "dom0", [f"tail -n +1 {'-F ' if follow else ''}{path}"])
+    if record.target != "sim":
+        raise HarnessError(f"{record.target} has no backend to trace")
+    path = str(trace_file(Path(record.run_dir) / TRACE_DIR_NAME, instances[name]))
+    return ["tail", "-n", "+1", *(["-F"] if follow else []), path]
+
+
+def cmd_trace(state: RunState, name: str, follow: bool) -> int:
+    """Each request as one line with its names (``harness.traffic.render``)."""
+    from harness.traffic import parse_line, render
+
+    argv = _trace_argv(_require(state), name, follow)
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as tail_proc:
+        assert tail_proc.stdout is not None
+        try:
+            for line in tail_proc.stdout:
+                parsed = parse_line(line) if line.strip() else None
+                if parsed is not None:
+                    print(render(parsed), flush=True)
+        except KeyboardInterrupt:
+            tail_proc.terminate()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
@@ -266,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run instead")
     console = sub.add_parser("console", help="(xen) serial console of dom0 or a guest")
     console.add_argument("name", nargs="?", default="dom0")
+    trace = sub.add_parser("trace", help="a guest's TPM requests, as the backend saw them")
+    trace.add_argument("name", help="a guest name (guest0, guest1, ...)")
+    trace.add_argument(
+        "--no-follow", dest="follow", action="store_false", help="print what is there and exit"
+    )
     return parser
 
 
@@ -290,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_ssh(state, args.name, args.remote)
         if args.command == "console":
             return cmd_console(state, args.name)
+        if args.command == "trace":
+            return cmd_trace(state, args.name, args.follow)
     except HarnessError as e:
         print(f"harness {args.command}: {e}", file=sys.stderr)
         return 1

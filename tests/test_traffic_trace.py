@@ -6,8 +6,10 @@ What a failed scenario's report shows of a guest's TPM traffic comes from here
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -157,3 +159,29 @@ def test_a_failed_scenarios_report_carries_its_tpm_traffic(tmp_path: Path) -> No
         if "kept run directory" in line:
             shutil.rmtree(line.split()[-1], ignore_errors=True)
 
+
+def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
+    """``harness up``, a command on guest0's endpoint, ``harness trace guest0``."""
+    run = Path(f"/tmp/xvt-trace-{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
+    harness = [sys.executable, "-m", "harness"]
+    try:
+        up = subprocess.run([*harness, "up", "--target", "sim", "--guests", "1"], env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        assert up.returncode == 0, up.stderr
+        endpoint = json.loads(up.stdout)["guests"][0]["tpm"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.settimeout(60)
+            s.connect(endpoint)
+            s.send(GET_RANDOM_8)
+            assert tpm.response_code(s.recv(4096)) == 0
+        shown = subprocess.run([*harness, "trace", "guest0", "--no-follow"], env=env,
+                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        assert shown.returncode == 0, shown.stderr
+        assert " GetRandom 12 B -> 20 B SUCCESS " in shown.stdout, shown.stdout
+        unknown = subprocess.run([*harness, "trace", "guest9", "--no-follow"], env=env,
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert unknown.returncode == 1 and "no guest 'guest9'" in unknown.stderr
+    finally:
+        subprocess.run([*harness, "down"], env=env, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(run, ignore_errors=True)
