@@ -211,7 +211,7 @@ def start_level(
             state = run_dir / "state" / str(FIRST_INSTANCE + i)
             state.mkdir(mode=0o700, parents=True)
             shutil.copy(template, state / PERMALL)
-    target = SimTarget(n, run_dir, progress)
+    target = SimTarget(n, run_dir, progress, trace=False)  # as deployed: no traffic trace
     t0 = time.monotonic()
     try:
         target.start()

@@ -145,7 +145,11 @@ class SimTarget(BaseTarget):
         run_dir: Path | None = None,
         progress: Any = None,
         detached: bool = False,
+        *,
+        trace: bool = True,
     ) -> None:
+        """``trace``: the backend writes its traffic trace (off: the bench, which
+        measures the driver as deployed, where the backend's default is no trace)."""
         super().__init__(guests, run_dir, progress, detached)
         from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 
@@ -175,7 +179,7 @@ class SimTarget(BaseTarget):
         )  # fmt: skip
         self.backend = ManagedProcess(
             "backend", [*py, "backend", "--manager", str(self.manager_socket),
-                        "--trace", str(self.trace_dir)],
+                        *(["--trace", str(self.trace_dir)] if trace else [])],
             self.log_dir / "backend.log", env=dom0_env, die_with_parent=self.die_with_parent,
         )  # fmt: skip
         self._py = py
