@@ -17,6 +17,7 @@ from typing import Any
 from harness.deadline import Deadline
 from harness.errors import HarnessError
 from harness.ssh import SshHost
+from harness.targets.xen_driver import TRACE_DIR
 
 REMOTE_LOG_DIR = "/var/log/xenvtpm"  # where the driver daemons log in every domain
 
@@ -54,7 +55,12 @@ def collect_logs(
         with contextlib.suppress(HarnessError):
             _, out, err = dom0.run(command, timeout=30)
             (artifacts / filename).write_text(out + err)
-    for remote, local in (("/var/log/xen", "var-log-xen"), (REMOTE_LOG_DIR, "dom0-daemons")):
+    trees = (
+        ("/var/log/xen", "var-log-xen"),
+        (REMOTE_LOG_DIR, "dom0-daemons"),
+        (TRACE_DIR, "dom0-trace"),  # the backend's traffic trace of every instance
+    )
+    for remote, local in trees:
         with contextlib.suppress(HarnessError, OSError):
             _fetch_tree(dom0, remote, artifacts / local)
     for name, host in guests.items():
