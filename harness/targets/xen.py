@@ -43,6 +43,7 @@ from harness.crash_watch import (
     new_crash_lines_check,
 )
 from harness.deadline import Deadline
+from harness.endpoint import start_endpoint
 from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
 from harness.images import ROOT, Images, build_images, cache_root
 from harness.process import ManagedProcess, ProcessRecord
@@ -170,13 +171,18 @@ class XenGuest(BaseGuest):
         return text
 
     def describe(self) -> dict[str, Any]:
+        """``tpm``: under ``harness up``, the host-side endpoint (sim's contract: one
+        command in, one response out, ``harness.endpoint``); else the guest's device."""
+        endpoint = self.target.run_dir / f"{self.name}.tpm"
+        up = not self.target.die_with_parent
         return {
             "name": self.name,
             "domid": self.domid,
             "instance": self.instance,
             "ip": self.ip,
-            "tpm": self.tpm_device,
-            "transport": "xen-ssh",
+            "tpm": str(endpoint) if up else self.tpm_device,
+            "device": self.tpm_device,
+            "transport": "seqpacket" if up else "xen-ssh",
         }
 
     def __repr__(self) -> str:
@@ -224,6 +230,7 @@ class XenTarget(BaseTarget):
         self.accel: Accel | None = None
         self.console: SerialConsole | None = None
         self._boot_t0 = 0.0
+        self._endpoints: list[ManagedProcess] = []  # harness up: one per guest
         self.timings: dict[str, float] = {}
         self._daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
         self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports
@@ -252,6 +259,8 @@ class XenTarget(BaseTarget):
                 self.save_snapshot()
         self.start_driver()
         self.watch_crashes()
+        if not self.die_with_parent:  # harness up: sim's endpoints, a real guest behind
+            self.start_endpoints()
         self.say(
             "xen target ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         )
@@ -1002,6 +1011,9 @@ class XenTarget(BaseTarget):
             self.machine = None
 
     def _stop(self) -> None:
+        for endpoint in self._endpoints:
+            endpoint.stop()
+        self._endpoints.clear()
         self.relays.close()
         try:
             with contextlib.suppress(Exception):
@@ -1018,7 +1030,22 @@ class XenTarget(BaseTarget):
                 self.dom0 = None
             self._close_machine()
 
+    def start_endpoints(self) -> None:
+        """A host-side socket per guest in front of its TPM device (``harness.endpoint``)."""
+        assert self.machine is not None and self.images is not None
+        for g in self._guests:
+            self._endpoints.append(
+                start_endpoint(
+                    self.run_dir / f"{g.name}.tpm", key=self.images.ssh_key,
+                    port=self.machine.config.ssh_port, guest_ip=g.ip, device=g.tpm_device,
+                    name=g.name, log_path=self.log_dir / f"endpoint-{g.name}.log",
+                    die_with_parent=self.die_with_parent,
+                )
+            )  # fmt: skip
+
     def _detach(self) -> list[ProcessRecord]:
+        endpoints = [p.detach() for p in self._endpoints]  # stopped first, then the machine
+        self._endpoints.clear()
         self.relays.close()
         self.stop_watching()  # the environment is handed on; ``harness status`` scans it
         if self.machine is None:
@@ -1030,11 +1057,11 @@ class XenTarget(BaseTarget):
             self.dom0.close()
         record = self.machine.detach()
         self.machine = None
-        return [record]
+        return [*endpoints, record]
 
     def _processes(self) -> list[ManagedProcess]:
         proc = self.machine._proc if self.machine is not None else None
-        return [proc] if proc is not None else []
+        return ([proc] if proc is not None else []) + self._endpoints
 
     def logs(self) -> dict[str, Path]:
         return {p.stem: p for p in sorted(self.artifacts.glob("*.log"))} | super().logs()
