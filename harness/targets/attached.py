@@ -16,8 +16,10 @@ from typing import Any
 
 from harness.errors import ResetFailed, TargetNotReady, UnsupportedOperation
 from harness.process import tail
+from harness.relay_pool import RelayPool
 from harness.state import RunRecord
 from harness.target import Capability, Component, Guest
+from harness.targets.attached_xen import XenLogins
 from harness.targets.base import BaseGuest
 from harness.traffic import TRACE_DIR_NAME, read_trace
 from harness.transport import RawTransport, SeqpacketTransport, SwtpmTransport
@@ -35,7 +37,11 @@ ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
         }
     ),
     "direct": frozenset({Capability.MULTI_GUEST, Capability.SHARED_CLIENTS}),
+    # Through the guests' relays, as a private xen target (harness/targets/attached_xen.py)
+    "xen": frozenset({Capability.MULTI_GUEST, Capability.SHARED_CLIENTS, Capability.TRAFFIC_TRACE}),
+    "xen-kernel": frozenset({Capability.MULTI_GUEST, Capability.TRAFFIC_TRACE}),
 }
+XEN_TARGETS = ("xen", "xen-kernel")
 
 
 @dataclass(eq=False)
@@ -46,12 +52,23 @@ class AttachedGuest(BaseGuest):
     tpm: Path
     kind: str
     target: AttachedTarget = field(repr=False)
+    device: str = "/dev/tpm0"  # a Xen guest's own TPM device
 
     @property
     def target_name(self) -> str:  # type: ignore[override]
         return self.target.name
 
+    @property
+    def kernel_device(self) -> bool:  # type: ignore[override]
+        return self.target.name in XEN_TARGETS  # /dev/tpm0 of a Linux guest
+
     def transport(self, shared: bool = False) -> RawTransport:
+        logins = self.target.xen_logins
+        if logins is not None:  # leased from a pool of relays, as on a private xen target
+            device = "/dev/tpmrm0" if shared else self.device
+            return self.target.relays.lease(
+                self.name, device, lambda: logins.relay(self.name, device), shared=shared
+            )
         if self.kind == "seqpacket":
             return SeqpacketTransport(self.tpm)
         return SwtpmTransport(self.tpm)
@@ -75,11 +92,13 @@ class AttachedTarget:
         self.capabilities = frozenset(caps)
         self._guests = [
             AttachedGuest(g["name"], g.get("domid"), int(g["instance"]), Path(g["tpm"]),
-                          g.get("transport", "seqpacket"), self)
+                          g.get("transport", "seqpacket"), self, g.get("device", "/dev/tpm0"))
             for g in guests
         ]  # fmt: skip
         self._progress = progress
         self._control: Any = None
+        self.xen_logins: XenLogins | None = None
+        self.relays = RelayPool()  # a Xen guest's relays (harness.relay_pool)
 
     @classmethod
     def capabilities_for(cls, record: RunRecord) -> frozenset[str]:
@@ -101,14 +120,28 @@ class AttachedTarget:
             from xenvtpm.xen.sim import SimControl
 
             self._control = SimControl(str(self.run_dir))
+        if self.name in XEN_TARGETS:
+            logins = XenLogins(self.record.description)
+            try:
+                logins.connect()
+            except BaseException:
+                logins.close()
+                raise
+            self.xen_logins = logins
 
     def close(self) -> None:
+        self.relays.close()
+        if self.xen_logins is not None:
+            self.xen_logins.close()
+            self.xen_logins = None
         if self._control is not None:
             self._control.close()
             self._control = None
 
     def tpm_trace(self, guest: Guest) -> list[str]:
         """The backend's traffic trace of ``guest``'s vTPM (sim: in the run directory)."""
+        if self.xen_logins is not None:
+            return self.xen_logins.trace(guest.instance)
         return read_trace(self.run_dir / TRACE_DIR_NAME, guest.instance)
 
     def problems(self) -> list[str]:
