@@ -98,6 +98,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(its target and guests; scenarios that would restart it are skipped)",
     )
     group.addoption(
+        "--keep-on-failure",
+        action="store_true",
+        help="stop at the first failure and leave the environment running, as `python "
+        "-m harness up` does (sim, direct, xen, xen-kernel); how to reach it is printed",
+    )
+    group.addoption(
         "--artifacts",
         default=None,
         help="artifacts directory: every daemon log is copied to ARTIFACTS/logs/ when a "
@@ -160,6 +166,8 @@ def _check_workers(config: pytest.Config) -> None:
         return
     if config.getoption("--attach"):
         raise pytest.UsageError("-n: --attach shares one environment; workers may not")
+    if config.getoption("--keep-on-failure"):
+        raise pytest.UsageError("-n: --keep-on-failure keeps one environment, not one a worker")
     target = config.getoption("--target")
     if target != "sim":
         raise pytest.UsageError(
@@ -257,20 +265,33 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
         say(f"attaching to the running {tgt.name} environment in {tgt.run_dir}")
     else:
         count, options = _target_setup(config)
-        tgt = make_target(config.getoption("--target"), count, None, say, **options)
+        run_dir, keep = None, config.getoption("--keep-on-failure")
+        if keep:
+            from harness import keep_on_failure
+
+            run_dir = keep_on_failure.prepare(config.getoption("--target"))
+        name = config.getoption("--target")
+        tgt = make_target(name, count, run_dir, say, detached=keep, **options)
         say(f"bringing up target {tgt.name} with {count} guests")
     t0 = time.monotonic()
     config.stash[_TARGET_KEY] = tgt
-    failed = True
+    failed, up = True, False
     try:
         tgt.start()
+        up = True
         config.stash[_BRINGUP_KEY] = time.monotonic() - t0
         say(f"target {tgt.name} ready in {config.stash[_BRINGUP_KEY]:.1f} s")
         yield tgt
         failed = config.stash[_FAILED_KEY] or request.session.testsfailed > 0
     finally:
         try:
-            tgt.close()
+            if failed and up and config.getoption("--keep-on-failure") and not _INTERRUPTED:
+                from harness import keep_on_failure
+
+                keep_on_failure.hand_over(tgt, say)
+                failed = False  # nothing to copy or keep: it all still runs
+            else:
+                tgt.close()
         finally:
             logs = _all_logs(tgt)
             dest = _logs_dir(config)
@@ -447,6 +468,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report: pytest.TestReport = outcome.get_result()
     if report.failed:
         item.config.stash[_FAILED_KEY] = True
+        if item.config.getoption("--keep-on-failure"):
+            item.session.shouldstop = "--keep-on-failure: stopped at the first failure"
         item.stash[_ITEM_FAILED_KEY] = True
         tgt = item.config.stash.get(_TARGET_KEY, None)
         if tgt is not None:

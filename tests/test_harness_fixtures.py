@@ -175,3 +175,77 @@ def test_power_cut_scenarios_run_only_when_selected(
     assert expected in out, out
     if not select:
         assert "opt-in (a cold boot of Xen under TCG takes minutes): -m powercut" in out
+
+
+KEPT = """
+from harness import tpmwire
+
+def test_passes(raw_tpm):
+    assert raw_tpm.transmit(tpmwire.get_random(8))[6:10] == b"\\0\\0\\0\\0"
+
+def test_fails(raw_tpm):
+    raw_tpm.transmit(tpmwire.get_random(8))
+    assert False, "deliberate"
+
+def test_after(raw_tpm):
+    assert raw_tpm.transmit(tpmwire.get_random(4))[6:10] == b"\\0\\0\\0\\0"
+"""
+
+
+def test_keep_on_failure_leaves_the_environment_for_harness(tmp_path: Path) -> None:
+    """The run stops at the first failure and hands the sim environment to ``harness``:
+    ``status`` sees it running, ``pytest --attach`` runs the next scenario on it, and
+    ``harness down`` stops it all."""
+    run = Path(f"/tmp/xvt-keep-{os.getpid()}")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_kept.py").write_text(textwrap.dedent(KEPT))
+    harness = [sys.executable, "-m", "harness"]
+
+    def pytest_run(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "test_kept.py", "-p", "no:cacheprovider", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        return result.stdout + result.stderr
+
+    try:
+        out = pytest_run("--target", "sim", "--keep-on-failure")
+        assert "1 failed, 1 passed" in out and "test_after" not in out.split("summary")[-1], out
+        assert "kept sim running after the first failure:" in out, out
+        assert "python -m harness down" in out
+        status = subprocess.run([*harness, "status"], env=env, capture_output=True,
+                                text=True, timeout=60, check=False)  # fmt: skip
+        assert status.returncode == 0, status.stdout + status.stderr
+        again = pytest_run("--attach", "-k", "test_after")
+        assert "1 passed" in again, again
+        refused = pytest_run("--target", "sim", "--keep-on-failure")
+        assert "an environment is already up" in refused, refused
+    finally:
+        subprocess.run([*harness, "down"], env=env, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "xen"], "--target xen would start one machine per"),
+        (["--attach"], "--attach shares one environment"),
+        (["--keep-on-failure"], "--keep-on-failure keeps one environment"),
+    ],
+)
+def test_workers_are_refused_where_they_would_share_or_crowd(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """``-n`` spreads scenarios over sim environments only (README, Quick start)."""
+    pytest.importorskip("xdist")
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_nothing.py", "-p", "no:cacheprovider",
+         "-n", "2", *args],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 4 and message in out, out
