@@ -107,7 +107,9 @@ def sim(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy over the driver pair and the harness."""
     session.install(*LINT)
-    session.run("ruff", "check", "xenvtpm", "harness", "scenarios", "tests", "noxfile.py")
+    session.run(
+        "ruff", "check", "xenvtpm", "harness", "scenarios", "tests", "examples", "noxfile.py"
+    )
     session.run("ruff", "format", "--check", "xenvtpm", "harness")
     session.run("mypy")
 

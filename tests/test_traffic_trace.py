@@ -161,7 +161,8 @@ def test_a_failed_scenarios_report_carries_its_tpm_traffic(tmp_path: Path) -> No
 
 
 def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
-    """``harness up``, a command on guest0's endpoint, ``harness trace guest0``."""
+    """``harness up``, a command on guest0's endpoint, the README's example client
+    (``examples/endpoint_client.py``) on it, then ``harness trace guest0``."""
     run = Path(f"/tmp/xvt-trace-{os.getpid()}")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
     harness = [sys.executable, "-m", "harness"]
@@ -175,10 +176,17 @@ def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
             s.connect(endpoint)
             s.send(GET_RANDOM_8)
             assert tpm.response_code(s.recv(4096)) == 0
+        client = subprocess.run(  # the README's example program, on the same endpoint
+            [sys.executable, str(ROOT / "examples" / "endpoint_client.py"), endpoint],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert client.returncode == 0, client.stdout + client.stderr
+        assert "ECC P-256 primary key created and flushed" in client.stdout, client.stdout
         shown = subprocess.run([*harness, "trace", "guest0", "--no-follow"], env=env,
                                capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         assert " GetRandom 12 B -> 20 B SUCCESS " in shown.stdout, shown.stdout
+        assert " CreatePrimary " in shown.stdout and " FlushContext " in shown.stdout
         unknown = subprocess.run([*harness, "trace", "guest9", "--no-follow"], env=env,
                                  capture_output=True, text=True, timeout=60)  # fmt: skip
         assert unknown.returncode == 1 and "no guest 'guest9'" in unknown.stderr
