@@ -116,8 +116,9 @@ def test_registry_knows_ssh_urls_only_with_a_scheme() -> None:
     assert target_class("ssh://root@h") is XenHostTarget
     with pytest.raises(ValueError, match="ssh://"):
         target_class("ssh")
-    assert capabilities_of("ssh://root@h", 2) == {"multi-guest", "shared-clients"}
-    assert capabilities_of("ssh://root@h", 1) == {"shared-clients"}  # never reboot a user's guest
+    assert capabilities_of("ssh://root@h", 2) == {"multi-guest", "shared-clients", "traffic-trace"}
+    # never reboot a user's guest
+    assert capabilities_of("ssh://root@h", 1) == {"shared-clients", "traffic-trace"}
 
 
 def test_make_target_passes_the_url_and_guests(tmp_path: Path) -> None:
