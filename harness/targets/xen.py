@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness import accel_verdict
+from harness import accel_verdict, tpmwire
 from harness.console import DOM0_STAGES, ConsoleFailure, SerialConsole, Stage
 from harness.crash_watch import (
     DOM0_KERNEL_LOGS,
@@ -44,7 +44,13 @@ from harness.crash_watch import (
 )
 from harness.deadline import Deadline
 from harness.endpoint import start_endpoint
-from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
+from harness.errors import (
+    DeviceRefused,
+    HarnessError,
+    LaunchFailure,
+    ResetFailed,
+    TargetNotReady,
+)
 from harness.images import ROOT, Images, build_images, cache_root
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import (
@@ -743,7 +749,26 @@ class XenTarget(BaseTarget):
         for guest in self._guests:
             assert guest.domid is not None
             xen_driver.wait_connected(dom0, guest.domid, deadline)
+        if component == "manager":
+            self._wait_served(deadline)
         self.say(f"restarted the {component}")
+
+    def _wait_served(self, deadline: Deadline) -> None:
+        """Until each guest's vTPM answers a GetRandom. A restarted manager starts each
+        swtpm again (its volatile state restored) at the first command, which under TCG
+        can outlast the guest kernel's 750 ms for a scenario's Startup: ETIME, seen in
+        CI (test_pcrs_kept_on_driver_restart[manager]). GetRandom changes no PCR, no
+        resetCount, nothing a scenario reads."""
+        for guest in self._guests:
+            while True:
+                try:
+                    with guest.transport() as t:
+                        t.transmit(tpmwire.get_random(8), timeout=60)
+                    break
+                except DeviceRefused as e:  # ETIME: the instance is still starting
+                    if deadline.expired:
+                        raise TargetNotReady(guest.name, f"vTPM not served: {e}") from e
+                    time.sleep(0.5)
 
     def reboot(self, guest: Guest) -> None:
         """``xl reboot``: the guest's kernel reboots, xl makes a new domain (new domid);
