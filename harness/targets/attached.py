@@ -38,8 +38,17 @@ ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
     ),
     "direct": frozenset({Capability.MULTI_GUEST, Capability.SHARED_CLIENTS}),
     # Through the guests' relays, as a private xen target (harness/targets/attached_xen.py)
-    "xen": frozenset({Capability.MULTI_GUEST, Capability.SHARED_CLIENTS, Capability.TRAFFIC_TRACE}),
-    "xen-kernel": frozenset({Capability.MULTI_GUEST, Capability.TRAFFIC_TRACE}),
+    "xen": frozenset(
+        {
+            Capability.MULTI_GUEST,
+            Capability.SHARED_CLIENTS,
+            Capability.TRAFFIC_TRACE,
+            Capability.VALIDATION,
+        }
+    ),
+    "xen-kernel": frozenset(
+        {Capability.MULTI_GUEST, Capability.TRAFFIC_TRACE, Capability.VALIDATION}
+    ),
 }
 XEN_TARGETS = ("xen", "xen-kernel")
 
