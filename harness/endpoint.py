@@ -34,8 +34,9 @@ from pathlib import Path
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TransportError
 from harness.process import ManagedProcess
+from harness.relay_pool import end_relay
 from harness.transport import DEFAULT_TIMEOUT
-from harness.transport_ssh import REMOTE_PACKAGE_DIR, RelayTransport
+from harness.transport_ssh import RelayTransport, relay_command
 
 log = logging.getLogger("harness.endpoint")
 MAX_COMMAND = 65536  # larger than any TPM's: the guest's kernel judges the size
@@ -103,10 +104,7 @@ class Endpoint:
         """The client is gone: end its relay, which closes the guest's device."""
         relay, self._relay = self._relay, None
         if relay is not None:
-            if relay.usable():
-                relay.close()  # end of input, then until it exited
-            else:
-                relay.abort()
+            end_relay(relay)
 
     def close(self) -> None:
         self._closed = True
@@ -121,9 +119,11 @@ class Endpoint:
 def ssh_relay(ssh_argv: list[str], device: str, name: str) -> RelayTransport:
     """``python3 -m xenvtpm relay`` in the guest through OpenSSH, on a socketpair."""
     ours, theirs = socket.socketpair()
-    remote = f"cd {REMOTE_PACKAGE_DIR} && exec python3 -m xenvtpm relay --device {device}"
     proc = subprocess.Popen(
-        [*ssh_argv, remote], stdin=theirs.fileno(), stdout=theirs.fileno(), stderr=subprocess.PIPE
+        [*ssh_argv, relay_command(device)],
+        stdin=theirs.fileno(),
+        stdout=theirs.fileno(),
+        stderr=subprocess.PIPE,
     )
     theirs.close()
 

@@ -136,7 +136,7 @@ class RelayPool(Closeable):
                 keys = [k for k in self._idle if k[0] == guest]
             relays = [relay for k in keys for relay in self._idle.pop(k)]
         for relay in relays:
-            _end(relay, wait)
+            end_relay(relay, wait)
 
     def close(self) -> None:
         """End every idle relay without waiting (the machine goes away or is handed on:
@@ -155,14 +155,16 @@ class RelayPool(Closeable):
             if keep:
                 idle.append(relay)
         if not keep:
-            _end(relay, wait=True)
+            end_relay(relay, wait=True)
 
     def __repr__(self) -> str:
         idle = {k: len(v) for k, v in self._idle.items() if v}
         return f"RelayPool(idle={idle}, started={self.started}, reused={self.reused})"
 
 
-def _end(relay: RelayTransport, wait: bool) -> None:
+def end_relay(relay: RelayTransport, wait: bool = True) -> None:
+    """End ``relay``: ``wait`` (and it is sound): end of input, then until it exited
+    (the device is free when this returns); else close its channel at once."""
     if wait and relay.usable():
         relay.close()  # end of input, then until it exited
     else:
@@ -199,7 +201,7 @@ class RelayLease(Closeable):
         if relay is None:
             return
         if self.shared and not self.space_empty:
-            _end(relay, wait=True)  # the kernel flushes the space as the relay exits
+            end_relay(relay, wait=True)  # the kernel flushes the space as the relay exits
         else:
             self._pool._give_back(
                 self._key, relay, self._stamp, SHARED_IDLE_MAX if self.shared else 1
