@@ -29,6 +29,7 @@ from harness.crash_watch import GUEST_LOGS_COMMAND, Crash, crashes_in_logs, pars
 from harness.errors import EnvironmentNotRunning, EnvironmentRunning, HarnessError
 from harness.process import ProcessRecord, all_procs, proc_cmdline, stop_family, tail
 from harness.state import RunRecord, RunState
+from harness.target import XEN_TARGETS
 from harness.targets import TARGETS, make_target
 
 log = logging.getLogger("harness.cli")
@@ -130,7 +131,7 @@ def _require(state: RunState) -> RunRecord:
 def _crashes(record: RunRecord) -> list[Crash]:
     """Every crash on any console of a Xen environment since ``up``: the serial
     console's log on this host, and each guest's console log in dom0 (one command)."""
-    if record.target not in ("xen", "xen-kernel"):
+    if record.target not in XEN_TARGETS:
         return []
     serial = Path(record.description.get("artifacts", "")) / "console.log"
     why = ""
@@ -206,7 +207,7 @@ def cmd_logs(state: RunState, name: str | None, lines: int) -> int:
 
 def _xen_record(state: RunState) -> RunRecord:
     record = _require(state)
-    if record.target not in ("xen", "xen-kernel"):
+    if record.target not in XEN_TARGETS:
         raise HarnessError(f"ssh and console need a xen target; {record.target} is up")
     return record
 
@@ -256,7 +257,7 @@ def _trace_argv(record: RunRecord, name: str, follow: bool) -> list[str]:
     instances = {g["name"]: int(g["instance"]) for g in record.description.get("guests", [])}
     if name not in instances:
         raise HarnessError(f"no guest {name!r}; known: {', '.join(instances)}")
-    if record.target in ("xen", "xen-kernel"):
+    if record.target in XEN_TARGETS:
         path = str(trace_file(Path(TRACE_DIR), instances[name]))
         return _ssh_argv(record, "dom0", [f"tail -n +1 {'-F ' if follow else ''}{path}"])
     if record.target != "sim":

@@ -17,8 +17,8 @@ from typing import Any
 
 from harness.errors import HarnessError
 from harness.state import RunRecord, RunState
+from harness.target import XEN_TARGETS
 
-XEN_TARGETS = ("xen", "xen-kernel")
 KEEPABLE = ("sim", "direct", *XEN_TARGETS)
 
 

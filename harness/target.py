@@ -51,6 +51,7 @@ class Capability(enum.StrEnum):
 
 
 Component = Literal["frontend", "backend", "manager"]
+XEN_TARGETS = ("xen", "xen-kernel")  # Xen under QEMU: what harness up can leave running
 COMPONENT_CAPABILITY: dict[str, Capability] = {
     "frontend": Capability.RESTART_FRONTEND,
     "backend": Capability.RESTART_BACKEND,

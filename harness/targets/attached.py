@@ -18,7 +18,7 @@ from harness.errors import ResetFailed, TargetNotReady, UnsupportedOperation
 from harness.process import tail
 from harness.relay_pool import RelayPool
 from harness.state import RunRecord
-from harness.target import Capability, Component, Guest
+from harness.target import XEN_TARGETS, Capability, Component, Guest
 from harness.targets.attached_xen import XenLogins
 from harness.targets.base import BaseGuest
 from harness.traffic import TRACE_DIR_NAME, read_trace
@@ -50,7 +50,6 @@ ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
         {Capability.MULTI_GUEST, Capability.TRAFFIC_TRACE, Capability.VALIDATION}
     ),
 }
-XEN_TARGETS = ("xen", "xen-kernel")
 
 
 @dataclass(eq=False)
