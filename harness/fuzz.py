@@ -50,9 +50,9 @@ from harness.fuzz_sim import fuzz_hypercall, fuzz_xs_domid, seeds_hypercall, see
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
 from xenvtpm.intake import RESERVED_CODES, Forward, NotSubmitted, intake, intake_v2
-from xenvtpm.xen import xenstore_wire as wire
+from xenvtpm.sim import xenstore_wire as wire
+from xenvtpm.sim.xenstore_server import XenStoreServer
 from xenvtpm.xen.interface import Access, Perm
-from xenvtpm.xen.xenstore_server import XenStoreServer
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts" / "fuzz"
@@ -428,8 +428,8 @@ CHILD = """
 import sys, atheris
 with atheris.instrument_imports(include=["xenvtpm"]):
     import xenvtpm.intake, xenvtpm.tpm, xenvtpm.tpmif, xenvtpm.tpmif_v2
-    import xenvtpm.xen.xenstore_server, xenvtpm.xen.xenstore_wire
-    import xenvtpm.xen.simxend, xenvtpm.xen.sim_hypercall, xenvtpm.xen.interface
+    import xenvtpm.sim.xenstore_server, xenvtpm.sim.xenstore_wire
+    import xenvtpm.sim.simxend, xenvtpm.sim.hypercall, xenvtpm.xen.interface
 from harness.fuzz import child
 child(sys.argv[1], sys.argv[2:])
 """

@@ -1,6 +1,6 @@
 """Fuzz targets that drive the simulated hypervisor itself, as a guest reaches it.
 
-Each input gets a fresh, in-process :class:`~xenvtpm.xen.simxend.SimXen` (no run
+Each input gets a fresh, in-process :class:`~xenvtpm.sim.simxend.SimXen` (no run
 directory: its connections are socketpairs handed to ``attach``), with dom0 and one
 guest domain created through its own hypercalls. The guest sends the input down its own
 channel; the properties are those of a hypervisor that never dies of guest input:
@@ -27,9 +27,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from xenvtpm.xen.sim_hypercall import HC_MSG_MAX, SCM_MAX_FD, close_fds
-from xenvtpm.xen.simxend import SimXen
-from xenvtpm.xen.xenstore_wire import (
+from xenvtpm.sim.hypercall import HC_MSG_MAX, SCM_MAX_FD, close_fds
+from xenvtpm.sim.simxend import SimXen
+from xenvtpm.sim.xenstore_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
     XsHeader,

@@ -45,7 +45,7 @@ class Capability(enum.StrEnum):
     # machine's consoles watched until teardown (a crash fails the running test at once),
     # every host's kernel logs scanned after a failed test (harness/crash_watch.py)
     TRAFFIC_TRACE = "traffic-trace"  # target.tpm_trace(guest): the backend's trace lines
-    # of that guest's vTPM (xenvtpm/traffic_trace.py), for a failed test's report
+    # of that guest's vTPM (xenvtpm/backend/traffic_trace.py), for a failed test's report
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 

@@ -1,4 +1,4 @@
-"""The backend's traffic trace (``xenvtpm.traffic_trace``), read and named for people.
+"""The backend's traffic trace (``xenvtpm.backend.traffic_trace``), read and named for people.
 
 A failed scenario's report gets, per guest, the lines of its vTPM's trace that fall in
 the test's time window (``section``), and ``python -m harness trace GUEST`` prints the

@@ -1,7 +1,7 @@
 """``RawTransport`` to a real guest's TPM device: the in-guest relay over an SSH channel.
 
 ``open_relay(client)`` runs ``python3 -m xenvtpm relay --device /dev/tpm0`` in the guest
-(``exec_command`` on a fresh paramiko session) and speaks its frames (``xenvtpm/relay.py``:
+(``exec_command`` on a fresh paramiko session) and speaks its frames (``xenvtpm/tools/relay.py``:
 ``kind u8, length u32 BE, payload``): one C frame per command, one R frame back with the
 device's response, or an E frame with the errno name when the kernel refused the write
 or read (``EINVAL`` for a malformed command, ``ETIME`` when the TPM did not answer).
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from harness.errors import DeviceRefused, TransportClosed, TransportError, TransportTimeout
 from harness.transport import DEFAULT_TIMEOUT, RawTransport
 from xenvtpm.lifecycle import Closeable
-from xenvtpm.relay import FRAME_HEADER_CI, PROTOCOL, Frame, FrameKind, FramingError
+from xenvtpm.tools.relay import FRAME_HEADER_CI, PROTOCOL, Frame, FrameKind, FramingError
 
 HELLO_TIMEOUT = 30.0  # python3 start-up in a TCG guest takes a few seconds
 CLOSE_TIMEOUT = 60.0  # a relay blocked in write() exits when the TPM's command ends

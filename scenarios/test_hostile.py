@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from xenvtpm import tpm
-from xenvtpm.manager import status_counts
+from xenvtpm.manager.manager import status_counts
 from xenvtpm.tpmif_v2 import VtpmState
 
 pytestmark = [pytest.mark.hostile, pytest.mark.needs("xen-probe")]
@@ -83,7 +83,7 @@ class SimToolstack:
     poll_s = 0.05
 
     def __init__(self, target: Any) -> None:
-        from xenvtpm.xen.sim import SimControl
+        from xenvtpm.sim.adapter import SimControl
 
         self.target = target
         self.control = SimControl(str(target.run_dir))
@@ -109,7 +109,7 @@ class SimToolstack:
         return ATTACKS[attack][0]
 
     def rogue(self, attack: str, args: list[str]) -> list[dict[str, Any]]:
-        from xenvtpm.toolstack import attach_vtpm, detach_vtpm
+        from xenvtpm.tools.toolstack import attach_vtpm, detach_vtpm
 
         domid = self.control.create_domain(f"rogue-{attack}")
         attach_vtpm(self.target.xenstore, domid, ROGUE_INSTANCE, f"rogue-{attack}")

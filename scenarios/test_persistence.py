@@ -11,7 +11,7 @@
 - A frontend or backend restart keeps the same domain bound to the instance, so the TPM
   is not reset: PCRs keep their values. So does a (planned) manager restart: the
   manager saves each swtpm's volatile state on the way down and restores it once on
-  the way up (xenvtpm/continuity.py). So does ``xl save`` + ``xl restore`` (a guest of
+  the way up (xenvtpm/manager/continuity.py). So does ``xl save`` + ``xl restore`` (a guest of
   the stock xen-tpmfront): a new domain, but the same boot.
 
 Every ESAPI context is closed before the disturbance and a new one opened after it: a

@@ -3,7 +3,7 @@
 Once a guest has the answer to NV_Write it may act on it (count a boot, release a
 secret), so the value must survive the host losing power, not only a daemon's death.
 The manager fsyncs swtpm's state file and its directory before the answer goes back
-(``xenvtpm/durability.py``). Here the whole machine dies: QEMU is SIGKILLed the moment
+(``xenvtpm/manager/durability.py``). Here the whole machine dies: QEMU is SIGKILLed the moment
 the guest has its answer, and dom0's page cache dies with it (QEMU's drives are
 write-back caches that only a flush from dom0 empties); the same disks boot cold, the
 guests come back with the same vTPM instances, and the guest reads the value back.

@@ -32,9 +32,9 @@ from types import TracebackType
 
 from xenvtpm import tpm, tpmif_v2
 from xenvtpm.errors import XenStoreError
+from xenvtpm.sim.adapter import SimControl, SimHypervisor
 from xenvtpm.tpmif_v2 import VtpmState
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
-from xenvtpm.xen.sim import SimControl, SimHypervisor
 from xenvtpm.xenbus import XenbusState
 
 S = XenbusState

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.process import parent_death_signal
-from xenvtpm.manager import status_counts
-from xenvtpm.toolstack import attach_vtpm, detach_vtpm
+from xenvtpm.manager.manager import status_counts
+from xenvtpm.sim.adapter import SimControl, SimHypervisor
+from xenvtpm.tools.toolstack import attach_vtpm, detach_vtpm
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 from xenvtpm.xen.interface import Hypervisor
-from xenvtpm.xen.sim import SimControl, SimHypervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,12 +18,12 @@ import pytest
 from simenv import Guest, SimEnv, wait_for
 from test_driver_pair import get_random
 
-from xenvtpm.backend import Backend
-from xenvtpm.endpoint import SocketEndpoint
-from xenvtpm.frontend import CAPACITY, Frontend
+from xenvtpm.backend.backend import Backend
+from xenvtpm.frontend.endpoint import SocketEndpoint
+from xenvtpm.frontend.frontend import CAPACITY, Frontend
 from xenvtpm.loop import Loop
-from xenvtpm.toolstack import attach_vtpm
-from xenvtpm.xen.sim import SimHypervisor
+from xenvtpm.sim.adapter import SimHypervisor
+from xenvtpm.tools.toolstack import attach_vtpm
 from xenvtpm.xenbus import PUBLISH_BACKOFF_S
 
 

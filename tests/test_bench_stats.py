@@ -146,14 +146,14 @@ def test_py_spy_collapsed_stacks_summary() -> None:
     head = "main (x/__main__.py:3);Loop.run (xenvtpm/loop.py:79);"
     raw = "\n".join([
         head + "EpollSelector.select (selectors.py:468) 30",
-        head + "Link._send (xenvtpm/manager_link.py:112) 50",
+        head + "Link._send (xenvtpm/backend/manager_link.py:112) 50",
         head + "read_ring (xenvtpm/tpmif.py:99) 20",
         "garbage",
     ])  # fmt: skip
     s = profiling.summarize_collapsed(raw)
     assert s["samples"] == 100
     assert s["idle_pct"] == 30.0
-    assert s["self"][0] == ["Link._send (xenvtpm/manager_link.py)", 50.0]
+    assert s["self"][0] == ["Link._send (backend/manager_link.py)", 50.0]
     inclusive = dict(map(tuple, s["inclusive"]))
     assert "main (x/__main__.py)" not in inclusive  # in every sample: no information
     assert profiling.summarize_collapsed("")["samples"] == 0

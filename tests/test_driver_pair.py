@@ -22,7 +22,7 @@ from simenv import SimEnv, wait_for
 
 from xenvtpm import tpm
 from xenvtpm.errors import GrantError, XenStoreError
-from xenvtpm.xen.sim import SimHypervisor
+from xenvtpm.sim.adapter import SimHypervisor
 
 RC = tpm.TPM_RC
 

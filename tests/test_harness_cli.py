@@ -82,7 +82,7 @@ def test_up_down_direct(run: Path) -> None:
 
 @needs_swtpm
 def test_up_down_sim(run: Path) -> None:
-    pytest.importorskip("xenvtpm.manager")
+    pytest.importorskip("xenvtpm.manager.manager")
     check_up_down(run, "sim", SeqpacketTransport)
 
 

@@ -1,5 +1,5 @@
 """The host-side endpoint of a Xen guest's TPM (``harness.endpoint``): sim's contract,
-one command in and one response out, over real relays (``xenvtpm.relay.serve``) on
+one command in and one response out, over real relays (``xenvtpm.tools.relay.serve``) on
 threads in front of a fake TPM character device, as in the relay pool's tests."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The relay pool: one relay per guest device, reused by each transport, never once it
-broke or was released. Real relays (``xenvtpm.relay.serve``) on threads, over
+broke or was released. Real relays (``xenvtpm.tools.relay.serve``) on threads, over
 socketpairs, in front of a fake TPM character device."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from harness.errors import DeviceRefused, TransportClosed, TransportTimeout
 from harness.relay_pool import RelayPool
 from harness.transport_ssh import RelayTransport
-from xenvtpm import relay
+from xenvtpm.tools import relay
 
 HANG = b"\x80\x01\x00\x00\x00\x0aHANG"  # the fake TPM holds this one until told
 

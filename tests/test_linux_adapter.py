@@ -29,10 +29,9 @@ import pytest
 
 from harness.errors import TransportClosed, TransportTimeout
 from harness.transport_ssh import DeviceRefused, RelayTransport, relay_command
-from xenvtpm import relay, tpm
+from xenvtpm import tpm
 from xenvtpm.errors import HypervisorUnavailable, VTPMError, XenStoreError
-from xenvtpm.loop import Loop
-from xenvtpm.vtpm_proxy import (
+from xenvtpm.frontend.vtpm_proxy import (
     WARM_UP_COMMAND,
     ProxyClient,
     ProxyDevice,
@@ -41,6 +40,8 @@ from xenvtpm.vtpm_proxy import (
     create_proxy_device,
     unbind_kernel_frontend,
 )
+from xenvtpm.loop import Loop
+from xenvtpm.tools import relay
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV, open_hypervisor
 from xenvtpm.xen.interface import Access, Perm, WatchEvent
 from xenvtpm.xen.linux import LinuxEventChannel, LinuxHypervisor
@@ -560,8 +561,8 @@ def test_frontend_creates_the_device_only_once_the_vtpm_answers(tmp_path: Path) 
     SET_LOCALITY is answered locally and its commands reach swtpm."""
     from simenv import SimEnv
 
-    from xenvtpm.frontend import Frontend
-    from xenvtpm.xen.sim import SimHypervisor
+    from xenvtpm.frontend.frontend import Frontend
+    from xenvtpm.sim.adapter import SimHypervisor
 
     env = SimEnv(tmp_path)
     loop, kernel = Loop(), FakeKernel()

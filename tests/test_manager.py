@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from xenvtpm.errors import ChannelClosed
-from xenvtpm.manager import InstanceStatus, Manager, ManagerClient
-from xenvtpm.manager_cli import build_parser
+from xenvtpm.manager.cli import build_parser
+from xenvtpm.manager.manager import InstanceStatus, Manager, ManagerClient
 from xenvtpm.tpm import (
     TPM_RC,
     bind_command,

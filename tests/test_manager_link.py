@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from xenvtpm import tpm
+from xenvtpm.backend.manager_link import ManagerLink
 from xenvtpm.loop import Loop
-from xenvtpm.manager_link import ManagerLink
 
 RETRY = tpm.error_response(tpm.TPM_RC.RETRY)
 PER_INSTANCE = 4  # requests of one instance the link lets be outstanding (docs/threat-model.md)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import selectors
 
-from xenvtpm.poller import Poller
+from xenvtpm.manager.poller import Poller
 
 
 def test_a_handler_unregistered_or_modified_earlier_in_the_batch_is_skipped() -> None:

@@ -30,7 +30,7 @@ import pytest
 
 from harness import tpmwire
 from harness.process import stop_family
-from xenvtpm.manager_client import ManagerClient
+from xenvtpm.manager.client import ManagerClient
 
 ROOT = Path(__file__).resolve().parent.parent
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)

@@ -24,7 +24,7 @@ from test_driver_pair import BAD_REQUESTS, error, get_random, make_env, swtpm_pi
 from test_hostile import counts
 
 from xenvtpm import tpm, tpmif_v2
-from xenvtpm.rogue_v2 import create_primary_rsa
+from xenvtpm.tools.rogue_v2 import create_primary_rsa
 from xenvtpm.tpmif_v2 import VtpmState
 from xenvtpm.xenbus import XenbusState
 

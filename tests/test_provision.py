@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from xenvtpm.swtpm import PERMALL, write_ca_config
+from xenvtpm.manager.swtpm import PERMALL, write_ca_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,12 +21,12 @@ import pytest
 from test_sim_xen import start_simxend, stop
 
 from xenvtpm.errors import XenStoreError
-from xenvtpm.xen.sim import SimControl
-from xenvtpm.xen.sim_hypercall import HC_MSG_MAX, SCM_MAX_FD, HcError, HcRequest, close_fds
-from xenvtpm.xen.simxend import SimXen
-from xenvtpm.xen.xenstore_client import XenStoreClient
-from xenvtpm.xen.xenstore_server import Delivery, XenStoreServer
-from xenvtpm.xen.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket, XsType, join_strings
+from xenvtpm.sim.adapter import SimControl
+from xenvtpm.sim.hypercall import HC_MSG_MAX, SCM_MAX_FD, HcError, HcRequest, close_fds
+from xenvtpm.sim.simxend import SimXen
+from xenvtpm.sim.xenstore_client import XenStoreClient
+from xenvtpm.sim.xenstore_server import Delivery, XenStoreServer
+from xenvtpm.sim.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket, XsType, join_strings
 
 
 @dataclass

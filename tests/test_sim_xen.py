@@ -23,11 +23,11 @@ from resource import RLIMIT_NOFILE
 import pytest
 
 from xenvtpm.errors import ChannelClosed, EventChannelError, GrantError, XenStoreError
+from xenvtpm.sim.adapter import SimControl, SimHypervisor
+from xenvtpm.sim.hypercall import HcError, HcOp, HypercallClient, close_fds
+from xenvtpm.sim.xenstore_client import XenStoreClient
+from xenvtpm.sim.xenstore_wire import XsPacket, XsType
 from xenvtpm.xen.interface import MAX_CONSUME_ROUNDS, Access, Perm, WatchEvent
-from xenvtpm.xen.sim import SimControl, SimHypervisor
-from xenvtpm.xen.sim_hypercall import HcError, HcOp, HypercallClient, close_fds
-from xenvtpm.xen.xenstore_client import XenStoreClient
-from xenvtpm.xen.xenstore_wire import XsPacket, XsType
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def start_simxend(run: Path, fd_limit: int | None = None) -> subprocess.Popen[by
     """simxend as its own process; ``fd_limit`` sets its RLIMIT_NOFILE (soft and hard)."""
     limit = None if fd_limit is None else (fd_limit, fd_limit)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xenvtpm.xen.simxend", "--dir", str(run)],
+        [sys.executable, "-m", "xenvtpm.sim.simxend", "--dir", str(run)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stderr=subprocess.PIPE,
         preexec_fn=None if limit is None else lambda: resource.setrlimit(RLIMIT_NOFILE, limit),
@@ -136,7 +136,7 @@ def test_daemon_run_dir_and_clean_stop(tmp_path: Path) -> None:
         assert {"xenstored.sock", "privcmd.sock", "ready"} <= set(os.listdir(run))
         assert int((run / "ready").read_text()) == proc.pid
         second = subprocess.run(
-            [sys.executable, "-m", "xenvtpm.xen.simxend", "--dir", str(run)],
+            [sys.executable, "-m", "xenvtpm.sim.simxend", "--dir", str(run)],
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             capture_output=True,
             timeout=10,

@@ -1,4 +1,4 @@
-"""One swtpm process's lifecycle (xenvtpm/swtpm.py), with stand-in swtpm programs."""
+"""One swtpm process's lifecycle (xenvtpm/manager/swtpm.py), with stand-in swtpm programs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from xenvtpm.errors import InstanceStartError
-from xenvtpm.swtpm import PERMALL, Swtpm, SwtpmConfig
+from xenvtpm.manager.swtpm import PERMALL, Swtpm, SwtpmConfig
 
 # Closes every descriptor it was given (so the control channel reads end of file), says
 # why it gives up, and exits a moment later: a swtpm refusing its options, as it exits.

@@ -1,7 +1,7 @@
 """The backend's traffic trace: its lines, their bound, and the real backend writing them.
 
 What a failed scenario's report shows of a guest's TPM traffic comes from here
-(``xenvtpm.traffic_trace`` in the backend, ``harness.traffic`` reading it).
+(``xenvtpm.backend.traffic_trace`` in the backend, ``harness.traffic`` reading it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from simenv import SimEnv
 
 from harness.traffic import parse_line, read_trace, render, section, window
 from xenvtpm import tpm
-from xenvtpm.traffic_trace import AnsweredBy, TrafficTrace
+from xenvtpm.backend.traffic_trace import AnsweredBy, TrafficTrace
 
 GET_RANDOM_8 = tpm.get_random_command(8)
 ANSWER_8 = struct.pack(">HIIH", 0x8001, 20, 0, 8) + bytes(8)

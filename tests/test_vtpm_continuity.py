@@ -45,7 +45,7 @@ from test_manager import (
 )
 from test_manager import tmp_root as manager_tmp_root
 
-from xenvtpm.manager import ManagerClient
+from xenvtpm.manager.manager import ManagerClient
 from xenvtpm.tpm import (
     TPM_RC,
     bind_command,

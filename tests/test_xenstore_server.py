@@ -7,9 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from xenvtpm.errors import XenStoreError
-from xenvtpm.xen.interface import Access, Perm
-from xenvtpm.xen.xenstore_server import XenStoreServer
-from xenvtpm.xen.xenstore_wire import (
+from xenvtpm.sim.xenstore_server import XenStoreServer
+from xenvtpm.sim.xenstore_wire import (
     XsPacket,
     XsType,
     check_reply,
@@ -17,6 +16,7 @@ from xenvtpm.xen.xenstore_wire import (
     join_strings,
     split_strings,
 )
+from xenvtpm.xen.interface import Access, Perm
 
 DOM0, G1, G2 = 100, 101, 102  # connection ids: dom0, domain 1, domain 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xenvtpm.errors import MalformedMessage, XenStoreError
-from xenvtpm.xen.xenstore_wire import (
+from xenvtpm.sim.xenstore_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
     XsHeader,

@@ -6,17 +6,26 @@ import importlib
 import sys
 
 COMMANDS = {
-    "frontend": ("xenvtpm.frontend", "guest side: xenbus handshake, ring, TPM endpoint"),
-    "backend": ("xenvtpm.backend", "dom0 side: validates requests, forwards to the manager"),
-    "manager": ("xenvtpm.manager_cli", "the seed's /dev/vtpm: one swtpm per vTPM instance"),
-    "simxend": ("xenvtpm.xen.simxend", "the simulated Xen hypervisor (xenstore, grants, events)"),
-    "provision": ("xenvtpm.provision", "make vTPM instances (swtpm_setup) ahead of time"),
-    "reset": ("xenvtpm.reset", "operator: power-cycle an instance, ending its failure mode"),
-    "attach": ("xenvtpm.toolstack", "toolstack: write a vTPM's xenstore directories"),
-    "detach": ("xenvtpm.toolstack", "toolstack: remove a vTPM's xenstore directories"),
-    "rogue": ("xenvtpm.rogue", "a hostile frontend: one attack on the backend, JSON lines"),
-    "probe": ("xenvtpm.probe", "try one xenstore/grant/event operation as this domain"),
-    "relay": ("xenvtpm.relay", "guest: framed TPM commands on stdin to /dev/tpm0 (harness)"),
+    "frontend": ("xenvtpm.frontend.frontend", "guest side: xenbus handshake, ring, TPM endpoint"),
+    "backend": (
+        "xenvtpm.backend.backend",
+        "dom0 side: validates requests, forwards to the manager",
+    ),
+    "manager": ("xenvtpm.manager.cli", "the seed's /dev/vtpm: one swtpm per vTPM instance"),
+    "simxend": ("xenvtpm.sim.simxend", "the simulated Xen hypervisor (xenstore, grants, events)"),
+    "provision": ("xenvtpm.manager.provision", "make vTPM instances (swtpm_setup) ahead of time"),
+    "reset": (
+        "xenvtpm.manager.reset",
+        "operator: power-cycle an instance, ending its failure mode",
+    ),
+    "attach": ("xenvtpm.tools.toolstack", "toolstack: write a vTPM's xenstore directories"),
+    "detach": ("xenvtpm.tools.toolstack", "toolstack: remove a vTPM's xenstore directories"),
+    "rogue": (
+        "xenvtpm.tools.rogue",
+        "a hostile frontend: one attack on the backend, JSON lines",
+    ),
+    "probe": ("xenvtpm.tools.probe", "try one xenstore/grant/event operation as this domain"),
+    "relay": ("xenvtpm.tools.relay", "guest: framed TPM commands on stdin to /dev/tpm0 (harness)"),
 }
 
 

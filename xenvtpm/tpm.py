@@ -29,7 +29,7 @@ import struct
 from enum import IntEnum
 from typing import NamedTuple
 
-from .errors import MalformedMessage
+from xenvtpm.errors import MalformedMessage
 
 __all__ = [
     "BAD_TAG_RC",

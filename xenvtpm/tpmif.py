@@ -23,7 +23,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import MalformedMessage
+from xenvtpm.errors import MalformedMessage
 
 __all__ = [
     "PAGE_SIZE",

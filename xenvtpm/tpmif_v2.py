@@ -31,8 +31,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import MalformedMessage
-from .tpmif import PAGE_SIZE
+from xenvtpm.errors import MalformedMessage
+from xenvtpm.tpmif import PAGE_SIZE
 
 __all__ = [
     "FEATURE_PROTOCOL_V2",

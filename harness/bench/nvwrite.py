@@ -1,7 +1,7 @@
 """What durable NV costs: NV_Write through the manager, with and without its fsync.
 
 Issue 14, point 6: when a command changed swtpm's state file, the manager fsyncs the
-file and its directory before the answer goes back (``xenvtpm/durability.py``), so that
+file and its directory before the answer goes back (``xenvtpm/manager/durability.py``), so that
 an acknowledged NV write survives a power cut. This measures that price where it is
 paid, in the same run: two managers side by side, one as deployed and one with
 ``--no-fsync``, their state in the system's temporary directory (where the rest of the
@@ -33,7 +33,7 @@ from harness.bench.stats import Summary, ratio, table
 from harness.deadline import Deadline
 from harness.process import ManagedProcess
 from harness.targets.sim import REPO_ROOT
-from xenvtpm.manager_client import ManagerClient
+from xenvtpm.manager.client import ManagerClient
 
 INSTANCE = 1000
 NV_INDEX = 0x01000A91

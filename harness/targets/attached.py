@@ -125,7 +125,7 @@ class AttachedTarget:
                 self.logs(),
             )
         if self.name == "sim":
-            from xenvtpm.xen.sim import SimControl
+            from xenvtpm.sim.adapter import SimControl
 
             self._control = SimControl(str(self.run_dir))
         if self.name in XEN_TARGETS:

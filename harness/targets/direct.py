@@ -19,7 +19,7 @@ from harness.swtpm import manufacture, swtpm_process
 from harness.target import Capability, Component, Guest
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.transport import RawTransport, SwtpmTransport
-from xenvtpm.swtpm import write_ca_config
+from xenvtpm.manager.swtpm import write_ca_config
 
 START_TIMEOUT = 30.0
 FIRST_INSTANCE = 1000

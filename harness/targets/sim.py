@@ -157,7 +157,7 @@ class SimTarget(BaseTarget):
         self.state_root = self.run_dir / "state"
         self.manager_socket = self.run_dir / "vtpm.sock"
         self.trace_dir = self.run_dir / TRACE_DIR_NAME  # the backend's traffic trace
-        self._control: Any = None  # xenvtpm.xen.sim.SimControl
+        self._control: Any = None  # xenvtpm.sim.adapter.SimControl
         self._dom0: Any = None  # the dom0 Hypervisor (toolstack's xenstore)
         self._watch_seq = 0
         self._pending: dict[str, str] = {}  # guest name -> token of its readiness watch
@@ -211,8 +211,8 @@ class SimTarget(BaseTarget):
             raise self.backend.failure("died while guests connected")
 
     def _connect_toolstack(self) -> None:
+        from xenvtpm.sim.adapter import SimControl
         from xenvtpm.xen import open_hypervisor
-        from xenvtpm.xen.sim import SimControl
 
         self._control = SimControl(str(self.run_dir))
         self._dom0 = open_hypervisor(str(self.run_dir))
@@ -225,7 +225,7 @@ class SimTarget(BaseTarget):
         return self._dom0.xenstore
 
     def _create_guest(self, g: SimGuest, deadline: Deadline) -> None:
-        from xenvtpm.toolstack import attach_vtpm
+        from xenvtpm.tools.toolstack import attach_vtpm
 
         g.domid = int(self._control.create_domain(g.name))
         attach_vtpm(self.xenstore, g.domid, g.instance, g.name)
@@ -381,7 +381,7 @@ class SimTarget(BaseTarget):
         """As ``xl reboot``: the guest shuts down, its devices and domain are destroyed,
         and a new domain (new domid) gets the same vTPM instance."""
         self.require(Capability.REBOOT)
-        from xenvtpm.toolstack import detach_vtpm
+        from xenvtpm.tools.toolstack import detach_vtpm
 
         g: SimGuest = self._own(guest)
         deadline = Deadline(START_TIMEOUT)
@@ -397,7 +397,7 @@ class SimTarget(BaseTarget):
 
     def manager_status_line(self, timeout: float = 10.0) -> str:
         """The manager's status line (SIGUSR1): each instance's queue, in-flight, peak;
-        read it with :func:`xenvtpm.manager.status_counts`."""
+        read it with :func:`xenvtpm.manager.manager.status_counts`."""
         pid, log_path = self.manager.pid, self.manager.log_path
         if pid is None:
             raise TargetNotReady("manager", "not running", self.logs())

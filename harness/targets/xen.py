@@ -967,7 +967,7 @@ class XenTarget(BaseTarget):
 
     def manager_status_line(self) -> str:
         """dom0's manager's status line (SIGUSR1): each instance's queue, in-flight and
-        peak; read it with :func:`xenvtpm.manager.status_counts`."""
+        peak; read it with :func:`xenvtpm.manager.manager.status_counts`."""
         pid = self._daemons.get("dom0", {}).get("manager")
         if pid is None:
             raise TargetNotReady("manager", "not started by this target")

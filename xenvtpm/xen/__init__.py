@@ -1,4 +1,5 @@
-"""The hypervisor interface (``interface.py``) and its adapters (``sim.py``, ``linux.py``).
+"""The hypervisor interface (``interface.py``), the Linux adapter (``linux.py``) and the
+choice between it and the simulated one (``xenvtpm/sim/adapter.py``).
 
 ``open_hypervisor()`` picks the adapter from the environment, so the driver pair runs
 unchanged on either: a process started in a simulated domain inherits
@@ -21,7 +22,7 @@ def open_hypervisor(sim_dir: str | None = None) -> Hypervisor:
     fds = os.environ.get(SIM_FDS_ENV)
     sim_dir = sim_dir or os.environ.get(SIM_DIR_ENV)
     if fds or sim_dir:
-        from xenvtpm.xen import sim
+        from xenvtpm.sim import adapter as sim
 
         if fds:
             xs_fd, hc_fd = (int(x) for x in fds.split(","))

@@ -23,6 +23,8 @@ from xenvtpm.errors import (
     HypervisorUnavailable,
 )
 from xenvtpm.lifecycle import Closeable
+from xenvtpm.sim.hypercall import HcError, HcOp, HypercallClient, close_fds
+from xenvtpm.sim.xenstore_client import XenStoreClient
 from xenvtpm.xen.interface import (
     MAX_CONSUME_ROUNDS,
     PAGE_SIZE,
@@ -31,8 +33,6 @@ from xenvtpm.xen.interface import (
     MappedPages,
     SharedPages,
 )
-from xenvtpm.xen.sim_hypercall import HcError, HcOp, HypercallClient, close_fds
-from xenvtpm.xen.xenstore_client import XenStoreClient
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``python3 -m xenvtpm reset --manager SOCKET INSTANCE``: an operator's power cycle.
 
 An instance whose volatile state was lost under a running domain answers in failure
-mode until that domain reboots (see :mod:`xenvtpm.continuity`). When the operator knows
+mode until that domain reboots (see :mod:`xenvtpm.manager.continuity`). When the operator knows
 better (the guest will re-measure, or is being repaired), this resets the instance now:
 the manager power-cycles it (PCRs reset, NV and persistent keys kept) and failure mode
 ends. The guest then runs on a TPM whose PCRs no longer match its boot: that is the
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import XenVTPMError
-from .manager_client import ManagerClient
-from .tpm import TPM_RC, reset_command, response_code
+from xenvtpm.errors import XenVTPMError
+from xenvtpm.manager.client import ManagerClient
+from xenvtpm.tpm import TPM_RC, reset_command, response_code
 
 
 def build_parser() -> argparse.ArgumentParser:

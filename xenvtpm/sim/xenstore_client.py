@@ -20,8 +20,7 @@ from types import TracebackType
 from typing import Self, TypeVar
 
 from xenvtpm.errors import ChannelClosed, MalformedMessage, XenStoreError
-from xenvtpm.xen.interface import MAX_WATCH_BATCH, Perm, WatchEvent
-from xenvtpm.xen.xenstore_wire import (
+from xenvtpm.sim.xenstore_wire import (
     HEADER_SIZE,
     XENSTORE_PAYLOAD_MAX,
     XsHeader,
@@ -32,6 +31,7 @@ from xenvtpm.xen.xenstore_wire import (
     join_strings,
     split_strings,
 )
+from xenvtpm.xen.interface import MAX_WATCH_BATCH, Perm, WatchEvent
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from xenvtpm.errors import MalformedMessage
-from xenvtpm.xen.interface import Access, Perm
-from xenvtpm.xen.xenstore_wire import (
+from xenvtpm.sim.xenstore_wire import (
     XENSTORE_ABS_PATH_MAX,
     XENSTORE_PAYLOAD_MAX,
     XENSTORE_REL_PATH_MAX,
@@ -28,6 +27,7 @@ from xenvtpm.xen.xenstore_wire import (
     parse_decimal,
     split_strings,
 )
+from xenvtpm.xen.interface import Access, Perm
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ Routing rules, and why:
   TPM2_Startup(CLEAR)) once it has executed commands, so PCRs reset as on a reboot;
   a BIND marked *resumed* (``xl restore``: the same boot goes on) keeps the TPM.
   :data:`xenvtpm.tpm.XENVTPM_CC_RESET` (an operator's) power-cycles it too. Control
-  requests never block the loop (:mod:`xenvtpm.swtpm_control`): a hung swtpm stalls
+  requests never block the loop (:mod:`xenvtpm.manager.swtpm_control`): a hung swtpm stalls
   only its own instance.
-- A running guest's TPM never silently resets (:mod:`xenvtpm.continuity`). A planned
+- A running guest's TPM never silently resets (:mod:`xenvtpm.manager.continuity`). A planned
   stop (SIGTERM) lets the commands in flight finish, then saves every swtpm's volatile
   state, which the next manager restores once. swtpm death (EOF or error on its data
   socket), a response that does not parse, or no response within ``command_timeout``
   loses that state: the in-flight command gets TPM_RC_FAILURE, swtpm is restarted
   from its state directory, and the instance answers in failure mode
-  (:mod:`xenvtpm.failure_mode`) until its domain reboots or an operator resets it.
+  (:mod:`xenvtpm.manager.failure_mode`) until its domain reboots or an operator resets it.
   A failed start answers the queued commands TPM_RC_FAILURE; a later packet retries.
 - :data:`xenvtpm.tpm.XENVTPM_CC_CANCEL` (a guest cancelled its command, or the backend
   gave up on it) is answered nothing, so the backend's FIFO matching is unaffected.
@@ -48,7 +48,7 @@ Routing rules, and why:
 - Bounds (issue 14): per instance, one connection may have at most
   :data:`QUEUE_PER_INSTANCE` commands queued behind the one in flight, and a connection
   at most :data:`UNREAD_REPLIES_MAX` replies it has not read.  The backend's link keeps
-  below both (:mod:`xenvtpm.manager_link`); a connection beyond them breaks the protocol
+  below both (:mod:`xenvtpm.backend.manager_link`); a connection beyond them breaks the protocol
   and is closed, since any answer would break its FIFO matching of replies.  The link
   answers what it had sent TPM_RC_FAILURE and reconnects; a closed connection's queued
   commands are dropped at once.
@@ -57,7 +57,7 @@ Routing rules, and why:
   its own); so are they before the first answer after each swtpm start (manufacturing
   wrote them without fsync).
 
-The loop is single-threaded (one epoll, :mod:`xenvtpm.poller`) with non-blocking
+The loop is single-threaded (one epoll, :mod:`xenvtpm.manager.poller`) with non-blocking
 sockets; the per-command path makes no thread hand-off, receives into preallocated
 buffers (one backend packet per readiness), replies with one
 ``sendmsg([prefix, response])`` and logs nothing unless debug is enabled.
@@ -79,12 +79,12 @@ import time
 from collections import deque
 from pathlib import Path
 
-from . import failure_mode
-from .continuity import BOOT_ID_FILE, read_boot_id
-from .durability import Syncer
-from .errors import MalformedMessage, VTPMError
-from .manager_client import PREFIX_SIZE, ManagerClient
-from .manager_instance import (
+from xenvtpm.errors import MalformedMessage, VTPMError
+from xenvtpm.manager import failure_mode
+from xenvtpm.manager.client import PREFIX_SIZE, ManagerClient
+from xenvtpm.manager.continuity import BOOT_ID_FILE, read_boot_id
+from xenvtpm.manager.durability import Syncer
+from xenvtpm.manager.instance import (
     PREFIX_I,
     Conn,
     Instance,
@@ -93,12 +93,12 @@ from .manager_instance import (
     Kind,
     Request,
 )
-from .manager_lifecycle import SwtpmLifecycle
-from .poller import Poller
-from .swtpm import PTM_CMD, SwtpmConfig
-from .swtpm_control import store_volatile
-from .swtpm_starter import SwtpmStarter
-from .tpm import (
+from xenvtpm.manager.lifecycle import SwtpmLifecycle
+from xenvtpm.manager.poller import Poller
+from xenvtpm.manager.swtpm import PTM_CMD, SwtpmConfig
+from xenvtpm.manager.swtpm_control import store_volatile
+from xenvtpm.manager.swtpm_starter import SwtpmStarter
+from xenvtpm.tpm import (
     HEADER_SIZE,
     MAX_COMMAND_SIZE,
     MAX_RESPONSE_SIZE,

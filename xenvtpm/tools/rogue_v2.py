@@ -1,6 +1,6 @@
 """Protocol v2 attacks of ``python3 -m xenvtpm rogue`` (registered into ``rogue.ATTACKS``).
 
-The rogue of :mod:`xenvtpm.rogue` speaks the 2006 ring; these attacks speak protocol v2
+The rogue of :mod:`xenvtpm.tools.rogue` speaks the 2006 ring; these attacks speak protocol v2
 as Linux xen-tpmfront does (one shared page, ``feature-protocol-v2 = 1`` next to
 ``ring-ref``), then break its rules. Their observations are JSON lines like the others'.
 
@@ -32,7 +32,7 @@ import struct
 import time
 
 from xenvtpm import tpm, tpmif_v2
-from xenvtpm.rogue import Rogue, RogueError, attack, emit, report
+from xenvtpm.tools.rogue import Rogue, RogueError, attack, emit, report
 from xenvtpm.tpmif_v2 import FEATURE_PROTOCOL_V2, VtpmState
 from xenvtpm.xenbus import XenbusState
 

@@ -7,7 +7,7 @@ sets channels up and then stays out of the data path: pages are memfds mapped by
 ends and event channels are socketpairs the two ends use directly. Spec:
 docs/simulated-xen.md.
 
-Run: ``python -m xenvtpm.xen.simxend --dir RUN``.
+Run: ``python -m xenvtpm.sim.simxend --dir RUN``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from xenvtpm.errors import MalformedMessage
-from xenvtpm.xen.interface import NR_RESERVED_GRANT_REFS, PAGE_SIZE
-from xenvtpm.xen.sim_hypercall import (
+from xenvtpm.sim.hypercall import (
     HC_MSG_MAX,
     SCM_MAX_FD,
     HcOp,
@@ -38,10 +37,11 @@ from xenvtpm.xen.sim_hypercall import (
     HcRequest,
     close_fds,
 )
-from xenvtpm.xen.xenstore_server import Delivery, XenStoreServer
-from xenvtpm.xen.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket
+from xenvtpm.sim.xenstore_server import Delivery, XenStoreServer
+from xenvtpm.sim.xenstore_wire import HEADER_SIZE, XsHeader, XsPacket
+from xenvtpm.xen.interface import NR_RESERVED_GRANT_REFS, PAGE_SIZE
 
-log = logging.getLogger("xenvtpm.xen.simxend")  # not __name__: that is "__main__" under -m
+log = logging.getLogger("xenvtpm.sim.simxend")  # not __name__: that is "__main__" under -m
 
 XENSTORED_SOCK = "xenstored.sock"
 PRIVCMD_SOCK = "privcmd.sock"

@@ -1,7 +1,7 @@
 """The manager's swtpm lifecycle: start and restart, bind and power cycles, failure mode,
-and the answers held for fsync (:mod:`xenvtpm.manager`'s other half).
+and the answers held for fsync (:mod:`xenvtpm.manager.manager`'s other half).
 
-A mixin of :class:`xenvtpm.manager.Manager`, which owns the loop, the connections and
+A mixin of :class:`xenvtpm.manager.manager.Manager`, which owns the loop, the connections and
 the routing; it only adds, and relies on the attributes and routing methods declared
 below (mypy checks both sides). Split out to keep each module readable.
 """
@@ -14,15 +14,15 @@ import selectors
 import struct
 from typing import TYPE_CHECKING
 
-from .continuity import Continuity
-from .durability import Signature, StateFileWatch
-from .errors import InstanceStartError
-from .manager_instance import Conn, Instance, InstanceState, Kind, Request
-from .poller import Poller
-from .swtpm import PTM_CMD, Swtpm, SwtpmConfig
-from .swtpm_control import RESULT_SIZE, ControlChannel
-from .swtpm_starter import Started, SwtpmStarter
-from .tpm import TPM_RC, error_response, startup_command, success_response
+from xenvtpm.errors import InstanceStartError
+from xenvtpm.manager.continuity import Continuity
+from xenvtpm.manager.durability import Signature, StateFileWatch
+from xenvtpm.manager.instance import Conn, Instance, InstanceState, Kind, Request
+from xenvtpm.manager.poller import Poller
+from xenvtpm.manager.swtpm import PTM_CMD, Swtpm, SwtpmConfig
+from xenvtpm.manager.swtpm_control import RESULT_SIZE, ControlChannel
+from xenvtpm.manager.swtpm_starter import Started, SwtpmStarter
+from xenvtpm.tpm import TPM_RC, error_response, startup_command, success_response
 
 log = logging.getLogger("xenvtpm.manager")
 
@@ -44,7 +44,7 @@ class SwtpmLifecycle:
     _closed: bool
     _stop: bool
 
-    if TYPE_CHECKING:  # the routing half, in xenvtpm/manager.py
+    if TYPE_CHECKING:  # the routing half, in xenvtpm/manager/manager.py
         _sel: Poller | None
 
         def _reply(self, conn: Conn, prefix: bytes, payload: bytes | memoryview) -> None: ...

@@ -21,15 +21,15 @@ from typing import Protocol
 
 from xenvtpm import tpm, tpmif
 from xenvtpm.daemon import configure_logging, default_log_level, run_service
-from xenvtpm.endpoint import SocketEndpoint
 from xenvtpm.errors import MalformedMessage, TransactionConflict, XenStoreError
+from xenvtpm.frontend.endpoint import SocketEndpoint
+from xenvtpm.frontend.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
 from xenvtpm.loop import Alarm, Loop, Timer
 from xenvtpm.tpmif_v2 import FEATURE_PROTOCOL_V2
-from xenvtpm.vtpm_proxy import VTPMX, VtpmProxyEndpoint, unbind_kernel_frontend
 from xenvtpm.xen.interface import EventChannel, Hypervisor, SharedPages
 from xenvtpm.xenbus import FRONTEND_MOVES, StateNode, XenbusState, read_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("xenvtpm.frontend")  # the daemon's name (daemon.py)
 
 S = XenbusState
 DATA_PAGES = tpmif.TPMIF_TX_RING_SIZE

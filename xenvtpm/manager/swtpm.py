@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-from .errors import InstanceStartError, VTPMError
+from xenvtpm.errors import InstanceStartError, VTPMError
 
 __all__ = [
     "PERMALL",

@@ -1,7 +1,7 @@
 """One vTPM device as the backend sees it: its xenbus state, mapped pages and requests.
 
 Connect picks the protocol the frontend announced (the 2006 ring, or v2 of Linux
-xen-tpmfront: :mod:`xenvtpm.backend_rings`), maps its pages once and binds its event
+xen-tpmfront: :mod:`xenvtpm.backend.rings`), maps its pages once and binds its event
 channel; each request is then copied out once, validated, and sent to the manager with
 a timeout. Both protocols share this class: states, channel, the one request in flight,
 its timeout and the manager link; only the page layout differs. The frontend is
@@ -32,19 +32,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xenvtpm import tpm
-from xenvtpm.backend_rings import (
+from xenvtpm.backend.manager_link import Ticket
+from xenvtpm.backend.rings import (
     FEATURE_PROTOCOL_V2,
     Ring,
     VtpmProtocol,
     frontend_protocol,
     map_ring,
 )
+from xenvtpm.backend.traffic_trace import AnsweredBy
 from xenvtpm.errors import MalformedMessage, TransactionConflict, XenError, XenStoreError
 from xenvtpm.intake import Forward, NotSubmitted
 from xenvtpm.loop import Alarm
-from xenvtpm.manager_link import Ticket
 from xenvtpm.tpmif_v2 import VtpmState
-from xenvtpm.traffic_trace import AnsweredBy
 from xenvtpm.xen.interface import EventChannel
 from xenvtpm.xenbus import (
     BACKEND_MOVES,
@@ -56,7 +56,7 @@ from xenvtpm.xenbus import (
 )
 
 if TYPE_CHECKING:
-    from xenvtpm.backend import Backend
+    from xenvtpm.backend.backend import Backend
 
 log = logging.getLogger("xenvtpm.backend")
 

@@ -3,7 +3,7 @@
 It discovers devices under ``backend/vtpm/<domid>/<devid>`` (written by the toolstack),
 maps each frontend's pages once at connect (the 2006 ring and its data pages, or the
 protocol v2 shared page of Linux xen-tpmfront, as the frontend announces: see
-:mod:`xenvtpm.backend_rings`), and then, per request:
+:mod:`xenvtpm.backend.rings`), and then, per request:
 copies it out of shared memory exactly once, validates that private copy, prefixes the
 instance id, and hands it to the vTPM manager. Everything runs on one thread, so a slow
 or dead instance never stalls another: the manager is asked, not waited for.
@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from xenvtpm.backend_device import BackendDevice, DeviceKey
+from xenvtpm.backend.device import BackendDevice, DeviceKey
+from xenvtpm.backend.manager_link import ManagerLink, Ticket
+from xenvtpm.backend.traffic_trace import TrafficTrace
 from xenvtpm.daemon import default_log_level, run_service
 from xenvtpm.errors import XenStoreError
 from xenvtpm.loop import Loop
-from xenvtpm.manager_link import ManagerLink, Ticket
-from xenvtpm.traffic_trace import TrafficTrace
 from xenvtpm.xen.interface import Hypervisor
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("xenvtpm.backend")  # the daemon's name, as device.py logs
 
 DEFAULT_TIMEOUT = 120.0  # TPM2 "long" commands (RSA key generation) may take a while
 DEVICES_TOKEN = "devices"

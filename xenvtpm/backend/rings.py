@@ -1,6 +1,6 @@
 """The two shared-memory protocols a backend device speaks, each as one small class.
 
-:class:`~xenvtpm.backend_device.BackendDevice` owns everything the protocols share:
+:class:`~xenvtpm.backend.device.BackendDevice` owns everything the protocols share:
 xenbus states, the event channel, the request in flight, its timeout and the manager.
 What differs is only how pages are mapped at connect, how a request is taken out of them
 and how an answer is put back. That is this module:

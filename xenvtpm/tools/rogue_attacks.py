@@ -1,9 +1,9 @@
 """The rogue's attacks on the 2006 ring (``python3 -m xenvtpm rogue ATTACK``).
 
 Each attack breaks one rule of the driver's protocol on purpose and reports what the
-backend did as JSON lines (:func:`xenvtpm.rogue.emit`); the harness compares them with
-docs/threat-model.md. Registered into :data:`xenvtpm.rogue.ATTACKS` on import; the
-protocol v2 attacks are in :mod:`xenvtpm.rogue_v2`.
+backend did as JSON lines (:func:`xenvtpm.tools.rogue.emit`); the harness compares them with
+docs/threat-model.md. Registered into :data:`xenvtpm.tools.rogue.ATTACKS` on import; the
+protocol v2 attacks are in :mod:`xenvtpm.tools.rogue_v2`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 from xenvtpm import tpm, tpmif
 from xenvtpm.errors import XenStoreError
-from xenvtpm.rogue import (
+from xenvtpm.tools.rogue import (
     DATA_PAGES,
     ENTRY0_SIZE_OFFSET,
     GARBAGE_VALUES,

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from xenvtpm.errors import VTPMError
-from xenvtpm.swtpm import Swtpm, SwtpmConfig
+from xenvtpm.manager.swtpm import Swtpm, SwtpmConfig
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ outstanding (sent and not answered, or in the backlog), and the backlog holds at
 :data:`BACKLOG_MAX`. A request over a bound is answered TPM_RC_RETRY (0x922: "not
 started, retry"; Linux's TPM core retries it) by the link itself and never sent, so the
 FIFO matching of replies is untouched. A device keeps one request outstanding
-(:mod:`xenvtpm.backend_device`) and its BIND, so only many devices of one instance in
+(:mod:`xenvtpm.backend.device`) and its BIND, so only many devices of one instance in
 turn (the toolstack's doing) can reach the per-instance bound.
 
 A ticket is always answered from the loop, never inside :meth:`ManagerLink.request`, so

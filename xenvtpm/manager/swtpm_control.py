@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .swtpm import PTM_CMD
+from xenvtpm.manager.swtpm import PTM_CMD
 
 log = logging.getLogger(__name__)
 

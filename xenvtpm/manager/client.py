@@ -14,9 +14,9 @@ import os
 import socket
 import struct
 
-from .errors import ChannelClosed, MalformedMessage
-from .lifecycle import Closeable
-from .tpm import MAX_RESPONSE_SIZE, validate_response
+from xenvtpm.errors import ChannelClosed, MalformedMessage
+from xenvtpm.lifecycle import Closeable
+from xenvtpm.tpm import MAX_RESPONSE_SIZE, validate_response
 
 __all__ = ["PREFIX_SIZE", "ManagerClient"]
 

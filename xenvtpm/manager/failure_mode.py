@@ -1,5 +1,5 @@
 """What an instance answers in failure mode: its volatile state was lost under a running
-domain (see :mod:`xenvtpm.continuity`).
+domain (see :mod:`xenvtpm.manager.continuity`).
 
 A TPM in failure mode answers TPM_RC_FAILURE to every command except GetCapability and
 GetTestResult, so that software can tell what happened; nothing it says can be mistaken
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 
-from .tpm import TPM_CC, TPM_RC, TPM_ST, error_response
+from xenvtpm.tpm import TPM_CC, TPM_RC, TPM_ST, error_response
 
 _GET_TEST_RESULT_HIIHI = struct.Struct(">HIIHI")  # header, outData.size 0, testResult
 

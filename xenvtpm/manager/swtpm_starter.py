@@ -3,7 +3,7 @@
 Manufacturing a TPM takes about a second (20-30 s in a TCG dom0) and even a plain start
 waits for swtpm to answer, so each start runs in a worker thread; other instances keep
 being served meanwhile. The worker also decides, from the instance's state directory,
-how the start continues (fresh, restored, or lost: :mod:`xenvtpm.continuity`), because
+how the start continues (fresh, restored, or lost: :mod:`xenvtpm.manager.continuity`), because
 that is file I/O too. Results come back through a queue, and the owner's ``wake``
 callback makes the loop collect them.
 """
@@ -15,8 +15,8 @@ from collections.abc import Callable
 from queue import SimpleQueue
 from typing import NamedTuple
 
-from .continuity import Continuity, InstanceContinuity, RunRecord
-from .swtpm import Swtpm
+from xenvtpm.manager.continuity import Continuity, InstanceContinuity, RunRecord
+from xenvtpm.manager.swtpm import Swtpm
 
 
 class Started(NamedTuple):

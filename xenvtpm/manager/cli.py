@@ -1,4 +1,4 @@
-"""``python3 -m xenvtpm manager``: run the vTPM manager (:mod:`xenvtpm.manager`) until
+"""``python3 -m xenvtpm manager``: run the vTPM manager (:mod:`xenvtpm.manager.manager`) until
 SIGTERM/SIGINT, which is a planned stop (commands in flight finish, swtpm's volatile
 state is saved for the next manager)."""
 
@@ -10,9 +10,9 @@ import signal
 import sys
 from types import FrameType
 
-from .continuity import BOOT_ID_FILE
-from .errors import VTPMError
-from .manager import Manager
+from xenvtpm.errors import VTPMError
+from xenvtpm.manager.continuity import BOOT_ID_FILE
+from xenvtpm.manager.manager import Manager
 
 log = logging.getLogger("xenvtpm.manager")
 

@@ -1,6 +1,6 @@
 """The manager's routing state: backend connections, requests and vTPM instances.
 
-All of it belongs to the manager's loop thread (:mod:`xenvtpm.manager`); nothing here
+All of it belongs to the manager's loop thread (:mod:`xenvtpm.manager.manager`); nothing here
 does I/O.
 """
 
@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from .continuity import InstanceContinuity
-from .durability import Signature, StateFileWatch
-from .swtpm import Swtpm, SwtpmConfig
-from .swtpm_control import ControlChannel
-from .tpm import MAX_RESPONSE_SIZE
+from xenvtpm.manager.continuity import InstanceContinuity
+from xenvtpm.manager.durability import Signature, StateFileWatch
+from xenvtpm.manager.swtpm import Swtpm, SwtpmConfig
+from xenvtpm.manager.swtpm_control import ControlChannel
+from xenvtpm.tpm import MAX_RESPONSE_SIZE
 
 log = logging.getLogger("xenvtpm.manager")
 

@@ -1,7 +1,7 @@
 """``python3 -m xenvtpm rogue ATTACK``: a frontend that breaks every rule, on demand.
 
 It runs where a frontend runs (a guest domain: ``open_hypervisor()``), does the xenbus
-handshake like :mod:`xenvtpm.frontend` and then performs one attack against the backend.
+handshake like :mod:`xenvtpm.frontend.frontend` and then performs one attack against the backend.
 It prints one JSON object per line for each observation, so a test (or a person) can
 judge what the backend did:
 
@@ -331,4 +331,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-from xenvtpm import rogue_attacks, rogue_v2  # noqa: E402, F401  (register the attacks)
+from xenvtpm.tools import rogue_attacks, rogue_v2  # noqa: E402, F401  (register the attacks)
