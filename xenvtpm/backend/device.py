@@ -29,10 +29,10 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from xenvtpm import tpm
-from xenvtpm.backend.manager_link import Ticket
+from xenvtpm.backend.manager_link import ManagerLink, Ticket
 from xenvtpm.backend.rings import (
     FEATURE_PROTOCOL_V2,
     Ring,
@@ -40,12 +40,12 @@ from xenvtpm.backend.rings import (
     frontend_protocol,
     map_ring,
 )
-from xenvtpm.backend.traffic_trace import AnsweredBy
+from xenvtpm.backend.traffic_trace import AnsweredBy, TrafficTrace
 from xenvtpm.errors import MalformedMessage, TransactionConflict, XenError, XenStoreError
 from xenvtpm.intake import Forward, NotSubmitted
-from xenvtpm.loop import Alarm
+from xenvtpm.loop import Alarm, Loop
 from xenvtpm.tpmif_v2 import VtpmState
-from xenvtpm.xen.interface import EventChannel
+from xenvtpm.xen.interface import EventChannel, Hypervisor, XenStore
 from xenvtpm.xenbus import (
     BACKEND_MOVES,
     RESUME_KEY,
@@ -55,8 +55,21 @@ from xenvtpm.xenbus import (
     read_state,
 )
 
-if TYPE_CHECKING:
-    from xenvtpm.backend.backend import Backend
+
+class Owner(Protocol):
+    """What a device uses of the backend that owns it: a protocol rather than the
+    ``Backend`` class, so that this module does not import ``backend.py`` back."""
+
+    xs: XenStore
+    hv: Hypervisor
+    loop: Loop
+    timeout: float
+    binds: dict[int, Ticket]  # per instance: the latest BIND sent
+    manager: ManagerLink
+    trace: TrafficTrace | None
+
+    def device_for_instance(self, instance: int) -> BackendDevice | None: ...
+
 
 log = logging.getLogger("xenvtpm.backend")
 
@@ -95,7 +108,7 @@ class DeviceKey:
 class BackendDevice:
     """The backend half of one frontend's vTPM."""
 
-    def __init__(self, key: DeviceKey, backend: Backend) -> None:
+    def __init__(self, key: DeviceKey, backend: Owner) -> None:
         self.key = key
         self._backend = backend
         self._xs = backend.xs
