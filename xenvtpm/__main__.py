@@ -21,7 +21,7 @@ COMMANDS = {
     "attach": ("xenvtpm.tools.toolstack", "toolstack: write a vTPM's xenstore directories"),
     "detach": ("xenvtpm.tools.toolstack", "toolstack: remove a vTPM's xenstore directories"),
     "rogue": (
-        "xenvtpm.tools.rogue",
+        "xenvtpm.tools.rogue_cli",
         "a hostile frontend: one attack on the backend, JSON lines",
     ),
     "probe": ("xenvtpm.tools.probe", "try one xenstore/grant/event operation as this domain"),
