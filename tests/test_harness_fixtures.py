@@ -17,6 +17,13 @@ import pytest
 from harness.process import all_procs, proc_cmdline
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def inner_env() -> dict[str, str]:
+    """The environment of an inner pytest run: ours, minus pytest-xdist's worker id,
+    which would make the inner run file its logs under a worker's directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return {**env, "PYTHONPATH": str(ROOT)}
 pytestmark = pytest.mark.skipif(
     shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
     reason="swtpm and swtpm_setup are not installed",
@@ -73,7 +80,7 @@ def test_fixture_contract_on_direct(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_contract.py", "--target", "direct",
          "-p", "no:cacheprovider", "-rs", f"--junitxml={artifacts / 'junit.xml'}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, env=inner_env(),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr
@@ -167,7 +174,7 @@ def test_power_cut_scenarios_run_only_when_selected(
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_opt_in.py", "--target", "direct",
          "-p", "no:cacheprovider", "-rs", *select],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, env=inner_env(),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr
@@ -244,7 +251,7 @@ def test_workers_are_refused_where_they_would_share_or_crowd(
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_nothing.py", "-p", "no:cacheprovider",
          "-n", "2", *args],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, env=inner_env(),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr
