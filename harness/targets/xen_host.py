@@ -11,7 +11,7 @@ Bring-up walks off -> ready (STYLE.md 9):
               (given, or dom0's neighbour entry for the MAC xl gave it), SSH through dom0
     clean     stop xenvtpm daemons an earlier run left, detach its vTPMs (idempotent)
     check     each guest has python3 >= 3.11, tpm_vtpm_proxy, Xen's libraries, no TPM
-    deploy    ``XenTarget.start_driver``, unchanged
+    deploy    ``XenDriverTarget.start_driver``, as on the QEMU target
 
 ``close`` stops the daemons it started, detaches the vTPMs, collects the logs into
 ``artifacts/xen-host/`` (``$XENVTPM_ARTIFACTS``) and removes the directories and unloads
@@ -39,12 +39,15 @@ from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
 from harness.hostkeys import HostKeyCheck, resolve_known_hosts
 from harness.images import ROOT
+from harness.process import ManagedProcess, ProcessRecord
 from harness.ssh import SshHost
 from harness.target import Capability
 from harness.targets import Progress
-from harness.targets.xen import REMOTE_PACKAGE_DIR, XenGuest, XenTarget
+from harness.targets.xen_base import XenDriverTarget
 from harness.targets.xen_driver import DOM0_MODULES, GUEST_MODULES, STATE_ROOT
-from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR, collect_logs
+from harness.targets.xen_guest import XenGuest
+from harness.transport_ssh import REMOTE_PACKAGE_DIR
+from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR
 
 SSH_KEY_ENV = "XENVTPM_SSH_KEY"
 CONNECT_TIMEOUT = 60.0  # the host is up already: a login that takes longer will not come
@@ -233,12 +236,9 @@ class HostGuest(XenGuest):
     it through dom0 (given or looked up at start)."""
 
     def __init__(self, index: int, target: XenHostTarget, spec: GuestSpec) -> None:
-        super().__init__(index, target)
-        self.name = spec.name
+        super().__init__(index, target, name=spec.name)
         self.given_address = spec.address
         self.ip = spec.address or ""
-        self.mac = ""
-        self.disk = ""
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"transport": "xen-host-ssh"}
@@ -247,14 +247,14 @@ class HostGuest(XenGuest):
         return f"HostGuest({self.name}, domid={self.domid}, address={self.ip or '?'})"
 
 
-class XenHostTarget(XenTarget):
-    """The xen target on an existing Xen host: XenTarget's deploy, daemons and log
-    collection, with the machine replaced by an SSH login to the user's dom0."""
+class XenHostTarget(XenDriverTarget):
+    """The xen target on an existing Xen host: an SSH login to the user's dom0, the dom0
+    session (deploy, daemons, log collection) and our frontend. There is no machine and
+    no toolstack part: nothing here can boot, destroy or recreate a domain."""
 
     name: ClassVar[str] = "xen-host"
-    # Pinned, not XenTarget's: what disturbs the environment stays off on a user's host
-    # until reviewed there. REBOOT in particular must never be inherited: XenTarget's
-    # reboot is ``xl destroy`` + ``xl create`` from the harness's own guest template.
+    # Declared here, not derived from the parts: what disturbs the environment (a
+    # restart, a killed swtpm) stays off on a user's host until reviewed there.
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
         {Capability.MULTI_GUEST, Capability.SHARED_CLIENTS, Capability.TRAFFIC_TRACE}
     )
@@ -276,21 +276,23 @@ class XenHostTarget(XenTarget):
         Host keys: ``~/.ssh/known_hosts`` and the ``known_hosts`` files are the known
         ones; others only with ``accept_new_host_keys``."""
         self.spec = HostSpec.parse(url)
-        specs = parse_guests(host_guests)
+        self._specs = parse_guests(host_guests)
         self.key = resolve_key(ssh_key)
         known_files = resolve_known_hosts(known_hosts)
-        super().__init__(len(specs), run_dir, progress, detached)
+        self._host_guest_list: list[HostGuest] = []
+        super().__init__(len(self._specs), run_dir, progress, detached)
         self.host_keys = HostKeyCheck(known_files, accept_new_host_keys, self.say)
-        explicit = os.environ.get("XENVTPM_ARTIFACTS")
-        self.artifacts = Path(explicit) if explicit else ROOT / "artifacts" / "xen-host"
-        self._host_guest_list = [HostGuest(i, self, s) for i, s in enumerate(specs)]
-        self._guests = list(self._host_guest_list)
         self.versions: dict[str, Any] = {}
         self._collected = False
         # Per domain: the paths this run created and the modules it loaded (to undo).
         self._created: dict[str, list[str]] = {}
         self._loaded_before: dict[str, set[str]] = {}
         self._cursors: dict[str, str] = {}  # journal cursors: collect this run's entries
+
+    def make_guests(self, count: int) -> list[XenGuest]:
+        """The guests the user named, in their order."""
+        self._host_guest_list = [HostGuest(i, self, s) for i, s in enumerate(self._specs)]
+        return list(self._host_guest_list)
 
     @property
     def guests(self) -> Sequence[HostGuest]:
@@ -496,16 +498,15 @@ class XenHostTarget(XenTarget):
 
     # -- teardown ------------------------------------------------------------------------
     def _collect_dom0(self) -> None:
-        """XenTarget's log collection, once per run, limited to this run's journal."""
+        """The session's log collection, once per run, limited to this run's journal."""
         if self._collected or self.dom0 is None or not self.dom0.connected:
             return
-        guests = {g.name: g.ssh for g in self._guests if g.ssh is not None}
-        collect_logs(self.dom0, guests, self.artifacts, self._cursors)
+        self.session.collect(cursors=self._cursors)
         self._collected = True
 
     def _stop(self) -> None:
-        """Stop and detach, collect the logs, undo what this run added; then XenTarget
-        closes the logins (it has no machine to stop)."""
+        """Stop and detach, collect the logs, undo what this run added; then close the
+        logins (there is no machine to stop)."""
         try:
             self.relays.release()  # the guests' devices free before modules are unloaded
             if self.dom0 is not None and self.dom0.connected:
@@ -515,7 +516,7 @@ class XenHostTarget(XenTarget):
                     self._collect_dom0()
                 self._undo()
         finally:
-            super()._stop()
+            self._close_logins()
             self._created.clear()
             self._loaded_before.clear()
             self._cursors.clear()
@@ -537,6 +538,14 @@ class XenHostTarget(XenTarget):
             if created or added:
                 self.say(f"{name}: removed {' '.join(created) or 'nothing'}; "
                          f"unloaded (if unused) {' '.join(added) or 'nothing'}")  # fmt: skip
+
+    def _detach(self) -> list[ProcessRecord]:
+        """The daemons keep running on the host; no process of ours is handed on."""
+        self.relays.close()
+        return []
+
+    def _processes(self) -> list[ManagedProcess]:
+        return []
 
     # -- what the CLI and the report see -----------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Which frontend binds a guest's vTPM: ours (``python3 -m xenvtpm frontend --device``,
+through tpm_vtpm_proxy) or the guest kernel's own ``xen-tpmfront`` (protocol v2).
+
+A frontend owns what differs between the two: how a guest is connected, how its TPM
+device is waited for, the largest command that device takes, the health check of the
+device, and which capabilities it makes possible. The rest of a Xen target does not
+know which one it has.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+from harness.target import Capability
+from harness.targets import xen_driver
+from harness.targets.health import Check
+from harness.targets.xen_guest import XenGuest
+from harness.targets.xen_session import Dom0Session
+from harness.transport_ssh import REMOTE_PACKAGE_DIR
+
+
+class Frontend(Protocol):
+    name: ClassVar[str]
+    max_command_size: ClassVar[int]
+    # What this frontend makes possible on any Xen target, and with a toolstack too.
+    capabilities: ClassVar[frozenset[str]]
+    with_toolstack: ClassVar[frozenset[str]]
+
+    def connect(self, session: Dom0Session, guest: XenGuest) -> None: ...
+
+    def wait_for_device(self, guest: XenGuest) -> float: ...
+
+    def stop(self, session: Dom0Session, guest: XenGuest) -> None: ...
+
+    def start(self, session: Dom0Session, guest: XenGuest) -> None: ...
+
+    def health_checks(self, guests: list[XenGuest]) -> list[Check]: ...
+
+
+class OurFrontend:
+    """Our frontend in the guest, which makes ``/dev/tpm0`` through tpm_vtpm_proxy; it
+    reconnects after a restart of either end, and the proxy gives ``/dev/tpmrm0``."""
+
+    name: ClassVar[str] = "xenvtpm"
+    max_command_size: ClassVar[int] = 4096
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {Capability.RESTART_FRONTEND, Capability.RESTART_BACKEND, Capability.SHARED_CLIENTS}
+    )
+    with_toolstack: ClassVar[frozenset[str]] = frozenset({Capability.XL})
+
+    def connect(self, session: Dom0Session, guest: XenGuest) -> None:
+        """Toolstack entries for the guest's vTPM in dom0, then the frontend."""
+        assert guest.domid is not None
+        vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
+        xen_driver.attach_guest(
+            session.host(), guest.host(), vtpm, REMOTE_PACKAGE_DIR, session.start_daemon
+        )
+
+    def wait_for_device(self, guest: XenGuest) -> float:
+        """Seconds until the guest's TPM device exists (``guest.tpm_device``)."""
+        return xen_driver.wait_for_device(guest.host(), guest.name, device=guest.tpm_device)
+
+    def stop(self, session: Dom0Session, guest: XenGuest) -> None:
+        session.stop_daemon(guest.host(), "frontend")
+
+    def start(self, session: Dom0Session, guest: XenGuest) -> None:
+        session.start_daemon(guest.host(), "frontend", "frontend --device")
+
+    def health_checks(self, guests: list[XenGuest]) -> list[Check]:
+        return []  # the frontend is a daemon: the session checks it runs
+
+
+class KernelFrontend:
+    """The guest kernel's own ``xen-tpmfront``, with no software of ours in the guest.
+
+    What the stock driver allows decides the capabilities (docs/xen-under-qemu.md):
+
+    - xen-tpmfront never probes for TPM 2.0, so its kernel registers the chip as TPM
+      1.2: ``/dev/tpm0`` passes TPM 2.0 commands through, but there is no
+      ``/dev/tpmrm0``, hence no shared clients;
+    - it unregisters its device for good when the backend closes, and cannot reconnect
+      after an unbind, so restarts of the backend or the frontend are left out (and with
+      them the xl scenarios, which stop and start the frontend);
+    - reboots work (a new domain probes afresh), and so do ``xl save`` / ``xl restore``,
+      which only this kind of guest can survive: the kernel re-probes on resume.
+    """
+
+    name: ClassVar[str] = "xen-tpmfront"
+    # xen-tpmfront grants no extra pages, and its one page starts with the 8-byte
+    # vtpm_shared_page header: vtpm_send refuses a longer command (EINVAL).
+    max_command_size: ClassVar[int] = 4096 - 8
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    with_toolstack: ClassVar[frozenset[str]] = frozenset({Capability.SAVE_RESTORE})
+
+    def connect(self, session: Dom0Session, guest: XenGuest) -> None:
+        """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the
+        image blacklists its automatic loading, so that our frontend can own the device
+        in ``--target xen``)."""
+        assert guest.domid is not None
+        vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
+        session.host().check(xen_driver.attach_command(vtpm, REMOTE_PACKAGE_DIR))
+        guest.host().check("modprobe xen-tpmfront")
+
+    def wait_for_device(self, guest: XenGuest) -> float:
+        """Seconds until xen-tpmfront's chip exists; ``guest.tpm_device`` is its device.
+
+        Not always /dev/tpm0: on resume xen-tpmfront removes and re-probes its chip by
+        hand, outside the driver core, so the old chip's devm reference (and with it
+        the number tpm0) is never released and the new chip is tpm1 (measured, 6.1)."""
+        waited = xen_driver.wait_for_kernel_chip(guest.host(), guest.name)
+        guest.tpm_device = waited.device
+        return waited.seconds
+
+    def stop(self, session: Dom0Session, guest: XenGuest) -> None:
+        """Nothing of ours runs in the guest: its kernel's driver goes with its domain."""
+
+    def start(self, session: Dom0Session, guest: XenGuest) -> None:
+        raise NotImplementedError("xen-tpmfront cannot be started again after an unbind")
+
+    def health_checks(self, guests: list[XenGuest]) -> list[Check]:
+        """Each guest's TPM device is there (xen-tpmfront never rebinds by itself)."""
+        return [
+            Check(
+                guest.name,
+                f"test -c {guest.tpm_device}",
+                f"{guest.name}: {guest.tpm_device} is gone (xen-tpmfront unbound)",
+            )
+            for guest in guests
+        ]

@@ -1,0 +1,277 @@
+"""The driver's side of a Xen host, through SSH to dom0 (and, through dom0, to each
+guest): deploy, daemons, health checks, kernel-log scans, resource counts, faults,
+probes and log collection.
+
+Every Xen target has one: the harness's machine under QEMU and a user's host alike. It
+makes no domain and boots nothing (that is :mod:`harness.targets.xen_toolstack` and
+:mod:`harness.targets.xen_machine`); it only runs commands where the driver runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable, Mapping, Sequence, Set
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from harness.crash_watch import DOM0_KERNEL_LOGS, GUEST_KERNEL_LOGS, new_crash_lines_check
+from harness.deadline import Deadline
+from harness.errors import ResetFailed, TargetNotReady
+from harness.images import ROOT
+from harness.ssh import SshHost
+from harness.targets import xen_driver
+from harness.targets.health import Check, failures
+from harness.targets.xen_guest import XenGuest
+from harness.transport_ssh import REMOTE_PACKAGE_DIR
+from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
+
+
+def deploy_package(host: SshHost, package: Path = ROOT / "xenvtpm") -> None:
+    """Replace ``/opt/xenvtpm/xenvtpm`` on ``host`` and check ``python3 -m xenvtpm`` runs."""
+    host.run(f"rm -rf {REMOTE_PACKAGE_DIR}/xenvtpm", check=True)
+    host.put(package, f"{REMOTE_PACKAGE_DIR}/xenvtpm")
+    host.check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm --help >/dev/null")
+
+
+class Dom0Session:
+    """dom0's login, the guests' logins through it, and the daemons started on them."""
+
+    def __init__(
+        self, guests: Sequence[XenGuest], artifacts: Path, say: Callable[[str], None]
+    ) -> None:
+        self.guests = guests
+        self.artifacts = artifacts
+        self.say = say
+        self.dom0: SshHost | None = None
+        self.daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
+
+    def host(self) -> SshHost:
+        """dom0's login (TargetNotReady before there is one)."""
+        if self.dom0 is None:
+            raise TargetNotReady("dom0", "not booted")
+        return self.dom0
+
+    def hosts(self) -> dict[str, SshHost]:
+        """dom0 and every guest logged in, by name."""
+        out: dict[str, SshHost] = {}
+        if self.dom0 is not None and self.dom0.connected:
+            out["dom0"] = self.dom0
+        for g in self.guests:
+            if g.ssh is not None and g.ssh.connected:
+                out[g.name] = g.ssh
+        return out
+
+    def run(self, command: str, timeout: float = 60.0) -> tuple[int, str, str]:
+        return self.host().run(command, timeout)
+
+    # -- deploy and daemons --------------------------------------------------------------
+    def deploy(self, package: Path = ROOT / "xenvtpm") -> None:
+        """Copy the driver package into dom0 and every guest (``/opt/xenvtpm``) and check
+        that ``python3 -m xenvtpm`` runs there, every host at once."""
+        hosts = self.hosts()
+        with ThreadPoolExecutor(len(hosts) or 1) as pool:
+            list(pool.map(lambda host: deploy_package(host, package), hosts.values()))
+
+    def provision(self, instances: Sequence[int]) -> None:
+        """Make the vTPM instances in dom0 (``python3 -m xenvtpm provision``: swtpm_setup,
+        all at once), with the package deployed to dom0 first."""
+        dom0 = self.host()
+        deploy_package(dom0)
+        dom0.check(
+            f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm provision "
+            f"--state-root {xen_driver.STATE_ROOT} {' '.join(str(i) for i in instances)}",
+            timeout=600,
+        )
+
+    def start_daemon(self, host: xen_driver.Host, name: str, args: str) -> int:
+        """Start ``python3 -m xenvtpm ARGS`` in the background on ``host``; its pid.
+
+        It logs to ``/var/log/xenvtpm/NAME.log`` there (fetched into artifacts on close).
+        """
+        log = f"{REMOTE_LOG_DIR}/{name}.log"
+        command = (
+            f"mkdir -p {REMOTE_LOG_DIR}; cd {REMOTE_PACKAGE_DIR} || exit 1; "
+            f"setsid nohup python3 -m xenvtpm {args} >>{log} 2>&1 </dev/null & echo $!"
+        )
+        pid = int(host.check(command).strip())
+        self.daemons.setdefault(host.name, {})[name] = pid
+        return pid
+
+    def stop_daemon(self, host: xen_driver.Host, name: str) -> None:
+        """Stop a daemon ``start_daemon`` started on ``host`` (SIGTERM, then SIGKILL)."""
+        pid = self.daemons.get(host.name, {}).pop(name, None)
+        if pid is not None:
+            xen_driver.stop_daemon(host, f"{name} on {host.name}", pid)
+
+    def start_dom0_daemons(self) -> None:
+        """The manager, then the backend (which connects to it)."""
+        xen_driver.start_dom0(self.host(), self.start_daemon)
+
+    def restart_backend(self) -> None:
+        dom0 = self.host()
+        self.stop_daemon(dom0, "backend")
+        self.start_daemon(dom0, "backend", xen_driver.backend_args())
+
+    def restart_manager(self) -> None:
+        dom0 = self.host()
+        self.stop_daemon(dom0, "manager")
+        dom0.check(f"rm -f {xen_driver.MANAGER_SOCKET}")
+        self.start_daemon(dom0, "manager", xen_driver.manager_args())
+        xen_driver.wait_for_manager(dom0)  # a command sent before would outlast the
+        # guest kernel's budget (ETIME) instead of getting TPM_RC_FAILURE
+
+    def wait_connected(self, deadline: Deadline) -> None:
+        """Until every guest's vTPM is Connected at both ends."""
+        for guest in self.guests:
+            assert guest.domid is not None
+            xen_driver.wait_connected(self.host(), guest.domid, deadline)
+
+    def forget(self, guest: XenGuest) -> None:
+        """The guest's daemons and login end with its domain: drop our handles."""
+        self.daemons.pop(guest.name, None)
+        if guest.ssh is not None:
+            guest.ssh.close()
+            guest.ssh = None
+
+    # -- health --------------------------------------------------------------------------
+    def health_checks(self) -> list[Check]:
+        """Every daemon this session started runs."""
+        return [
+            Check(
+                name,
+                f"kill -0 {pid}",
+                f"{daemon} in {name} exited; log {REMOTE_LOG_DIR}/{daemon}.log there "
+                f"(fetched into {self.artifacts} on close)",
+            )
+            for name, daemons in self.daemons.items()
+            for daemon, pid in daemons.items()
+        ]
+
+    def problems(self, checks: Sequence[Check]) -> list[str]:
+        """What ``checks`` find broken: one command per host, all hosts at once."""
+        return [
+            f"{check.problem}\n{evidence}" if evidence else check.problem
+            for check, evidence in failures(self.hosts(), checks)
+        ]
+
+    def kernel_log_problems(self) -> list[str]:
+        """Crash lines new since the last call in dom0's dmesg, ``xl dmesg`` and the
+        guests' console logs, and in each guest's dmesg (at every log level, also those
+        below the consoles' level that the crash watch cannot see); one command per
+        host, all at once. Not in the per-test health check: under TCG it cost 2.4 s per
+        test, so the fixtures run it after a failed test, for its evidence."""
+        if self.dom0 is None:  # not up (called during start too, before it has finished)
+            return []
+        checks = [
+            Check(
+                "dom0",
+                new_crash_lines_check(DOM0_KERNEL_LOGS),
+                "new crash lines in dom0's kernel logs (dmesg, xl dmesg, the guests' consoles):",
+            )
+        ]
+        checks += [
+            Check(
+                g.name,
+                new_crash_lines_check(GUEST_KERNEL_LOGS),
+                f"new crash lines in {g.name}'s dmesg:",
+            )
+            for g in self.guests
+        ]
+        return [f"{c.problem}\n{evidence}" for c, evidence in failures(self.hosts(), checks)]
+
+    # -- what dom0 holds and does ------------------------------------------------------------
+    def backend_resources(self) -> dict[str, int]:
+        """What dom0's backend holds now: grant mappings (gntdev areas in its address
+        space), event channels bound by dom0's userspace, its fds and threads."""
+        pid = self.daemons.get("dom0", {}).get("backend")
+        if pid is None:
+            raise TargetNotReady("backend", "not started by this target")
+        out = self.host().check(
+            f"grep -c /dev/xen/gntdev /proc/{pid}/maps; "
+            "grep -c evtchn:python3 /proc/interrupts; "
+            f"ls /proc/{pid}/fd | wc -l; ls /proc/{pid}/task | wc -l"
+        )
+        mappings, ports, fds, threads = (int(x) for x in out.split())
+        return {"mappings": mappings, "ports": ports, "fds": fds, "threads": threads}
+
+    def manager_status_line(self) -> str:
+        """dom0's manager's status line (SIGUSR1): each instance's queue, in-flight and
+        peak; read it with :func:`xenvtpm.manager.manager.status_counts`."""
+        pid = self.daemons.get("dom0", {}).get("manager")
+        if pid is None:
+            raise TargetNotReady("manager", "not started by this target")
+        log = f"{REMOTE_LOG_DIR}/manager.log"
+        line: str = self.host().check(
+            f"n=$(grep -c ' status: ' {log}); kill -USR1 {pid}; "
+            f"for i in $(seq 50); do [ $(grep -c ' status: ' {log}) -gt $n ] && break; "
+            f"sleep 0.2; done; grep ' status: ' {log} | tail -n 1"
+        )
+        return line.strip()
+
+    def trace(self, instance: int) -> list[str]:
+        """The backend's traffic trace of ``instance``, as lines (one SSH command)."""
+        _, out, _ = self.host().run(xen_driver.trace_command(instance), timeout=30)
+        return out.splitlines()
+
+    def swtpm_pid(self, instance: int) -> int | None:
+        return xen_driver.swtpm_pid(self.host(), instance)
+
+    def kill_swtpm(self, name: str, instance: int, evidence: Mapping[str, Path]) -> None:
+        """SIGKILL the instance's swtpm in dom0; restarting it is the manager's job."""
+        pid = self.swtpm_pid(instance)
+        if pid is None:
+            raise TargetNotReady(f"swtpm of {name}", "no such process", dict(evidence))
+        self.host().check(f"kill -KILL {pid}")
+        Deadline(10.0).wait_for(lambda: self.swtpm_pid(instance) != pid, f"swtpm {pid} to die")
+
+    def reset_vtpm(self, instance: int) -> None:
+        """The operator's reset of the instance, in dom0: ends its failure mode."""
+        rc, out, err = self.host().run(
+            f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm reset "
+            f"--manager {xen_driver.MANAGER_SOCKET} {instance}",
+            timeout=120,
+        )
+        if rc != 0:
+            raise ResetFailed(instance, err or out)
+
+    def signal(self, pid: int, signal_name: str) -> None:
+        self.host().check(f"kill -{signal_name} {pid}")
+
+    def detach_domain(self, domid: int) -> None:
+        """The toolstack's ``detach`` in dom0: both vTPM directories of ``domid`` go."""
+        self.host().check(f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm detach --domid {domid}")
+
+    def probe(self, guest: XenGuest, *args: str) -> dict[str, Any]:
+        """``python3 -m xenvtpm probe ARGS`` inside ``guest`` (as its domain); its JSON."""
+        command = f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm probe " + shlex.join(args)
+        rc, out, err = guest.run(command)
+        if rc != 0:
+            raise TargetNotReady(guest.name, f"probe {shlex.join(args)} exited {rc}: {err}")
+        answer: dict[str, Any] = json.loads(out)
+        return answer
+
+    # -- evidence and the end ------------------------------------------------------------
+    def collect(
+        self, skip: Set[str] = frozenset(), cursors: Mapping[str, str] | None = None
+    ) -> None:
+        """dom0's dmesg and journal, xl dmesg, /var/log/xen and daemon logs -> artifacts;
+        ``skip``: guests whose login would time out (crashed)."""
+        if self.dom0 is not None and self.dom0.connected:
+            guests = {
+                g.name: g.ssh for g in self.guests if g.ssh is not None and g.name not in skip
+            }
+            collect_logs(self.dom0, guests, self.artifacts, cursors)
+
+    def close(self) -> None:
+        """Close every login; the daemons are left to whoever stops the machine."""
+        self.daemons.clear()
+        for g in self.guests:
+            if g.ssh is not None:
+                g.ssh.close()
+                g.ssh = None
+            g.domid = None
+        if self.dom0 is not None:
+            self.dom0.close()
+            self.dom0 = None
