@@ -1,9 +1,10 @@
 """The manager's swtpm lifecycle: start and restart, bind and power cycles, failure mode,
-and the answers held for fsync (:mod:`xenvtpm.manager.manager`'s other half).
+control requests' timeouts, and the answers held for fsync.
 
-A mixin of :class:`xenvtpm.manager.manager.Manager`, which owns the loop, the connections and
-the routing; it only adds, and relies on the attributes and routing methods declared
-below (mypy checks both sides). Split out to keep each module readable.
+The base of :class:`xenvtpm.manager.commands.CommandPath` and so of
+:class:`xenvtpm.manager.manager.Manager`, which owns the loop, the connections and the
+routing; it only adds, and relies on the attributes and methods declared below (mypy
+checks both sides). Split out to keep each module readable.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SwtpmLifecycle:
     _closed: bool
     _stop: bool
 
-    if TYPE_CHECKING:  # the routing half, in xenvtpm/manager/manager.py
+    if TYPE_CHECKING:  # in xenvtpm/manager/manager.py and commands.py
         _loop: Loop | None
 
         @property

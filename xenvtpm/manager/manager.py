@@ -57,10 +57,14 @@ Routing rules, and why:
   its own); so are they before the first answer after each swtpm start (manufacturing
   wrote them without fsync).
 
-The loop is single-threaded (:class:`xenvtpm.loop.Loop`, the daemons' one loop) with
-non-blocking sockets; the per-command path makes no thread hand-off, receives into preallocated
-buffers (one backend packet per readiness), replies with one
+The loop is single-threaded (:class:`xenvtpm.loop.Loop`, every daemon's loop) with
+non-blocking sockets; the per-command path makes no thread hand-off, receives into
+preallocated buffers (one backend packet per readiness), replies with one
 ``sendmsg([prefix, response])`` and logs nothing unless debug is enabled.
+
+Three modules, each adding to the one below: this one routes backend connections'
+packets; :mod:`xenvtpm.manager.commands` runs each instance's FIFO of commands to its
+swtpm; :mod:`xenvtpm.manager.lifecycle` starts, restarts and power-cycles the swtpms.
 
 Spec: 000_a1dfc4f903a123f1.txt ("a 4-byte virtual TPM instance identifier is prepended
 to each packet ... in network byte order"); DESIGN.md 2, 3.
@@ -73,16 +77,15 @@ import logging
 import os
 import selectors
 import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from xenvtpm.errors import MalformedMessage, VTPMError
+from xenvtpm.errors import VTPMError
 from xenvtpm.loop import Loop, Timer
-from xenvtpm.manager import failure_mode
 from xenvtpm.manager.client import PREFIX_SIZE, ManagerClient
+from xenvtpm.manager.commands import CommandPath
 from xenvtpm.manager.continuity import BOOT_ID_FILE, read_boot_id
 from xenvtpm.manager.durability import Syncer
 from xenvtpm.manager.instance import (
@@ -94,14 +97,12 @@ from xenvtpm.manager.instance import (
     Kind,
     Request,
 )
-from xenvtpm.manager.lifecycle import SwtpmLifecycle
-from xenvtpm.manager.swtpm import PTM_CMD, SwtpmConfig
+from xenvtpm.manager.swtpm import SwtpmConfig
 from xenvtpm.manager.swtpm_control import store_volatile
 from xenvtpm.manager.swtpm_starter import SwtpmStarter
 from xenvtpm.tpm import (
     HEADER_SIZE,
     MAX_COMMAND_SIZE,
-    MAX_RESPONSE_SIZE,
     TPM_RC,
     XENVTPM_CC_BIND,
     XENVTPM_CC_CANCEL,
@@ -109,23 +110,16 @@ from xenvtpm.tpm import (
     MalformedCommand,
     error_response,
     parse_bind_command,
-    startup_command,
-    success_response,
     validate_command,
-    validate_response,
 )
 
 __all__ = ["InstanceStatus", "Manager", "ManagerClient", "status_counts"]
 
 log = logging.getLogger("xenvtpm.manager")
 
-_HEADER_SIZE_AT_2_I = struct.Struct(">I")  # responseSize at offset 2 of the TPM header
 _RX_PACKET_BYTES = PREFIX_SIZE + MAX_COMMAND_SIZE + 1  # one more: detects oversize
 _FAILURE = error_response(TPM_RC.FAILURE)
-_SUCCESS = success_response()
 _CANCELED = error_response(TPM_RC.CANCELED)
-_STARTUP_CLEAR = startup_command(clear=True)
-_CTRL_INIT_FLAGS_I = struct.Struct(">I")  # struct ptm_init: init_flags (tpm_ioctl.h)
 #: A planned stop waits this long for commands in flight, then for the volatile saves.
 DRAIN_TIMEOUT = 10.0
 #: Commands one connection may queue per instance, behind the one in flight: above the
@@ -135,7 +129,7 @@ QUEUE_PER_INSTANCE = 4
 UNREAD_REPLIES_MAX = 4096
 
 
-class Manager(SwtpmLifecycle):
+class Manager(CommandPath):
     """Accepts backend connections and routes their packets to one swtpm per instance.
 
     ``start()`` binds the socket; ``serve_forever()`` runs the loop until
@@ -519,31 +513,6 @@ class Manager(SwtpmLifecycle):
         if running is not None and running.conn is conn and running.kind is Kind.FORWARD:
             self._cancel_in_flight(inst, running)
 
-    def _cancel_in_flight(self, inst: Instance, req: Request) -> None:
-        """Ask swtpm to stop the command it runs (ctrl ``CMD_CANCEL_TPM_CMD``), once.
-
-        Its answer still comes through the data channel and goes to the backend like any
-        (the backend drops it and frees the guest's slot). swtpm answers control requests
-        only between commands, so the cancel may wait as long as the command may run."""
-        control = inst.control
-        if control is None or req.cancelled or inst.syncing is not None:
-            return  # no channel (restarting), asked already, or already done
-        req.cancelled = True
-        generation = inst.generation
-
-        def done(answer: bytes | None) -> None:
-            if answer is None and inst.generation == generation and inst.control is control:
-                inst.log.error("swtpm control channel broken on a cancel: restarting swtpm")
-                self._swtpm_failed(inst)
-            elif self._debug:
-                inst.log.debug("CMD_CANCEL_TPM_CMD answered %s", answer)
-
-        now = time.monotonic()
-        timeout = max((inst.alarm.deadline or now) - now, 0.0) + self.config.ctrl_timeout
-        control.request(PTM_CMD.CANCEL_TPM_CMD, b"", done, timeout=timeout)
-        self._controlling.add(inst)
-        self._watch_controls()
-
     def _reply(self, conn: Conn, prefix: bytes, payload: bytes | memoryview) -> None:
         if self._stop:  # every command in flight ends in a reply: the last one stops
             self._check_drained()
@@ -592,129 +561,6 @@ class Manager(SwtpmLifecycle):
                 inst.queue = deque(r for r in inst.queue if r.conn is not conn)
         log.debug("backend disconnected (fd %d)", conn.fd)
 
-    # -- instances: commands ----------------------------------------------------------
-
-    def _pump(self, inst: Instance) -> None:
-        """Serve the head of the queue until a command is in flight or it is empty.
-
-        During a planned stop nothing new starts: the queue waits for the next manager
-        (its backend link answers the waiting requests TPM_RC_FAILURE when we go)."""
-        while (
-            inst.inflight is None
-            and inst.queue
-            and inst.state is InstanceState.RUNNING
-            and not self._stop
-        ):
-            req = inst.queue.popleft()
-            if req.conn.closed:
-                continue
-            if req.kind is Kind.REPLY:
-                self._reply(req.conn, inst.prefix, req.payload)
-            elif req.kind is Kind.BIND:
-                self._bind_instance(inst, req)
-            elif req.kind is Kind.RESET:
-                inst.log.warning("operator reset: power-cycling the TPM")
-                req.domid = inst.bound_domid if inst.bound_domid is not None else -1
-                self._power_cycle(inst, req)
-            elif inst.failed and (answer := failure_mode.answer(_code(req.payload))):
-                self._reply(req.conn, inst.prefix, answer)
-            else:
-                self._send_command(inst, req, req.payload)
-
-    def _send_command(self, inst: Instance, req: Request, command: bytes | memoryview) -> None:
-        assert inst.swtpm is not None and inst.swtpm.data is not None
-        inst.inflight = req
-        inst.rx_len = 0
-        inst.alarm.arm()
-        if req.kind is Kind.FORWARD:
-            inst.dirty = True
-        try:
-            sent = inst.swtpm.data.send(command)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            inst.log.error("swtpm data channel failed on send: %s", exc)
-            self._swtpm_failed(inst)
-            return
-        if sent < len(command):  # rare: the socket buffer is full; finish on EVENT_WRITE
-            inst.tx_rest = bytes(command[sent:])
-            self._watch_swtpm(inst, selectors.EVENT_READ | selectors.EVENT_WRITE)
-
-    def _watch_swtpm(self, inst: Instance, events: int) -> None:
-        assert inst.swtpm is not None and inst.swtpm.data is not None
-        self.loop.modify(inst.swtpm.data, events, inst.handler)
-
-    def _on_swtpm_event(self, inst: Instance, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and inst.tx_rest:
-            assert inst.swtpm is not None and inst.swtpm.data is not None
-            try:
-                sent = inst.swtpm.data.send(inst.tx_rest)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                inst.log.error("swtpm data channel failed on send: %s", exc)
-                self._swtpm_failed(inst)
-                return
-            inst.tx_rest = inst.tx_rest[sent:]
-            if not inst.tx_rest:
-                self._watch_swtpm(inst, selectors.EVENT_READ)
-        if mask & selectors.EVENT_READ:
-            self._read_response(inst)
-
-    def _read_response(self, inst: Instance) -> None:
-        if inst.swtpm is None or inst.swtpm.data is None:
-            return  # torn down since the event was reported
-        try:
-            n = inst.swtpm.data.recv_into(inst.rxview[inst.rx_len :])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            inst.log.error("swtpm data channel failed: %s", exc)
-            self._swtpm_failed(inst)
-            return
-        if n == 0:
-            inst.log.error("swtpm pid %s closed its data channel", inst.swtpm.pid)
-            self._swtpm_failed(inst)
-            return
-        if inst.inflight is None or inst.syncing is not None:
-            inst.log.error("swtpm sent %d unsolicited bytes: restarting it", n)
-            self._swtpm_failed(inst)
-            return
-        inst.rx_len += n
-        if inst.rx_len < HEADER_SIZE:
-            return
-        (size,) = _HEADER_SIZE_AT_2_I.unpack_from(inst.rx, 2)
-        if inst.rx_len < size <= MAX_RESPONSE_SIZE:
-            return  # more to come
-        if size < HEADER_SIZE or size > MAX_RESPONSE_SIZE or inst.rx_len > size:
-            inst.log.error("swtpm response framing broken (size %d, %d bytes)", size, inst.rx_len)
-            self._swtpm_failed(inst)  # the stream cannot be resynchronised
-            return
-        self._on_response(inst, inst.rxview[:size])
-
-    def _on_response(self, inst: Instance, response: memoryview) -> None:
-        req = inst.inflight
-        assert req is not None
-        inst.rx_len = 0
-        inst.alarm.disarm()
-        try:
-            header = validate_response(response)
-        except MalformedMessage as exc:
-            inst.log.error("unparseable swtpm response (%s): answering TPM_RC_FAILURE", exc)
-            response = memoryview(_FAILURE)
-        else:
-            if req.kind in (Kind.BIND, Kind.RESET):
-                response = memoryview(self._power_cycled(inst, req, header.code))
-            elif inst.watch is not None and (sig := inst.watch.changed()) is not None:
-                # acknowledged state must be on disk first: fsync off the loop thread
-                inst.syncing = (bytes(response), sig)
-                self._syncer.sync(inst.id, inst.generation, inst.watch, sig)
-                return
-        inst.inflight = None
-        self._reply(req.conn, inst.prefix, response)
-        if inst.queue:
-            self._pump(inst)
-
 
 def status_counts(line: str, instance: int) -> dict[str, int] | None:
     """``queued``, ``in_flight`` and ``peak`` of ``instance`` in a logged status line
@@ -724,8 +570,3 @@ def status_counts(line: str, instance: int) -> dict[str, int] | None:
             fields = dict(f.split("=", 1) for f in part.split(":")[2:] if "=" in f)
             return {k: int(v) for k, v in fields.items() if k != "pid"}
     return None
-
-
-def _code(command: bytes) -> int:
-    """The command code of a validated command (header offset 6)."""
-    return int.from_bytes(command[6:10], "big")
