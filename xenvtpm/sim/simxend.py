@@ -1,11 +1,11 @@
 """simxend: the simulated hypervisor daemon (xenstored + grant tables + event channels).
 
-One single-threaded ``selectors`` loop serves ``RUN/xenstored.sock`` (xenstore wire
-protocol, every connection is domain 0), ``RUN/privcmd.sock`` (JSON hypercalls as domain
-0, plus the toolstack) and the socketpairs handed to guests by ``connect_domain``. It
-sets channels up and then stays out of the data path: pages are memfds mapped by both
-ends and event channels are socketpairs the two ends use directly. Spec:
-docs/simulated-xen.md.
+One single-threaded loop (:class:`xenvtpm.loop.Loop`, every daemon's) serves
+``RUN/xenstored.sock`` (xenstore wire protocol, every connection is domain 0),
+``RUN/privcmd.sock`` (JSON hypercalls as domain 0, plus the toolstack) and the
+socketpairs handed to guests by ``connect_domain``. It sets channels up and then stays
+out of the data path: pages are memfds mapped by both ends and event channels are
+socketpairs the two ends use directly. Spec: docs/simulated-xen.md.
 
 Run: ``python -m xenvtpm.sim.simxend --dir RUN``.
 """
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from xenvtpm.errors import MalformedMessage
+from xenvtpm.loop import Loop
 from xenvtpm.sim.hypercall import (
     HC_MSG_MAX,
     SCM_MAX_FD,
@@ -119,12 +120,17 @@ _Handled = tuple[HcReply, list[int], list[int]]  # reply, fds to send, fds to cl
 
 
 class SimXen:
-    """The daemon's state and event loop; ``start()``, ``run()``, ``close()``."""
+    """The daemon's state and event loop; ``start()``, ``run()``, ``close()``.
 
-    def __init__(self, run_dir: str) -> None:
+    Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.run_service`), it serves on it;
+    else it makes its own, which :meth:`pump` and :meth:`run` turn.
+    """
+
+    def __init__(self, run_dir: str, loop: Loop | None = None) -> None:
         self.run_dir = os.path.abspath(run_dir)
         self.xs = XenStoreServer()
-        self._sel = selectors.DefaultSelector()
+        self._loop = Loop() if loop is None else loop
+        self._own_loop = loop is None
         self._conns: dict[int, _Conn] = {}
         self._domains: dict[int, _Domain] = {0: _Domain(0, "Domain-0")}
         self._grants: dict[tuple[int, int], _Grant] = {}
@@ -132,8 +138,6 @@ class SimXen:
         self._ids = itertools.count(1)
         self._next_domid = 1
         self._listeners: list[socket.socket] = []
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
         self._started = False
         self.internal_errors = 0  # requests that raised what no handler foresaw: bugs
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -170,7 +174,6 @@ class SimXen:
             os.chmod(self.run_dir, 0o700)
             self._listen(XENSTORED_SOCK, socket.SOCK_STREAM, xenstore=True)
             self._listen(PRIVCMD_SOCK, socket.SOCK_SEQPACKET, xenstore=False)
-            self._sel.register(self._wake_r, selectors.EVENT_READ, lambda _m: None)
             with open(self.path(READY_FILE), "w") as f:
                 f.write(f"{os.getpid()}\n")
         except BaseException:
@@ -200,23 +203,19 @@ class SimXen:
         sock.bind(tmp)
         sock.listen(64)
         os.rename(tmp, path)
-        self._sel.register(sock, selectors.EVENT_READ, lambda _m: self._accept(sock, xenstore))
+        self._loop.register(sock, selectors.EVENT_READ, lambda _m: self._accept(sock, xenstore))
 
     def request_stop(self) -> None:
-        """Async-signal-safe: make ``run()`` return."""
-        self._stopping = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        """Async-signal-safe and thread-safe: make ``run()`` return (the loop's)."""
+        self._loop.stop()
 
     def run(self) -> None:
         self.start()
-        while not self._stopping:
-            self.pump()
+        self._loop.run()
 
     def pump(self, timeout: float | None = None) -> None:
         """Serve what is ready (waiting up to ``timeout``): one turn of ``run()``'s loop."""
-        for key, mask in self._sel.select(timeout):
-            key.data(mask)
+        self._loop.run_once(timeout)
 
     def attach(self, sock: socket.socket, domid: int, *, xenstore: bool) -> None:
         """Serve a connected socket as a connection of ``domid``, as ``accept`` and
@@ -233,13 +232,14 @@ class SimXen:
         for conn_id in list(self._conns):
             self._drop(conn_id)
         for sock in self._listeners:
+            with contextlib.suppress(KeyError):
+                self._loop.unregister(sock)
             sock.close()
         for name in (XENSTORED_SOCK, PRIVCMD_SOCK, READY_FILE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(name))
-        self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        if self._own_loop:
+            self._loop.close()
 
     # --- connections ---------------------------------------------------------------------
 
@@ -260,9 +260,9 @@ class SimXen:
         self._domains[domid].conns.add(conn.id)
         if xenstore:
             self.xs.connect(conn.id, domid)
-            self._sel.register(sock, selectors.EVENT_READ, lambda m: self._xs_io(conn, m))
+            self._loop.register(sock, selectors.EVENT_READ, lambda m: self._xs_io(conn, m))
         else:
-            self._sel.register(sock, selectors.EVENT_READ, lambda _m: self._hc_readable(conn))
+            self._loop.register(sock, selectors.EVENT_READ, lambda _m: self._hc_readable(conn))
         log.getChild(f"dom{domid}").debug(
             "%s connection %d", "xenstore" if xenstore else "hypercall", conn.id
         )
@@ -284,14 +284,13 @@ class SimXen:
         conn.mappings.clear()
         for key in list(conn.ports):
             self._release_port(key)
-        self._sel.unregister(conn.sock)
+        self._loop.unregister(conn.sock)
         conn.sock.close()
 
     # --- xenstore --------------------------------------------------------------------------
 
     def _xs_io(self, conn: _Conn, mask: int) -> None:
-        if conn.id not in self._conns:
-            return  # dropped earlier in this select() batch (destroy_domain)
+        # a connection dropped earlier in the batch (destroy_domain) is not called: Loop
         if mask & selectors.EVENT_WRITE:
             self._flush(conn)
         if mask & selectors.EVENT_READ and conn.id in self._conns:
@@ -353,14 +352,11 @@ class SimXen:
             self._drop(conn.id)
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
-        if self._sel.get_key(conn.sock).events != want:
-            self._sel.modify(conn.sock, want, self._sel.get_key(conn.sock).data)
+        self._loop.modify(conn.sock, want)  # a no-op when unchanged
 
     # --- hypercalls --------------------------------------------------------------------------
 
     def _hc_readable(self, conn: _Conn) -> None:
-        if conn.id not in self._conns:
-            return
         try:
             data, fds, flags, _ = socket.recv_fds(conn.sock, HC_MSG_MAX, SCM_MAX_FD)
         except BlockingIOError:
