@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import selectors
+import socket
 import threading
+
+import pytest
 
 from xenvtpm.loop import Alarm, Loop
 
@@ -120,4 +124,90 @@ def test_an_alarm_disarmed_in_time_never_fires() -> None:
     loop.call_later(0.15, loop.stop)
     loop.run()
     assert fired == []
+    loop.close()
+
+
+def test_a_handler_unregistered_or_modified_earlier_in_the_batch_is_skipped() -> None:
+    """selectors' registration calls (the manager's, simxend's): one handler call per
+    ready fd, with its mask, and none for readiness an earlier handler made stale."""
+    loop = Loop()
+    pipes = [os.pipe() for _ in range(3)]
+    calls: list[tuple[str, int]] = []
+
+    def first(mask: int) -> None:
+        calls.append(("first", mask))
+        os.read(pipes[0][0], 1)
+        loop.unregister(pipes[1][0])  # a swtpm torn down by an earlier event
+        loop.modify(pipes[2][0], selectors.EVENT_READ, lambda m: calls.append(("new", m)))
+
+    loop.register(pipes[0][0], selectors.EVENT_READ, first)
+    loop.register(pipes[1][0], selectors.EVENT_READ, lambda m: calls.append(("second", m)))
+    loop.register(pipes[2][0], selectors.EVENT_READ, lambda m: calls.append(("third", m)))
+    for _, w in pipes:
+        os.write(w, b"x")
+    loop.run_once(1.0)
+    assert ("second", selectors.EVENT_READ) not in calls[calls.index(("first", 1)) :]
+    assert ("third", selectors.EVENT_READ) not in calls[calls.index(("first", 1)) :]
+    calls.clear()
+    loop.run_once(1.0)  # the modified registration's turn comes in the next batch
+    assert calls == [("new", selectors.EVENT_READ)]
+    with pytest.raises(KeyError):
+        loop.unregister(pipes[1][0])
+    loop.close()
+    for r, w in pipes:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_closed_socket_is_unregistered_by_identity() -> None:
+    loop = Loop()
+    a, b = socket.socketpair()
+    loop.register(a, selectors.EVENT_READ, lambda m: None)
+    a.close()  # fileno() is -1 now, as a swtpm socket closed before its teardown
+    assert loop.unregister(a).fileobj is a
+    with pytest.raises(KeyError):
+        loop.unregister(a)
+    loop.close()
+    b.close()
+
+
+def test_a_socket_waiting_to_write_gets_the_write_mask() -> None:
+    loop = Loop()
+    a, b = socket.socketpair()
+    masks: list[int] = []
+    loop.register(a, selectors.EVENT_READ, masks.append)
+    loop.run_once(0.05)
+    assert masks == []
+    loop.modify(a, selectors.EVENT_READ | selectors.EVENT_WRITE)
+    loop.run_once(1.0)
+    assert masks == [selectors.EVENT_WRITE]
+    loop.close()
+    a.close()
+    b.close()
+
+
+def test_calls_from_other_threads_run_on_the_loop_thread_in_order() -> None:
+    loop = Loop()
+    ran: list[tuple[int, bool]] = []
+    me = threading.get_ident()
+
+    def worker() -> None:
+        for i in range(3):
+            loop.call_soon_threadsafe(lambda i=i: ran.append((i, threading.get_ident() == me)))
+        loop.call_soon_threadsafe(loop.stop)
+
+    threading.Thread(target=worker).start()
+    loop.run()
+    assert ran == [(0, True), (1, True), (2, True)]
+    loop.close()
+    loop.call_soon_threadsafe(lambda: None)  # closed: dropped, no fd written
+
+
+def test_a_stop_before_run_is_not_lost() -> None:
+    """A signal during a service's start() still stops the daemon once it runs."""
+    loop = Loop()
+    loop.stop()
+    loop.run()  # returns at once
+    threading.Timer(0.05, loop.stop).start()
+    loop.run()  # a stop is used up by the run it ended
     loop.close()

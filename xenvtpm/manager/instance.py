@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
+from xenvtpm.loop import Alarm, Loop
 from xenvtpm.manager.continuity import InstanceContinuity
 from xenvtpm.manager.durability import Signature, StateFileWatch
 from xenvtpm.manager.swtpm import Swtpm, SwtpmConfig
@@ -90,10 +91,15 @@ class Instance:
         boot_id: str,
         handler: Callable[[Instance, int], None],
         control_handler: Callable[[Instance, int], None],
+        loop: Loop,
+        command_timeout: float,
+        timed_out: Callable[[Instance], None],
     ) -> None:
         self.id = instance
         self.handler = functools.partial(handler, self)
         self.control_handler = functools.partial(control_handler, self)
+        # armed while a command is in swtpm: no response in command_timeout restarts it
+        self.alarm = Alarm(loop, command_timeout, functools.partial(timed_out, self))
         self.prefix = PREFIX_I.pack(instance)
         self.config = config
         self.log = log.getChild(f"instance{instance}")
@@ -104,7 +110,6 @@ class Instance:
         self.generation = 0  # tags worker results; a stale result is discarded
         self.queue: deque[Request] = deque()
         self.inflight: Request | None = None
-        self.deadline = 0.0
         self.tx_rest = b""  # unsent tail of the in-flight command (rare)
         self.rx = bytearray(MAX_RESPONSE_SIZE)
         self.rxview = memoryview(self.rx)

@@ -1,9 +1,10 @@
 """The manager's swtpm lifecycle: start and restart, bind and power cycles, failure mode,
-and the answers held for fsync (:mod:`xenvtpm.manager.manager`'s other half).
+control requests' timeouts, and the answers held for fsync.
 
-A mixin of :class:`xenvtpm.manager.manager.Manager`, which owns the loop, the connections and
-the routing; it only adds, and relies on the attributes and routing methods declared
-below (mypy checks both sides). Split out to keep each module readable.
+The base of :class:`xenvtpm.manager.commands.CommandPath` and so of
+:class:`xenvtpm.manager.manager.Manager`, which owns the loop, the connections and the
+routing; it only adds, and relies on the attributes and methods declared below (mypy
+checks both sides). Split out to keep each module readable.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import contextlib
 import logging
 import selectors
 import struct
+import time
 from typing import TYPE_CHECKING
 
 from xenvtpm.errors import InstanceStartError
+from xenvtpm.loop import Loop, Timer
 from xenvtpm.manager.continuity import Continuity
 from xenvtpm.manager.durability import Signature, StateFileWatch
 from xenvtpm.manager.instance import Conn, Instance, InstanceState, Kind, Request
-from xenvtpm.manager.poller import Poller
 from xenvtpm.manager.swtpm import PTM_CMD, Swtpm, SwtpmConfig
 from xenvtpm.manager.swtpm_control import RESULT_SIZE, ControlChannel
 from xenvtpm.manager.swtpm_starter import Started, SwtpmStarter
@@ -38,15 +40,17 @@ class SwtpmLifecycle:
     config: SwtpmConfig
     durable: bool
     _instances: dict[int, Instance]
-    _busy: set[Instance]
     _controlling: set[Instance]
+    _control_timer: Timer | None
     _starter: SwtpmStarter
     _closed: bool
     _stop: bool
 
-    if TYPE_CHECKING:  # the routing half, in xenvtpm/manager/manager.py
-        _sel: Poller | None
+    if TYPE_CHECKING:  # in xenvtpm/manager/manager.py and commands.py
+        _loop: Loop | None
 
+        @property
+        def loop(self) -> Loop: ...
         def _reply(self, conn: Conn, prefix: bytes, payload: bytes | memoryview) -> None: ...
         def _pump(self, inst: Instance) -> None: ...
         def _send_command(
@@ -119,6 +123,7 @@ class SwtpmLifecycle:
             timeout=self.config.ctrl_timeout,
         )
         self._controlling.add(inst)
+        self._watch_controls()
 
     def _power_cycled(self, inst: Instance, req: Request, rc: int) -> bytes:
         """TPM2_Startup(CLEAR) of a power cycle answered ``rc``: the reply to send."""
@@ -143,6 +148,40 @@ class SwtpmLifecycle:
         if not control.on_readable() and inst.generation == generation:
             inst.log.error("swtpm control channel broken: restarting swtpm")
             self._swtpm_failed(inst)
+        self._watch_controls()  # the next request's timeout runs from now
+
+    def _watch_controls(self) -> None:
+        """One timer for the control requests' timeouts, set for the earliest: swtpm
+        must answer each in time, or it is restarted (a request whose send failed has
+        deadline 0, and fails at once). Called whenever a deadline may have moved."""
+        deadlines = []
+        for inst in list(self._controlling):
+            control = inst.control
+            if control is None or not control.pending:
+                self._controlling.discard(inst)
+            elif (deadline := control.deadline) is not None:
+                deadlines.append(deadline)
+        timer = self._control_timer
+        if not deadlines:
+            if timer is not None:
+                timer.cancel()
+                self._control_timer = None
+            return
+        due = min(deadlines)
+        if timer is None or timer.callback is None or timer.when > due:
+            if timer is not None:
+                timer.cancel()
+            delay = max(due - time.monotonic(), 0.0)
+            self._control_timer = self.loop.call_later(delay, self._expire_controls)
+
+    def _expire_controls(self) -> None:
+        self._control_timer = None
+        now = time.monotonic()
+        for inst in list(self._controlling):
+            control = inst.control
+            if control is not None and control.pending:
+                control.expire(now)  # a timeout fails the requests: their callbacks act
+        self._watch_controls()
 
     # -- instances: swtpm processes ---------------------------------------------------
 
@@ -156,7 +195,7 @@ class SwtpmLifecycle:
         inst.syncing = None
         inst.tx_rest = b""
         inst.rx_len = 0
-        self._busy.discard(inst)
+        inst.alarm.disarm()
         if req is not None:
             self._reply(req.conn, inst.prefix, _FAILURE)
         if lost if lost is not None else inst.dirty:
@@ -177,11 +216,11 @@ class SwtpmLifecycle:
         old, control = inst.swtpm, inst.control
         inst.control = None
         self._controlling.discard(inst)
-        if self._sel is not None:
+        if self._loop is not None:
             for fileobj in (old.data if old is not None else None, control):
                 if fileobj is not None:
                     with contextlib.suppress(KeyError, ValueError, OSError):
-                        self._sel.unregister(fileobj)
+                        self._loop.unregister(fileobj)
         if control is not None:
             control.fail_all()
         return old
@@ -218,11 +257,11 @@ class SwtpmLifecycle:
                 answer = req.payload if req.kind is Kind.REPLY else _FAILURE
                 self._reply(req.conn, inst.prefix, answer)
             return
-        assert swtpm.data is not None and swtpm.ctrl is not None and self._sel is not None
+        assert swtpm.data is not None and swtpm.ctrl is not None
         swtpm.data.setblocking(False)
-        self._sel.register(swtpm.data, selectors.EVENT_READ, inst.handler)
+        self.loop.register(swtpm.data, selectors.EVENT_READ, inst.handler)
         inst.control = ControlChannel(swtpm.ctrl, inst.id)
-        self._sel.register(inst.control, selectors.EVENT_READ, inst.control_handler)
+        self.loop.register(inst.control, selectors.EVENT_READ, inst.control_handler)
         inst.watch = StateFileWatch(swtpm.state_dir) if self.durable else None
         inst.state = InstanceState.RUNNING
         inst.dirty = how is Continuity.RESTORED

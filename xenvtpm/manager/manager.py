@@ -57,10 +57,14 @@ Routing rules, and why:
   its own); so are they before the first answer after each swtpm start (manufacturing
   wrote them without fsync).
 
-The loop is single-threaded (one epoll, :mod:`xenvtpm.manager.poller`) with non-blocking
-sockets; the per-command path makes no thread hand-off, receives into preallocated
-buffers (one backend packet per readiness), replies with one
+The loop is single-threaded (:class:`xenvtpm.loop.Loop`, every daemon's loop) with
+non-blocking sockets; the per-command path makes no thread hand-off, receives into
+preallocated buffers (one backend packet per readiness), replies with one
 ``sendmsg([prefix, response])`` and logs nothing unless debug is enabled.
+
+Three modules, each adding to the one below: this one routes backend connections'
+packets; :mod:`xenvtpm.manager.commands` runs each instance's FIFO of commands to its
+swtpm; :mod:`xenvtpm.manager.lifecycle` starts, restarts and power-cycles the swtpms.
 
 Spec: 000_a1dfc4f903a123f1.txt ("a 4-byte virtual TPM instance identifier is prepended
 to each packet ... in network byte order"); DESIGN.md 2, 3.
@@ -73,15 +77,15 @@ import logging
 import os
 import selectors
 import socket
-import struct
-import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
-from xenvtpm.errors import MalformedMessage, VTPMError
-from xenvtpm.manager import failure_mode
+from xenvtpm.errors import VTPMError
+from xenvtpm.loop import Loop, Timer
 from xenvtpm.manager.client import PREFIX_SIZE, ManagerClient
+from xenvtpm.manager.commands import CommandPath
 from xenvtpm.manager.continuity import BOOT_ID_FILE, read_boot_id
 from xenvtpm.manager.durability import Syncer
 from xenvtpm.manager.instance import (
@@ -93,15 +97,12 @@ from xenvtpm.manager.instance import (
     Kind,
     Request,
 )
-from xenvtpm.manager.lifecycle import SwtpmLifecycle
-from xenvtpm.manager.poller import Poller
-from xenvtpm.manager.swtpm import PTM_CMD, SwtpmConfig
+from xenvtpm.manager.swtpm import SwtpmConfig
 from xenvtpm.manager.swtpm_control import store_volatile
 from xenvtpm.manager.swtpm_starter import SwtpmStarter
 from xenvtpm.tpm import (
     HEADER_SIZE,
     MAX_COMMAND_SIZE,
-    MAX_RESPONSE_SIZE,
     TPM_RC,
     XENVTPM_CC_BIND,
     XENVTPM_CC_CANCEL,
@@ -109,23 +110,16 @@ from xenvtpm.tpm import (
     MalformedCommand,
     error_response,
     parse_bind_command,
-    startup_command,
-    success_response,
     validate_command,
-    validate_response,
 )
 
 __all__ = ["InstanceStatus", "Manager", "ManagerClient", "status_counts"]
 
 log = logging.getLogger("xenvtpm.manager")
 
-_HEADER_SIZE_AT_2_I = struct.Struct(">I")  # responseSize at offset 2 of the TPM header
 _RX_PACKET_BYTES = PREFIX_SIZE + MAX_COMMAND_SIZE + 1  # one more: detects oversize
 _FAILURE = error_response(TPM_RC.FAILURE)
-_SUCCESS = success_response()
 _CANCELED = error_response(TPM_RC.CANCELED)
-_STARTUP_CLEAR = startup_command(clear=True)
-_CTRL_INIT_FLAGS_I = struct.Struct(">I")  # struct ptm_init: init_flags (tpm_ioctl.h)
 #: A planned stop waits this long for commands in flight, then for the volatile saves.
 DRAIN_TIMEOUT = 10.0
 #: Commands one connection may queue per instance, behind the one in flight: above the
@@ -135,14 +129,15 @@ QUEUE_PER_INSTANCE = 4
 UNREAD_REPLIES_MAX = 4096
 
 
-class Manager(SwtpmLifecycle):
+class Manager(CommandPath):
     """Accepts backend connections and routes their packets to one swtpm per instance.
 
     ``start()`` binds the socket; ``serve_forever()`` runs the loop until
     ``request_stop()`` (signal- and thread-safe), letting the commands in flight finish;
     ``close()`` saves every swtpm's volatile state (a planned stop), stops every swtpm
     (SIGTERM, wait, SIGKILL) and unlinks the socket. Both are idempotent; use it as a
-    context manager.
+    context manager. Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.run_service`),
+    it serves on it, and a planned stop ends its ``run()``; else it makes its own.
     """
 
     def __init__(
@@ -158,6 +153,7 @@ class Manager(SwtpmLifecycle):
         swtpm_log_level: int | None = None,
         boot_id_file: str | os.PathLike[str] = BOOT_ID_FILE,
         durable: bool = True,
+        loop: Loop | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.state_root = Path(state_root).absolute()
@@ -174,22 +170,20 @@ class Manager(SwtpmLifecycle):
         self.boot_id = ""
         self.durable = durable
         self._instances: dict[int, Instance] = {}
-        self._busy: set[Instance] = set()  # a command in flight in swtpm (data deadline)
         self._controlling: set[Instance] = set()  # a control request in flight
-        self._sel: Poller | None = None
+        self._control_timer: Timer | None = None  # the earliest control request's timeout
+        self._loop = loop
+        self._own_loop = loop is None  # made in start(), closed in close()
         self._listener: socket.socket | None = None
-        self._wake_r = -1
-        self._wake_w = -1
+        self._conns: set[Conn] = set()
         self._starter = SwtpmStarter(self._wake)
         self._syncer = Syncer(self._wake)
-        self._wake_lock = threading.RLock()  # re-entrant: signal handlers wake too
         self._rx = bytearray(_RX_PACKET_BYTES)
         self._rxview = memoryview(self._rx)
         self._stop = False
-        self._drain_deadline: float | None = None
+        self._drain_timer: Timer | None = None
         self._started = False
         self._closed = False
-        self._status_requested = False
         self._debug = log.isEnabledFor(logging.DEBUG)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -212,11 +206,10 @@ class Manager(SwtpmLifecycle):
         try:
             self.boot_id = read_boot_id(self.boot_id_file)
             self.state_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._sel = Poller()
-            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+            if self._loop is None:
+                self._loop = Loop()
             self._listener = self._bind()
-            self._sel.register(self._listener, selectors.EVENT_READ, self._on_accept)
+            self._loop.register(self._listener, selectors.EVENT_READ, self._on_accept)
         except BaseException:
             self.close()
             raise
@@ -250,34 +243,55 @@ class Manager(SwtpmLifecycle):
             raise
         return sock
 
+    @property
+    def loop(self) -> Loop:
+        assert self._loop is not None, "the manager is not started"
+        return self._loop
+
     def request_stop(self) -> None:
         """Ask the loop to return once the commands in flight are answered (a planned
         stop); safe from signal handlers and other threads."""
         self._stop = True
-        self._wake()
+        self._call_soon(self._begin_drain)
 
     def request_status(self) -> None:
         """Ask the loop to log :meth:`status` (SIGUSR1)."""
-        self._status_requested = True
-        self._wake()
+        self._call_soon(self._log_status)
 
     def _wake(self) -> None:
-        with self._wake_lock, contextlib.suppress(OSError):
-            if self._wake_w >= 0:
-                os.write(self._wake_w, b"\0")
+        """A worker (swtpm start, fsync) has a result for the loop thread."""
+        self._call_soon(self._collect)
+
+    def _call_soon(self, callback: Callable[[], None]) -> None:
+        if self._loop is not None:  # else nothing runs, and start() makes it
+            self._loop.call_soon_threadsafe(callback)
 
     def close(self) -> None:
         """Save each swtpm's volatile state, stop every swtpm, unlink the socket."""
         if self._closed:
             return
         self._closed = True
+        loop = self._loop
         if self._listener is not None:
+            if loop is not None:
+                with contextlib.suppress(KeyError):
+                    loop.unregister(self._listener)
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
+        for timer in (self._control_timer, self._drain_timer):
+            if timer is not None:
+                timer.cancel()
         if self._instances:
             self._save_volatile_states(time.monotonic() + DRAIN_TIMEOUT)
             log.info("stopping: %s", self._status_line())
+        for inst in self._instances.values():
+            inst.alarm.close()
+            if loop is not None and inst.swtpm is not None:
+                for fileobj in (inst.swtpm.data, inst.control):
+                    if fileobj is not None:
+                        with contextlib.suppress(KeyError, ValueError, OSError):
+                            loop.unregister(fileobj)
         swtpms = [i.swtpm for i in self._instances.values() if i.swtpm is not None]
         for s in swtpms:
             s.terminate()  # all at once: channels closed, SIGTERM
@@ -285,17 +299,14 @@ class Manager(SwtpmLifecycle):
             s.close()  # waits, SIGKILL after stop_timeout
         self._starter.close(self.config.start_timeout)
         self._syncer.close()
-        if self._sel is not None:
-            for key in list(self._sel.get_map().values()):
-                if isinstance(key.fileobj, socket.socket) and key.fileobj is not self._listener:
-                    key.fileobj.close()
-            self._sel.close()
-        with self._wake_lock:  # a late worker must never write to a reused fd
-            fds = (self._wake_r, self._wake_w)
-            self._wake_r = self._wake_w = -1
-            for fd in fds:
-                if fd >= 0:
-                    os.close(fd)
+        for conn in self._conns:
+            if loop is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    loop.unregister(conn.sock)
+            conn.sock.close()
+        self._conns.clear()
+        if loop is not None and self._own_loop:
+            loop.close()  # workers joined above: none of them calls it any more
 
     def _save_volatile_states(self, deadline: float) -> None:
         """A planned stop: every idle, healthy swtpm saves its volatile state; each one
@@ -333,63 +344,41 @@ class Manager(SwtpmLifecycle):
     def serve_forever(self) -> None:
         """Run the event loop until :meth:`request_stop`, then drain (bounded)."""
         self.start()
-        sel = self._sel
-        assert sel is not None
-        while True:
-            if self._stop and self._drained():
-                break
-            due = self._next_due()
-            # an earlier handler of a batch may tear a channel down (a swtpm restarted):
-            # the poller skips its stale readiness, whose handling would crash
-            sel.dispatch(None if due is None else max(due - time.monotonic(), 0.0))
-            if self._controlling or (due is not None and time.monotonic() >= due):
-                self._expire(time.monotonic())
+        if self._stop:  # asked before the loop could hear it
+            self._call_soon(self._begin_drain)
+        self.loop.run()
 
-    def _drained(self) -> bool:
-        now = time.monotonic()
-        if self._drain_deadline is None:
-            self._drain_deadline = now + DRAIN_TIMEOUT
-        if now >= self._drain_deadline:
-            log.warning("stopping with commands still in flight")
-            return True
-        return all(i.inflight is None for i in self._instances.values())
+    def _begin_drain(self) -> None:
+        """A planned stop: the loop runs on until the commands in flight are answered
+        (each answer looks, in :meth:`_reply`), for at most :data:`DRAIN_TIMEOUT`."""
+        if self._drain_timer is None:
+            self._drain_timer = self.loop.call_later(DRAIN_TIMEOUT, self._drain_expired)
+        self._check_drained()
 
-    def _next_due(self) -> float | None:
-        """The first deadline: a command's, a control request's or the drain's. Every
-        command passes here twice, most often with one instance busy and nothing else."""
-        busy = self._busy
-        if len(busy) == 1 and not self._controlling and not self._stop:
-            return next(iter(busy)).deadline
-        deadlines = [i.deadline for i in busy]
-        deadlines += [d for i in self._controlling if i.control and (d := i.control.deadline)]
-        if self._stop and self._drain_deadline is not None:
-            deadlines.append(self._drain_deadline)
-        return min(deadlines) if deadlines else None
+    def _check_drained(self) -> None:
+        if all(i.inflight is None for i in self._instances.values()):
+            self.loop.stop()
 
-    def _expire(self, now: float) -> None:
-        for inst in [i for i in self._busy if i.deadline <= now]:
-            inst.log.error("no response in %.1f s: restarting swtpm", self.command_timeout)
-            self._swtpm_failed(inst)
-        for inst in list(self._controlling):
-            control = inst.control
-            if control is not None and control.pending:
-                control.expire(now)  # a timeout fails the requests: their callbacks act
-            if inst.control is None or not inst.control.pending:
-                self._controlling.discard(inst)
+    def _drain_expired(self) -> None:
+        log.warning("stopping with commands still in flight")
+        self.loop.stop()
 
-    def _on_wake(self, mask: int) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 512)
+    def _command_timed_out(self, inst: Instance) -> None:
+        inst.log.error("no response in %.1f s: restarting swtpm", self.command_timeout)
+        self._swtpm_failed(inst)
+
+    def _collect(self) -> None:
+        """Hear back from the workers (a swtpm started, a state file synced)."""
         for started in self._starter.results():
             self._on_started(started)
         for instance, generation, sig in self._syncer.results():
             self._on_synced(instance, generation, sig)
-        if self._status_requested:
-            self._status_requested = False
-            log.info("status: %s", self._status_line())
+
+    def _log_status(self) -> None:
+        log.info("status: %s", self._status_line())
 
     def _on_accept(self, mask: int) -> None:
-        assert self._listener is not None and self._sel is not None
+        assert self._listener is not None
         while True:
             try:
                 sock, _ = self._listener.accept()
@@ -400,7 +389,8 @@ class Manager(SwtpmLifecycle):
                 return
             sock.setblocking(False)
             conn = Conn(sock, self._on_conn_event)
-            self._sel.register(sock, selectors.EVENT_READ, conn.handler)
+            self.loop.register(sock, selectors.EVENT_READ, conn.handler)
+            self._conns.add(conn)
             log.debug("backend connected (fd %d)", conn.fd)
 
     # -- backend connections ----------------------------------------------------------
@@ -467,7 +457,14 @@ class Manager(SwtpmLifecycle):
                 self._reply(conn, PREFIX_I.pack(instance), _FAILURE)
                 return
             inst = Instance(
-                instance, self.config, self.boot_id, self._on_swtpm_event, self._on_control_event
+                instance,
+                self.config,
+                self.boot_id,
+                self._on_swtpm_event,
+                self._on_control_event,
+                self.loop,
+                self.command_timeout,
+                self._command_timed_out,
             )
             self._instances[instance] = inst
         assert inst is not None
@@ -516,30 +513,9 @@ class Manager(SwtpmLifecycle):
         if running is not None and running.conn is conn and running.kind is Kind.FORWARD:
             self._cancel_in_flight(inst, running)
 
-    def _cancel_in_flight(self, inst: Instance, req: Request) -> None:
-        """Ask swtpm to stop the command it runs (ctrl ``CMD_CANCEL_TPM_CMD``), once.
-
-        Its answer still comes through the data channel and goes to the backend like any
-        (the backend drops it and frees the guest's slot). swtpm answers control requests
-        only between commands, so the cancel may wait as long as the command may run."""
-        control = inst.control
-        if control is None or req.cancelled or inst.syncing is not None:
-            return  # no channel (restarting), asked already, or already done
-        req.cancelled = True
-        generation = inst.generation
-
-        def done(answer: bytes | None) -> None:
-            if answer is None and inst.generation == generation and inst.control is control:
-                inst.log.error("swtpm control channel broken on a cancel: restarting swtpm")
-                self._swtpm_failed(inst)
-            elif self._debug:
-                inst.log.debug("CMD_CANCEL_TPM_CMD answered %s", answer)
-
-        timeout = max(inst.deadline - time.monotonic(), 0.0) + self.config.ctrl_timeout
-        control.request(PTM_CMD.CANCEL_TPM_CMD, b"", done, timeout=timeout)
-        self._controlling.add(inst)
-
     def _reply(self, conn: Conn, prefix: bytes, payload: bytes | memoryview) -> None:
+        if self._stop:  # every command in flight ends in a reply: the last one stops
+            self._check_drained()
         if conn.closed:
             return
         if len(conn.out) >= UNREAD_REPLIES_MAX:
@@ -553,8 +529,7 @@ class Manager(SwtpmLifecycle):
             conn.sock.sendmsg([prefix, payload])
         except (BlockingIOError, InterruptedError):
             conn.out.append(prefix + bytes(payload))
-            assert self._sel is not None
-            self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn.handler)
+            self.loop.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn.handler)
         except OSError as exc:
             log.info("backend connection failed on reply: %s", exc)
             self._close_conn(conn)
@@ -570,146 +545,21 @@ class Manager(SwtpmLifecycle):
                 self._close_conn(conn)
                 return
             conn.out.popleft()
-        assert self._sel is not None
-        self._sel.modify(conn.sock, selectors.EVENT_READ, conn.handler)
+        self.loop.modify(conn.sock, selectors.EVENT_READ, conn.handler)
 
     def _close_conn(self, conn: Conn) -> None:
         if conn.closed:
             return
         conn.closed = True  # its queued requests are skipped, its replies dropped
-        assert self._sel is not None
+        self._conns.discard(conn)
         with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(conn.sock)
+            self.loop.unregister(conn.sock)
         conn.sock.close()
         conn.out.clear()
         for inst in self._instances.values():  # its queued commands go at once
             if any(r.conn is conn for r in inst.queue):
                 inst.queue = deque(r for r in inst.queue if r.conn is not conn)
         log.debug("backend disconnected (fd %d)", conn.fd)
-
-    # -- instances: commands ----------------------------------------------------------
-
-    def _pump(self, inst: Instance) -> None:
-        """Serve the head of the queue until a command is in flight or it is empty.
-
-        During a planned stop nothing new starts: the queue waits for the next manager
-        (its backend link answers the waiting requests TPM_RC_FAILURE when we go)."""
-        while (
-            inst.inflight is None
-            and inst.queue
-            and inst.state is InstanceState.RUNNING
-            and not self._stop
-        ):
-            req = inst.queue.popleft()
-            if req.conn.closed:
-                continue
-            if req.kind is Kind.REPLY:
-                self._reply(req.conn, inst.prefix, req.payload)
-            elif req.kind is Kind.BIND:
-                self._bind_instance(inst, req)
-            elif req.kind is Kind.RESET:
-                inst.log.warning("operator reset: power-cycling the TPM")
-                req.domid = inst.bound_domid if inst.bound_domid is not None else -1
-                self._power_cycle(inst, req)
-            elif inst.failed and (answer := failure_mode.answer(_code(req.payload))):
-                self._reply(req.conn, inst.prefix, answer)
-            else:
-                self._send_command(inst, req, req.payload)
-
-    def _send_command(self, inst: Instance, req: Request, command: bytes | memoryview) -> None:
-        assert inst.swtpm is not None and inst.swtpm.data is not None
-        inst.inflight = req
-        inst.rx_len = 0
-        inst.deadline = time.monotonic() + self.command_timeout
-        self._busy.add(inst)
-        if req.kind is Kind.FORWARD:
-            inst.dirty = True
-        try:
-            sent = inst.swtpm.data.send(command)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            inst.log.error("swtpm data channel failed on send: %s", exc)
-            self._swtpm_failed(inst)
-            return
-        if sent < len(command):  # rare: the socket buffer is full; finish on EVENT_WRITE
-            inst.tx_rest = bytes(command[sent:])
-            self._watch_swtpm(inst, selectors.EVENT_READ | selectors.EVENT_WRITE)
-
-    def _watch_swtpm(self, inst: Instance, events: int) -> None:
-        assert self._sel is not None and inst.swtpm is not None and inst.swtpm.data is not None
-        self._sel.modify(inst.swtpm.data, events, inst.handler)
-
-    def _on_swtpm_event(self, inst: Instance, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and inst.tx_rest:
-            assert inst.swtpm is not None and inst.swtpm.data is not None
-            try:
-                sent = inst.swtpm.data.send(inst.tx_rest)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                inst.log.error("swtpm data channel failed on send: %s", exc)
-                self._swtpm_failed(inst)
-                return
-            inst.tx_rest = inst.tx_rest[sent:]
-            if not inst.tx_rest:
-                self._watch_swtpm(inst, selectors.EVENT_READ)
-        if mask & selectors.EVENT_READ:
-            self._read_response(inst)
-
-    def _read_response(self, inst: Instance) -> None:
-        if inst.swtpm is None or inst.swtpm.data is None:
-            return  # torn down since the event was reported
-        try:
-            n = inst.swtpm.data.recv_into(inst.rxview[inst.rx_len :])
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            inst.log.error("swtpm data channel failed: %s", exc)
-            self._swtpm_failed(inst)
-            return
-        if n == 0:
-            inst.log.error("swtpm pid %s closed its data channel", inst.swtpm.pid)
-            self._swtpm_failed(inst)
-            return
-        if inst.inflight is None or inst.syncing is not None:
-            inst.log.error("swtpm sent %d unsolicited bytes: restarting it", n)
-            self._swtpm_failed(inst)
-            return
-        inst.rx_len += n
-        if inst.rx_len < HEADER_SIZE:
-            return
-        (size,) = _HEADER_SIZE_AT_2_I.unpack_from(inst.rx, 2)
-        if inst.rx_len < size <= MAX_RESPONSE_SIZE:
-            return  # more to come
-        if size < HEADER_SIZE or size > MAX_RESPONSE_SIZE or inst.rx_len > size:
-            inst.log.error("swtpm response framing broken (size %d, %d bytes)", size, inst.rx_len)
-            self._swtpm_failed(inst)  # the stream cannot be resynchronised
-            return
-        self._on_response(inst, inst.rxview[:size])
-
-    def _on_response(self, inst: Instance, response: memoryview) -> None:
-        req = inst.inflight
-        assert req is not None
-        inst.rx_len = 0
-        self._busy.discard(inst)
-        try:
-            header = validate_response(response)
-        except MalformedMessage as exc:
-            inst.log.error("unparseable swtpm response (%s): answering TPM_RC_FAILURE", exc)
-            response = memoryview(_FAILURE)
-        else:
-            if req.kind in (Kind.BIND, Kind.RESET):
-                response = memoryview(self._power_cycled(inst, req, header.code))
-            elif inst.watch is not None and (sig := inst.watch.changed()) is not None:
-                # acknowledged state must be on disk first: fsync off the loop thread
-                inst.syncing = (bytes(response), sig)
-                self._syncer.sync(inst.id, inst.generation, inst.watch, sig)
-                return
-        inst.inflight = None
-        self._reply(req.conn, inst.prefix, response)
-        if inst.queue:
-            self._pump(inst)
 
 
 def status_counts(line: str, instance: int) -> dict[str, int] | None:
@@ -720,8 +570,3 @@ def status_counts(line: str, instance: int) -> dict[str, int] | None:
             fields = dict(f.split("=", 1) for f in part.split(":")[2:] if "=" in f)
             return {k: int(v) for k, v in fields.items() if k != "pid"}
     return None
-
-
-def _code(command: bytes) -> int:
-    """The command code of a validated command (header offset 6)."""
-    return int.from_bytes(command[6:10], "big")
