@@ -47,6 +47,7 @@ from types import FrameType
 from typing import Any
 
 from harness.fuzz_sim import fuzz_hypercall, fuzz_xs_domid, seeds_hypercall, seeds_xs_domid
+from harness.paths import REPO_ROOT
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
 from xenvtpm.intake import RESERVED_CODES, Forward, NotSubmitted, intake, intake_v2
@@ -54,9 +55,8 @@ from xenvtpm.sim import xenstore_wire as wire
 from xenvtpm.sim.xenstore_server import XenStoreServer
 from xenvtpm.xen.interface import Access, Perm
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts" / "fuzz"
-CORPUS = ROOT / "tests" / "fuzz_corpus"
+ARTIFACTS = REPO_ROOT / "artifacts" / "fuzz"
+CORPUS = REPO_ROOT / "tests" / "fuzz_corpus"
 HANG_S = 5.0
 MAX_LEN = 2 * tpmif.PAGE_SIZE + 200
 PAGE = tpmif.PAGE_SIZE
@@ -403,8 +403,8 @@ def atheris_campaign(name: str, seconds: float, out: Path) -> Tally:
                 f"-max_total_time={int(left)}", f"-timeout={int(HANG_S)}",
                 f"-max_len={MAX_LEN}", f"-artifact_prefix={out}/{name}-",
                 "-print_final_stats=1", str(corpus)]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(argv, capture_output=True, env=env, cwd=ROOT,
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        result = subprocess.run(argv, capture_output=True, env=env, cwd=REPO_ROOT,
                                 timeout=left + 60, check=False)  # fmt: skip
         log = result.stdout + result.stderr
         counts = _EXECUTED.findall(log) or _PULSE.findall(log)

@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.paths import REPO_ROOT
 from harness.process import parent_death_signal
 from xenvtpm.manager.manager import status_counts
 from xenvtpm.sim.adapter import SimControl, SimHypervisor
 from xenvtpm.tools.toolstack import attach_vtpm, detach_vtpm
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 from xenvtpm.xen.interface import Hypervisor
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -102,7 +101,7 @@ class SimEnv:
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
               pass_fds: tuple[int, ...] = ()) -> Daemon:
         log = self.workdir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "xenvtpm", *args],
@@ -131,7 +130,7 @@ class SimEnv:
         subprocess.run(
             [sys.executable, "-m", "xenvtpm", "reset", "--manager", self.manager_socket,
              str(instance)],
-            check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             timeout=60,
         )
 
@@ -183,7 +182,7 @@ class SimEnv:
                       timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
         """Run ``python -m xenvtpm ARGS`` as a process of ``domid`` and wait for it."""
         assert self.control is not None
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         env.pop(SIM_DIR_ENV, None)
         proc = self.control.spawn(domid, [sys.executable, "-m", "xenvtpm", *args], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)

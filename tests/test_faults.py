@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simenv import ROOT, Daemon, Guest, SimEnv, wait_for
+from simenv import Daemon, Guest, SimEnv, wait_for
 from test_driver_pair import error, get_random, make_env, swtpm_pid
 
+from harness.paths import REPO_ROOT
 from xenvtpm import tpm
 
 RC = tpm.TPM_RC
@@ -241,7 +242,7 @@ def start_manager_on_tmpfs(env: SimEnv, instance: int) -> Daemon:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, sys.executable],
-            stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )  # fmt: skip
     daemon = Daemon("manager", proc, log)
     env.daemons.append(daemon)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.paths import REPO_ROOT
 from harness.process import all_procs, proc_cmdline
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(
     shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
     reason="swtpm and swtpm_setup are not installed",
@@ -67,13 +67,13 @@ def test_fails_on_purpose(guest):
 
 
 def test_fixture_contract_on_direct(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_contract.py").write_text(textwrap.dedent(SCENARIO))
     artifacts = tmp_path / "artifacts"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_contract.py", "--target", "direct",
          "-p", "no:cacheprovider", "-rs", f"--junitxml={artifacts / 'junit.xml'}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr
@@ -114,8 +114,8 @@ def test_would_disturb(target):
 def test_attach_to_a_running_environment(tmp_path: Path) -> None:
     """``harness up``; ``pytest --attach`` twice against it; ``harness down``."""
     run = Path(f"/tmp/xvt-attach-{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_RUN": str(run)}
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_attached.py").write_text(textwrap.dedent(ATTACHED))
 
     def pytest_attached() -> subprocess.CompletedProcess[str]:
@@ -162,12 +162,12 @@ def test_ordinary():
 def test_power_cut_scenarios_run_only_when_selected(
     tmp_path: Path, select: list[str], expected: str
 ) -> None:
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_opt_in.py").write_text(textwrap.dedent(OPT_IN))
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_opt_in.py", "--target", "direct",
          "-p", "no:cacheprovider", "-rs", *select],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr
@@ -197,8 +197,8 @@ def test_keep_on_failure_leaves_the_environment_for_harness(tmp_path: Path) -> N
     ``status`` sees it running, ``pytest --attach`` runs the next scenario on it, and
     ``harness down`` stops it all."""
     run = Path(f"/tmp/xvt-keep-{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_RUN": str(run)}
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_kept.py").write_text(textwrap.dedent(KEPT))
     harness = [sys.executable, "-m", "harness"]
 
@@ -239,12 +239,12 @@ def test_workers_are_refused_where_they_would_share_or_crowd(
 ) -> None:
     """``-n`` spreads scenarios over sim environments only (README, Quick start)."""
     pytest.importorskip("xdist")
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_nothing.py", "-p", "no:cacheprovider",
          "-n", "2", *args],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     out = result.stdout + result.stderr

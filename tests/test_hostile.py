@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simenv import ROOT, Guest, SimEnv, wait_for
+from simenv import Guest, SimEnv, wait_for
 from test_driver_pair import get_random, make_env
 
+from harness.paths import REPO_ROOT
 from xenvtpm import tpm
 
 pytestmark = pytest.mark.hostile
@@ -36,7 +37,7 @@ LATENCY_BOUND_S = 2.0
 COMMAND_SIZE = int(tpm.TPM_RC.COMMAND_SIZE)
 CLOSING, CLOSED, INIT_WAIT, CONNECTED = 5, 6, 2, 4
 FULL = os.environ.get("XENVTPM_HOSTILE_FULL") == "1"
-REPORT = ROOT / "artifacts" / "hostile"
+REPORT = REPO_ROOT / "artifacts" / "hostile"
 
 
 @dataclass(frozen=True)
@@ -335,7 +336,7 @@ def test_cancel_flood(env: SimEnv, cycles: int) -> None:
 def test_rogue_help_lists_every_attack() -> None:
     result = subprocess.run(
         [os.environ.get("PYTHON", "python3"), "-m", "xenvtpm", "rogue", "--help"],
-        capture_output=True, text=True, cwd=ROOT, check=True,
+        capture_output=True, text=True, cwd=REPO_ROOT, check=True,
     )  # fmt: skip
     for attack in ("size-mismatch", "flood", "race", "reopen", "garbage-nodes", "cancel-flood"):
         assert attack in result.stdout

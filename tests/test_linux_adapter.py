@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from harness.errors import TransportClosed, TransportTimeout
+from harness.paths import REPO_ROOT
 from harness.transport_ssh import DeviceRefused, RelayTransport, relay_command
 from xenvtpm import tpm
 from xenvtpm.errors import HypervisorUnavailable, VTPMError, XenStoreError
@@ -47,7 +48,6 @@ from xenvtpm.xen.interface import Access, Perm, WatchEvent
 from xenvtpm.xen.linux import LinuxEventChannel, LinuxHypervisor
 from xenvtpm.xen.linux_libs import PACKAGES, SIGNATURES, XenLibs
 
-ROOT = Path(__file__).resolve().parent.parent
 SET_LOCALITY = bytes.fromhex("80020000000b2000100000")  # measured: the kernel's first command
 GET_RANDOM_16 = bytes.fromhex("80010000000c0000017b0010")
 RESPONSE = bytes.fromhex("80010000000e00000000000200aa")
@@ -208,7 +208,7 @@ def simxend(tmp_path: Path) -> Iterator[Path]:
     run = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "xenvtpm", "simxend", "--dir", str(run)],
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -542,7 +542,7 @@ def test_relay_main_opens_the_device_and_reports_failure(tmp_path: Path) -> None
     """The CLI as the harness runs it: a missing device is one E frame and exit 1."""
     proc = subprocess.run(
         [sys.executable, "-m", "xenvtpm", "relay", "--device", str(tmp_path / "tpm0")],
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         input=b"",
         capture_output=True,
         timeout=30,

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 
 from harness import tpmwire
+from harness.paths import REPO_ROOT
 from harness.process import stop_family
 from xenvtpm.manager.client import ManagerClient
 
-ROOT = Path(__file__).resolve().parent.parent
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 EXT4_GOING_FLAGS_NOLOGFLUSH = 0x2  # no flush of the journal, nor of the data
 INSTANCE = 1
@@ -78,7 +78,7 @@ class PoweredManager:
             self.proc = subprocess.Popen(
                 ["unshare", "-m", "--propagation", "private", "sh", "-c", script,
                  sys.executable],
-                stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                 start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 30

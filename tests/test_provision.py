@@ -8,9 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+from harness.paths import REPO_ROOT
 from xenvtpm.manager.swtpm import PERMALL, write_ca_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_concurrent_first_writers_of_the_ca_config_all_succeed(tmp_path: Path) -> None:
@@ -48,7 +47,7 @@ def test_provision_makes_each_instance_once(tmp_path: Path) -> None:
         return subprocess.run(
             [sys.executable, "-m", "xenvtpm", "provision", "--state-root", str(tmp_path),
              *instances],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
 
     first = provision("7", "8")

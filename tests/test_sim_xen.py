@@ -22,14 +22,13 @@ from resource import RLIMIT_NOFILE
 
 import pytest
 
+from harness.paths import REPO_ROOT
 from xenvtpm.errors import ChannelClosed, EventChannelError, GrantError, XenStoreError
 from xenvtpm.sim.adapter import SimControl, SimHypervisor
 from xenvtpm.sim.hypercall import HcError, HcOp, HypercallClient, close_fds
 from xenvtpm.sim.xenstore_client import XenStoreClient
 from xenvtpm.sim.xenstore_wire import XsPacket, XsType
 from xenvtpm.xen.interface import MAX_CONSUME_ROUNDS, Access, Perm, WatchEvent
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -68,7 +67,7 @@ def start_simxend(run: Path, fd_limit: int | None = None) -> subprocess.Popen[by
     limit = None if fd_limit is None else (fd_limit, fd_limit)
     proc = subprocess.Popen(
         [sys.executable, "-m", "xenvtpm.sim.simxend", "--dir", str(run)],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stderr=subprocess.PIPE,
         preexec_fn=None if limit is None else lambda: resource.setrlimit(RLIMIT_NOFILE, limit),
     )
@@ -137,7 +136,7 @@ def test_daemon_run_dir_and_clean_stop(tmp_path: Path) -> None:
         assert int((run / "ready").read_text()) == proc.pid
         second = subprocess.run(
             [sys.executable, "-m", "xenvtpm.sim.simxend", "--dir", str(run)],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             capture_output=True,
             timeout=10,
         )
@@ -570,7 +569,7 @@ def test_killed_process_releases_its_resources(xen: Xen, dom0: SimHypervisor) ->
     proc = xen.ctl.spawn(
         domid,
         [sys.executable, "-c", GUEST_SCRIPT],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     try:
         out = f"/local/domain/{domid}/data/out"

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from simenv import SimEnv
 
+from harness.paths import REPO_ROOT
 from harness.traffic import parse_line, read_trace, render, section, window
 from xenvtpm import tpm
 from xenvtpm.backend.traffic_trace import AnsweredBy, TrafficTrace
@@ -119,7 +120,6 @@ def test_the_backend_traces_each_guests_requests_apart(traced_env: SimEnv) -> No
     assert [(t.command_size, t.response_size, t.domid) for t in theirs] == [(12, 16, two.domid)]
 
 
-ROOT = Path(__file__).resolve().parent.parent
 FAILING_SCENARIO = """
 from harness import tpmwire
 
@@ -138,12 +138,12 @@ def test_a_failed_scenarios_report_carries_its_tpm_traffic(tmp_path: Path) -> No
     """On sim, as on Xen: the requests of the failed test's time, per guest, by name; not
     those of the test before it."""
     pytest.importorskip("tpm2_pytss")
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_traced.py").write_text(FAILING_SCENARIO)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "test_traced.py", "--target", "sim",
          "-p", "no:cacheprovider"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_ARTIFACTS":
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_ARTIFACTS":
                            str(tmp_path / "artifacts")},
         capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
@@ -164,7 +164,7 @@ def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
     """``harness up``, a command on guest0's endpoint, the README's example client
     (``examples/endpoint_client.py``) on it, then ``harness trace guest0``."""
     run = Path(f"/tmp/xvt-trace-{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_RUN": str(run)}
     harness = [sys.executable, "-m", "harness"]
     try:
         up = subprocess.run([*harness, "up", "--target", "sim", "--guests", "1"], env=env,
@@ -177,7 +177,7 @@ def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
             s.send(GET_RANDOM_8)
             assert tpm.response_code(s.recv(4096)) == 0
         client = subprocess.run(  # the README's example program, on the same endpoint
-            [sys.executable, str(ROOT / "examples" / "endpoint_client.py"), endpoint],
+            [sys.executable, str(REPO_ROOT / "examples" / "endpoint_client.py"), endpoint],
             env=env, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert client.returncode == 0, client.stdout + client.stderr

@@ -51,7 +51,8 @@ from harness.errors import (
     ResetFailed,
     TargetNotReady,
 )
-from harness.images import ROOT, Images, build_images, cache_root
+from harness.images import Images, build_images, cache_root
+from harness.paths import REPO_ROOT as ROOT
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import (
     ACCEL_ENV,

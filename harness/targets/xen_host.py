@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
 from harness.hostkeys import HostKeyCheck, resolve_known_hosts
-from harness.images import ROOT
+from harness.paths import REPO_ROOT as ROOT
 from harness.ssh import SshHost
 from harness.target import Capability
 from harness.targets import Progress
