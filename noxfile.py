@@ -116,7 +116,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (issue 6): driver vs direct swtpm latency, and scale to many guests.
+    """Benchmarks: the driver's latency against direct swtpm, and scaling to many guests.
 
     Options after ``--``: ``--quick`` (under 3 minutes), ``--target sim|xen``,
     ``--out DIR`` (default artifacts/bench). Writes bench.json, a PNG and a table.
@@ -264,7 +264,7 @@ def certify(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """Fuzzing (issue 5): backend request intake, ring, TPM header, xenstore wire + server.
+    """Fuzz what a guest controls: request intake, ring, TPM header, xenstore wire, server.
 
     ``--seconds N`` (default 60) bounds the campaign; ``--target NAME`` (repeatable),
     ``--engine atheris|hypothesis``. Coverage-guided with atheris when it installs,
