@@ -17,6 +17,7 @@ import nox
 nox.options.sessions = ["lint", "tests", "sim"]
 nox.options.reuse_existing_virtualenvs = True
 
+# harness.paths.REPO_ROOT, repeated: nox imports this file before the package is installed.
 ROOT = Path(__file__).parent
 ARTIFACTS = ROOT / "artifacts"
 
