@@ -154,10 +154,8 @@ def start_endpoint(
     timeout: float = 30.0,
 ) -> ManagedProcess:
     """This module as a daemon, listening on ``path`` when this returns."""
-    argv = [
-        sys.executable, "-m", "harness.endpoint", "--socket", str(path), "--key", str(key),
-        "--port", str(port), "--guest-ip", guest_ip, "--device", device, "--name", name,
-    ]  # fmt: skip
+    argv = [sys.executable, "-m", "harness.endpoint", "--socket", str(path), "--key", str(key)]
+    argv += ["--port", str(port), "--guest-ip", guest_ip, "--device", device, "--name", name]
     process = ManagedProcess(
         f"endpoint-{name}",
         argv,

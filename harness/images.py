@@ -478,9 +478,16 @@ class Builder:
         strip = len(Path(SELFTESTS_MEMBER).parts)
         self.run(
             "dom0 tpm2 selftests",
-            ["tar", "-xJf", str(tarball), "-C", str(dest), f"--strip-components={strip}",
-             SELFTESTS_MEMBER],
-        )  # fmt: skip
+            [
+                "tar",
+                "-xJf",
+                str(tarball),
+                "-C",
+                str(dest),
+                f"--strip-components={strip}",
+                SELFTESTS_MEMBER,
+            ],
+        )
         if not (dest / "tpm2_tests.py").exists():
             raise ImageBuildError(
                 f"{SELFTESTS_MEMBER} of {tarball} has no tpm2_tests.py (log: {self.log_path})"

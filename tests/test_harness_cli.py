@@ -28,8 +28,12 @@ def harness(run: Path, *args: str, timeout: float = 60) -> subprocess.CompletedP
     env = {**os.environ, "XENVTPM_RUN": str(run), "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "harness", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def leftovers(run: Path) -> list[str]:

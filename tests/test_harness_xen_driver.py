@@ -49,8 +49,7 @@ def test_dom0_then_guest_in_order() -> None:
     ]
     attach = next(c for c in log if "attach" in c)
     assert attach == (
-        "dom0: cd /opt/x && python3 -m xenvtpm attach --domid 3 --instance 1000 "
-        "--name 'guest 0'"
+        "dom0: cd /opt/x && python3 -m xenvtpm attach --domid 3 --instance 1000 --name 'guest 0'"
     )
     assert log.index(attach) < next(i for i, c in enumerate(log) if "tpm_vtpm_proxy" in c)
 

@@ -1,5 +1,4 @@
-"""The guest relay and its harness transport, over socketpairs and a fake TPM device.
-"""
+"""The guest relay and its harness transport, over socketpairs and a fake TPM device."""
 
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ def test_frame_bytes_are_pinned() -> None:
         relay.Frame.parse_header(b"X\0\0\0\0")
     with pytest.raises(relay.FramingError):
         relay.Frame.parse_header(b"C\xff\xff\xff\xff")
-
 
 
 class FakeTpm:
@@ -76,6 +74,7 @@ def relay_pair() -> Iterator[RelayPair]:
     tpm_dev = FakeTpm()
     ours, theirs = socket.socketpair()
     status: list[int] = []
+
     def relay_process() -> None:  # what the relay's exit does: its stdout closes
         status.append(
             relay.serve(tpm_dev.host.fileno(), "/dev/tpm9", theirs.fileno(), theirs.fileno())
@@ -123,6 +122,7 @@ def test_relay_error_frame_carries_the_errno() -> None:
     dead, gone = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     gone.close()  # writes now fail with EPIPE, as /dev/tpm0 fails with EINVAL/ETIME
     ours, theirs = socket.socketpair()
+
     def relay_process() -> None:  # what the relay's exit does: its stdout closes
         relay.serve(dead.fileno(), "/dev/tpm0", theirs.fileno(), theirs.fileno())
         theirs.shutdown(socket.SHUT_WR)

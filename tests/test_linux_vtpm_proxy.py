@@ -90,7 +90,6 @@ class FakeKernel:
         return False
 
 
-
 Proxy = tuple[Loop, FakeKernel, VtpmProxyEndpoint, list[ProxyClient], list[bytes]]
 
 
@@ -184,7 +183,6 @@ def test_proxy_close_closes_the_fd_once(proxy: Proxy) -> None:
     assert kernel.fd_closed() and endpoint.device is None
     endpoint.close()
     assert kernel.sock.recv(4096) == b""  # the kernel side sees the fd go (device removed)
-
 
 
 # -- the frontend serving a proxy device, over the simulated Xen --------------------------

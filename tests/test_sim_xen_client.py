@@ -1,5 +1,4 @@
-"""The xenstore client on its own: timeouts, peer death, replies demultiplexed.
-"""
+"""The xenstore client on its own: timeouts, peer death, replies demultiplexed."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Simulated grant tables end to end: sharing, mapping, read-only grants, sealed pages.
-"""
+"""Simulated grant tables end to end: sharing, mapping, read-only grants, sealed pages."""
 
 from __future__ import annotations
 

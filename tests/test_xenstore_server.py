@@ -367,8 +367,10 @@ def test_a_transaction_may_look_at_only_so_many_nodes() -> None:
     s = Session(server)
     for who in (G1, DOM0):
         tx = start(s, who)
-        errors = [s.send(who, XsType.XS_READ, join_strings(f"/local/domain/1/n{i}"), tx)
-                  for i in range(12)]  # fmt: skip
+        errors = [
+            s.send(who, XsType.XS_READ, join_strings(f"/local/domain/1/n{i}"), tx)
+            for i in range(12)
+        ]
         codes = [e.payload for e in errors]
         if who == G1:  # each missing read looks at the node and its nearest ancestor
             assert codes == [b"ENOENT\x00"] * 7 + [b"ENOSPC\x00"] * 5

@@ -65,8 +65,17 @@ class BenchManager:
         self.name = name
         self.socket = root / "vtpm.sock"
         self.state_root = root / "state"
-        argv = [sys.executable, "-m", "xenvtpm", "manager", "--socket", str(self.socket),
-                "--state-root", str(self.state_root), *flags]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "xenvtpm",
+            "manager",
+            "--socket",
+            str(self.socket),
+            "--state-root",
+            str(self.state_root),
+            *flags,
+        ]
         self.process = ManagedProcess(
             f"manager-{name}",
             argv,
