@@ -64,8 +64,7 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
     command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     if os.geteuid() != 0:
         session.error(
-            "missing Debian packages; as root run:\n"
-            f"  apt-get update && {' '.join(command)}"
+            f"missing Debian packages; as root run:\n  apt-get update && {' '.join(command)}"
         )
     session.log(f"installing Debian packages: {' '.join(missing)}")
     env = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -106,12 +105,11 @@ def sim(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff and mypy over the driver pair and the harness."""
+    """ruff's lint and format check over the whole tree, mypy over what pyproject names."""
     session.install(*LINT)
-    session.run(
-        "ruff", "check", "xenvtpm", "harness", "scenarios", "tests", "examples", "noxfile.py"
-    )
-    session.run("ruff", "format", "--check", "xenvtpm", "harness")
+    tree = ["xenvtpm", "harness", "scenarios", "tests", "examples", "noxfile.py", "conftest.py"]
+    session.run("ruff", "check", *tree)
+    session.run("ruff", "format", "--check", *tree)
     session.run("mypy")
 
 
