@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,7 +115,7 @@ def test_report_is_json_and_tables_render() -> None:
     direct = stats.Summary.from_ns([9000, 10_000, 11_000])
     driver = stats.Summary.from_ns([250_000, 260_000, 400_000])
     latency = {"getrandom_raw": {"pinned": stats.compare(direct, driver)}}
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "instances": 1,
             "ops_per_s": 3000.0,

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simenv import SimEnv, wait_for
+from simenv import Guest, SimEnv, wait_for
 
 from xenvtpm import tpm
 from xenvtpm.errors import GrantError, XenStoreError
@@ -93,11 +93,10 @@ def env(tmp_path: Path) -> Iterator[SimEnv]:
         for guest in env.guests:
             # Start both instances. Manufacturing one (swtpm_setup) may outlast the short
             # backend timeout on a loaded machine; the manager finishes it regardless.
-            wait_for(
-                lambda g=guest: tpm.response_code(g.transmit(tpm.get_random_command(8))) == 0,
-                60,
-                f"{guest.name}'s vTPM instance to start",
-            )
+            def answers(g: Guest = guest) -> bool:
+                return tpm.response_code(g.transmit(tpm.get_random_command(8))) == 0
+
+            wait_for(answers, 60, f"{guest.name}'s vTPM instance to start")
         yield env
     finally:
         env.close()

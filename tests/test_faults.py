@@ -209,7 +209,11 @@ def test_backend_restarted_while_guest_holds_a_session(env: SimEnv) -> None:
         env.daemon("backend").stop()
         env.start_backend(timeout=2.0)
         for g in (guest, other):
-            wait_for(lambda g=g: env.frontend_state(g) == "4", 15, f"{g.name} to reconnect")
+
+            def connected(g: Guest = g) -> bool:
+                return env.frontend_state(g) == "4"
+
+            wait_for(connected, 15, f"{g.name} to reconnect")
         held.send(tpm.get_random_command(8))
         assert rc(held.recv(4096)) == 0
     assert handle in loaded_sessions(guest)  # the session lives in swtpm: untouched

@@ -34,7 +34,7 @@ def test_dom0_then_guest_in_order() -> None:
     started: list[str] = []
 
     def start_daemon(host: xen_driver.Host, name: str, args: str) -> int:
-        started.append(f"{host.name}:{name}:{args}")  # type: ignore[attr-defined]
+        started.append(f"{host.name}:{name}:{args}")
         return 1
 
     xen_driver.start_dom0(dom0, start_daemon)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.errors import TransportClosed, TransportTimeout
+from harness.errors import DeviceRefused, TransportClosed, TransportTimeout
 from harness.paths import REPO_ROOT
-from harness.transport_ssh import DeviceRefused, RelayTransport, relay_command
+from harness.transport_ssh import RelayTransport, relay_command
 from xenvtpm.tools import relay
 
 GET_RANDOM_16 = bytes.fromhex("80010000000c0000017b0010")

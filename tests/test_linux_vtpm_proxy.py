@@ -17,9 +17,9 @@ import pytest
 
 from xenvtpm import tpm
 from xenvtpm.errors import VTPMError
+from xenvtpm.frontend.frontend import TpmClient
 from xenvtpm.frontend.vtpm_proxy import (
     WARM_UP_COMMAND,
-    ProxyClient,
     ProxyDevice,
     VtpmProxyEndpoint,
     VtpmProxyIoctl,
@@ -90,17 +90,17 @@ class FakeKernel:
         return False
 
 
-Proxy = tuple[Loop, FakeKernel, VtpmProxyEndpoint, list[ProxyClient], list[bytes]]
+Proxy = tuple[Loop, FakeKernel, VtpmProxyEndpoint, list[TpmClient], list[bytes]]
 
 
 @pytest.fixture
 def proxy() -> Iterator[Proxy]:
     loop, kernel = Loop(), FakeKernel()
     endpoint = VtpmProxyEndpoint(create_device=kernel.create, warm_up_retry=0.05)
-    clients: list[ProxyClient] = []
+    clients: list[TpmClient] = []
     commands: list[bytes] = []
 
-    def on_command(client: ProxyClient, command: memoryview) -> None:
+    def on_command(client: TpmClient, command: memoryview) -> None:
         clients.append(client)
         commands.append(bytes(command))
 
@@ -166,7 +166,7 @@ def test_proxy_makes_a_new_device_when_the_kernel_gives_one_up(proxy: Proxy) -> 
     lost = kernel.device
     kernel.sock.close()
     loop.run_once(1)
-    assert endpoint.device is None and kernel.fd_closed_for(lost)
+    assert (endpoint.device, kernel.fd_closed_for(lost)) == (None, True)
     assert commands == [WARM_UP_COMMAND]  # warming up again before a new device
     clients[-1].reply(RESPONSE)
     assert kernel.created == 2

@@ -59,7 +59,7 @@ def step(loop: Loop, times: int = 5) -> None:
 def received(server: socket.socket) -> list[tuple[int, bytes]]:
     """Every packet the link has sent so far, as (instance, command)."""
     server.setblocking(False)
-    out = []
+    out: list[tuple[int, bytes]] = []
     while True:
         try:
             packet = server.recv(8192)

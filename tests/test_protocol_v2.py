@@ -333,7 +333,11 @@ def test_reconnecting_in_a_loop_queues_one_bind(env: SimEnv) -> None:
                 fe.close()  # Closed: the backend disconnects, the command stays in swtpm
                 fe = KernelFrontend.in_domain(env.control, domid)
                 fe._switch(XenbusState.INITIALISING)
-                wait_for(lambda f=fe: f.backend_state() == XenbusState.INIT_WAIT, 10, "InitWait")
+
+                def init_wait(f: KernelFrontend = fe) -> bool:
+                    return f.backend_state() == XenbusState.INIT_WAIT
+
+                wait_for(init_wait, 10, "InitWait")
                 fe.probe()
                 fe.wait_connected()
             time.sleep(0.3)
@@ -506,7 +510,11 @@ def test_no_leak_after_v2_guests_come_and_go(env: SimEnv) -> None:
             with v2_guest(env, f"leak-{i}", nr_extra_pages=i % 2) as fe:
                 get_random_v2(fe)
                 fe.cancel()
-                wait_for(lambda f=fe: f.page[4] == VtpmState.IDLE, 5, "IDLE")
+
+                def idle(f: KernelFrontend = fe) -> bool:
+                    return f.page[4] == VtpmState.IDLE
+
+                wait_for(idle, 5, "IDLE")
                 os.kill(pid, signal.SIGSTOP)
                 submit_raw(fe, tpm.get_random_command(16))
                 time.sleep(0.1)  # the guest leaves with this command in flight

@@ -164,8 +164,11 @@ def test_guest_writing_its_own_nodes_in_a_loop_does_not_fail_dom0_transactions(
             tx = dom0.xenstore.transaction_start()
             assert dom0.xenstore.read(f"{be}/state", tx) == b"1"
             dom0.xenstore.write(f"{be}/n", str(i), tx)
-            seen = written
-            wait_for(lambda seen=seen: written > seen, "a guest write inside the transaction")
+
+            def wrote_again(seen: int = written) -> bool:
+                return written > seen
+
+            wait_for(wrote_again, "a guest write inside the transaction")
             results.append(dom0.xenstore.transaction_end(tx))
     finally:
         stop_flag.set()

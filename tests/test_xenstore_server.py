@@ -282,7 +282,7 @@ def _rm(s: Session, path: str) -> None:
 
 
 #: (what the transaction does, what dom0 commits meanwhile outside it): a real conflict.
-CONFLICTS: dict[str, tuple[Callable[[Session, int], None], Callable[[Session], None]]] = {
+CONFLICTS: dict[str, tuple[Callable[[Session, int], None], Callable[[Session], object]]] = {
     "read-then-written": (_read, lambda s: s.write(DOM0, f"{BE}/x", b"2")),
     "read-then-removed": (_read, lambda s: _rm(s, f"{BE}/x")),
     "missing-then-created": (_missing, lambda s: s.write(DOM0, f"{BE}/new", b"")),
