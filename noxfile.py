@@ -17,6 +17,7 @@ import nox
 nox.options.sessions = ["lint", "tests", "sim"]
 nox.options.reuse_existing_virtualenvs = True
 
+# harness.paths.REPO_ROOT, repeated: nox imports this file before the package is installed.
 ROOT = Path(__file__).parent
 ARTIFACTS = ROOT / "artifacts"
 
@@ -63,8 +64,7 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
     command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
     if os.geteuid() != 0:
         session.error(
-            "missing Debian packages; as root run:\n"
-            f"  apt-get update && {' '.join(command)}"
+            f"missing Debian packages; as root run:\n  apt-get update && {' '.join(command)}"
         )
     session.log(f"installing Debian packages: {' '.join(missing)}")
     env = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -105,18 +105,17 @@ def sim(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff and mypy over the driver pair and the harness."""
+    """ruff's lint and format check over the whole tree, mypy over what pyproject names."""
     session.install(*LINT)
-    session.run(
-        "ruff", "check", "xenvtpm", "harness", "scenarios", "tests", "examples", "noxfile.py"
-    )
-    session.run("ruff", "format", "--check", "xenvtpm", "harness")
+    tree = ["xenvtpm", "harness", "scenarios", "tests", "examples", "noxfile.py", "conftest.py"]
+    session.run("ruff", "check", *tree)
+    session.run("ruff", "format", "--check", *tree)
     session.run("mypy")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks (issue 6): driver vs direct swtpm latency, and scale to many guests.
+    """Benchmarks: the driver's latency against direct swtpm, and scaling to many guests.
 
     Options after ``--``: ``--quick`` (under 3 minutes), ``--target sim|xen``,
     ``--out DIR`` (default artifacts/bench). Writes bench.json, a PNG and a table.
@@ -264,7 +263,7 @@ def certify(session: nox.Session) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """Fuzzing (issue 5): backend request intake, ring, TPM header, xenstore wire + server.
+    """Fuzz what a guest controls: request intake, ring, TPM header, xenstore wire, server.
 
     ``--seconds N`` (default 60) bounds the campaign; ``--target NAME`` (repeatable),
     ``--engine atheris|hypothesis``. Coverage-guided with atheris when it installs,

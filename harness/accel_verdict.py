@@ -44,9 +44,12 @@ def read_verdict(path: Path) -> AccelVerdict | None:
     try:
         data = json.loads(path.read_text())
         return AccelVerdict(
-            str(data["host"]), bool(data["kvm_runs_xen"]), str(data.get("why", "")),
-            float(data["measured"]), str(data.get("measured_utc", "")),
-        )  # fmt: skip
+            str(data["host"]),
+            bool(data["kvm_runs_xen"]),
+            str(data.get("why", "")),
+            float(data["measured"]),
+            str(data.get("measured_utc", "")),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -57,16 +57,13 @@ class ProxySwtpm:
             )
         rc, out, err = self._run(
             "modprobe tpm_vtpm_proxy && mktemp -d /tmp/xenvtpm-baseline.XXXXXX"
-        )  # fmt: skip
+        )
         if rc != 0:
             raise TargetNotReady(f"baseline TPM in {self.name}", f"exited {rc}: {err.strip()}")
         self.state_dir = state = out.strip()
-        self.command = [
-            "swtpm", "chardev", "--vtpm-proxy", "--tpm2",
-            "--tpmstate", f"dir={state}",
-            "--flags", "not-need-init,startup-clear",
-            "--log", f"file={state}/swtpm.log,level=2",
-        ]  # fmt: skip
+        self.command = ["swtpm", "chardev", "--vtpm-proxy", "--tpm2", "--tpmstate", f"dir={state}"]
+        self.command += ["--flags", "not-need-init,startup-clear"]
+        self.command += ["--log", f"file={state}/swtpm.log,level=2"]
         # Line-buffered stdout: swtpm prints "New TPM device: /dev/tpmN" there. Only the
         # daemon is backgrounded: a backgrounded "cd && daemon" list would hold the SSH
         # channel open, and $! would be the list's shell, not swtpm.
@@ -102,9 +99,12 @@ class ProxySwtpm:
             raise LaunchFailure(f"swtpm in {self.name}", self.command, None, self.log_tail())
         if device is not None and device != "/dev/tpm0":
             raise LaunchFailure(
-                f"swtpm in {self.name}", self.command, None, self.log_tail(),
+                f"swtpm in {self.name}",
+                self.command,
+                None,
+                self.log_tail(),
                 reason=f"made {device}, not /dev/tpm0 (another TPM chip in {self.name}?)",
-            )  # fmt: skip
+            )
         return "ready" in lines
 
     def log_tail(self, lines: int = 20) -> str:
@@ -125,15 +125,21 @@ class ProxySwtpm:
                 with contextlib.suppress(DeadlineExpired):
                     Deadline(STOP_TIMEOUT).wait_for(
                         lambda: self._run(f"{alive} || echo gone")[1].strip() == "gone",
-                        f"swtpm {pid} to exit", POLL_S, 1.0,
-                    )  # fmt: skip
+                        f"swtpm {pid} to exit",
+                        POLL_S,
+                        1.0,
+                    )
                 self._run(f"{alive} && kill -KILL {pid}; exit 0")
                 with contextlib.suppress(DeadlineExpired):
                     Deadline(STOP_TIMEOUT).wait_for(
-                        lambda: self._run("test -e /sys/class/tpm/tpm0 || echo gone")[1].strip()
-                        == "gone",
-                        f"tpm0 to leave {self.name}", POLL_S, 1.0,
-                    )  # fmt: skip
+                        lambda: (
+                            self._run("test -e /sys/class/tpm/tpm0 || echo gone")[1].strip()
+                            == "gone"
+                        ),
+                        f"tpm0 to leave {self.name}",
+                        POLL_S,
+                        1.0,
+                    )
         finally:
             if state is not None:
                 self._run(f"rm -rf {shlex.quote(state)}")

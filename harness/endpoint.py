@@ -33,6 +33,7 @@ from pathlib import Path
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TransportError
+from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess
 from harness.relay_pool import end_relay
 from harness.transport import DEFAULT_TIMEOUT
@@ -153,16 +154,13 @@ def start_endpoint(
     timeout: float = 30.0,
 ) -> ManagedProcess:
     """This module as a daemon, listening on ``path`` when this returns."""
-    root = Path(__file__).resolve().parent.parent
-    argv = [
-        sys.executable, "-m", "harness.endpoint", "--socket", str(path), "--key", str(key),
-        "--port", str(port), "--guest-ip", guest_ip, "--device", device, "--name", name,
-    ]  # fmt: skip
+    argv = [sys.executable, "-m", "harness.endpoint", "--socket", str(path), "--key", str(key)]
+    argv += ["--port", str(port), "--guest-ip", guest_ip, "--device", device, "--name", name]
     process = ManagedProcess(
         f"endpoint-{name}",
         argv,
         log_path,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         ready=path.exists,
         die_with_parent=die_with_parent,
     )

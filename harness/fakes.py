@@ -12,13 +12,13 @@ import os
 import struct
 
 from harness.errors import TransportClosed
-from harness.tpmwire import CC, HEADER, RC, Cap, Tag
+from harness.tpmwire import CC, HEADER, RC, ST, Cap
 from harness.transport import DEFAULT_TIMEOUT
 from xenvtpm.lifecycle import Closeable
 
 
 def response(code: int, body: bytes = b"") -> bytes:
-    return HEADER.pack(Tag.NO_SESSIONS, HEADER.size + len(body), code) + body
+    return HEADER.pack(ST.NO_SESSIONS, HEADER.size + len(body), code) + body
 
 
 class FakeTPM(Closeable):

@@ -47,6 +47,7 @@ from types import FrameType
 from typing import Any
 
 from harness.fuzz_sim import fuzz_hypercall, fuzz_xs_domid, seeds_hypercall, seeds_xs_domid
+from harness.paths import REPO_ROOT
 from xenvtpm import tpm, tpmif, tpmif_v2
 from xenvtpm.errors import MalformedMessage
 from xenvtpm.intake import RESERVED_CODES, Forward, NotSubmitted, intake, intake_v2
@@ -54,9 +55,8 @@ from xenvtpm.sim import xenstore_wire as wire
 from xenvtpm.sim.xenstore_server import XenStoreServer
 from xenvtpm.xen.interface import Access, Perm
 
-ROOT = Path(__file__).resolve().parent.parent
-ARTIFACTS = ROOT / "artifacts" / "fuzz"
-CORPUS = ROOT / "tests" / "fuzz_corpus"
+ARTIFACTS = REPO_ROOT / "artifacts" / "fuzz"
+CORPUS = REPO_ROOT / "tests" / "fuzz_corpus"
 HANG_S = 5.0
 MAX_LEN = 2 * tpmif.PAGE_SIZE + 200
 PAGE = tpmif.PAGE_SIZE
@@ -252,9 +252,13 @@ def seeds(name: str) -> list[bytes]:
     rand = tpm.get_random_command(16)
     if name == "intake":
         big = struct.pack(">HII", 0x8001, 4097, 0x17B) + bytes(4087)
-        return [b"\x0a" + _ring(len(rand)) + rand, b"\x01" + _ring(4097, 1) + big,
-                b"\x02" + _ring(len(big), 2) + big, b"\x0a" + _ring(len(rand)) + rand[:9],
-                b"\x0a" + _ring(10) + tpm.bind_command(3)]  # fmt: skip
+        return [
+            b"\x0a" + _ring(len(rand)) + rand,
+            b"\x01" + _ring(4097, 1) + big,
+            b"\x02" + _ring(len(big), 2) + big,
+            b"\x0a" + _ring(len(rand)) + rand[:9],
+            b"\x0a" + _ring(10) + tpm.bind_command(3),
+        ]
     if name == "intake-v2":
         full = struct.pack(">HII", 0x8001, 4096, 0x17B) + bytes(4086)
 
@@ -262,10 +266,14 @@ def seeds(name: str) -> list[bytes]:
             head = struct.pack("=IBBBB", length, state, 0, 0, nr_extra) + bytes(4 * nr_extra)
             return (head + body).ljust(PAGE, b"\0") + body[PAGE - len(head) :]
 
-        return [b"\x00" + v2(len(rand), 1, 0, rand), b"\x01" + v2(4096, 1, 1, full),
-                b"\x00" + v2(len(rand), 3, 0, rand), b"\x00" + v2(4089, 1, 0, rand),
-                b"\x00" + v2(14, 1, 0, tpm.bind_command(3)),
-                b"\x02" + v2(12, 1, 255, rand)]  # fmt: skip
+        return [
+            b"\x00" + v2(len(rand), 1, 0, rand),
+            b"\x01" + v2(4096, 1, 1, full),
+            b"\x00" + v2(len(rand), 3, 0, rand),
+            b"\x00" + v2(4089, 1, 0, rand),
+            b"\x00" + v2(14, 1, 0, tpm.bind_command(3)),
+            b"\x02" + v2(12, 1, 255, rand),
+        ]
     if name == "tpmif":
         return [_ring(12), _ring(40960), _ring(0) + rand]
     if name == "tpm-command":
@@ -356,8 +364,13 @@ def hypothesis_campaign(name: str, seconds: float, out: Path) -> Tally:
     inputs = st.one_of(mutated, st.binary(max_size=512), st.sampled_from(base))
     deadline = time.monotonic() + seconds
 
-    @settings(max_examples=200, deadline=None, database=None, derandomize=False,
-              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @settings(
+        max_examples=200,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(inputs)
     def one(data: bytes) -> None:
         if time.monotonic() > deadline:
@@ -399,13 +412,22 @@ def atheris_campaign(name: str, seconds: float, out: Path) -> Tally:
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 1:
         before = {p.name for p in out.glob(f"{name}-*")}
-        argv = [sys.executable, "-c", CHILD, name,
-                f"-max_total_time={int(left)}", f"-timeout={int(HANG_S)}",
-                f"-max_len={MAX_LEN}", f"-artifact_prefix={out}/{name}-",
-                "-print_final_stats=1", str(corpus)]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(argv, capture_output=True, env=env, cwd=ROOT,
-                                timeout=left + 60, check=False)  # fmt: skip
+        argv = [
+            sys.executable,
+            "-c",
+            CHILD,
+            name,
+            f"-max_total_time={int(left)}",
+            f"-timeout={int(HANG_S)}",
+            f"-max_len={MAX_LEN}",
+            f"-artifact_prefix={out}/{name}-",
+            "-print_final_stats=1",
+            str(corpus),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        result = subprocess.run(
+            argv, capture_output=True, env=env, cwd=REPO_ROOT, timeout=left + 60, check=False
+        )
         log = result.stdout + result.stderr
         counts = _EXECUTED.findall(log) or _PULSE.findall(log)
         tally.inputs += int(counts[-1]) if counts else 0
@@ -413,8 +435,11 @@ def atheris_campaign(name: str, seconds: float, out: Path) -> Tally:
         for artifact in new:
             kind = "hangs" if "-timeout-" in artifact or "-slow-unit-" in artifact else "crashes"
             setattr(tally, kind, getattr(tally, kind) + 1)
-            print(f"fuzz: {name}: {kind[:-2] if kind == 'crashes' else 'hang'} saved to "
-                  f"{out / artifact}", flush=True)  # fmt: skip
+            print(
+                f"fuzz: {name}: {kind[:-2] if kind == 'crashes' else 'hang'} saved to "
+                f"{out / artifact}",
+                flush=True,
+            )
         if result.returncode != 0 and not new:
             tally.crashes += 1
             sys.stderr.write(log[-3000:].decode(errors="replace"))
@@ -450,8 +475,12 @@ def have_atheris() -> bool:
     return True
 
 
-def campaign(seconds: float, targets: Sequence[str] | None = None, engine: str = "auto",
-             out: Path = ARTIFACTS) -> Tally:  # fmt: skip
+def campaign(
+    seconds: float,
+    targets: Sequence[str] | None = None,
+    engine: str = "auto",
+    out: Path = ARTIFACTS,
+) -> Tally:
     names = list(targets or TARGETS)
     if engine == "auto":
         engine = "atheris" if have_atheris() else "hypothesis"
@@ -461,8 +490,11 @@ def campaign(seconds: float, targets: Sequence[str] | None = None, engine: str =
         t0 = time.monotonic()
         tally = run(name, seconds / len(names), out)
         total.add(tally)
-        print(f"fuzz: {name} ({engine}): {tally.inputs} inputs, {tally.crashes} crashes, "
-              f"{tally.hangs} hangs in {time.monotonic() - t0:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"fuzz: {name} ({engine}): {tally.inputs} inputs, {tally.crashes} crashes, "
+            f"{tally.hangs} hangs in {time.monotonic() - t0:.0f} s",
+            flush=True,
+        )
     return total
 
 
@@ -478,11 +510,18 @@ def replay(corpus: Path = CORPUS) -> dict[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m harness.fuzz", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m harness.fuzz",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="whole campaign (default 60)")
-    p.add_argument("--target", action="append", choices=sorted(TARGETS),
-                   help="fuzz only this target (repeatable; default all)")  # fmt: skip
+    p.add_argument(
+        "--target",
+        action="append",
+        choices=sorted(TARGETS),
+        help="fuzz only this target (repeatable; default all)",
+    )
     p.add_argument("--engine", choices=("auto", "atheris", "hypothesis"), default="auto")
     p.add_argument("--out", type=Path, default=ARTIFACTS, help="crashes, hangs, corpus")
     a = p.parse_args(args)

@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from harness.errors import HarnessError
+from harness.paths import REPO_ROOT
 from harness.process import tail
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "images"
+RECIPES = REPO_ROOT / "images"
 CACHE_ENV = "XENVTPM_CACHE"
 SUITE = "bookworm"
 STEP_EXIT_TIMEOUT = 300  # seconds from a step's end of output to its exit
@@ -478,9 +478,16 @@ class Builder:
         strip = len(Path(SELFTESTS_MEMBER).parts)
         self.run(
             "dom0 tpm2 selftests",
-            ["tar", "-xJf", str(tarball), "-C", str(dest), f"--strip-components={strip}",
-             SELFTESTS_MEMBER],
-        )  # fmt: skip
+            [
+                "tar",
+                "-xJf",
+                str(tarball),
+                "-C",
+                str(dest),
+                f"--strip-components={strip}",
+                SELFTESTS_MEMBER,
+            ],
+        )
         if not (dest / "tpm2_tests.py").exists():
             raise ImageBuildError(
                 f"{SELFTESTS_MEMBER} of {tarball} has no tpm2_tests.py (log: {self.log_path})"

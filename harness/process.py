@@ -124,7 +124,7 @@ def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _wait_gone(pids: Sequence[int], deadline: Deadline, reap: Callable[[], None]) -> list[int]:
+def _wait_gone(pids: Sequence[int], deadline: Deadline, reap: Callable[[], object]) -> list[int]:
     """Wait until none of ``pids`` runs; return those still running at the deadline."""
     while True:
         reap()
@@ -138,7 +138,7 @@ def stop_family(
     pid: int,
     starttime: int | None,
     timeout: float = DEFAULT_STOP_TIMEOUT,
-    reap: Callable[[], None] = lambda: None,
+    reap: Callable[[], object] = lambda: None,
     soft: signal.Signals = signal.SIGTERM,
 ) -> None:
     """SIGTERM the process, then everything it left, wait, then SIGKILL what is left.

@@ -125,7 +125,7 @@ class MachineConfig:
             disks = [self.dom0_disk, *self.guest_disks]
             drives = [f"file={d},if=virtio,format=raw" for d in disks]
         snapshot = self.snapshot and self.overlays is None
-        return [
+        return [  # one option and its value per line, as QEMU documents them
             QEMU,
             *accel_args(self.accel),
             "-m", str(self.memory_mb),
@@ -161,9 +161,13 @@ def make_overlay(backing: Path, overlay: Path) -> None:
     except (OSError, subprocess.SubprocessError) as e:
         err = getattr(e, "stderr", b"") or b""
         raise LaunchFailure(
-            "qemu-img", [*argv, str(overlay)], getattr(e, "returncode", None),
-            err.decode(errors="replace"), None, "could not create an overlay",
-        ) from e  # fmt: skip
+            "qemu-img",
+            [*argv, str(overlay)],
+            getattr(e, "returncode", None),
+            err.decode(errors="replace"),
+            None,
+            "could not create an overlay",
+        ) from e
 
 
 class QemuMachine:

@@ -289,12 +289,17 @@ def ssh_argv(
 ) -> list[str]:
     """An OpenSSH command line for a person: dom0, or a guest with dom0 as the jump host."""
     opts = [
-        "-i", str(key),
-        "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR",
-        "-o", "IdentitiesOnly=yes",
-    ]  # fmt: skip
+        "-i",
+        str(key),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "IdentitiesOnly=yes",
+    ]
     argv = ["ssh", *opts]
     if guest_ip is None:
         argv += ["-p", str(port), "root@127.0.0.1"]

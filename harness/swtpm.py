@@ -23,24 +23,28 @@ def manufacture(state_dir: Path, setup_conf: Path, log_path: Path, deadline: Dea
     if (state_dir / STATE_FILE).exists():
         return
     state_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        "swtpm_setup", "--tpm2", "--tpmstate", str(state_dir), "--createek",
-        "--create-ek-cert", "--create-platform-cert", "--config", str(setup_conf),
-        "--overwrite",
-    ]  # fmt: skip
+    argv = ["swtpm_setup", "--tpm2", "--tpmstate", str(state_dir), "--createek"]
+    argv += ["--create-ek-cert", "--create-platform-cert", "--config", str(setup_conf)]
+    argv += ["--overwrite"]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as logf:
         try:
             rc = subprocess.run(
-                argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                timeout=max(deadline.remaining, 0.1), check=False,
-            ).returncode  # fmt: skip
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                timeout=max(deadline.remaining, 0.1),
+                check=False,
+            ).returncode
         except subprocess.TimeoutExpired as e:
-            raise LaunchFailure("swtpm_setup", argv, None, tail(log_path), log_path,
-                                "did not finish in time") from e  # fmt: skip
+            raise LaunchFailure(
+                "swtpm_setup", argv, None, tail(log_path), log_path, "did not finish in time"
+            ) from e
         except OSError as e:
-            raise LaunchFailure("swtpm_setup", argv, None, str(e), log_path,
-                                "could not be executed") from e  # fmt: skip
+            raise LaunchFailure(
+                "swtpm_setup", argv, None, str(e), log_path, "could not be executed"
+            ) from e
     if rc != 0:
         raise LaunchFailure("swtpm_setup", argv, rc, tail(log_path), log_path, "failed")
 
@@ -49,13 +53,10 @@ def swtpm_process(
     name: str, state_dir: Path, socket_path: Path, log_path: Path, die_with_parent: bool = True
 ) -> ManagedProcess:
     """A swtpm serving ``socket_path`` (data) and ``<socket_path>.ctrl``; ready once bound."""
-    argv = [
-        "swtpm", "socket", "--tpm2",
-        "--tpmstate", f"dir={state_dir}",
-        "--server", f"type=unixio,path={socket_path}",
-        "--ctrl", f"type=unixio,path={socket_path}.ctrl",
-        "--flags", "not-need-init,startup-clear",
-    ]  # fmt: skip
+    argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state_dir}"]
+    argv += ["--server", f"type=unixio,path={socket_path}"]
+    argv += ["--ctrl", f"type=unixio,path={socket_path}.ctrl"]
+    argv += ["--flags", "not-need-init,startup-clear"]
 
     class _Swtpm(ManagedProcess):
         def start(self) -> _Swtpm:

@@ -1,32 +1,45 @@
-"""The few raw TPM 2.0 commands the harness itself sends (readiness, cleanup, smoke,
-and the NV commands of the NV-write benchmark and the power-cut scenario).
+"""TPM 2.0 on the wire, for the harness and the scenarios: one module, no TSS.
 
-Built by hand so that cleanup works even when an ESAPI context is dead, and so that a
-command is sent and answered with nothing else in between (no TSS round trips). Spec:
-TPM 2.0 Library Part 3 (commands) and Part 2 (structures); codes from tpm2-tss
-``tss2_tpm2_types.h``.
+The raw commands the harness sends itself (readiness, cleanup, smoke, the NV commands
+of the NV-write benchmark and the power-cut scenario), the malformed ones the scenarios
+send on purpose, and the values and structures they check answers against.
+
+Built by hand so that cleanup works even when an ESAPI context is dead, so that a
+command is sent and answered with nothing else in between (no TSS round trips), and so
+that the checks stay outside the TSS under test. What needs tpm2-pytss (ESAPI, public
+templates) stays in ``scenarios/tpm_helpers.py``: the harness must import without it.
+
+Spec: TCG TPM 2.0 Library Part 1 (response codes), Part 2 (structures), Part 3
+(commands); TCG EK Credential Profile 2.0 (EK certificate NV indices); codes from
+tpm2-tss ``tss2_tpm2_types.h``.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import struct
 from dataclasses import dataclass
 
 from harness.errors import TransportError
 from harness.transport import RawTransport
 
-HEADER = struct.Struct(">HII")  # tag, commandSize/responseSize, commandCode/responseCode
+HEADER = struct.Struct(">HII")  # tag, size, code: Part 1, 18.2 / 18.4
 
 
-class Tag(enum.IntEnum):
-    NO_SESSIONS = 0x8001  # TPM_ST_NO_SESSIONS
-    SESSIONS = 0x8002  # TPM_ST_SESSIONS
+class ST(enum.IntEnum):
+    """Command and response tags. Spec: Part 2, 6.9 TPM_ST."""
+
+    NO_SESSIONS = 0x8001
+    SESSIONS = 0x8002
 
 
 class CC(enum.IntEnum):
+    """Command codes sent as raw bytes. Spec: Part 2, 6.5.2 TPM_CC."""
+
     NV_UNDEFINE_SPACE = 0x0122
     NV_DEFINE_SPACE = 0x012A
+    CREATE_PRIMARY = 0x0131
     NV_WRITE = 0x0137
     STARTUP = 0x0144
     NV_READ = 0x014E
@@ -34,14 +47,23 @@ class CC(enum.IntEnum):
     READ_PUBLIC = 0x0173
     GET_CAPABILITY = 0x017A
     GET_RANDOM = 0x017B
+    PCR_READ = 0x017E
+    POLICY_PCR = 0x017F
 
 
 class RC(enum.IntEnum):
+    """Response codes the harness and the scenarios expect. Spec: Part 2, 6.6 TPM_RC."""
+
     SUCCESS = 0x000
+    BAD_TAG = 0x01E
     INITIALIZE = 0x100  # TPM_RC_INITIALIZE: already started
     FAILURE = 0x101
     COMMAND_SIZE = 0x142
     COMMAND_CODE = 0x143
+    # TPM_RC_VALUE (RC_FMT1 + 0x004): what swtpm/libtpms answers for a tag that is no
+    # TPM_ST value at all (measured: 0x084); BAD_TAG is for a TPM_ST that is not a
+    # command tag (scenarios/test_errors.BAD_TAGS).
+    VALUE = 0x084
 
 
 class Cap(enum.IntEnum):
@@ -61,6 +83,36 @@ RH_OWNER = 0x40000001  # TPM_RH_OWNER
 RS_PW = 0x40000009  # TPM_RS_PW: the password session
 ALG_SHA256 = 0x000B  # TPM_ALG_SHA256
 
+ERROR_RESPONSE_SIZE = 10
+TPM_MAX_COMMAND_SIZE = 4096  # swtpm's TPM_PT_MAX_COMMAND_SIZE (measured)
+RING_CAPACITY = 10 * 4096  # TPMIF_TX_RING_SIZE pages: xen/include/public/io/tpmif.h
+
+TPM2_PT_MANUFACTURER = 0x105  # Part 2, 6.13 TPM_PT (PT_FIXED + 5)
+TPM2_PT_NV_BUFFER_MAX = 0x12C
+
+# Resettable debug PCR (locality 0 may PCR_Reset it). Spec: PC Client PTP, PCR 16.
+DEBUG_PCR = 16
+
+# EK certificate NV indices. Spec: TCG EK Credential Profile 2.0, 2.2.1.4.
+EK_CERT_RSA2048 = 0x01C00002
+EK_CERT_ECC_P256 = 0x01C0000A
+EK_CERT_ECC_P384 = 0x01C00016
+# Where swtpm_setup --createek persists the EKs (measured with swtpm_setup 0.7).
+EK_PERSISTENT_RSA = 0x81010001
+
+# Per-scenario NV indices and persistent handles live in these owner ranges; each
+# scenario passes its own small offset so that scenarios never share one.
+NV_BASE = 0x01000A00
+PERSISTENT_BASE = 0x81000A00
+
+
+def nv_index(offset: int) -> int:
+    return NV_BASE + offset
+
+
+def persistent_handle(offset: int) -> int:
+    return PERSISTENT_BASE + offset
+
 
 class NVAttr(enum.IntFlag):
     """TPMA_NV bits (Part 2, 13.4)."""
@@ -77,7 +129,10 @@ _PASSWORD_SESSION = struct.pack(">IHBH", RS_PW, 0, 0x01, 0)
 
 @dataclass(frozen=True)
 class Response:
+    """A TPM 2.0 response, parsed once. Spec: Part 1, 18.4 response header."""
+
     tag: int
+    size: int
     code: int
     body: bytes
 
@@ -88,11 +143,25 @@ class Response:
         tag, size, code = HEADER.unpack_from(data)
         if size != len(data):
             raise TransportError(f"TPM response says {size} bytes, carries {len(data)}")
-        return cls(tag, code, bytes(data[HEADER.size :]))
+        return cls(tag, size, code, bytes(data[HEADER.size :]))
 
 
-def command(code: int, params: bytes = b"", tag: int = Tag.NO_SESSIONS) -> bytes:
-    return HEADER.pack(tag, HEADER.size + len(params), code) + params
+def command(
+    code: int, params: bytes = b"", tag: int = ST.NO_SESSIONS, *, size: int | None = None
+) -> bytes:
+    """A raw command; ``size`` overrides the header's commandSize field (to lie in it)."""
+    total = HEADER.size + len(params) if size is None else size
+    return HEADER.pack(tag, total, code) + params
+
+
+def error_response(rc: int) -> bytes:
+    """The exact 10-byte answer to a command that fails before any parameter."""
+    return HEADER.pack(ST.NO_SESSIONS, ERROR_RESPONSE_SIZE, rc)
+
+
+def rc_of(response: bytes) -> int:
+    """Response code of a raw response (the header is validated first)."""
+    return Response.from_bytes(response).code
 
 
 def startup_clear() -> bytes:
@@ -100,6 +169,7 @@ def startup_clear() -> bytes:
 
 
 def get_random(count: int) -> bytes:
+    """TPM2_GetRandom(bytesRequested). Spec: Part 3, 16.1."""
     return command(CC.GET_RANDOM, struct.pack(">H", count))
 
 
@@ -114,7 +184,7 @@ def get_capability_handles(first: int, count: int = 64) -> bytes:
 def with_password(code: int, handles: bytes, params: bytes = b"") -> bytes:
     """A command with one password session (empty password) on its authorized handle."""
     body = handles + struct.pack(">I", len(_PASSWORD_SESSION)) + _PASSWORD_SESSION + params
-    return command(code, body, Tag.SESSIONS)
+    return command(code, body, ST.SESSIONS)
 
 
 def nv_define_space(index: int, size: int) -> bytes:
@@ -200,3 +270,101 @@ def startup(transport: RawTransport, timeout: float = 10.0) -> int:
     if code not in (RC.SUCCESS, RC.INITIALIZE):
         raise TransportError(f"Startup(CLEAR) failed: {code:#x}")
     return code
+
+
+def assert_channel_works(transport: RawTransport, n: int = 8) -> bytes:
+    """GetRandom(n) through ``transport`` answers success with n bytes: the channel lives."""
+    resp = Response.from_bytes(transport.transmit(get_random(n), timeout=30))
+    assert (resp.tag, resp.code) == (ST.NO_SESSIONS, RC.SUCCESS), resp
+    (count,) = struct.unpack_from(">H", resp.body)
+    assert count == n and len(resp.body) == 2 + n, resp
+    return resp.body[2:]
+
+
+# ---- PCR arithmetic -----------------------------------------------------------------
+
+
+def pcr_extended(old: bytes, digest: bytes) -> bytes:
+    """PCR_Extend: new = H(old || digest). Spec: Part 1, 17.2."""
+    return hashlib.sha256(old + digest).digest()
+
+
+def pcr_selection_bytes(pcrs: list[int], alg: int = ALG_SHA256) -> bytes:
+    """TPML_PCR_SELECTION with one bank, 3-byte bitmap. Spec: Part 2, 10.6 / 10.9.7."""
+    bitmap = bytearray(3)
+    for p in pcrs:
+        bitmap[p // 8] |= 1 << (p % 8)
+    return struct.pack(">IHB", 1, alg, 3) + bytes(bitmap)
+
+
+def pcr_read(pcr: int) -> bytes:
+    """Raw TPM2_PCR_Read of one SHA-256 PCR (its value is the answer's last 32 bytes)."""
+    return command(CC.PCR_READ, pcr_selection_bytes([pcr]))
+
+
+def policy_pcr_digest(pcr_select: bytes, pcr_digest: bytes) -> bytes:
+    """policyDigest after one PolicyPCR from a fresh session. Spec: Part 3, 23.7."""
+    return hashlib.sha256(
+        bytes(32) + struct.pack(">I", CC.POLICY_PCR) + pcr_select + pcr_digest
+    ).digest()
+
+
+# ---- attestation structures ---------------------------------------------------------
+
+TPM_GENERATED_VALUE = 0xFF544347  # Part 2, 6.2
+TPM_ST_ATTEST_QUOTE = 0x8018  # Part 2, 6.9
+
+
+@dataclass(frozen=True)
+class QuoteInfo:
+    """TPMS_ATTEST carrying TPMS_QUOTE_INFO, parsed from the signed bytes.
+
+    Spec: Part 2, 10.12.8 TPMS_ATTEST, 10.12.1 TPMS_CLOCK_INFO, 10.12.4 TPMS_QUOTE_INFO.
+    """
+
+    magic: int
+    type: int
+    qualified_signer: bytes
+    extra_data: bytes
+    clock: int
+    reset_count: int
+    restart_count: int
+    safe: int
+    firmware_version: int
+    pcr_select: bytes
+    pcr_digest: bytes
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> QuoteInfo:
+        view = memoryview(data)
+        pos = 0
+
+        def take(n: int) -> bytes:
+            nonlocal pos
+            if pos + n > len(view):
+                raise ValueError("attest structure truncated")
+            out = bytes(view[pos : pos + n])
+            pos += n
+            return out
+
+        def tpm2b() -> bytes:
+            (n,) = struct.unpack(">H", take(2))
+            return take(n)
+
+        magic, typ = struct.unpack(">IH", take(6))
+        signer = tpm2b()
+        extra = tpm2b()
+        clock, resets, restarts, safe = struct.unpack(">QIIB", take(17))
+        (firmware,) = struct.unpack(">Q", take(8))
+        sel_start = pos
+        (count,) = struct.unpack(">I", take(4))
+        for _ in range(count):
+            _alg, size = struct.unpack(">HB", take(3))
+            take(size)
+        pcr_select = bytes(view[sel_start:pos])
+        digest = tpm2b()
+        if pos != len(view):
+            raise ValueError("trailing bytes after TPMS_QUOTE_INFO")
+        return cls(
+            magic, typ, signer, extra, clock, resets, restarts, safe, firmware, pcr_select, digest
+        )

@@ -41,6 +41,21 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 from tpm_helpers import (
+    attestation_template,
+    get_property,
+    handles,
+    nv_read_all,
+    nv_space,
+    object_name,
+    public_key,
+    read_pcr,
+    sha256_digests,
+    signing_template,
+    storage_template,
+    tss_rc,
+)
+
+from harness.tpmwire import (
     DEBUG_PCR,
     EK_CERT_ECC_P256,
     EK_CERT_ECC_P384,
@@ -51,22 +66,10 @@ from tpm_helpers import (
     TPM_MAX_COMMAND_SIZE,
     TPM_ST_ATTEST_QUOTE,
     QuoteInfo,
-    attestation_template,
-    get_property,
-    handles,
     nv_index,
-    nv_read_all,
-    nv_space,
-    object_name,
     pcr_extended,
     pcr_selection_bytes,
     policy_pcr_digest,
-    public_key,
-    read_pcr,
-    sha256_digests,
-    signing_template,
-    storage_template,
-    tss_rc,
 )
 
 # ---- GetCapability ------------------------------------------------------------------

@@ -24,22 +24,25 @@ from typing import Any
 import pytest
 from tpm2_pytss import ESYS_TR
 from tpm_helpers import (
+    nv_define,
+    nv_remove,
+    open_esapi,
+    read_pcr,
+    sha256_digests,
+    slow_create_primary_cmd,
+)
+
+from harness.tpmwire import (
     CC,
     DEBUG_PCR,
     RC,
     Response,
     assert_channel_works,
     command,
-    get_random_cmd,
-    nv_define,
+    get_random,
     nv_index,
-    nv_remove,
-    open_esapi,
     pcr_extended,
     pcr_selection_bytes,
-    read_pcr,
-    sha256_digests,
-    slow_create_primary_cmd,
 )
 
 pytestmark = pytest.mark.needs("shared-clients")
@@ -172,7 +175,7 @@ def test_mixed_raw_commands(guest: Any) -> None:
     def bad_tag_client() -> None:
         with guest.transport(shared=True) as t:
             for _ in range(50):
-                packet = get_random_cmd(8)
+                packet = get_random(8)
                 resp = t.transmit(b"\x80\x03" + packet[2:])
                 assert Response.from_bytes(resp).code == RC.VALUE and len(resp) == 10
 

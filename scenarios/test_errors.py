@@ -29,25 +29,24 @@ from typing import Any
 
 import pytest
 from tpm2_pytss import ESYS_TR
-from tpm_helpers import (
+from tpm_helpers import open_esapi, read_pcr
+
+from harness.errors import DeviceRefused
+from harness.tpmwire import (
     CC,
     DEBUG_PCR,
+    HEADER,
     RC,
     RING_CAPACITY,
     ST,
-    TPM_HEADER,
     TPM_MAX_COMMAND_SIZE,
     Response,
-    Transport,
     assert_channel_works,
     command,
     error_response,
-    get_random_cmd,
-    open_esapi,
-    read_pcr,
+    get_random,
 )
-
-from harness.errors import DeviceRefused
+from harness.transport import RawTransport
 
 TIMEOUT = 10.0  # a malformed packet must be answered at once, not time out
 
@@ -59,7 +58,7 @@ class Refused:
     errno: str
 
 
-def answer(transport: Transport, packet: bytes) -> bytes | Refused:
+def answer(transport: RawTransport, packet: bytes) -> bytes | Refused:
     try:
         return transport.transmit(packet, timeout=TIMEOUT)
     except DeviceRefused as e:
@@ -89,10 +88,10 @@ KERNEL_WRONG_SIZE: dict[int, bytes | Refused] = {
 
 @pytest.mark.parametrize("claimed", list(KERNEL_WRONG_SIZE),
                          ids=["more", "less", "header-only", "zero", "max", "huge"])
-def test_wrong_size_field(raw_tpm: Transport, guest: Any, claimed: int) -> None:
+def test_wrong_size_field(raw_tpm: RawTransport, guest: Any, claimed: int) -> None:
     """A 12-byte GetRandom whose header claims another size gets TPM_RC_COMMAND_SIZE
     from the driver (through a Linux guest kernel: see KERNEL_WRONG_SIZE)."""
-    packet = get_random_cmd(8)
+    packet = get_random(8)
     packet = packet[:2] + struct.pack(">I", claimed) + packet[6:]
     expected = seen_by_client(guest, error_response(RC.COMMAND_SIZE), KERNEL_WRONG_SIZE[claimed])
     assert answer(raw_tpm, packet) == expected
@@ -101,20 +100,20 @@ def test_wrong_size_field(raw_tpm: Transport, guest: Any, claimed: int) -> None:
 
 @pytest.mark.needs("validation")
 @pytest.mark.parametrize("length", [1, 2, 5, 9])
-def test_truncated_header(raw_tpm: Transport, guest: Any, length: int) -> None:
+def test_truncated_header(raw_tpm: RawTransport, guest: Any, length: int) -> None:
     """Fewer than the 10 header bytes get TPM_RC_COMMAND_SIZE, not a hang."""
     expected = seen_by_client(guest, error_response(RC.COMMAND_SIZE), Refused("EINVAL"))
-    assert answer(raw_tpm, get_random_cmd(8)[:length]) == expected
+    assert answer(raw_tpm, get_random(8)[:length]) == expected
     assert_channel_works(raw_tpm)
 
 
 @pytest.mark.needs("validation")
 @pytest.mark.parametrize("length", [TPM_MAX_COMMAND_SIZE + 1, 5000, RING_CAPACITY,
                                     RING_CAPACITY + 1, 65536])
-def test_oversize_packet(raw_tpm: Transport, guest: Any, length: int) -> None:
+def test_oversize_packet(raw_tpm: RawTransport, guest: Any, length: int) -> None:
     """A consistent header over the TPM's 4096-byte maximum (up to past the 40960-byte
     ring) gets one TPM_RC_COMMAND_SIZE, and no trailing answers for the excess bytes."""
-    packet = command(CC.GET_RANDOM, bytes(length - TPM_HEADER.size))
+    packet = command(CC.GET_RANDOM, bytes(length - HEADER.size))
     assert len(packet) == length
     expected = seen_by_client(guest, error_response(RC.COMMAND_SIZE), Refused("E2BIG"))
     assert answer(raw_tpm, packet) == expected
@@ -123,14 +122,14 @@ def test_oversize_packet(raw_tpm: Transport, guest: Any, length: int) -> None:
 
 
 @pytest.mark.needs("validation")
-def test_empty_write(raw_tpm: Transport, guest: Any) -> None:
+def test_empty_write(raw_tpm: RawTransport, guest: Any) -> None:
     """An empty write gets TPM_RC_COMMAND_SIZE."""
     expected = seen_by_client(guest, error_response(RC.COMMAND_SIZE), Refused("EINVAL"))
     assert answer(raw_tpm, b"") == expected
     assert_channel_works(raw_tpm)
 
 
-def test_largest_command_accepted(raw_tpm: Transport, guest: Any) -> None:
+def test_largest_command_accepted(raw_tpm: RawTransport, guest: Any) -> None:
     """The largest command the guest's path carries (4096 bytes, the TPM's maximum;
     4088 through stock xen-tpmfront, whose one page also holds its 8-byte header)
     reaches the TPM: its answer is the TPM's own parameter error (TPM_RC_SIZE for
@@ -160,14 +159,14 @@ BAD_TAGS = {0x8003: RC.VALUE, 0x0000: RC.VALUE, 0xFFFF: RC.VALUE, 0x00C1: RC.VAL
 
 
 @pytest.mark.parametrize("tag", list(BAD_TAGS), ids=[f"{t:#06x}" for t in BAD_TAGS])
-def test_unknown_tag(raw_tpm: Transport, tag: int) -> None:
+def test_unknown_tag(raw_tpm: RawTransport, tag: int) -> None:
     """A command tag other than 0x8001/0x8002 gets exactly the TPM's own bad-tag answer."""
     packet = command(CC.GET_RANDOM, struct.pack(">H", 8), tag=tag)
     assert answer(raw_tpm, packet) == error_response(BAD_TAGS[tag])
     assert_channel_works(raw_tpm)
 
 
-def test_unknown_tag_beats_wrong_size(raw_tpm: Transport, guest: Any) -> None:
+def test_unknown_tag_beats_wrong_size(raw_tpm: RawTransport, guest: Any) -> None:
     """With both a bad tag and a wrong size, the tag is reported, as the TPM does (a
     Linux guest kernel refuses the write first: commandSize 99 > 12 bytes written)."""
     packet = command(CC.GET_RANDOM, struct.pack(">H", 8), tag=0x8003, size=99)
@@ -177,7 +176,7 @@ def test_unknown_tag_beats_wrong_size(raw_tpm: Transport, guest: Any) -> None:
 
 
 @pytest.mark.parametrize("code", [0x00000000, 0x00000FFF, 0x0000011E, 0x20000000, 0xFFFFFFFF])
-def test_unknown_command_code(raw_tpm: Transport, code: int) -> None:
+def test_unknown_command_code(raw_tpm: RawTransport, code: int) -> None:
     """An unimplemented command code (TPM 2.0 range or vendor) gets TPM_RC_COMMAND_CODE."""
     assert answer(raw_tpm, command(code)) == error_response(RC.COMMAND_CODE)
     assert_channel_works(raw_tpm)
@@ -185,7 +184,7 @@ def test_unknown_command_code(raw_tpm: Transport, code: int) -> None:
 
 @pytest.mark.hostile
 @pytest.mark.needs("shared-clients")
-def test_guest_cannot_send_manager_control_command(raw_tpm: Transport, guest: Any) -> None:
+def test_guest_cannot_send_manager_control_command(raw_tpm: RawTransport, guest: Any) -> None:
     """The backend-to-manager BIND vendor command (0x20000f00, xenvtpm/tpm.py) sent by a
     guest is an unknown command: TPM_RC_COMMAND_CODE, and the vTPM is not power-cycled
     (an extended PCR keeps its value). The ESAPI beside ``raw_tpm`` is a shared one
@@ -206,7 +205,7 @@ def test_guest_cannot_send_manager_control_command(raw_tpm: Transport, guest: An
 # ---- many bad packets in a row ------------------------------------------------------
 
 
-def test_errors_back_to_back(raw_tpm: Transport) -> None:
+def test_errors_back_to_back(raw_tpm: RawTransport) -> None:
     """Alternating bad and good commands: every answer belongs to its own command."""
     for i in range(20):
         bad = command(CC.GET_RANDOM, struct.pack(">H", 8), tag=0x8003)
@@ -226,7 +225,7 @@ SAFE_CODES = [CC.GET_RANDOM, CC.GET_CAPABILITY, CC.PCR_READ,
 
 
 @pytest.mark.hostile
-def test_random_bodies_get_wellformed_answers(raw_tpm: Transport) -> None:
+def test_random_bodies_get_wellformed_answers(raw_tpm: RawTransport) -> None:
     """200 well-framed commands with random bodies (seeded): every answer is one
     well-formed TPM response, and the channel works afterwards."""
     rng = random.Random(0x5EED)

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tpm_helpers import DEBUG_PCR, nv_index, pcr_extended
 
 from harness.baseline_tpm import ProxySwtpm
-from harness.images import ROOT
+from harness.paths import REPO_ROOT as ROOT
+from harness.tpmwire import DEBUG_PCR, nv_index, pcr_extended
 from harness.unittest_results import (
     Outcome,
     Row,

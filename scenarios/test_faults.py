@@ -27,19 +27,9 @@ import pytest
 from tpm2_pytss import ESAPI, ESYS_TR, TSS2_Exception
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 from tpm_helpers import (
-    DEBUG_PCR,
-    RC,
-    Response,
-    Transport,
-    assert_channel_works,
-    command,
-    error_response,
-    get_random_cmd,
     nv_define,
-    nv_index,
     nv_remove,
     open_esapi,
-    pcr_read_cmd,
     read_pcr,
     slow_create_primary_cmd,
     startup,
@@ -47,6 +37,18 @@ from tpm_helpers import (
 )
 
 from harness.errors import DeviceRefused, ResetFailed, TransportTimeout
+from harness.tpmwire import (
+    DEBUG_PCR,
+    RC,
+    Response,
+    assert_channel_works,
+    command,
+    error_response,
+    get_random,
+    nv_index,
+    pcr_read,
+)
+from harness.transport import RawTransport
 
 RECOVERY_S = 30.0  # how long a guest may take to get a working TPM back
 WORKER_JOIN_S = 90.0  # a command in flight must be answered well before this
@@ -130,7 +132,7 @@ def assert_fails_closed(target: Any, guest: Any) -> None:
     if target.name not in DRIVERLESS:
         with guest.transport() as t:
             for _ in range(3):
-                assert t.transmit(get_random_cmd(8)) == error_response(RC.FAILURE)
+                assert t.transmit(get_random(8)) == error_response(RC.FAILURE)
     target.reset_vtpm(guest)
     wait_until_working(guest)
 
@@ -226,7 +228,7 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: 
         try:
             started = time.monotonic()
             with pytest.raises((DeviceRefused, TransportTimeout)) as ended:
-                t.transmit(get_random_cmd(7), timeout=HUNG_CLIENT_WAIT_S)
+                t.transmit(get_random(7), timeout=HUNG_CLIENT_WAIT_S)
             waited = time.monotonic() - started
         finally:
             target.resume_swtpm(guest)
@@ -239,7 +241,7 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: 
 
 
 @pytest.mark.needs("kill-swtpm")
-def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) -> None:
+def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: RawTransport) -> None:
     """After swtpm dies between commands, a connection opened before the crash gets
     TPM_RC_FAILURE (through the driver: failure mode, never a fresh TPM) until the
     operator's reset, and then works again within the recovery time."""
@@ -248,11 +250,11 @@ def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: Transport) ->
     target.kill_swtpm(guest)
     if target.name not in DRIVERLESS:
         for _ in range(3):
-            assert raw_tpm.transmit(get_random_cmd(8)) == error_response(RC.FAILURE)
+            assert raw_tpm.transmit(get_random(8)) == error_response(RC.FAILURE)
     target.reset_vtpm(guest)
     end = time.monotonic() + RECOVERY_S
     while True:
-        resp = raw_tpm.transmit(get_random_cmd(8), timeout=RECOVERY_S)
+        resp = raw_tpm.transmit(get_random(8), timeout=RECOVERY_S)
         if Response.from_bytes(resp).code == RC.SUCCESS:
             break
         assert resp == error_response(RC.FAILURE)
@@ -276,7 +278,7 @@ def test_killed_swtpm_never_shows_reset_pcrs(target: Any, guest: Any) -> None:
     target.kill_swtpm(guest)
     with guest.transport() as t:
         for _ in range(3):
-            answer = t.transmit(pcr_read_cmd(DEBUG_PCR))
+            answer = t.transmit(pcr_read(DEBUG_PCR))
             if answer != error_response(RC.FAILURE):
                 assert answer[-32:] == extended, answer.hex()
     target.reset_vtpm(guest)
@@ -325,7 +327,7 @@ def test_restart_while_idle_guest_reconnects(target: Any, guest: Any, component:
         target.restart(component)
         end = time.monotonic() + RECOVERY_S
         while True:
-            resp = before.transmit(get_random_cmd(8), timeout=RECOVERY_S)
+            resp = before.transmit(get_random(8), timeout=RECOVERY_S)
             if Response.from_bytes(resp).code == RC.SUCCESS:
                 break
             assert resp == error_response(RC.FAILURE)

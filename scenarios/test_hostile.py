@@ -128,7 +128,7 @@ class SimToolstack:
 
     @staticmethod
     def target_root() -> str:
-        from harness.targets.sim import REPO_ROOT
+        from harness.paths import REPO_ROOT
 
         return str(REPO_ROOT)
 

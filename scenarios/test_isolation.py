@@ -17,19 +17,16 @@ import pytest
 from tpm2_pytss import ESYS_TR
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 from tpm_helpers import (
-    DEBUG_PCR,
-    EK_PERSISTENT_RSA,
     handles,
     nv_exists,
-    nv_index,
     nv_space,
     open_esapi,
-    pcr_extended,
-    persistent_handle,
     persistent_key,
     read_pcr,
     storage_template,
 )
+
+from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, nv_index, pcr_extended, persistent_handle
 
 pytestmark = pytest.mark.needs("multi-guest")
 

@@ -30,21 +30,18 @@ import pytest
 from tpm2_pytss import ESAPI, ESYS_TR
 from tpm2_pytss.types import TPM2B_SENSITIVE_CREATE
 from tpm_helpers import (
-    DEBUG_PCR,
-    EK_PERSISTENT_RSA,
     handles,
     make_persistent,
     nv_define,
-    nv_index,
     nv_remove,
     open_esapi,
-    pcr_extended,
-    persistent_handle,
     persistent_remove,
     read_pcr,
     sha256_digests,
     storage_template,
 )
+
+from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, nv_index, pcr_extended, persistent_handle
 
 # A PCR that PCR_Reset cannot clear from locality 0: only a TPM reset zeroes it.
 STATIC_PCR = 8

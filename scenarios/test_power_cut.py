@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from tpm_helpers import EK_PERSISTENT_RSA, nv_index
 
 from harness import tpmwire
 from harness.target import Guest
+from harness.tpmwire import EK_PERSISTENT_RSA, nv_index
 from harness.transport import RawTransport
 
 INDEX = nv_index(0x90)

@@ -15,17 +15,9 @@ from typing import Any
 
 import pytest
 from tpm2_pytss import ESYS_TR
-from tpm_helpers import (
-    DEBUG_PCR,
-    EK_PERSISTENT_RSA,
-    assert_channel_works,
-    nv_define,
-    nv_index,
-    nv_read_all,
-    nv_remove,
-    open_esapi,
-    read_pcr,
-)
+from tpm_helpers import nv_define, nv_read_all, nv_remove, open_esapi, read_pcr
+
+from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, assert_channel_works, nv_index
 
 pytestmark = pytest.mark.needs("xl")
 

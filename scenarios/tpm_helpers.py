@@ -1,10 +1,12 @@
-"""Helpers the scenarios share: raw TPM 2.0 commands, templates, parsers, cleanup.
+"""Helpers the scenarios share that need tpm2-pytss: ESAPI contexts, templates, cleanup.
 
 Plain functions and frozen values, no fixtures: every target (sim, direct, qemu, ssh)
-runs the same scenarios, so nothing here knows about a target.
+runs the same scenarios, so nothing here knows about a target. The raw commands,
+response codes, NV conventions and structures are in ``harness/tpmwire.py``, which the
+harness shares; these stay here because the harness must import without tpm2-pytss.
 
 Spec: TCG TPM 2.0 Library, Part 1 (response codes), Part 2 (structures), Part 3
-(commands); TCG EK Credential Profile 2.0 (EK certificate NV indices).
+(commands).
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss import ESAPI, ESYS_TR, TSS2_Exception
@@ -41,118 +41,12 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
-
-class ST(IntEnum):
-    """Command and response tags. Spec: Part 2, 6.9 TPM_ST."""
-
-    NO_SESSIONS = 0x8001
-    SESSIONS = 0x8002
-
-
-class CC(IntEnum):
-    """Command codes used as raw bytes. Spec: Part 2, 6.5.2 TPM_CC."""
-
-    FLUSH_CONTEXT = 0x0165
-    GET_CAPABILITY = 0x017A
-    GET_RANDOM = 0x017B
-    PCR_READ = 0x017E
-
-
-class RC(IntEnum):
-    """Response codes the scenarios expect. Spec: Part 2, 6.6 TPM_RC."""
-
-    SUCCESS = 0x000
-    BAD_TAG = 0x01E
-    INITIALIZE = 0x100
-    FAILURE = 0x101
-    COMMAND_SIZE = 0x142
-    COMMAND_CODE = 0x143
-    # TPM_RC_VALUE (RC_FMT1 + 0x004): what swtpm/libtpms answers for a tag that is no
-    # TPM_ST value at all (measured: 0x084); BAD_TAG is for a TPM_ST that is not a
-    # command tag (test_errors.BAD_TAGS).
-    VALUE = 0x084
-
-
-TPM_HEADER = struct.Struct(">HII")  # tag, size, code: Part 1, 18.2 / 18.4
-ERROR_RESPONSE_SIZE = 10
-TPM_MAX_COMMAND_SIZE = 4096  # swtpm's TPM_PT_MAX_COMMAND_SIZE (measured)
-RING_CAPACITY = 10 * 4096  # TPMIF_TX_RING_SIZE pages: xen/include/public/io/tpmif.h
-
-# Resettable debug PCR (locality 0 may PCR_Reset it). Spec: PC Client PTP, PCR 16.
-DEBUG_PCR = 16
-
-# EK certificate NV indices. Spec: TCG EK Credential Profile 2.0, 2.2.1.4.
-EK_CERT_RSA2048 = 0x01C00002
-EK_CERT_ECC_P256 = 0x01C0000A
-EK_CERT_ECC_P384 = 0x01C00016
-# Where swtpm_setup --createek persists the EKs (measured with swtpm_setup 0.7).
-EK_PERSISTENT_RSA = 0x81010001
-
-# Per-scenario NV indices and persistent handles live in these owner ranges; each
-# scenario passes its own small offset so that scenarios never share one.
-NV_BASE = 0x01000A00
-PERSISTENT_BASE = 0x81000A00
-
-
-class Transport(Protocol):
-    """What the target's raw transport offers (``guest.transport()``)."""
-
-    def transmit(self, cmd: bytes, timeout: float = 30) -> bytes: ...
-
-
-@dataclass(frozen=True)
-class Response:
-    """A TPM 2.0 response, parsed once. Spec: Part 1, 18.4 response header."""
-
-    tag: int
-    size: int
-    code: int
-    body: bytes
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Response:
-        if len(data) < TPM_HEADER.size:
-            raise ValueError(f"response shorter than a header: {data.hex()}")
-        tag, size, code = TPM_HEADER.unpack_from(data)
-        if size != len(data):
-            raise ValueError(f"response size field {size} != length {len(data)}: {data.hex()}")
-        return cls(tag, size, code, bytes(data[TPM_HEADER.size :]))
-
-
-def command(code: int, body: bytes = b"", *, tag: int = ST.NO_SESSIONS,
-            size: int | None = None) -> bytes:
-    """Build a raw command; ``size`` overrides the header's commandSize field."""
-    total = TPM_HEADER.size + len(body) if size is None else size
-    return TPM_HEADER.pack(tag, total, code) + body
-
-
-def get_random_cmd(n: int) -> bytes:
-    """TPM2_GetRandom(bytesRequested). Spec: Part 3, 16.1."""
-    return command(CC.GET_RANDOM, struct.pack(">H", n))
-
-
-def error_response(rc: int) -> bytes:
-    """The exact 10-byte answer to a command that fails before any parameter."""
-    return TPM_HEADER.pack(ST.NO_SESSIONS, ERROR_RESPONSE_SIZE, rc)
-
-
-def rc_of(response: bytes) -> int:
-    """Response code of a raw response (the header is validated first)."""
-    return Response.from_bytes(response).code
+from harness.tpmwire import CC, RC, RH_OWNER, RS_PW, ST, TPM2_PT_NV_BUFFER_MAX, command
 
 
 def tss_rc(exc: TSS2_Exception) -> int:
     """The TPM's own response code from a TSS error, without the layer bits."""
     return int(exc.rc) & 0xFFFF
-
-
-def assert_channel_works(transport: Transport, n: int = 8) -> bytes:
-    """GetRandom(n) through ``transport`` answers success with n bytes: the channel lives."""
-    resp = Response.from_bytes(transport.transmit(get_random_cmd(n), timeout=30))
-    assert (resp.tag, resp.code) == (ST.NO_SESSIONS, RC.SUCCESS), resp
-    (count,) = struct.unpack_from(">H", resp.body)
-    assert count == n and len(resp.body) == 2 + n, resp
-    return resp.body[2:]
 
 
 # ---- ESAPI conveniences -------------------------------------------------------------
@@ -199,14 +93,6 @@ def flush_transients(ctx: ESAPI) -> None:
     """Flush every transient object (not sessions: those we flush ourselves)."""
     for h in handles(ctx, TPM2_HC.TRANSIENT_FIRST):
         ctx.flush_context(ctx.tr_from_tpmpublic(h))
-
-
-def nv_index(offset: int) -> int:
-    return NV_BASE + offset
-
-
-def persistent_handle(offset: int) -> int:
-    return PERSISTENT_BASE + offset
 
 
 def nv_exists(ctx: ESAPI, index: int) -> bool:
@@ -292,10 +178,6 @@ def persistent_key(ctx: ESAPI, handle: int, template: TPM2B_PUBLIC) -> Iterator[
         persistent_remove(ctx, handle)
 
 
-TPM2_PT_MANUFACTURER = 0x105  # Part 2, 6.13 TPM_PT (PT_FIXED + 5)
-TPM2_PT_NV_BUFFER_MAX = 0x12C
-
-
 def get_property(ctx: ESAPI, prop: int) -> int:
     """One TPM_PT value from GetCapability(TPM_CAP_TPM_PROPERTIES)."""
     _, data = ctx.get_capability(TPM2_CAP.TPM_PROPERTIES, prop, 1)
@@ -372,35 +254,17 @@ def slow_create_primary_cmd() -> bytes:
     tmpl = storage_template("rsa3072")
     tmpl.publicArea.unique.rsa = os.urandom(384)  # no two commands alike
     public = tmpl.marshal()
-    auth = struct.pack(">IHBH", 0x40000009, 0, 0, 0)  # TPM_RS_PW, empty
-    body = (struct.pack(">I", 0x40000001)  # TPM_RH_OWNER
+    auth = struct.pack(">IHBH", RS_PW, 0, 0, 0)  # empty password, continueSession clear
+    body = (struct.pack(">I", RH_OWNER)
             + struct.pack(">I", len(auth)) + auth
             + struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
             + public
             + struct.pack(">H", 0)  # outsideInfo
             + struct.pack(">I", 0))  # creationPCR: no selection
-    return command(0x0131, body, tag=ST.SESSIONS)
+    return command(CC.CREATE_PRIMARY, body, tag=ST.SESSIONS)
 
 
-# ---- PCR arithmetic -----------------------------------------------------------------
-
-
-def pcr_extended(old: bytes, digest: bytes) -> bytes:
-    """PCR_Extend: new = H(old || digest). Spec: Part 1, 17.2."""
-    return hashlib.sha256(old + digest).digest()
-
-
-def pcr_selection_bytes(pcrs: list[int], alg: int = TPM2_ALG.SHA256) -> bytes:
-    """TPML_PCR_SELECTION with one bank, 3-byte bitmap. Spec: Part 2, 10.6 / 10.9.7."""
-    bitmap = bytearray(3)
-    for p in pcrs:
-        bitmap[p // 8] |= 1 << (p % 8)
-    return struct.pack(">IHB", 1, alg, 3) + bytes(bitmap)
-
-
-def pcr_read_cmd(pcr: int) -> bytes:
-    """Raw TPM2_PCR_Read of one SHA-256 PCR (its value is the answer's last 32 bytes)."""
-    return command(0x017E, pcr_selection_bytes([pcr]))
+# ---- PCRs -------------------------------------------------------------------------
 
 
 def read_pcr(ctx: ESAPI, pcr: int) -> bytes:
@@ -408,71 +272,3 @@ def read_pcr(ctx: ESAPI, pcr: int) -> bytes:
     _, _, values = ctx.pcr_read(f"sha256:{pcr}")
     assert len(values.digests) == 1, "PCR bank sha256 not active"
     return bytes(values.digests[0])
-
-
-# ---- attestation structures ---------------------------------------------------------
-
-TPM_GENERATED_VALUE = 0xFF544347  # Part 2, 6.2
-TPM_ST_ATTEST_QUOTE = 0x8018  # Part 2, 6.9
-
-
-@dataclass(frozen=True)
-class QuoteInfo:
-    """TPMS_ATTEST carrying TPMS_QUOTE_INFO, parsed from the signed bytes.
-
-    Spec: Part 2, 10.12.8 TPMS_ATTEST, 10.12.1 TPMS_CLOCK_INFO, 10.12.4 TPMS_QUOTE_INFO.
-    """
-
-    magic: int
-    type: int
-    qualified_signer: bytes
-    extra_data: bytes
-    clock: int
-    reset_count: int
-    restart_count: int
-    safe: int
-    firmware_version: int
-    pcr_select: bytes
-    pcr_digest: bytes
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> QuoteInfo:
-        view = memoryview(data)
-        pos = 0
-
-        def take(n: int) -> bytes:
-            nonlocal pos
-            if pos + n > len(view):
-                raise ValueError("attest structure truncated")
-            out = bytes(view[pos : pos + n])
-            pos += n
-            return out
-
-        def tpm2b() -> bytes:
-            (n,) = struct.unpack(">H", take(2))
-            return take(n)
-
-        magic, typ = struct.unpack(">IH", take(6))
-        signer = tpm2b()
-        extra = tpm2b()
-        clock, resets, restarts, safe = struct.unpack(">QIIB", take(17))
-        (firmware,) = struct.unpack(">Q", take(8))
-        sel_start = pos
-        (count,) = struct.unpack(">I", take(4))
-        for _ in range(count):
-            _alg, size = struct.unpack(">HB", take(3))
-            take(size)
-        pcr_select = bytes(view[sel_start:pos])
-        digest = tpm2b()
-        if pos != len(view):
-            raise ValueError("trailing bytes after TPMS_QUOTE_INFO")
-        return cls(magic, typ, signer, extra, clock, resets, restarts, safe, firmware,
-                   pcr_select, digest)
-
-
-def policy_pcr_digest(pcr_select: bytes, pcr_digest: bytes) -> bytes:
-    """policyDigest after one PolicyPCR from a fresh session. Spec: Part 3, 23.7."""
-    tpm_cc_policy_pcr = 0x0000017F
-    return hashlib.sha256(bytes(32) + struct.pack(">I", tpm_cc_policy_pcr)
-                          + pcr_select + pcr_digest).digest()
-

@@ -18,14 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.paths import REPO_ROOT
 from harness.process import parent_death_signal
 from xenvtpm.manager.manager import status_counts
 from xenvtpm.sim.adapter import SimControl, SimHypervisor
 from xenvtpm.tools.toolstack import attach_vtpm, detach_vtpm
 from xenvtpm.xen import SIM_DIR_ENV, SIM_FDS_ENV
 from xenvtpm.xen.interface import Hypervisor
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -99,14 +98,22 @@ class SimEnv:
     def manager_socket(self) -> str:
         return str(self.run_dir / "vtpm.sock")
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              pass_fds: tuple[int, ...] = ()) -> Daemon:
+    def spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> Daemon:
         log = self.workdir / f"{name}.log"
-        full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "xenvtpm", *args],
-                stdout=out, stderr=out, env=full_env, pass_fds=pass_fds,
+                stdout=out,
+                stderr=out,
+                env=full_env,
+                pass_fds=pass_fds,
                 preexec_fn=parent_death_signal,  # a killed test run leaves no daemon
             )
         daemon = Daemon(name, proc, log)
@@ -115,23 +122,47 @@ class SimEnv:
 
     def start_hypervisor(self) -> None:
         self.spawn("simxend", ["simxend", "--dir", str(self.run_dir)])
-        wait_for(lambda: (self.run_dir / "privcmd.sock").exists()
-                 and (self.run_dir / "xenstored.sock").exists(), 10, "simxend")
+        wait_for(
+            lambda: (
+                (self.run_dir / "privcmd.sock").exists()
+                and (self.run_dir / "xenstored.sock").exists()
+            ),
+            10,
+            "simxend",
+        )
         self.control = SimControl(str(self.run_dir))
         self.dom0 = SimHypervisor.connect_dom0(str(self.run_dir))
 
     def start_manager(self, args: list[str] | None = None) -> Daemon:
-        d = self.spawn("manager", args or ["manager", "--socket", self.manager_socket,
-                                           "--state-root", str(self.workdir / "state")])
+        d = self.spawn(
+            "manager",
+            args
+            or [
+                "manager",
+                "--socket",
+                self.manager_socket,
+                "--state-root",
+                str(self.workdir / "state"),
+            ],
+        )
         wait_for(lambda: os.path.exists(self.manager_socket) or not d.alive(), 10, "manager")
         return d
 
     def reset_instance(self, instance: int) -> None:
         """The operator's reset (``python3 -m xenvtpm reset``): ends failure mode."""
         subprocess.run(
-            [sys.executable, "-m", "xenvtpm", "reset", "--manager", self.manager_socket,
-             str(instance)],
-            check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            [
+                sys.executable,
+                "-m",
+                "xenvtpm",
+                "reset",
+                "--manager",
+                self.manager_socket,
+                str(instance),
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             timeout=60,
         )
 
@@ -179,14 +210,20 @@ class SimEnv:
         attach_vtpm(self.dom0.xenstore, domid, instance, name)
         return domid
 
-    def run_in_domain(self, domid: int, args: list[str],
-                      timeout: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+    def run_in_domain(
+        self, domid: int, args: list[str], timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[bytes]:
         """Run ``python -m xenvtpm ARGS`` as a process of ``domid`` and wait for it."""
         assert self.control is not None
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         env.pop(SIM_DIR_ENV, None)
-        proc = self.control.spawn(domid, [sys.executable, "-m", "xenvtpm", *args], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = self.control.spawn(
+            domid,
+            [sys.executable, "-m", "xenvtpm", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -205,7 +242,8 @@ class SimEnv:
         assert self.dom0 is not None
         try:
             return self.dom0.xenstore.read(
-                f"/local/domain/{guest.domid}/device/vtpm/0/state").decode()
+                f"/local/domain/{guest.domid}/device/vtpm/0/state"
+            ).decode()
         except Exception:
             return "?"
 
@@ -214,6 +252,7 @@ class SimEnv:
             if not guest.frontend.alive():
                 raise RuntimeError(f"frontend died:\n{guest.frontend.tail()}")
             return self.frontend_state(guest) == "4" and os.path.exists(guest.socket_path)
+
         wait_for(ready, timeout, f"{guest.name} to connect")
 
     def daemon(self, name: str) -> Daemon:
@@ -225,8 +264,9 @@ class SimEnv:
         manager = self.daemon("manager")
 
         def lines() -> list[str]:
-            return [x for x in manager.log.read_text(errors="replace").splitlines()
-                    if " status: " in x]  # fmt: skip
+            return [
+                x for x in manager.log.read_text(errors="replace").splitlines() if " status: " in x
+            ]
 
         seen = len(lines())
         os.kill(manager.proc.pid, signal.SIGUSR1)

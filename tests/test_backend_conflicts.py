@@ -87,7 +87,7 @@ def env(tmp_path: Path) -> Iterator[SimEnv]:
 
 def run_backend(env: SimEnv, dom0: Dom0) -> tuple[Backend, Loop, threading.Thread]:
     loop = Loop()
-    backend = Backend(dom0, loop, env.manager_socket, timeout=10.0)  # type: ignore[arg-type]
+    backend = Backend(dom0, loop, env.manager_socket, timeout=10.0)
     backend.start()
     thread = threading.Thread(target=loop.run, name="backend", daemon=True)
     thread.start()
@@ -138,18 +138,19 @@ def test_connected_refused_leaves_nothing_mapped_and_connects_when_the_frontend_
     and then xenstored refuses Connected: the backend lets go of the pages and the port
     (InitWait still), and connects afresh when the frontend starts over."""
     assert env.control is not None and env.dom0 is not None
+    control, xenstore = env.control, env.dom0.xenstore  # not None inside the lambdas too
     dom0 = Dom0(SimHypervisor.connect_dom0(str(env.run_dir)))
     parts = run_backend(env, dom0)
     try:
         domid = env.control.create_domain("late")
         backend_state = f"/local/domain/0/backend/vtpm/{domid}/0/state"
         attach_vtpm(env.dom0.xenstore, domid, 1, "late")
-        wait_for(lambda: env.dom0.xenstore.read(backend_state) == b"2", 10, "InitWait")
+        wait_for(lambda: xenstore.read(backend_state) == b"2", 10, "InitWait")
         dom0.xenstore.stuck.add(f"backend/vtpm/{domid}/")
         path = str(env.workdir / "late.tpm")
         env.start_frontend("late", domid, path)
         wait_for(lambda: dom0.xenstore.refused > 0, 10, "Connected to be refused")
-        wait_for(lambda: env.control.stats(0)["mappings"] == 0, 5, "the ring to be unmapped")
+        wait_for(lambda: control.stats(0)["mappings"] == 0, 5, "the ring to be unmapped")
         assert env.control.stats(0)["ports"] == 0
         assert env.dom0.xenstore.read(backend_state) == b"2"
         dom0.xenstore.stuck.clear()
@@ -169,6 +170,7 @@ def test_a_frontend_whose_initialised_is_refused_tries_again(env: SimEnv) -> Non
     while xenstored refuses it, the frontend unbinds the port it allocated and tries
     again a second later, and connects once xenstored accepts."""
     assert env.control is not None and env.dom0 is not None
+    control = env.control  # not None inside the lambda too
     env.start_backend()
     domid = env.control.create_domain("shy")
     attach_vtpm(env.dom0.xenstore, domid, 1, "shy")
@@ -176,7 +178,7 @@ def test_a_frontend_whose_initialised_is_refused_tries_again(env: SimEnv) -> Non
     guest.xenstore.stuck.add("device/vtpm/0/event-channel")
     path = str(env.workdir / "shy.tpm")
     loop = Loop()
-    frontend = Frontend(guest, loop, SocketEndpoint(path, CAPACITY))  # type: ignore[arg-type]
+    frontend = Frontend(guest, loop, SocketEndpoint(path, CAPACITY))
     frontend.start()
     thread = threading.Thread(target=loop.run, name="frontend", daemon=True)
     thread.start()
@@ -184,7 +186,7 @@ def test_a_frontend_whose_initialised_is_refused_tries_again(env: SimEnv) -> Non
         attempts = len(PUBLISH_BACKOFF_S) + 1
         wait_for(lambda: guest.xenstore.refused > attempts, 10, "Initialised refused, twice")
         # each refused try lets go of its port; the next binds one a second later
-        wait_for(lambda: env.control.stats(domid)["ports"] == 0, 1, "the port to be unbound")
+        wait_for(lambda: control.stats(domid)["ports"] == 0, 1, "the port to be unbound")
         guest.xenstore.stuck.clear()
         front = Guest("shy", domid, 1, path, env.daemon("backend"))  # no frontend daemon
         wait_for(lambda: env.frontend_state(front) == "4", 10, "Connected")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,12 +115,26 @@ def test_report_is_json_and_tables_render() -> None:
     direct = stats.Summary.from_ns([9000, 10_000, 11_000])
     driver = stats.Summary.from_ns([250_000, 260_000, 400_000])
     latency = {"getrandom_raw": {"pinned": stats.compare(direct, driver)}}
-    entries = [
-        {"instances": 1, "ops_per_s": 3000.0, "p50_us": 250.0, "p99_us": 600.0, "errors": 0,
-         "backend_rss_mb": 20.0, "swtpm_rss_mb": 6.5},
-        {"instances": 8, "ops_per_s": 4500.0, "p50_us": 1500.0, "p99_us": 5000.0, "errors": 0,
-         "backend_rss_mb": 20.7, "swtpm_rss_mb": 6.4},
-    ]  # fmt: skip
+    entries: list[dict[str, Any]] = [
+        {
+            "instances": 1,
+            "ops_per_s": 3000.0,
+            "p50_us": 250.0,
+            "p99_us": 600.0,
+            "errors": 0,
+            "backend_rss_mb": 20.0,
+            "swtpm_rss_mb": 6.5,
+        },
+        {
+            "instances": 8,
+            "ops_per_s": 4500.0,
+            "p50_us": 1500.0,
+            "p99_us": 5000.0,
+            "errors": 0,
+            "backend_rss_mb": 20.7,
+            "swtpm_rss_mb": 6.4,
+        },
+    ]
     scale.backend_shares(entries)
     assert entries[0]["backend_mb_per_instance"] is None
     assert entries[1]["backend_mb_per_instance"] == pytest.approx(0.1)
@@ -144,12 +159,14 @@ def test_load_entry_uses_littles_law() -> None:
 
 def test_py_spy_collapsed_stacks_summary() -> None:
     head = "main (x/__main__.py:3);Loop.run (xenvtpm/loop.py:79);"
-    raw = "\n".join([
-        head + "EpollSelector.select (selectors.py:468) 30",
-        head + "Link._send (xenvtpm/backend/manager_link.py:112) 50",
-        head + "read_ring (xenvtpm/tpmif.py:99) 20",
-        "garbage",
-    ])  # fmt: skip
+    raw = "\n".join(
+        [
+            head + "EpollSelector.select (selectors.py:468) 30",
+            head + "Link._send (xenvtpm/backend/manager_link.py:112) 50",
+            head + "read_ring (xenvtpm/tpmif.py:99) 20",
+            "garbage",
+        ]
+    )
     s = profiling.summarize_collapsed(raw)
     assert s["samples"] == 100
     assert s["idle_pct"] == 30.0
@@ -182,8 +199,12 @@ def test_xen_target_is_accepted() -> None:
 
 
 def _timing(samples_us: list[int], busy_s: float) -> dict[str, object]:
-    return {"kind": "x", "path": "p", "samples_ns": [u * 1000 for u in samples_us],
-            "busy_s": busy_s}  # fmt: skip
+    return {
+        "kind": "x",
+        "path": "p",
+        "samples_ns": [u * 1000 for u in samples_us],
+        "busy_s": busy_s,
+    }
 
 
 def test_xen_summary_pools_rounds_and_takes_the_ratio() -> None:
@@ -204,16 +225,19 @@ def test_xen_result_is_merged_beside_sim_keys() -> None:
     merged = xenbench.merge(sim, {"accel": "tcg"})
     assert merged == sim | {"xen": {"accel": "tcg"}}
     assert "xen" not in sim  # the input is not modified
-    assert xenbench.merge(None, {"accel": "tcg"}) == {"schema": stats.SCHEMA,
-                                                      "xen": {"accel": "tcg"}}  # fmt: skip
+    assert xenbench.merge(None, {"accel": "tcg"}) == {
+        "schema": stats.SCHEMA,
+        "xen": {"accel": "tcg"},
+    }
     # a second xen run replaces the first
     assert xenbench.merge(merged, {"accel": "kvm"})["xen"] == {"accel": "kvm"}
 
 
 def test_xen_table_names_tcg_and_the_ratio() -> None:
     cmp = xenbench.summarize([_timing([100], 0.0001)], [_timing([2500], 0.0025)])
-    text = xenbench.xen_table({"accel": "tcg", "latency": cmp, "guest": {"name": "guest0"},
-                               "errors": []})  # fmt: skip
+    text = xenbench.xen_table(
+        {"accel": "tcg", "latency": cmp, "guest": {"name": "guest0"}, "errors": []}
+    )
     assert "Xen target (TCG)" in text
     assert "guest0 /dev/tpm0" in text
     assert "driver/direct: p50 x25.0" in text
@@ -254,8 +278,10 @@ def test_timing_script_runs_as_stdin_against_a_swtpm_like_socket(tmp_path: Path)
     try:
         proc = subprocess.run(
             [sys.executable, "-", "socket", str(path), "7", "2"],
-            input=xenbench.TIMING_SCRIPT.read_bytes(), capture_output=True, timeout=60,
-        )  # fmt: skip
+            input=xenbench.TIMING_SCRIPT.read_bytes(),
+            capture_output=True,
+            timeout=60,
+        )
     finally:
         server.close()
     assert proc.returncode == 0, proc.stderr
@@ -279,9 +305,13 @@ def test_nv_write_table_has_both_managers_and_their_ratio() -> None:
     entry = {
         "fsync": {"nv_write": summary(4000.0, 9000.0), "getrandom": summary(150.0, 900.0)},
         "no_fsync": {"nv_write": summary(500.0, 3000.0), "getrandom": summary(150.0, 800.0)},
-        "ratio": {"nv_write_p50": 8.0, "nv_write_p99": 3.0, "getrandom_p50": 1.0,
-                  "getrandom_p99": 1.125},
-    }  # fmt: skip
+        "ratio": {
+            "nv_write_p50": 8.0,
+            "nv_write_p99": 3.0,
+            "getrandom_p50": 1.0,
+            "getrandom_p99": 1.125,
+        },
+    }
     lines = nvwrite.nv_table(entry).splitlines()
     assert lines[0].split() == ["through", "the", "manager", "(us)", "fsync", "--no-fsync", "ratio"]
     assert lines[2].split() == ["NV_Write(64", "bytes)", "p50", "4,000", "500.0", "8"]

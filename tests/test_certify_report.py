@@ -125,11 +125,23 @@ def test_malformed_junit_is_named() -> None:
 
 
 HOST_KEYS = [
-    {"login": "dom0", "host": "[127.0.0.1]:40022", "type": "ssh-ed25519",
-     "fingerprint": "SHA256:7rXhQ2Vt0dom0", "trust": "known_hosts", "key": "AAAAC3dom0"},
-    {"login": "guest0", "host": "169.254.1.1", "type": "ecdsa-sha2-nistp256",
-     "fingerprint": "SHA256:Qx9guest0", "trust": "accepted-new", "key": "AAAAE2guest0"},
-]  # fmt: skip
+    {
+        "login": "dom0",
+        "host": "[127.0.0.1]:40022",
+        "type": "ssh-ed25519",
+        "fingerprint": "SHA256:7rXhQ2Vt0dom0",
+        "trust": "known_hosts",
+        "key": "AAAAC3dom0",
+    },
+    {
+        "login": "guest0",
+        "host": "169.254.1.1",
+        "type": "ecdsa-sha2-nistp256",
+        "fingerprint": "SHA256:Qx9guest0",
+        "trust": "accepted-new",
+        "key": "AAAAE2guest0",
+    },
+]
 
 
 def test_report_lists_each_host_key_and_how_it_was_trusted() -> None:

@@ -70,8 +70,9 @@ def test_a_normal_boot_and_tpm_errors_are_no_crash(line: str) -> None:
 def test_the_shell_pattern_matches_exactly_the_same_lines() -> None:
     """dmesg and xl dmesg are scanned in the host with grep -E: the same verdicts."""
     text = "\n".join([*CRASH_LINES, *BENIGN_LINES]) + "\n"
-    out = subprocess.run(["grep", "-E", shell_pattern()], input=text, capture_output=True,
-                         text=True, check=True).stdout  # fmt: skip
+    out = subprocess.run(
+        ["grep", "-E", shell_pattern()], input=text, capture_output=True, text=True, check=True
+    ).stdout
     assert out.splitlines() == list(CRASH_LINES)
 
 
@@ -131,8 +132,12 @@ class FakeChannel:
 
 
 def test_a_guest_console_over_ssh_is_watched_and_closed(tmp_path: Path) -> None:
-    channel = FakeChannel([b"[ 5.0] sysrq: Trigger a crash\n[ 5.0] Kernel panic - not ",
-                           b"syncing: sysrq triggered crash\n"])  # fmt: skip
+    channel = FakeChannel(
+        [
+            b"[ 5.0] sysrq: Trigger a crash\n[ 5.0] Kernel panic - not ",
+            b"syncing: sysrq triggered crash\n",
+        ]
+    )
     seen: list[Crash] = []
     watch = CrashWatch([ChannelSource("guest1 console", channel)], seen.append, interval=0.01)
     watch.start()

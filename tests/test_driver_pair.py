@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simenv import SimEnv, wait_for
+from simenv import Guest, SimEnv, wait_for
 
 from xenvtpm import tpm
 from xenvtpm.errors import GrantError, XenStoreError
@@ -93,10 +93,10 @@ def env(tmp_path: Path) -> Iterator[SimEnv]:
         for guest in env.guests:
             # Start both instances. Manufacturing one (swtpm_setup) may outlast the short
             # backend timeout on a loaded machine; the manager finishes it regardless.
-            wait_for(
-                lambda g=guest: tpm.response_code(g.transmit(tpm.get_random_command(8))) == 0,
-                60, f"{guest.name}'s vTPM instance to start",
-            )
+            def answers(g: Guest = guest) -> bool:
+                return tpm.response_code(g.transmit(tpm.get_random_command(8))) == 0
+
+            wait_for(answers, 60, f"{guest.name}'s vTPM instance to start")
         yield env
     finally:
         env.close()
@@ -118,11 +118,15 @@ BAD_REQUESTS = {
     "manager-control-code": (tpm.bind_command(2), RC.COMMAND_CODE),
     "manager-cancel-code": (bytes.fromhex("80010000000a20000f02"), RC.COMMAND_CODE),
     # two data pages, well formed, but over swtpm's 4096-byte maximum: the manager says no
-    "two-pages-over-tpm-max": (struct.pack(">HII", 0x8001, 5000, 0x17B) + bytes(4990),
-                               RC.COMMAND_SIZE),
+    "two-pages-over-tpm-max": (
+        struct.pack(">HII", 0x8001, 5000, 0x17B) + bytes(4990),
+        RC.COMMAND_SIZE,
+    ),
     # more than the ten granted pages: the frontend cannot even put it on the ring
-    "over-ring-capacity": (struct.pack(">HII", 0x8001, 40961, 0x17B) + bytes(40951),
-                           RC.COMMAND_SIZE),
+    "over-ring-capacity": (
+        struct.pack(">HII", 0x8001, 40961, 0x17B) + bytes(40951),
+        RC.COMMAND_SIZE,
+    ),
 }
 
 
@@ -256,8 +260,9 @@ def mapped_by_dom0(env: SimEnv) -> int:
 def test_other_domains_grants_and_xenstore_are_refused(shared_env: SimEnv) -> None:
     victim, attacker = shared_env.guests
     assert shared_env.control is not None and shared_env.dom0 is not None
-    ring_ref = int(shared_env.dom0.xenstore.read(
-        f"/local/domain/{victim.domid}/device/vtpm/0/ring-ref"))
+    ring_ref = int(
+        shared_env.dom0.xenstore.read(f"/local/domain/{victim.domid}/device/vtpm/0/ring-ref")
+    )
     xs_fd, hc_fd = shared_env.control.connect_domain(attacker.domid)
     hv = SimHypervisor.from_fds(xs_fd, hc_fd)
     try:
@@ -267,8 +272,9 @@ def test_other_domains_grants_and_xenstore_are_refused(shared_env: SimEnv) -> No
         for attempt in (
             lambda: hv.xenstore.write(f"{victim_dir}/ring-ref", "8"),
             lambda: hv.xenstore.read(f"{victim_dir}/ring-ref"),
-            lambda: hv.xenstore.write(f"/local/domain/0/backend/vtpm/{attacker.domid}/0/instance",
-                                      str(victim.instance)),
+            lambda: hv.xenstore.write(
+                f"/local/domain/0/backend/vtpm/{attacker.domid}/0/instance", str(victim.instance)
+            ),
         ):
             with pytest.raises(XenStoreError) as e:
                 attempt()
@@ -317,7 +323,11 @@ def test_daemons_exit_cleanly_on_sigterm(env: SimEnv) -> None:
 
 @pytest.mark.parametrize("command", ["frontend", "backend", "manager", "simxend", "attach"])
 def test_every_entry_point_has_help(command: str) -> None:
-    out = subprocess.run([sys.executable, "-m", "xenvtpm", command, "--help"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "xenvtpm", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simenv import ROOT, Daemon, Guest, SimEnv, wait_for
+from simenv import Daemon, Guest, SimEnv, wait_for
 from test_driver_pair import error, get_random, make_env, swtpm_pid
 
+from harness.paths import REPO_ROOT
 from xenvtpm import tpm
 
 RC = tpm.TPM_RC
@@ -98,8 +99,7 @@ def recovered(guest: Guest, timeout: float = 30.0) -> None:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimEnv]:
     """One environment for the faults the driver recovers from (each test leaves it
     working again); the disk-full case has its own."""
-    env = make_env(tmp_path_factory.mktemp("faults", numbered=True), guests=2,
-                   backend_timeout=2.0)  # fmt: skip
+    env = make_env(tmp_path_factory.mktemp("faults", numbered=True), guests=2, backend_timeout=2.0)
     try:
         yield env
     finally:
@@ -177,9 +177,10 @@ def start_session(guest: Guest) -> int:
     """TPM2_StartAuthSession: an unbound, unsalted HMAC session; its handle."""
     params = (
         struct.pack(">II", 0x40000007, 0x40000007)  # tpmKey, bind: TPM_RH_NULL
-        + struct.pack(">H", 16) + os.urandom(16)  # nonceCaller
+        + struct.pack(">H", 16)
+        + os.urandom(16)  # nonceCaller
         + struct.pack(">HBHH", 0, 0x00, 0x0010, 0x000B)  # salt, HMAC, sym NULL, SHA256
-    )  # fmt: skip
+    )
     command = struct.pack(">HII", 0x8001, 10 + len(params), 0x176) + params
     response = guest.transmit(command)
     assert rc(response) == 0, response.hex()
@@ -208,7 +209,11 @@ def test_backend_restarted_while_guest_holds_a_session(env: SimEnv) -> None:
         env.daemon("backend").stop()
         env.start_backend(timeout=2.0)
         for g in (guest, other):
-            wait_for(lambda g=g: env.frontend_state(g) == "4", 15, f"{g.name} to reconnect")
+
+            def connected(g: Guest = g) -> bool:
+                return env.frontend_state(g) == "4"
+
+            wait_for(connected, 15, f"{g.name} to reconnect")
         held.send(tpm.get_random_command(8))
         assert rc(held.recv(4096)) == 0
     assert handle in loaded_sessions(guest)  # the session lives in swtpm: untouched
@@ -241,8 +246,10 @@ def start_manager_on_tmpfs(env: SimEnv, instance: int) -> Daemon:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, sys.executable],
-            stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )  # fmt: skip
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
     daemon = Daemon("manager", proc, log)
     env.daemons.append(daemon)
     wait_for(lambda: os.path.exists(env.manager_socket) or not daemon.alive(), 10, "manager")
@@ -250,8 +257,9 @@ def start_manager_on_tmpfs(env: SimEnv, instance: int) -> Daemon:
 
 
 def in_manager_ns(manager: Daemon, *argv: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["nsenter", "-t", str(manager.proc.pid), "-m", *argv],
-                          capture_output=True, check=False)  # fmt: skip
+    return subprocess.run(
+        ["nsenter", "-t", str(manager.proc.pid), "-m", *argv], capture_output=True, check=False
+    )
 
 
 def test_disk_full_while_swtpm_writes_state(tmp_path: Path) -> None:

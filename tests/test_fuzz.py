@@ -65,8 +65,7 @@ def test_a_crash_and_a_hang_are_counted_and_saved(tmp_path: Path) -> None:
 
 
 def _pages(packet: bytes, npages: int = 10) -> list[memoryview]:
-    return [memoryview(packet[i * 4096 : (i + 1) * 4096].ljust(4096, b"\0"))
-            for i in range(npages)]  # fmt: skip
+    return [memoryview(packet[i * 4096 : (i + 1) * 4096].ljust(4096, b"\0")) for i in range(npages)]
 
 
 def _ring(size: int) -> bytes:
@@ -83,14 +82,13 @@ def test_intake_forwards_a_good_command_and_ignores_ref_and_addr() -> None:
     [
         (0, b"", 10, tpm.TPM_RC.COMMAND_SIZE),
         (0xFFFF, tpm.get_random_command(16), 10, tpm.TPM_RC.COMMAND_SIZE),
-        (4097, struct.pack(">HII", 0x8001, 4097, 0x17B) + bytes(4087), 1,
-         tpm.TPM_RC.COMMAND_SIZE),
+        (4097, struct.pack(">HII", 0x8001, 4097, 0x17B) + bytes(4087), 1, tpm.TPM_RC.COMMAND_SIZE),
         (12, struct.pack(">HIIH", 0x8001, 0xFFFFFFFF, 0x17B, 16), 10, tpm.TPM_RC.COMMAND_SIZE),
         (12, struct.pack(">HIIH", 0x8003, 12, 0x17B, 16), 10, tpm.BAD_TAG_RC),
         (14, tpm.bind_command(7), 10, tpm.TPM_RC.COMMAND_CODE),
         # XENVTPM_CC_CANCEL, the manager's other control code: never from a guest
         (10, bytes.fromhex("80010000000a20000f02"), 10, tpm.TPM_RC.COMMAND_CODE),
     ],
-)  # fmt: skip
+)
 def test_intake_answers_by_itself(size: int, packet: bytes, npages: int, rc: int) -> None:
     assert intake(_ring(size), _pages(packet, npages), npages) == tpm.error_response(rc)

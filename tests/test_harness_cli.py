@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.paths import REPO_ROOT
 from harness.process import all_procs, proc_cmdline
 from harness.transport import SeqpacketTransport, SwtpmTransport
 
-ROOT = Path(__file__).resolve().parent.parent
 GET_RANDOM_8 = bytes.fromhex("80010000000c0000017b0008")
 
 needs_swtpm = pytest.mark.skipif(
@@ -25,11 +25,15 @@ needs_swtpm = pytest.mark.skipif(
 
 
 def harness(run: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "XENVTPM_RUN": str(run), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XENVTPM_RUN": str(run), "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "harness", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def leftovers(run: Path) -> list[str]:

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import pytest
 
+from harness.paths import REPO_ROOT
 from harness.process import all_procs, proc_cmdline
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def inner_env() -> dict[str, str]:
     """The environment of an inner pytest run: ours, minus pytest-xdist's worker id,
     which would make the inner run file its logs under a worker's directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    return {**env, "PYTHONPATH": str(ROOT)}
+    return {**env, "PYTHONPATH": str(REPO_ROOT)}
+
+
 pytestmark = pytest.mark.skipif(
     shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
     reason="swtpm and swtpm_setup are not installed",
@@ -74,15 +75,29 @@ def test_fails_on_purpose(guest):
 
 
 def test_fixture_contract_on_direct(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_contract.py").write_text(textwrap.dedent(SCENARIO))
     artifacts = tmp_path / "artifacts"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_contract.py", "--target", "direct",
-         "-p", "no:cacheprovider", "-rs", f"--junitxml={artifacts / 'junit.xml'}"],
-        cwd=tmp_path, env=inner_env(),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_contract.py",
+            "--target",
+            "direct",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            f"--junitxml={artifacts / 'junit.xml'}",
+        ],
+        cwd=tmp_path,
+        env=inner_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
     assert "6 passed" in out and "1 failed" in out and "1 skipped" in out, out
@@ -121,23 +136,42 @@ def test_would_disturb(target):
 def test_attach_to_a_running_environment(tmp_path: Path) -> None:
     """``harness up``; ``pytest --attach`` twice against it; ``harness down``."""
     run = Path(f"/tmp/xvt-attach-{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_RUN": str(run)}
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_attached.py").write_text(textwrap.dedent(ATTACHED))
 
     def pytest_attached() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "pytest", "test_attached.py", "--attach", "-rs",
-             "-p", "no:cacheprovider"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "test_attached.py",
+                "--attach",
+                "-rs",
+                "-p",
+                "no:cacheprovider",
+            ],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     harness = [sys.executable, "-m", "harness"]
     try:
         nothing = pytest_attached()
         assert nothing.returncode != 0 and "nothing is up" in nothing.stdout + nothing.stderr
-        up = subprocess.run([*harness, "up", "--target", "direct"], env=env,
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        up = subprocess.run(
+            [*harness, "up", "--target", "direct"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert up.returncode == 0, up.stderr
         for _ in range(2):  # the environment outlives each run
             result = pytest_attached()
@@ -169,14 +203,28 @@ def test_ordinary():
 def test_power_cut_scenarios_run_only_when_selected(
     tmp_path: Path, select: list[str], expected: str
 ) -> None:
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_opt_in.py").write_text(textwrap.dedent(OPT_IN))
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_opt_in.py", "--target", "direct",
-         "-p", "no:cacheprovider", "-rs", *select],
-        cwd=tmp_path, env=inner_env(),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_opt_in.py",
+            "--target",
+            "direct",
+            "-p",
+            "no:cacheprovider",
+            "-rs",
+            *select,
+        ],
+        cwd=tmp_path,
+        env=inner_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert expected in out, out
@@ -204,16 +252,21 @@ def test_keep_on_failure_leaves_the_environment_for_harness(tmp_path: Path) -> N
     ``status`` sees it running, ``pytest --attach`` runs the next scenario on it, and
     ``harness down`` stops it all."""
     run = Path(f"/tmp/xvt-keep-{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_RUN": str(run)}
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_kept.py").write_text(textwrap.dedent(KEPT))
     harness = [sys.executable, "-m", "harness"]
 
     def pytest_run(*args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "test_kept.py", "-p", "no:cacheprovider", *args],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180, check=False,
-        )  # fmt: skip
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
         return result.stdout + result.stderr
 
     try:
@@ -221,8 +274,9 @@ def test_keep_on_failure_leaves_the_environment_for_harness(tmp_path: Path) -> N
         assert "1 failed, 1 passed" in out and "test_after" not in out.split("summary")[-1], out
         assert "kept sim running after the first failure:" in out, out
         assert "python -m harness down" in out
-        status = subprocess.run([*harness, "status"], env=env, capture_output=True,
-                                text=True, timeout=60, check=False)  # fmt: skip
+        status = subprocess.run(
+            [*harness, "status"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
         assert status.returncode == 0, status.stdout + status.stderr
         again = pytest_run("--attach", "-k", "test_after")
         assert "1 passed" in again, again
@@ -246,13 +300,26 @@ def test_workers_are_refused_where_they_would_share_or_crowd(
 ) -> None:
     """``-n`` spreads scenarios over sim environments only (README, Quick start)."""
     pytest.importorskip("xdist")
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_nothing.py", "-p", "no:cacheprovider",
-         "-n", "2", *args],
-        cwd=tmp_path, env=inner_env(),
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_nothing.py",
+            "-p",
+            "no:cacheprovider",
+            "-n",
+            "2",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=inner_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 4 and message in out, out

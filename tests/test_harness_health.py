@@ -23,8 +23,9 @@ class LocalShell:
         self.commands.append(command)
         if self.barrier is not None:
             self.barrier.wait(timeout=10)  # passes only while the other host is asked too
-        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, timeout=timeout
+        )
         return done.returncode, done.stdout, done.stderr
 
 
@@ -81,8 +82,9 @@ def test_a_failed_check_brings_its_last_lines_as_evidence() -> None:
 
 def test_a_host_that_cannot_be_asked_raises() -> None:
     class Gone:
-        def run(self, command: str, timeout: float = 60.0, *, check: bool = False,
-                stdin: bytes = b"") -> tuple[int, str, str]:
+        def run(
+            self, command: str, timeout: float = 60.0, *, check: bool = False, stdin: bytes = b""
+        ) -> tuple[int, str, str]:
             raise OSError("connection reset")
 
     with pytest.raises(OSError, match="connection reset"):

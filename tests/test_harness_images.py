@@ -18,8 +18,12 @@ from harness.images import (
     recipe_key,
 )
 
-MANIFEST = {"kernel_version": "6.1.0-50-amd64", "dom0_kernel": "/vmlinuz",
-            "dom0_initrd": "/initrd.img", "mirror": "http://m.example/debian"}  # fmt: skip
+MANIFEST = {
+    "kernel_version": "6.1.0-50-amd64",
+    "dom0_kernel": "/vmlinuz",
+    "dom0_initrd": "/initrd.img",
+    "mirror": "http://m.example/debian",
+}
 
 
 @pytest.fixture
@@ -58,9 +62,7 @@ def test_a_cached_build_is_used_without_apt_sources(
     assert images.kernel_version == "6.1.0-50-amd64"
 
 
-def test_a_cache_of_another_recipe_is_not_used(
-    cache: Path, recipes: Path, tmp_path: Path
-) -> None:
+def test_a_cache_of_another_recipe_is_not_used(cache: Path, recipes: Path, tmp_path: Path) -> None:
     cached_build(cache, recipes, "http://m.example/debian")
     (recipes / "dom0.packages").write_text("python3 kmod\n")  # the recipe changed since
     no_sources = tmp_path / "etc-apt"

@@ -83,8 +83,9 @@ class Relays:
         def relay_process() -> None:  # its exit closes its stdout
             try:
                 self.exits.append(
-                    relay.serve(self.tpm.host.fileno(), "/dev/tpm0", theirs.fileno(),
-                                theirs.fileno())
+                    relay.serve(
+                        self.tpm.host.fileno(), "/dev/tpm0", theirs.fileno(), theirs.fileno()
+                    )
                 )
             except OSError:
                 self.exits.append(-1)  # the harness went away (broken pipe)

@@ -38,7 +38,7 @@ def test_nv_command_bytes_with_a_password_session() -> None:
 
 def test_parse_nv_read_takes_the_data_after_the_parameter_size() -> None:
     resp = tpmwire.Response.from_bytes(
-        bytes.fromhex("800200000019" "00000000" "00000006" "0004deadbeef" "0000010000")
+        bytes.fromhex("80020000001900000000000000060004deadbeef0000010000")
     )
     assert tpmwire.parse_nv_read(resp) == bytes.fromhex("deadbeef")
 

@@ -111,9 +111,12 @@ def test_console_walks_stages_and_fails_at_once_on_a_panic(tmp_path: Path) -> No
     console = pytest.importorskip("harness.console")
     sock = _console_pair(
         tmp_path,
-        [b"(XEN) Xen version 4.17.5 (Debian)\r\n", b"[ 1.0] Linux version 6.1.0\r\n",
-         b"[ 9.9] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n"],
-    )  # fmt: skip
+        [
+            b"(XEN) Xen version 4.17.5 (Debian)\r\n",
+            b"[ 1.0] Linux version 6.1.0\r\n",
+            b"[ 9.9] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n",
+        ],
+    )
     with console.SerialConsole(sock, None, "test console") as con:
         seen = con.walk(console.DOM0_STAGES[:2], Deadline(5))
         assert list(seen) == ["xen hypervisor", "dom0 kernel"]

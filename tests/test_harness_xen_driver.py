@@ -34,7 +34,7 @@ def test_dom0_then_guest_in_order() -> None:
     started: list[str] = []
 
     def start_daemon(host: xen_driver.Host, name: str, args: str) -> int:
-        started.append(f"{host.name}:{name}:{args}")  # type: ignore[attr-defined]
+        started.append(f"{host.name}:{name}:{args}")
         return 1
 
     xen_driver.start_dom0(dom0, start_daemon)
@@ -49,8 +49,7 @@ def test_dom0_then_guest_in_order() -> None:
     ]
     attach = next(c for c in log if "attach" in c)
     assert attach == (
-        "dom0: cd /opt/x && python3 -m xenvtpm attach --domid 3 --instance 1000 "
-        "--name 'guest 0'"
+        "dom0: cd /opt/x && python3 -m xenvtpm attach --domid 3 --instance 1000 --name 'guest 0'"
     )
     assert log.index(attach) < next(i for i, c in enumerate(log) if "tpm_vtpm_proxy" in c)
 

@@ -19,6 +19,7 @@ from fake_xen_host import FakeGuest, FakeXenHost
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
+from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.targets.xen_host import (
@@ -33,8 +34,6 @@ from harness.targets.xen_host import (
     resolve_key,
     stop_daemons_command,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -148,21 +147,21 @@ def test_stop_command_is_anchored_and_ends_well() -> None:
 
 
 def test_driver_build_names_a_commit() -> None:
-    build = driver_build(ROOT)
+    build = driver_build(REPO_ROOT)
     assert len(build["commit"]) == 40 or build["commit"].startswith("unknown")
     assert isinstance(build["dirty"], bool)
 
 
 def test_pytest_says_how_to_name_the_guests() -> None:
     """No --host-guest: a usage error naming the option, before anything connects."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     argv = ["scenarios/test_smoke.py", "--collect-only", "--target", "ssh://root@127.0.0.1:1"]
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *argv],
         capture_output=True,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         timeout=120,
     )
     assert result.returncode == 4, result.stdout + result.stderr
@@ -483,7 +482,7 @@ def test_the_harness_own_machines_keep_trusting_their_keys(home: Path) -> None:
 
 
 def test_pytest_refuses_a_known_hosts_file_that_does_not_exist(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     missing = tmp_path / "nope"
     argv = ["scenarios/test_smoke.py", "--collect-only", "--target", "ssh://root@127.0.0.1:1"]
     argv += ["--host-guest", "g", "--accept-new-host-keys", "--known-hosts", str(missing)]
@@ -492,7 +491,7 @@ def test_pytest_refuses_a_known_hosts_file_that_does_not_exist(tmp_path: Path) -
         capture_output=True,
         text=True,
         env=env,
-        cwd=ROOT,
+        cwd=REPO_ROOT,
         timeout=120,
     )
     assert result.returncode == 4, result.stdout + result.stderr

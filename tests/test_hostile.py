@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from simenv import ROOT, Guest, SimEnv, wait_for
+from simenv import Guest, SimEnv, wait_for
 from test_driver_pair import get_random, make_env
 
+from harness.paths import REPO_ROOT
 from xenvtpm import tpm
 
 pytestmark = pytest.mark.hostile
@@ -36,7 +37,7 @@ LATENCY_BOUND_S = 2.0
 COMMAND_SIZE = int(tpm.TPM_RC.COMMAND_SIZE)
 CLOSING, CLOSED, INIT_WAIT, CONNECTED = 5, 6, 2, 4
 FULL = os.environ.get("XENVTPM_HOSTILE_FULL") == "1"
-REPORT = ROOT / "artifacts" / "hostile"
+REPORT = REPO_ROOT / "artifacts" / "hostile"
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ def settled(env: SimEnv, before: Counts, now: Counts | None = None) -> bool:
     """dom0 holds no more mappings, pages or ports than before the rogue came."""
     now = now or counts(env)
     return (now.mappings, now.mapped_pages, now.ports) == (
-        before.mappings, before.mapped_pages, before.ports)  # fmt: skip
+        before.mappings,
+        before.mapped_pages,
+        before.ports,
+    )
 
 
 def counts(env: SimEnv) -> Counts:
@@ -125,8 +129,7 @@ class Outcome:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimEnv]:
-    env = make_env(tmp_path_factory.mktemp("hostile", numbered=True), guests=1,
-                   backend_timeout=5.0)  # fmt: skip
+    env = make_env(tmp_path_factory.mktemp("hostile", numbered=True), guests=1, backend_timeout=5.0)
     try:
         get_random(env.guests[0])
         # starts the rogue instance's swtpm, so that later counts are stable
@@ -166,8 +169,9 @@ def run_rogue(env: SimEnv, attack: str, *args: str, warm_up: bool = False) -> Ou
     after = counts(env)
     if warm_up:
         before = after
-    outcome = Outcome(observations, before, after, len(victim.latencies),
-                      max(victim.latencies, default=0.0))  # fmt: skip
+    outcome = Outcome(
+        observations, before, after, len(victim.latencies), max(victim.latencies, default=0.0)
+    )
     save(attack, outcome)
     assert after == before, f"leak: before {before}, after {after}"
     assert warm_up or settled(env, before, on_exit), f"held after the rogue left: {on_exit}"
@@ -229,9 +233,16 @@ def test_header_command_size(env: SimEnv) -> None:
 
 def test_bad_grant_refs(env: SimEnv) -> None:
     cases = run_rogue(env, "bad-refs").cases()
-    for case in ("data-ref-invalid", "data-ref-mixed", "no-data-ref", "ring-ref-invalid",
-                 "data-ref-not-for-dom0", "ring-ref-not-for-dom0", "data-ref-revoked",
-                 "ring-ref-revoked"):  # fmt: skip
+    for case in (
+        "data-ref-invalid",
+        "data-ref-mixed",
+        "no-data-ref",
+        "ring-ref-invalid",
+        "data-ref-not-for-dom0",
+        "ring-ref-not-for-dom0",
+        "data-ref-revoked",
+        "ring-ref-revoked",
+    ):
         assert cases[case]["result"] == "refused", cases[case]
         assert cases[case]["backend_state"] == CLOSING
         assert cases[case]["error"].startswith("connect failed"), cases[case]
@@ -335,8 +346,11 @@ def test_cancel_flood(env: SimEnv, cycles: int) -> None:
 def test_rogue_help_lists_every_attack() -> None:
     result = subprocess.run(
         [os.environ.get("PYTHON", "python3"), "-m", "xenvtpm", "rogue", "--help"],
-        capture_output=True, text=True, cwd=ROOT, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        check=True,
+    )
     for attack in ("size-mismatch", "flood", "race", "reopen", "garbage-nodes", "cancel-flood"):
         assert attack in result.stdout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import selectors
 import socket
@@ -191,9 +192,12 @@ def test_calls_from_other_threads_run_on_the_loop_thread_in_order() -> None:
     ran: list[tuple[int, bool]] = []
     me = threading.get_ident()
 
+    def record(i: int) -> None:
+        ran.append((i, threading.get_ident() == me))
+
     def worker() -> None:
         for i in range(3):
-            loop.call_soon_threadsafe(lambda i=i: ran.append((i, threading.get_ident() == me)))
+            loop.call_soon_threadsafe(functools.partial(record, i))
         loop.call_soon_threadsafe(loop.stop)
 
     threading.Thread(target=worker).start()

@@ -59,7 +59,7 @@ def step(loop: Loop, times: int = 5) -> None:
 def received(server: socket.socket) -> list[tuple[int, bytes]]:
     """Every packet the link has sent so far, as (instance, command)."""
     server.setblocking(False)
-    out = []
+    out: list[tuple[int, bytes]] = []
     while True:
         try:
             packet = server.recv(8192)
@@ -68,9 +68,7 @@ def received(server: socket.socket) -> list[tuple[int, bytes]]:
         out.append((struct.unpack_from(">I", packet)[0], packet[4:]))
 
 
-def test_link_answers_retry_itself_above_its_per_instance_bound(
-    tmp_path: Path, loop: Loop
-) -> None:
+def test_link_answers_retry_itself_above_its_per_instance_bound(tmp_path: Path, loop: Loop) -> None:
     """The manager matches replies to requests FIFO per instance, so the link never
     answers out of turn: a request over the bound is answered TPM_RC_RETRY (Linux's TPM
     core retries it) without being sent, from the loop, and the FIFO stays intact."""
@@ -148,8 +146,10 @@ def test_cancel_tells_the_manager_and_keeps_the_fifo(tmp_path: Path, loop: Loop)
         server.send(struct.pack(">I", 7) + answer(1))
         server.send(struct.pack(">I", 7) + tpm.error_response(tpm.TPM_RC.CANCELED))
         step(loop)
-        assert answers.got == {"first": [answer(1)],
-                               "second": [tpm.error_response(tpm.TPM_RC.CANCELED)]}  # fmt: skip
+        assert answers.got == {
+            "first": [answer(1)],
+            "second": [tpm.error_response(tpm.TPM_RC.CANCELED)],
+        }
         link.cancel(first)  # answered already: nothing is sent
         step(loop)
         assert received(server) == []

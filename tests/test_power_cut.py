@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 
 from harness import tpmwire
+from harness.paths import REPO_ROOT
 from harness.process import stop_family
 from xenvtpm.manager.client import ManagerClient
 
-ROOT = Path(__file__).resolve().parent.parent
 EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 EXT4_GOING_FLAGS_NOLOGFLUSH = 0x2  # no flush of the journal, nor of the data
 INSTANCE = 1
@@ -76,11 +76,12 @@ class PoweredManager:
         )
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", script,
-                 sys.executable],
-                stdout=out, stderr=out, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                ["unshare", "-m", "--propagation", "private", "sh", "-c", script, sys.executable],
+                stdout=out,
+                stderr=out,
+                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                 start_new_session=True,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + 30
         while not self.socket.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -114,8 +115,9 @@ class PoweredManager:
         self.proc.wait(10)
         self.proc = None
         deadline = time.monotonic() + 30  # the namespace goes, and with it the loop mount
-        while subprocess.run(["losetup", "-j", str(self.disk)], capture_output=True,
-                             text=True).stdout.strip():  # fmt: skip
+        while subprocess.run(
+            ["losetup", "-j", str(self.disk)], capture_output=True, text=True
+        ).stdout.strip():
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.disk} is still attached to a loop device")
             time.sleep(0.1)

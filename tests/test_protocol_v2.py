@@ -40,8 +40,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimEnv]:
     try:
         get_random(env.guests[0])
         with v2_guest(env, "warm-up") as fe:  # starts the v2 instance's swtpm
-            wait_for(lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
-                     60, "the v2 instance to start")  # fmt: skip
+            wait_for(
+                lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
+                60,
+                "the v2 instance to start",
+            )
         yield env
     finally:
         env.close()
@@ -71,8 +74,13 @@ def fe(env: SimEnv, request: pytest.FixtureRequest) -> Iterator[KernelFrontend]:
         yield fe
 
 
-def submit_raw(fe: KernelFrontend, data: bytes, length: int | None = None,
-               nr_extra: int | None = None, state: int = VtpmState.SUBMIT) -> None:  # fmt: skip
+def submit_raw(
+    fe: KernelFrontend,
+    data: bytes,
+    length: int | None = None,
+    nr_extra: int | None = None,
+    state: int = VtpmState.SUBMIT,
+) -> None:
     """Put anything on the page, as a hostile frontend would, and notify."""
     page = fe.page
     page[8 : 8 + len(data)] = data
@@ -284,8 +292,11 @@ def test_submit_cancel_cycles_hold_at_most_one_command(env: SimEnv, cycles: int)
     one of this guest's commands (the answer to a cancelled one frees the slot)."""
     instance = V2_INSTANCE + 1  # its own instance: the manager's peak is per instance
     with v2_guest(env, "cancel-cycles", instance=instance) as fe:
-        wait_for(lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
-                 60, "the instance to start")  # fmt: skip
+        wait_for(
+            lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
+            60,
+            "the instance to start",
+        )
         with stopped(env, instance):
             for _ in range(cycles):
                 submit_raw(fe, tpm.get_random_command(16))
@@ -310,8 +321,11 @@ def test_reconnecting_in_a_loop_queues_one_bind(env: SimEnv) -> None:
         fe = KernelFrontend.in_domain(env.control, domid)
         fe.probe()
         fe.wait_connected()
-        wait_for(lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
-                 60, "the instance to start")  # fmt: skip
+        wait_for(
+            lambda: tpm.response_code(fe.transmit(tpm.get_random_command(8))) == 0,
+            60,
+            "the instance to start",
+        )
         with stopped(env, instance):
             submit_raw(fe, tpm.get_random_command(16))
             time.sleep(0.3)  # in swtpm, which is stopped
@@ -319,7 +333,11 @@ def test_reconnecting_in_a_loop_queues_one_bind(env: SimEnv) -> None:
                 fe.close()  # Closed: the backend disconnects, the command stays in swtpm
                 fe = KernelFrontend.in_domain(env.control, domid)
                 fe._switch(XenbusState.INITIALISING)
-                wait_for(lambda f=fe: f.backend_state() == XenbusState.INIT_WAIT, 10, "InitWait")
+
+                def init_wait(f: KernelFrontend = fe) -> bool:
+                    return f.backend_state() == XenbusState.INIT_WAIT
+
+                wait_for(init_wait, 10, "InitWait")
                 fe.probe()
                 fe.wait_connected()
             time.sleep(0.3)
@@ -452,15 +470,19 @@ def test_racing_rewrites_get_one_answer_each(env: SimEnv, fe: KernelFrontend) ->
 def test_2006_and_v2_guests_side_by_side_stay_isolated(env: SimEnv, fe: KernelFrontend) -> None:
     guest = env.guests[0]
     digests = {"2006": hashlib.sha256(b"ring").digest(), "v2": hashlib.sha256(b"page").digest()}
-    befores = {"2006": guest.transmit(tpm.pcr_read_command(23))[-32:],
-               "v2": fe.transmit(tpm.pcr_read_command(23))[-32:]}  # fmt: skip
+    befores = {
+        "2006": guest.transmit(tpm.pcr_read_command(23))[-32:],
+        "v2": fe.transmit(tpm.pcr_read_command(23))[-32:],
+    }
     errors: list[BaseException] = []
 
     def ring_guest() -> None:
         try:
             for _ in range(20):
-                assert tpm.response_code(guest.transmit(
-                    tpm.pcr_extend_command(23, digests["2006"]))) == 0  # fmt: skip
+                assert (
+                    tpm.response_code(guest.transmit(tpm.pcr_extend_command(23, digests["2006"])))
+                    == 0
+                )
                 get_random(guest, 8)
         except BaseException as e:
             errors.append(e)
@@ -488,7 +510,11 @@ def test_no_leak_after_v2_guests_come_and_go(env: SimEnv) -> None:
             with v2_guest(env, f"leak-{i}", nr_extra_pages=i % 2) as fe:
                 get_random_v2(fe)
                 fe.cancel()
-                wait_for(lambda f=fe: f.page[4] == VtpmState.IDLE, 5, "IDLE")
+
+                def idle(f: KernelFrontend = fe) -> bool:
+                    return f.page[4] == VtpmState.IDLE
+
+                wait_for(idle, 5, "IDLE")
                 os.kill(pid, signal.SIGSTOP)
                 submit_raw(fe, tpm.get_random_command(16))
                 time.sleep(0.1)  # the guest leaves with this command in flight

@@ -8,9 +8,8 @@ import sys
 import threading
 from pathlib import Path
 
+from harness.paths import REPO_ROOT
 from xenvtpm.manager.swtpm import PERMALL, write_ca_config
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_concurrent_first_writers_of_the_ca_config_all_succeed(tmp_path: Path) -> None:
@@ -37,8 +36,10 @@ def test_concurrent_first_writers_of_the_ca_config_all_succeed(tmp_path: Path) -
     assert errors == []
     ca = tmp_path / "ca"
     assert sorted(p.name for p in ca.iterdir()) == [
-        "localca.conf", "localca.options", "swtpm_setup.conf"
-    ]  # fmt: skip
+        "localca.conf",
+        "localca.options",
+        "swtpm_setup.conf",
+    ]
 
 
 def test_provision_makes_each_instance_once(tmp_path: Path) -> None:
@@ -46,10 +47,20 @@ def test_provision_makes_each_instance_once(tmp_path: Path) -> None:
 
     def provision(*instances: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "xenvtpm", "provision", "--state-root", str(tmp_path),
-             *instances],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "xenvtpm",
+                "provision",
+                "--state-root",
+                str(tmp_path),
+                *instances,
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     first = provision("7", "8")
     assert first.returncode == 0, first.stderr

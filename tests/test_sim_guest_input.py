@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sim_xen import start_simxend, stop
+from simxen import start_simxend, stop
 
 from xenvtpm.errors import XenStoreError
 from xenvtpm.sim.adapter import SimControl

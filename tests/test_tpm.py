@@ -62,9 +62,7 @@ def test_builders_exact_bytes() -> None:
     assert startup_command(clear=False) == bytes.fromhex("80010000000c000001440001")
     assert bind_command(7) == bytes.fromhex("80010000000e20000f0000000007")
     assert parse_bind_command(bind_command(0xFFFFFFFF)) == (0xFFFFFFFF, False)
-    assert bind_command(7, resumed=True) == bytes.fromhex(
-        "80010000001220000f000000000700000001"
-    )
+    assert bind_command(7, resumed=True) == bytes.fromhex("80010000001220000f000000000700000001")
     assert parse_bind_command(bind_command(9, resumed=True)) == (9, True)
     assert cancel_command() == bytes.fromhex("80010000000a20000f02")  # XENVTPM_CC_CANCEL
     assert pcr_read_command(10) == bytes.fromhex("8001000000140000017e00000001000b03000400")

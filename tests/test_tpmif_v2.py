@@ -32,8 +32,14 @@ class OnceOnly:
         return len(self.data)
 
 
-def page(length: int, state: int, locality: int = 0, nr_extra: int = 0,
-         body: bytes = b"", refs: tuple[int, ...] = ()) -> bytearray:  # fmt: skip
+def page(
+    length: int,
+    state: int,
+    locality: int = 0,
+    nr_extra: int = 0,
+    body: bytes = b"",
+    refs: tuple[int, ...] = (),
+) -> bytearray:
     p = bytearray(PAGE)
     struct.pack_into("=IBBBB", p, 0, length, state, locality, 0, nr_extra)
     for i, r in enumerate(refs):
@@ -98,18 +104,33 @@ def test_intake_v2_forwards_with_locality_and_reads_once() -> None:
         (page(4089, VtpmState.SUBMIT), 0, tpm.error_response(tpm.TPM_RC.COMMAND_SIZE)),
         (page(0xFFFFFFFF, VtpmState.SUBMIT), 0, tpm.error_response(tpm.TPM_RC.COMMAND_SIZE)),
         (page(0, VtpmState.SUBMIT), 0, tpm.error_response(tpm.TPM_RC.COMMAND_SIZE)),
-        (page(12, VtpmState.SUBMIT, nr_extra=255, body=tpm.get_random_command(1)), 0,
-         tpm.error_response(tpm.TPM_RC.COMMAND_SIZE)),
-        (page(12, VtpmState.SUBMIT, body=tpm.get_random_command(1)), 1,
-         tpm.error_response(tpm.TPM_RC.COMMAND_SIZE)),
-        (page(12, VtpmState.SUBMIT, body=struct.pack(">HIIH", 0x8003, 12, 0x17B, 1)), 0,
-         tpm.error_response(tpm.BAD_TAG_RC)),
-        (page(14, VtpmState.SUBMIT, body=tpm.bind_command(3)), 0,
-         tpm.error_response(tpm.TPM_RC.COMMAND_CODE)),
-        (page(10, VtpmState.SUBMIT, body=bytes.fromhex("80010000000a20000f02")), 0,
-         tpm.error_response(tpm.TPM_RC.COMMAND_CODE)),  # XENVTPM_CC_CANCEL
+        (
+            page(12, VtpmState.SUBMIT, nr_extra=255, body=tpm.get_random_command(1)),
+            0,
+            tpm.error_response(tpm.TPM_RC.COMMAND_SIZE),
+        ),
+        (
+            page(12, VtpmState.SUBMIT, body=tpm.get_random_command(1)),
+            1,
+            tpm.error_response(tpm.TPM_RC.COMMAND_SIZE),
+        ),
+        (
+            page(12, VtpmState.SUBMIT, body=struct.pack(">HIIH", 0x8003, 12, 0x17B, 1)),
+            0,
+            tpm.error_response(tpm.BAD_TAG_RC),
+        ),
+        (
+            page(14, VtpmState.SUBMIT, body=tpm.bind_command(3)),
+            0,
+            tpm.error_response(tpm.TPM_RC.COMMAND_CODE),
+        ),
+        (
+            page(10, VtpmState.SUBMIT, body=bytes.fromhex("80010000000a20000f02")),
+            0,
+            tpm.error_response(tpm.TPM_RC.COMMAND_CODE),
+        ),  # XENVTPM_CC_CANCEL
     ],
-)  # fmt: skip
+)
 def test_intake_v2_decisions(p: bytearray, nr_extra: int, expected: object) -> None:
     shared = OnceOnly(bytes(p))
     extra = [OnceOnly(bytes(PAGE))] * nr_extra

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from simenv import SimEnv
 
+from harness.paths import REPO_ROOT
 from harness.traffic import parse_line, read_trace, render, section, window
 from xenvtpm import tpm
 from xenvtpm.backend.traffic_trace import AnsweredBy, TrafficTrace
@@ -109,17 +110,17 @@ def test_the_backend_traces_each_guests_requests_apart(traced_env: SimEnv) -> No
     assert tpm.response_code(two.transmit(tpm.get_random_command(4))) == 0
     directory = traced_env.workdir / "trace"
     mine = window(read_trace(directory, 1), t0)
-    assert [(t.command_code, t.command_size, t.response_size, t.response_code, t.by)
-            for t in mine] == [
+    assert [
+        (t.command_code, t.command_size, t.response_size, t.response_code, t.by) for t in mine
+    ] == [
         (0x17B, 12, 20, 0, "manager"),
         (-1, -1, 10, tpm.bad_tag_rc(0x8003), "backend"),
-    ]  # fmt: skip
+    ]
     assert all(t.domid == one.domid for t in mine)
     theirs = window(read_trace(directory, 2), t0)
     assert [(t.command_size, t.response_size, t.domid) for t in theirs] == [(12, 16, two.domid)]
 
 
-ROOT = Path(__file__).resolve().parent.parent
 FAILING_SCENARIO = """
 from harness import tpmwire
 
@@ -138,15 +139,30 @@ def test_a_failed_scenarios_report_carries_its_tpm_traffic(tmp_path: Path) -> No
     """On sim, as on Xen: the requests of the failed test's time, per guest, by name; not
     those of the test before it."""
     pytest.importorskip("tpm2_pytss")
-    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_traced.py").write_text(FAILING_SCENARIO)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_traced.py", "--target", "sim",
-         "-p", "no:cacheprovider"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_ARTIFACTS":
-                           str(tmp_path / "artifacts")},
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_traced.py",
+            "--target",
+            "sim",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "XENVTPM_ARTIFACTS": str(tmp_path / "artifacts"),
+        },
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     out = result.stdout + result.stderr
     assert "1 passed" in out and "1 failed" in out, out
     report = out[out.index("TPM traffic of guest0, backend side") :]
@@ -164,11 +180,17 @@ def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
     """``harness up``, a command on guest0's endpoint, the README's example client
     (``examples/endpoint_client.py``) on it, then ``harness trace guest0``."""
     run = Path(f"/tmp/xvt-trace-{os.getpid()}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XENVTPM_RUN": str(run)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "XENVTPM_RUN": str(run)}
     harness = [sys.executable, "-m", "harness"]
     try:
-        up = subprocess.run([*harness, "up", "--target", "sim", "--guests", "1"], env=env,
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        up = subprocess.run(
+            [*harness, "up", "--target", "sim", "--guests", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert up.returncode == 0, up.stderr
         endpoint = json.loads(up.stdout)["guests"][0]["tpm"]
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
@@ -177,18 +199,33 @@ def test_harness_trace_prints_a_guests_requests(tmp_path: Path) -> None:
             s.send(GET_RANDOM_8)
             assert tpm.response_code(s.recv(4096)) == 0
         client = subprocess.run(  # the README's example program, on the same endpoint
-            [sys.executable, str(ROOT / "examples" / "endpoint_client.py"), endpoint],
-            env=env, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+            [sys.executable, str(REPO_ROOT / "examples" / "endpoint_client.py"), endpoint],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert client.returncode == 0, client.stdout + client.stderr
         assert "ECC P-256 primary key created and flushed" in client.stdout, client.stdout
-        shown = subprocess.run([*harness, "trace", "guest0", "--no-follow"], env=env,
-                               capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        shown = subprocess.run(
+            [*harness, "trace", "guest0", "--no-follow"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert shown.returncode == 0, shown.stderr
         assert " GetRandom 12 B -> 20 B SUCCESS " in shown.stdout, shown.stdout
         assert " CreatePrimary " in shown.stdout and " FlushContext " in shown.stdout
-        unknown = subprocess.run([*harness, "trace", "guest9", "--no-follow"], env=env,
-                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        unknown = subprocess.run(
+            [*harness, "trace", "guest9", "--no-follow"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert unknown.returncode == 1 and "no guest 'guest9'" in unknown.stderr
     finally:
         subprocess.run([*harness, "down"], env=env, capture_output=True, timeout=60, check=False)

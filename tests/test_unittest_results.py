@@ -121,8 +121,11 @@ def test_a_run_made_now(tmp_path: Path) -> None:
     for cls in ("SpaceTest", "AsyncTest"):
         proc = subprocess.run(
             [sys.executable, "-m", "unittest", "-v", f"tpm2_tests.{cls}"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 1
         runs.append(SuiteRun.from_output(proc.stderr))
     run = runs[0].merged(runs[1])

@@ -81,9 +81,10 @@ def start_session(c: ManagerClient) -> int:
     """TPM2_StartAuthSession: an unbound, unsalted HMAC session; its handle."""
     params = (
         struct.pack(">II", 0x40000007, 0x40000007)
-        + struct.pack(">H", 16) + os.urandom(16)
+        + struct.pack(">H", 16)
+        + os.urandom(16)
         + struct.pack(">HBHH", 0, 0x00, 0x0010, 0x000B)
-    )  # fmt: skip
+    )
     response = c.transact(INSTANCE, struct.pack(">HII", 0x8001, 10 + len(params), 0x176) + params)
     assert response_code(response) == TPM_RC.SUCCESS, response.hex()
     return int(struct.unpack_from(">I", response, 10)[0])
@@ -185,10 +186,20 @@ def test_an_operator_reset_ends_failure_mode(tmp_root: Path) -> None:
             kill_swtpm(tmp_root)
             assert_failure_mode(c)
             reset = subprocess.run(
-                [sys.executable, "-m", "xenvtpm", "reset", "--manager", str(m.socket),
-                 str(INSTANCE)],
-                cwd=REPO, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "xenvtpm",
+                    "reset",
+                    "--manager",
+                    str(m.socket),
+                    str(INSTANCE),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             assert reset.returncode == 0, reset.stderr
             assert pcr16(c) == bytes(32)  # a power cycle: the operator's explicit choice
             assert nv_value(c) == value

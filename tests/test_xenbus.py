@@ -44,7 +44,7 @@ class FakeStore:
 
 def test_state_numbers_match_xenbus_h() -> None:
     assert [s.value for s in XenbusState] == list(range(9))
-    assert XenbusState.CONNECTED == 4 and XenbusState.CLOSED == 6
+    assert XenbusState.CONNECTED.value == 4 and XenbusState.CLOSED.value == 6
 
 
 @pytest.mark.parametrize(("raw", "state"), [(b"4", 4), (b"6\x00", 6), (b"x", 0), (b"99", 0)])

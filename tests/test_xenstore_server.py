@@ -282,7 +282,7 @@ def _rm(s: Session, path: str) -> None:
 
 
 #: (what the transaction does, what dom0 commits meanwhile outside it): a real conflict.
-CONFLICTS: dict[str, tuple[Callable[[Session, int], None], Callable[[Session], None]]] = {
+CONFLICTS: dict[str, tuple[Callable[[Session, int], None], Callable[[Session], object]]] = {
     "read-then-written": (_read, lambda s: s.write(DOM0, f"{BE}/x", b"2")),
     "read-then-removed": (_read, lambda s: _rm(s, f"{BE}/x")),
     "missing-then-created": (_missing, lambda s: s.write(DOM0, f"{BE}/new", b"")),
@@ -367,8 +367,10 @@ def test_a_transaction_may_look_at_only_so_many_nodes() -> None:
     s = Session(server)
     for who in (G1, DOM0):
         tx = start(s, who)
-        errors = [s.send(who, XsType.XS_READ, join_strings(f"/local/domain/1/n{i}"), tx)
-                  for i in range(12)]  # fmt: skip
+        errors = [
+            s.send(who, XsType.XS_READ, join_strings(f"/local/domain/1/n{i}"), tx)
+            for i in range(12)
+        ]
         codes = [e.payload for e in errors]
         if who == G1:  # each missing read looks at the node and its nearest ancestor
             assert codes == [b"ENOENT\x00"] * 7 + [b"ENOSPC\x00"] * 5

@@ -119,7 +119,18 @@ def test_max_payload_accepted() -> None:
 def test_parse_decimal_takes_ascii_digits_only() -> None:
     assert parse_decimal("0", 0x7FEF) == 0
     assert parse_decimal("32751", 0x7FEF) == 0x7FEF
-    for bad in ("", "\u00b2", "\u0665", "1\u00b2", "-1", "+1", " 1", "1_0", "0x10", "32752",
-                "9" * 5000):
+    for bad in (
+        "",
+        "\u00b2",
+        "\u0665",
+        "1\u00b2",
+        "-1",
+        "+1",
+        " 1",
+        "1_0",
+        "0x10",
+        "32752",
+        "9" * 5000,
+    ):
         with pytest.raises(MalformedMessage):
             parse_decimal(bad, 0x7FEF)

@@ -133,8 +133,10 @@ class Bench:
         self.report["machine"][f"other_busy_processes_{when}"] = hogs
         if hogs:
             names = ", ".join(f"{h['comm']} (pid {h['pid']}, {h['cpu_pct']}% CPU)" for h in hogs)
-            self.note(f"{when}: other processes were busy on this machine: {names}; "
-                      "latencies and throughput are lower bounds of what it can do")  # fmt: skip
+            self.note(
+                f"{when}: other processes were busy on this machine: {names}; "
+                "latencies and throughput are lower bounds of what it can do"
+            )
 
     def bring_up(self) -> None:
         _say("bringing up the direct target (plain swtpm) and a 1-guest sim target")
@@ -252,8 +254,9 @@ class Bench:
         g = self.direct.guests[0]
         assert g.process.pid is not None
         plan = Plan.for_mode(self.quick)
-        res = floor.measure(g.socket, g.process.pid, plan.ops["getrandom_raw"], plan.warmup,
-                            plan.rounds)  # fmt: skip
+        res = floor.measure(
+            g.socket, g.process.pid, plan.ops["getrandom_raw"], plan.warmup, plan.rounds
+        )
         self.report["floor"] = res
         raw = self.report.get("latency", {}).get("getrandom_raw", {})
         for mode in stats.MODES:
@@ -346,8 +349,10 @@ class Bench:
             need = most * per_instance + len(levels) * (duration + warmup + 1.0) + 10
             if need <= self.budget.remaining:
                 break
-            self.note(f"open loop: {most} guests skipped: needs ~{need:.0f} s, "
-                      f"{self.budget.remaining:.0f} s of the budget left")  # fmt: skip
+            self.note(
+                f"open loop: {most} guests skipped: needs ~{need:.0f} s, "
+                f"{self.budget.remaining:.0f} s of the budget left"
+            )
             levels = tuple(lv for lv in levels if lv[0] < most)
         if not levels:
             return
@@ -468,15 +473,22 @@ class Bench:
         fl = self.report.get("floor")
         if fl:
             r = self.report["ratios"]
-            parts += ["", "Floor: GetRandom(16) through 3 do-nothing Python relays to swtpm: "
-                      f"pinned p50 {fl['pinned']['p50_us']} us (x{r['floor3_getrandom_p50_pinned']}"
-                      f" direct), unpinned p50 {fl['unpinned']['p50_us']} us "
-                      f"(x{r['floor3_getrandom_p50_unpinned']})"]  # fmt: skip
+            parts += [
+                "",
+                "Floor: GetRandom(16) through 3 do-nothing Python relays to swtpm: "
+                f"pinned p50 {fl['pinned']['p50_us']} us (x{r['floor3_getrandom_p50_pinned']}"
+                f" direct), unpinned p50 {fl['unpinned']['p50_us']} us "
+                f"(x{r['floor3_getrandom_p50_unpinned']})",
+            ]
         nv = self.report.get("nv_write")
         if nv:
-            parts += ["", "Durable NV (issue 14): NV_Write and GetRandom straight to a manager, "
-                      f"with its fsync and with --no-fsync (state on {nv['state_filesystem']})",
-                      "", nvwrite.nv_table(nv)]  # fmt: skip
+            parts += [
+                "",
+                "Durable NV (issue 14): NV_Write and GetRandom straight to a manager, "
+                f"with its fsync and with --no-fsync (state on {nv['state_filesystem']})",
+                "",
+                nvwrite.nv_table(nv),
+            ]
         if self.report.get("scale"):
             parts += ["", "Scale: one backend + manager, N guests in closed loops of GetRandom", ""]
             parts.append(stats.scale_table(self.report["scale"]))

@@ -31,8 +31,8 @@ from harness import tpmwire
 from harness.bench.latency import GET_RANDOM_16, check_success, sample, watchdog
 from harness.bench.stats import Summary, ratio, table
 from harness.deadline import Deadline
+from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess
-from harness.targets.sim import REPO_ROOT
 from xenvtpm.manager.client import ManagerClient
 
 INSTANCE = 1000
@@ -65,8 +65,17 @@ class BenchManager:
         self.name = name
         self.socket = root / "vtpm.sock"
         self.state_root = root / "state"
-        argv = [sys.executable, "-m", "xenvtpm", "manager", "--socket", str(self.socket),
-                "--state-root", str(self.state_root), *flags]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "xenvtpm",
+            "manager",
+            "--socket",
+            str(self.socket),
+            "--state-root",
+            str(self.state_root),
+            *flags,
+        ]
         self.process = ManagedProcess(
             f"manager-{name}",
             argv,

@@ -205,12 +205,8 @@ def measure(
         s = Summary.from_ns(res.latencies_ns)
         entry.update(p50_us=s.p50_us, p99_us=s.p99_us, max_us=s.max_us)
     sent = res.sent or 1
-    entry["cpu_us_per_op"] = {
-        r: round((after[r] - before[r]) / sent / 1000.0, 1) for r in roles
-    }  # fmt: skip
-    entry["cpu_pct_of_one_core"] = {
-        r: round((after[r] - before[r]) / wall / 1e7, 1) for r in roles
-    }  # fmt: skip
+    entry["cpu_us_per_op"] = {r: round((after[r] - before[r]) / sent / 1000.0, 1) for r in roles}
+    entry["cpu_pct_of_one_core"] = {r: round((after[r] - before[r]) / wall / 1e7, 1) for r in roles}
     if res.error_samples:
         entry["error_samples"] = res.error_samples
     return entry
@@ -282,8 +278,10 @@ def run(
             say(f"open loop: {n} guests x {rate:g}/s for {duration:g} s")
             entries.append(measure(level.target, n, rate, duration, warmup))
             e = entries[-1]
-            say(f"open loop: {n} x {rate:g}/s: p50 {e['p50_us']} us, p99 {e['p99_us']} us, "
-                f"{e['errors']} errors")  # fmt: skip
+            say(
+                f"open loop: {n} x {rate:g}/s: p50 {e['p50_us']} us, p99 {e['p99_us']} us, "
+                f"{e['errors']} errors"
+            )
     finally:
         level.close()
     meta["saturation"] = saturation(entries)
@@ -294,8 +292,12 @@ def goal_met(entries: Sequence[dict[str, Any]]) -> tuple[bool | None, dict[str, 
     """The goal level's entry and whether it met p99 <= 20 ms with no error."""
     for e in entries:
         if e["guests"] == GOAL["guests"] and e["rate_per_guest"] == GOAL["rate_per_guest"]:
-            ok = (e["p99_us"] is not None and e["p99_us"] <= GOAL["p99_us"] and not e["errors"]
-                  and not e.get("unsent"))  # fmt: skip
+            ok = (
+                e["p99_us"] is not None
+                and e["p99_us"] <= GOAL["p99_us"]
+                and not e["errors"]
+                and not e.get("unsent")
+            )
             return ok, e
     return None, None
 
@@ -304,15 +306,41 @@ def rows(entries: Sequence[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for e in entries:
         pct = e.get("cpu_pct_of_one_core", {})
-        rows.append([e["guests"], e["rate_per_guest"], e["offered_per_s"], e["p50_us"],
-                     e["p99_us"], e["errors"], e["late_sends"], e.get("unsent"), pct.get("backend"),
-                     pct.get("manager"), pct.get("frontends"), pct.get("swtpm"),
-                     e.get("machine_cpu_busy_pct")])  # fmt: skip
+        rows.append(
+            [
+                e["guests"],
+                e["rate_per_guest"],
+                e["offered_per_s"],
+                e["p50_us"],
+                e["p99_us"],
+                e["errors"],
+                e["late_sends"],
+                e.get("unsent"),
+                pct.get("backend"),
+                pct.get("manager"),
+                pct.get("frontends"),
+                pct.get("swtpm"),
+                e.get("machine_cpu_busy_pct"),
+            ]
+        )
     return rows
 
 
-TABLE_HEADER = ["guests", "rate/guest", "offered/s", "p50 us", "p99 us", "errors", "late", "unsent",
-                "backend %", "manager %", "frontends %", "swtpm %", "CPUs busy %"]  # fmt: skip
+TABLE_HEADER = [
+    "guests",
+    "rate/guest",
+    "offered/s",
+    "p50 us",
+    "p99 us",
+    "errors",
+    "late",
+    "unsent",
+    "backend %",
+    "manager %",
+    "frontends %",
+    "swtpm %",
+    "CPUs busy %",
+]
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -320,20 +348,28 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     out: list[str] = []
     entries = report.get("open_loop")
     if entries:
-        out += ["", "Open loop: N guests, each GetRandom(16) at a fixed rate; latency from "
-                "due time; CPU as % of one core", ""]  # fmt: skip
+        out += [
+            "",
+            "Open loop: N guests, each GetRandom(16) at a fixed rate; latency from "
+            "due time; CPU as % of one core",
+            "",
+        ]
         out.append(table(TABLE_HEADER, rows(entries)))
         met, _ = goal_met(entries)
         verdict = "not measured" if met is None else ("MET" if met else "NOT MET")
         out.append(f"goal (issue 20): 128 guests x 20/s, p99 <= 20 ms, 0 errors: {verdict}")
         sat = report.get("open_loop_meta", {}).get("saturation")
         if sat:
-            out.append(f"nearest its limit at {sat['level']}: {sat['nearest_limit']} "
-                       f"(share of limit: {sat['share_of_limit']}); commands/s each role "
-                       f"could serve alone: {sat['capacity_per_s']}")  # fmt: skip
+            out.append(
+                f"nearest its limit at {sat['level']}: {sat['nearest_limit']} "
+                f"(share of limit: {sat['share_of_limit']}); commands/s each role "
+                f"could serve alone: {sat['capacity_per_s']}"
+            )
     r = report.get("ratios", {})
     over = ratio(r.get("getrandom_p50_pinned"), r.get("floor3_getrandom_p50_pinned"))
     if over is not None:
-        out.append(f"GetRandom pinned driver/direct over the 3-relay floor's: {over} "
-                   "(goal of issue 20: <= 1.25)")  # fmt: skip
+        out.append(
+            f"GetRandom pinned driver/direct over the 3-relay floor's: {over} "
+            "(goal of issue 20: <= 1.25)"
+        )
     return out

@@ -234,8 +234,11 @@ def save_template(level: Level, dest_dir: Path) -> Path | None:
 
 def _role_pids(target: SimTarget) -> dict[str, list[int]]:
     assert target.manager.pid is not None and target.backend.pid is not None
-    fronts = [g.frontend.pid for g in target.guests
-              if g.frontend is not None and g.frontend.pid is not None]  # fmt: skip
+    fronts = [
+        g.frontend.pid
+        for g in target.guests
+        if g.frontend is not None and g.frontend.pid is not None
+    ]
     return {
         "frontends": fronts,
         "backend": [target.backend.pid],

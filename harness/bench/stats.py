@@ -308,16 +308,39 @@ def scale_table(scale: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for e in scale:
         cpu = (e.get("cpu_us_per_op") or {}).get("total")
-        rows.append([e["instances"], e["ops_per_s"], e.get("p50_us"), e["p99_us"],
-                     e.get("errors"), cpu, e.get("machine_cpu_busy_pct"),
-                     e.get("backend_mb_per_instance"), e.get("swtpm_rss_mb"),
-                     e["rss_mb_per_instance"], e.get("bringup_s_per_instance"),
-                     e.get("state")])  # fmt: skip
+        rows.append(
+            [
+                e["instances"],
+                e["ops_per_s"],
+                e.get("p50_us"),
+                e["p99_us"],
+                e.get("errors"),
+                cpu,
+                e.get("machine_cpu_busy_pct"),
+                e.get("backend_mb_per_instance"),
+                e.get("swtpm_rss_mb"),
+                e["rss_mb_per_instance"],
+                e.get("bringup_s_per_instance"),
+                e.get("state"),
+            ]
+        )
     return table(
-        ["instances", "ops/s", "p50 us", "p99 us", "errors", "CPU us/op", "CPUs busy %",
-         "backend MB/inst", "swtpm MB", "MB/inst", "bring-up s/inst", "state"],
+        [
+            "instances",
+            "ops/s",
+            "p50 us",
+            "p99 us",
+            "errors",
+            "CPU us/op",
+            "CPUs busy %",
+            "backend MB/inst",
+            "swtpm MB",
+            "MB/inst",
+            "bring-up s/inst",
+            "state",
+        ],
         rows,
-    )  # fmt: skip
+    )
 
 
 def goals_table(results: Sequence[GoalResult]) -> str:

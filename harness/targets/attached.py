@@ -99,10 +99,17 @@ class AttachedTarget:
             caps.discard(Capability.MULTI_GUEST)
         self.capabilities = frozenset(caps)
         self._guests = [
-            AttachedGuest(g["name"], g.get("domid"), int(g["instance"]), Path(g["tpm"]),
-                          g.get("transport", "seqpacket"), self, g.get("device", "/dev/tpm0"))
+            AttachedGuest(
+                g["name"],
+                g.get("domid"),
+                int(g["instance"]),
+                Path(g["tpm"]),
+                g.get("transport", "seqpacket"),
+                self,
+                g.get("device", "/dev/tpm0"),
+            )
             for g in guests
-        ]  # fmt: skip
+        ]
         self._progress = progress
         self._control: Any = None
         self.xen_logins: XenLogins | None = None
@@ -198,10 +205,19 @@ class AttachedTarget:
 
         self._require(Capability.KILL_SWTPM)
         result = subprocess.run(
-            [sys.executable, "-m", "xenvtpm", "reset", "--manager",
-             str(self.run_dir / "vtpm.sock"), str(guest.instance)],
-            capture_output=True, text=True, timeout=90,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "xenvtpm",
+                "reset",
+                "--manager",
+                str(self.run_dir / "vtpm.sock"),
+                str(guest.instance),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         if result.returncode != 0:
             raise ResetFailed(guest.instance, result.stderr)
 

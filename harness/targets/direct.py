@@ -130,8 +130,13 @@ class DirectTarget(BaseTarget):
         return {
             "target": self.name,
             "guests": [
-                {"name": g.name, "domid": None, "instance": g.instance,
-                 "tpm": str(g.socket), "transport": "swtpm-stream"}
+                {
+                    "name": g.name,
+                    "domid": None,
+                    "instance": g.instance,
+                    "tpm": str(g.socket),
+                    "transport": "swtpm-stream",
+                }
                 for g in self._guests
             ],
-        }  # fmt: skip
+        }

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from harness.deadline import Deadline
 from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
+from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess, ProcessRecord, all_procs, proc_cmdline, tail
 from harness.target import Capability, Component, Guest
 from harness.targets.base import BaseGuest, BaseTarget
@@ -40,7 +41,6 @@ GUEST_TIMEOUT = 20.0
 PROBE_TIMEOUT = 30.0
 FIRST_INSTANCE = 1000
 CONNECTED = b"4"  # XenbusStateConnected. Spec: xen/include/public/io/xenbus.h
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(eq=False)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from harness import tpmwire
 from harness.deadline import Deadline
 from harness.errors import DeviceRefused, TargetNotReady
-from harness.images import ROOT
+from harness.paths import REPO_ROOT
 from harness.relay_pool import RelayPool
 from harness.ssh import SshHost
 from harness.target import Capability, Component, Guest
@@ -45,7 +45,7 @@ SESSION_CAPABILITIES = frozenset(
 def artifacts_dir(target: str = "xen") -> Path:
     """``$XENVTPM_ARTIFACTS``, else ``artifacts/<target>/`` (one per kind of target)."""
     explicit = os.environ.get("XENVTPM_ARTIFACTS")
-    return Path(explicit) if explicit else ROOT / "artifacts" / target
+    return Path(explicit) if explicit else REPO_ROOT / "artifacts" / target
 
 
 class XenDriverTarget(BaseTarget):
@@ -91,7 +91,7 @@ class XenDriverTarget(BaseTarget):
         return self.session.hosts()
 
     # -- the driver pair -------------------------------------------------------------------
-    def deploy(self, package: Path = ROOT / "xenvtpm") -> None:
+    def deploy(self, package: Path = REPO_ROOT / "xenvtpm") -> None:
         """Copy the driver package into dom0 and every guest (``/opt/xenvtpm``) and check
         that ``python3 -m xenvtpm`` runs there, every host at once. Starting the daemons
         is ``start_daemon``."""

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
 from harness.hostkeys import HostKeyCheck, resolve_known_hosts
-from harness.images import ROOT
+from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess, ProcessRecord
 from harness.ssh import SshHost
 from harness.target import Capability
@@ -162,7 +162,7 @@ def address_from_neighbours(neighbours: str, macs: Sequence[str]) -> str | None:
     return next(iter(neighbour_addresses(neighbours, macs)), None)
 
 
-def driver_build(root: Path = ROOT) -> dict[str, Any]:
+def driver_build(root: Path = REPO_ROOT) -> dict[str, Any]:
     """The git commit of the driver being deployed, and whether the tree had changes."""
 
     def git(*args: str) -> str:

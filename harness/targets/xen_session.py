@@ -19,7 +19,7 @@ from typing import Any
 from harness.crash_watch import DOM0_KERNEL_LOGS, GUEST_KERNEL_LOGS, new_crash_lines_check
 from harness.deadline import Deadline
 from harness.errors import ResetFailed, TargetNotReady
-from harness.images import ROOT
+from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
 from harness.targets import xen_driver
 from harness.targets.health import Check, failures
@@ -28,7 +28,7 @@ from harness.transport_ssh import REMOTE_PACKAGE_DIR
 from harness.xenlogs import REMOTE_LOG_DIR, collect_logs
 
 
-def deploy_package(host: SshHost, package: Path = ROOT / "xenvtpm") -> None:
+def deploy_package(host: SshHost, package: Path = REPO_ROOT / "xenvtpm") -> None:
     """Replace ``/opt/xenvtpm/xenvtpm`` on ``host`` and check ``python3 -m xenvtpm`` runs."""
     host.run(f"rm -rf {REMOTE_PACKAGE_DIR}/xenvtpm", check=True)
     host.put(package, f"{REMOTE_PACKAGE_DIR}/xenvtpm")
@@ -67,7 +67,7 @@ class Dom0Session:
         return self.host().run(command, timeout)
 
     # -- deploy and daemons --------------------------------------------------------------
-    def deploy(self, package: Path = ROOT / "xenvtpm") -> None:
+    def deploy(self, package: Path = REPO_ROOT / "xenvtpm") -> None:
         """Copy the driver package into dom0 and every guest (``/opt/xenvtpm``) and check
         that ``python3 -m xenvtpm`` runs there, every host at once."""
         hosts = self.hosts()

@@ -17,7 +17,8 @@ from pathlib import Path
 from harness.console import ConsoleFailure
 from harness.deadline import Deadline
 from harness.errors import TargetNotReady
-from harness.images import ROOT, Images
+from harness.images import Images
+from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
 from harness.targets import xen_driver
 from harness.targets.xen_guest import XenGuest
@@ -46,7 +47,7 @@ def guest_disk(guest: XenGuest) -> str:
 
 def xl_config(guest: XenGuest, images: Images) -> str:
     """The guest's xl configuration, from the harness's template."""
-    text = (ROOT / "images" / "guest.cfg.in").read_text()
+    text = (REPO_ROOT / "images" / "guest.cfg.in").read_text()
     values = {
         "NAME": guest.name,
         "KERNEL": images.dom0_kernel,

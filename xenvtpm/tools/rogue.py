@@ -236,8 +236,9 @@ def report(attack: str, case: str, response: bytes | None, t0: float) -> None:
     emit(attack, case, "response", rc=rc, hex=response[:64].hex(), length=len(response), ms=ms)
 
 
-def send_case(r: Rogue, attack: str, case: str, packet: bytes, size: int | None = None,
-              **entry: int) -> None:  # fmt: skip
+def send_case(
+    r: Rogue, attack: str, case: str, packet: bytes, size: int | None = None, **entry: int
+) -> None:
     t0 = time.monotonic()
     report(attack, case, r.transact(packet, size, **entry), t0)
 
@@ -250,8 +251,13 @@ def refused_or_connected(r: Rogue, attack: str, case: str, **publish: Any) -> No
     if state == S.CONNECTED:
         emit(attack, case, "connected", backend_state=state)
     else:
-        emit(attack, case, "refused", backend_state=state,
-             error=error if error != before or error else None)  # fmt: skip
+        emit(
+            attack,
+            case,
+            "refused",
+            backend_state=state,
+            error=error if error != before or error else None,
+        )
     r.restart()
 
 

@@ -45,8 +45,13 @@ def _hello(r: Rogue, a: argparse.Namespace) -> None:
 def _size_mismatch(r: Rogue, a: argparse.Namespace) -> None:
     r.connect_ok()
     good = command()
-    for case, size in (("ring-larger", len(good) + 8), ("ring-smaller", len(good) - 1),
-                       ("ring-one-page", 4096), ("ring-zero", 0), ("ring-9", 9)):  # fmt: skip
+    for case, size in (
+        ("ring-larger", len(good) + 8),
+        ("ring-smaller", len(good) - 1),
+        ("ring-one-page", 4096),
+        ("ring-zero", 0),
+        ("ring-9", 9),
+    ):
         send_case(r, "size-mismatch", case, good, size)
     # entries 1..9 disagree with entry 0 (they are redundant and ignored)
     r.put(good)
@@ -56,8 +61,9 @@ def _size_mismatch(r: Rogue, a: argparse.Namespace) -> None:
     r.ring[: tpmif.RING_BYTES] = ring
     t0 = time.monotonic()
     r.notify()
-    report("size-mismatch", "other-entries-garbage", r.read_response() if r.wait_event() else None,
-           t0)  # fmt: skip
+    report(
+        "size-mismatch", "other-entries-garbage", r.read_response() if r.wait_event() else None, t0
+    )
 
 
 @attack("size-beyond", "ring size beyond the pages granted")
@@ -205,8 +211,14 @@ def _flood(r: Rogue, a: argparse.Namespace) -> None:
         if ahead > 0:
             time.sleep(ahead)
     elapsed = time.monotonic() - t0
-    emit("flood", "notify", "summary", notifies=sent, seconds=round(elapsed, 2),
-         rate=round(sent / elapsed))  # fmt: skip
+    emit(
+        "flood",
+        "notify",
+        "summary",
+        notifies=sent,
+        seconds=round(elapsed, 2),
+        rate=round(sent / elapsed),
+    )
     time.sleep(0.2)
     r.drain()
     send_case(r, "flood", "after", command())
@@ -234,8 +246,14 @@ def _storm(r: Rogue, a: argparse.Namespace) -> None:
             channel.notify()
         sent += 256
     elapsed = time.monotonic() - t0
-    emit("storm", "notify", "summary", notifies=sent, seconds=round(elapsed, 2),
-         rate=round(sent / elapsed))  # fmt: skip
+    emit(
+        "storm",
+        "notify",
+        "summary",
+        notifies=sent,
+        seconds=round(elapsed, 2),
+        rate=round(sent / elapsed),
+    )
     r.restart()
     r.connect_ok()
     send_case(r, "storm", "after", command())
@@ -292,8 +310,7 @@ def _state_and_notify(r: Rogue, a: argparse.Namespace) -> None:
         r.drop_channel()
         if r.wait_backend([S.INIT_WAIT]) != S.INIT_WAIT:
             break
-    emit("state-and-notify", "cycles", "summary", cycles=a.count,
-         backend_state=r.backend_state())  # fmt: skip
+    emit("state-and-notify", "cycles", "summary", cycles=a.count, backend_state=r.backend_state())
     r.connect_ok()
     send_case(r, "state-and-notify", "after", command())
 
@@ -310,8 +327,13 @@ def _handshake_order(r: Rogue, a: argparse.Namespace) -> None:
     time.sleep(a.settle)
     emit(n, "connected-first", "state", backend_state=r.backend_state())
     r.set_state(S.INITIALISED)  # Initialised without ring-ref / event-channel
-    emit(n, "initialised-empty", "state", backend_state=r.wait_backend([S.CLOSING, S.CLOSED]),
-         error=r.backend_error())  # fmt: skip
+    emit(
+        n,
+        "initialised-empty",
+        "state",
+        backend_state=r.wait_backend([S.CLOSING, S.CLOSED]),
+        error=r.backend_error(),
+    )
     r.restart()
     for case, value in (("garbage", "banana"), ("reconfiguring", "7"), ("huge", "9" * 50)):
         r.set_state(value)
@@ -368,5 +390,11 @@ def _reopen(r: Rogue, a: argparse.Namespace) -> None:
         if i + 1 < a.count:
             r.set_state(S.INITIALISING)
             r.wait_backend([S.INIT_WAIT])
-    emit("reopen", "cycles", "summary", cycles=a.count, answered=ok,
-         seconds=round(time.monotonic() - t0, 2))  # fmt: skip
+    emit(
+        "reopen",
+        "cycles",
+        "summary",
+        cycles=a.count,
+        answered=ok,
+        seconds=round(time.monotonic() - t0, 2),
+    )

@@ -29,11 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5.0, help="length of flood/race/storm")
     p.add_argument("--rate", type=float, default=100_000, help="notifies per second (flood)")
     p.add_argument("--count", type=int, default=1000, help="reopen cycles / race rounds")
-    p.add_argument("--settle", type=float, default=0.2,
-                   help="seconds for the backend to see each handshake-order step")  # fmt: skip
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=0.2,
+        help="seconds for the backend to see each handshake-order step",
+    )
     p.add_argument("--quick", action="store_true", help="50 reopen cycles, 1 s flood/race")
-    p.add_argument("--foreign-domid", type=int, default=None,
-                   help="domain to grant pages to in bad-refs (default: this domain)")  # fmt: skip
+    p.add_argument(
+        "--foreign-domid",
+        type=int,
+        default=None,
+        help="domain to grant pages to in bad-refs (default: this domain)",
+    )
     return p
 
 

@@ -137,8 +137,15 @@ def _cancel_flood(r: Rogue, a: argparse.Namespace) -> None:
     t1 = time.monotonic()
     idle = wait_state(page, (VtpmState.IDLE,), r.timeout)
     idle_after_s = round(time.monotonic() - t1, 3) if idle else None
-    emit("cancel-flood", "flood", "summary", cycles=a.count, seconds=round(flood_s, 2),
-         idle_seen=idle_seen, idle_after_s=idle_after_s)  # fmt: skip
+    emit(
+        "cancel-flood",
+        "flood",
+        "summary",
+        cycles=a.count,
+        seconds=round(flood_s, 2),
+        idle_seen=idle_seen,
+        idle_after_s=idle_after_s,
+    )
     transact_v2(r, page, struct.pack(">HIII", 0x8001, 14, tpm.TPM_CC.FlushContext, parent))
     t2 = time.monotonic()
     report("cancel-flood", "after", transact_v2(r, page, tpm.get_random_command(16)), t2)
@@ -164,8 +171,13 @@ def _cancel(r: Rogue, a: argparse.Namespace) -> None:
         # The page still holding our command (its code, not a response code, at offset
         # 6) means the answer was dropped: the CANCEL reached the command in flight.
         in_flight = bytes(page[_DATA : _DATA + len(command)]) == command
-        emit("cancel", f"try-{attempt}", "cancelled" if in_flight else "answered-first",
-             state=int(page[_STATE]) if ended else None, held_s=held_s)  # fmt: skip
+        emit(
+            "cancel",
+            f"try-{attempt}",
+            "cancelled" if in_flight else "answered-first",
+            state=int(page[_STATE]) if ended else None,
+            held_s=held_s,
+        )
         flush_transients(r, page)  # swtpm ran the CreatePrimary: its object is loaded
         if in_flight:
             break
@@ -175,8 +187,9 @@ def _cancel(r: Rogue, a: argparse.Namespace) -> None:
 
 def flush_transients(r: Rogue, page: memoryview) -> None:
     """FlushContext of every loaded object (GetCapability of the transient handles)."""
-    command = struct.pack(">HIIIII", 0x8001, 22, tpm.TPM_CC.GetCapability, TPM_CAP_HANDLES,
-                          TRANSIENT_FIRST, 16)  # fmt: skip
+    command = struct.pack(
+        ">HIIIII", 0x8001, 22, tpm.TPM_CC.GetCapability, TPM_CAP_HANDLES, TRANSIENT_FIRST, 16
+    )
     response = transact_v2(r, page, command)
     if response is None or tpm.response_code(response) != tpm.TPM_RC.SUCCESS:
         raise RogueError(f"GetCapability(handles) failed: {response!r}")
