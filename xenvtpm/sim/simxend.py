@@ -61,7 +61,7 @@ FD_LIMIT_WANTED = 65536  # main() raises the soft RLIMIT_NOFILE this far (within
 class SimXen(DomainResources):
     """The daemon's state and event loop; ``start()``, ``run()``, ``close()``.
 
-    Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.run_service`), it serves on it;
+    Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.serve`), it serves on it;
     else it makes its own, which :meth:`pump` and :meth:`run` turn.
     """
 
