@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from xenvtpm.daemon import LOG_LEVEL_ENV
 from xenvtpm.errors import ChannelClosed
 from xenvtpm.manager.cli import build_parser
 from xenvtpm.manager.manager import InstanceStatus, Manager, ManagerClient
@@ -538,6 +539,25 @@ def test_parser() -> None:
         "swtpm",
         "DEBUG",
     )
+
+
+def test_xenvtpm_log_level_reaches_the_manager_as_every_daemon(
+    tmp_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XENVTPM_LOG_LEVEL sets the manager's level, as the frontend's and the backend's
+    (issue 15); --log-level still wins over it."""
+    monkeypatch.setenv(LOG_LEVEL_ENV, "debug")
+    base = ["--socket", "/s", "--state-root", "/r"]
+    assert build_parser().parse_args(base).log_level == "DEBUG"
+    assert build_parser().parse_args([*base, "--log-level", "info"]).log_level == "INFO"
+    mgr = start_manager(tmp_root)  # its probe connection is logged at debug level only
+    try:
+        deadline = time.monotonic() + 10
+        while "backend connected" not in mgr.stderr():
+            assert time.monotonic() < deadline, f"no debug line:\n{mgr.stderr()}"
+            time.sleep(0.02)
+    finally:
+        assert mgr.stop() == 0
 
 
 def test_manager_killed_hard_leaves_no_swtpm(tmp_root: Path) -> None:

@@ -1,20 +1,18 @@
 """``python3 -m xenvtpm manager``: run the vTPM manager (:mod:`xenvtpm.manager.manager`) until
 SIGTERM/SIGINT, which is a planned stop (commands in flight finish, swtpm's volatile
-state is saved for the next manager)."""
+state is saved for the next manager). It runs as every daemon does
+(:func:`xenvtpm.daemon.serve`): ``XENVTPM_LOG_LEVEL`` sets its level unless
+``--log-level`` does."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import sys
-from types import FrameType
 
-from xenvtpm.errors import VTPMError
+from xenvtpm.daemon import default_log_level, serve
+from xenvtpm.loop import Loop
 from xenvtpm.manager.continuity import BOOT_ID_FILE
 from xenvtpm.manager.manager import Manager
-
-log = logging.getLogger("xenvtpm.manager")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--log-level",
-        default="INFO",
+        default=default_log_level(),
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
     )
@@ -59,43 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the manager until SIGTERM/SIGINT; exit 0 after a clean shutdown."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("xenvtpm").setLevel(args.log_level)
-    manager = Manager(
-        args.socket,
-        args.state_root,
-        swtpm=args.swtpm,
-        swtpm_setup=args.swtpm_setup,
-        command_timeout=args.command_timeout,
-        max_instances=args.max_instances,
-        boot_id_file=args.boot_id_file,
-        durable=args.durable,
-    )
 
-    def stop(signum: int, frame: FrameType | None) -> None:
-        manager.request_stop()
-
-    def status(signum: int, frame: FrameType | None) -> None:
-        manager.request_status()
-
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, stop),
-            (signal.SIGINT, stop),
-            (signal.SIGUSR1, status),
+    def build(loop: Loop) -> Manager:
+        manager = Manager(
+            args.socket,
+            args.state_root,
+            swtpm=args.swtpm,
+            swtpm_setup=args.swtpm_setup,
+            command_timeout=args.command_timeout,
+            max_instances=args.max_instances,
+            boot_id_file=args.boot_id_file,
+            durable=args.durable,
+            loop=loop,
         )
-    }
-    try:
-        try:
-            manager.start()
-        except (OSError, VTPMError) as exc:
-            log.error("cannot start: %s", exc)
-            return 1
-        manager.serve_forever()
-    finally:
-        manager.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    log.info("stopped")
-    return 0
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a planned stop: drain, then stop
+            loop.call_on_signal(signum, manager.request_stop)
+        loop.call_on_signal(signal.SIGUSR1, manager.request_status)
+        return manager
+
+    return serve("manager", args.log_level, build)

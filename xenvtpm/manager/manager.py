@@ -136,7 +136,7 @@ class Manager(CommandPath):
     ``request_stop()`` (signal- and thread-safe), letting the commands in flight finish;
     ``close()`` saves every swtpm's volatile state (a planned stop), stops every swtpm
     (SIGTERM, wait, SIGKILL) and unlinks the socket. Both are idempotent; use it as a
-    context manager. Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.run_service`),
+    context manager. Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.serve`),
     it serves on it, and a planned stop ends its ``run()``; else it makes its own.
     """
 

@@ -20,12 +20,11 @@ import logging
 import os
 import resource
 import selectors
-import signal
 import socket
 import sys
 from collections.abc import Callable
-from types import FrameType
 
+from xenvtpm.daemon import default_log_level, serve
 from xenvtpm.errors import MalformedMessage
 from xenvtpm.loop import Loop
 from xenvtpm.sim.hypercall import (
@@ -62,7 +61,7 @@ FD_LIMIT_WANTED = 65536  # main() raises the soft RLIMIT_NOFILE this far (within
 class SimXen(DomainResources):
     """The daemon's state and event loop; ``start()``, ``run()``, ``close()``.
 
-    Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.run_service`), it serves on it;
+    Given a ``loop`` (a daemon's, :func:`xenvtpm.daemon.serve`), it serves on it;
     else it makes its own, which :meth:`pump` and :meth:`run` turn.
     """
 
@@ -414,37 +413,33 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+class _Announced:
+    """The daemon as a process: once it serves, "simxend: ready" on stderr, the line its
+    launchers wait for."""
+
+    def __init__(self, daemon: SimXen) -> None:
+        self.daemon = daemon
+
+    def start(self) -> None:
+        self.daemon.start()
+        print("simxend: ready", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.daemon.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``simxend --dir RUN``: serve until SIGTERM/SIGINT; 0 on a clean stop."""
+    """``simxend --dir RUN``: serve until SIGTERM/SIGINT; 0 on a clean stop.
+
+    It runs as every daemon does (:func:`xenvtpm.daemon.serve`): ``XENVTPM_LOG_LEVEL``
+    sets its level, unless ``--debug`` does."""
     parser = argparse.ArgumentParser(prog="simxend", description="simulated Xen hypervisor")
     parser.add_argument("--dir", required=True, help="run directory (created, mode 0700)")
     parser.add_argument("--debug", action="store_true", help="log every connection")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        stream=sys.stderr,
-        format="simxend %(levelname)s %(name)s: %(message)s",
-    )
     _raise_fd_limit()
-    daemon = SimXen(args.dir)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        daemon.request_stop()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        daemon.start()
-        print("simxend: ready", file=sys.stderr, flush=True)
-        daemon.run()
-    except OSError as exc:
-        log.error("cannot serve %s: %s", args.dir, exc)
-        return 1
-    finally:
-        daemon.close()
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    log.info("stopped")
-    return 0
+    level = "DEBUG" if args.debug else default_log_level()
+    return serve("simxend", level, lambda loop: _Announced(SimXen(args.dir, loop)))
 
 
 if __name__ == "__main__":
