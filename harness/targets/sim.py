@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 from harness.deadline import Deadline
 from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
 from harness.process import ManagedProcess, ProcessRecord, all_procs, proc_cmdline, tail
-from harness.target import Capability, Component, Guest
+from harness.target import Capability, Component, Guest, HostileToolstack
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.traffic import TRACE_DIR_NAME, read_trace
 from harness.transport import RawTransport, SeqpacketTransport
@@ -414,6 +414,12 @@ class SimTarget(BaseTarget):
                 raise TargetNotReady("manager", "no status line after SIGUSR1", self.logs())
             time.sleep(0.02)
         return line
+
+    def hostile_toolstack(self) -> HostileToolstack:
+        """dom0's part for a rogue frontend (scenarios/test_hostile.py)."""
+        from harness.targets.sim_hostile import SimHostileToolstack
+
+        return SimHostileToolstack(self)
 
     def _swtpm_of(self, g: SimGuest) -> int | None:
         return find_swtpm(self.state_root / str(g.instance))

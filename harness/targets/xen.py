@@ -65,7 +65,7 @@ from harness.qemu import (
 )
 from harness.relay_pool import RelayPool
 from harness.ssh import SshHost
-from harness.target import Capability, Component, Guest
+from harness.target import Capability, Component, Guest, HostileToolstack
 from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.targets.health import Check, failures
@@ -1111,6 +1111,12 @@ class XenTarget(BaseTarget):
             "timings": self.timings,
             "guests": [g.describe() for g in self._guests],
         }
+
+    def hostile_toolstack(self) -> HostileToolstack:
+        """dom0's part for a rogue frontend (scenarios/test_hostile.py)."""
+        from harness.targets.xen_hostile import XenHostileToolstack
+
+        return XenHostileToolstack(self)
 
 
 class XenKernelFrontendTarget(XenTarget):
