@@ -6,10 +6,13 @@ Chain (STYLE.md 9): ``target`` (session: brought up once, down at the end) -> ``
 skips a scenario on targets lacking a capability, with the reason shown. A scenario
 reaches a capability's operations through its fixture (``faults``, ``restarts``,
 ``reboots``, ``xl``, ``dom0_shell``, ``save_restore``, ``power_cut``, ``crash_watch``,
-``hostile_toolstack``), typed by its protocol in ``harness.target``; the fixture skips
-the scenario the same way on a target without it, before the target comes up. A failing test's
-report lists the daemon logs; with ``--artifacts DIR`` (or ``--junitxml DIR/junit.xml``) every
-log of a failing run is copied to ``DIR/logs/``. A summary table ends the run.
+``hostile_toolstack``: ``harness/capability_fixtures.py``), typed by its protocol in
+``harness.target``; the fixture skips the scenario the same way on a target without it,
+before the target comes up.
+
+A failing test's report lists the daemon logs; with ``--artifacts DIR`` (or ``--junitxml
+DIR/junit.xml``) every log of a failing run is copied to ``DIR/logs/``. A summary table
+ends the run.
 """
 
 from __future__ import annotations
@@ -23,30 +26,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from harness.crash_watch import Crash, CrashAlarm
-from harness.errors import UnsupportedOperation
-from harness.target import (
-    COMPONENT_CAPABILITY,
-    Capability,
-    CrashWatch,
-    Dom0Shell,
-    Faults,
-    Guest,
-    HostileToolstack,
-    PowerCut,
-    Reboots,
-    Restarts,
-    SaveRestore,
-    Target,
-    Xl,
-)
+from harness.target import Capability, Guest, Target
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
 
+pytest_plugins = ["harness.capability_fixtures"]  # faults, restarts, xl, ...: one per capability
 MARKERS = {
     "needs(*capabilities)": "skip unless the target has every named capability",
     "hostile": "a frontend that breaks the rules",
@@ -68,7 +57,6 @@ _ITEM_FAILED_KEY = pytest.StashKey[bool]()
 _CRASHES_KEY = pytest.StashKey[int]()  # how many of the target's crashes were reported
 _STARTED_KEY = pytest.StashKey[float]()  # a test's start, wall clock: its trace window
 _TRACED_KEY = pytest.StashKey[bool]()  # the test's report has its TPM traffic already
-_CAPS_KEY = pytest.StashKey[tuple[str, frozenset[str]]]()  # the target's name and capabilities
 CLOCK_SLACK = 0.5  # seconds: dom0's clock is set from this host's at each warm start
 SLOWEST = 10  # scenarios listed by time at the end of a run
 
@@ -213,6 +201,8 @@ def _attached_record(config: pytest.Config) -> Any:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from harness import capability_fixtures  # imported by pytest_plugins, rewritten first
+
     if config.getoption("--attach"):
         from harness.targets.attached import AttachedTarget
 
@@ -222,7 +212,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     else:
         name = config.getoption("--target")
         caps = capabilities_of(name, _target_setup(config)[0])
-    config.stash[_CAPS_KEY] = (name, caps)
+    config.stash[capability_fixtures.CAPS_KEY] = (name, caps)  # what they skip by
     markexpr = config.getoption("markexpr", "") or ""
     for item in items:
         for marker, why in OPT_IN.items():
@@ -442,84 +432,6 @@ def guests(target: Target) -> Sequence[Guest]:
 @pytest.fixture
 def guest(guests: Sequence[Guest]) -> Guest:
     return guests[0]
-
-
-# -- capabilities: the target as each protocol, or the scenario skipped -----------------
-def _capable(request: pytest.FixtureRequest, *capabilities: str) -> Any:
-    """The target, once it has every one of ``capabilities``; else skip the scenario as
-    ``needs`` does, naming the first one missing (before the target is brought up)."""
-    known = request.config.stash.get(_CAPS_KEY, None)
-    if known is None:  # no collection hook ran (pytester): ask the target itself
-        tgt = request.getfixturevalue("target")
-        known = (tgt.name, tgt.capabilities)
-    name, caps = known
-    for cap in capabilities:
-        if cap not in caps:
-            pytest.skip(f"target {name} lacks capability {cap}")
-    return request.getfixturevalue("target")
-
-
-@pytest.fixture(scope="session")
-def faults(request: pytest.FixtureRequest) -> Faults:
-    return cast(Faults, _capable(request, Capability.KILL_SWTPM))
-
-
-@pytest.fixture(scope="session")
-def reboots(request: pytest.FixtureRequest) -> Reboots:
-    return cast(Reboots, _capable(request, Capability.REBOOT))
-
-
-@pytest.fixture
-def restarts(request: pytest.FixtureRequest) -> Restarts:
-    """Restarts of the scenario's ``component`` parameter, if it has one; otherwise of
-    any component (the scenario's ``needs`` marker names which)."""
-    params = getattr(request.node, "callspec", None)
-    component = params.params.get("component") if params is not None else None
-    needed = [COMPONENT_CAPABILITY[component]] if component in COMPONENT_CAPABILITY else []
-    return cast(Restarts, _capable(request, *needed))
-
-
-@pytest.fixture(scope="session")
-def dom0_shell(request: pytest.FixtureRequest) -> Dom0Shell:
-    return cast(Dom0Shell, _capable(request, Capability.DOM0_SHELL))
-
-
-@pytest.fixture(scope="session")
-def xl(request: pytest.FixtureRequest) -> Xl:
-    return cast(Xl, _capable(request, Capability.XL))
-
-
-@pytest.fixture(scope="session")
-def save_restore(request: pytest.FixtureRequest) -> SaveRestore:
-    return cast(SaveRestore, _capable(request, Capability.SAVE_RESTORE))
-
-
-@pytest.fixture(scope="session")
-def power_cut(request: pytest.FixtureRequest) -> PowerCut:
-    return cast(PowerCut, _capable(request, Capability.POWER_CUT))
-
-
-@pytest.fixture(scope="session")
-def crash_watch(request: pytest.FixtureRequest) -> CrashWatch:
-    return cast(CrashWatch, _capable(request, Capability.CRASH_WATCH))
-
-
-@pytest.fixture(scope="module")
-def hostile_toolstack(request: pytest.FixtureRequest) -> Iterator[HostileToolstack]:
-    """dom0's part for a rogue frontend (``target.hostile_toolstack()``), closed after
-    the module; skipped on targets that cannot add its vTPM device."""
-    tgt = _capable(request, Capability.XEN_PROBE)
-    make = getattr(tgt, "hostile_toolstack", None)
-    try:
-        if make is None:
-            raise UnsupportedOperation(tgt.name, "hostile-toolstack")
-        toolstack: HostileToolstack = make()
-    except UnsupportedOperation:
-        pytest.skip(f"no toolstack for the rogue frontend on target {tgt.name}")
-    try:
-        yield toolstack
-    finally:
-        toolstack.close()
 
 
 @pytest.fixture
