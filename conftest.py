@@ -3,9 +3,16 @@
 
 Chain (STYLE.md 9): ``target`` (session: brought up once, down at the end) -> ``guests``
 / ``guest`` -> ``raw_tpm`` / ``esapi`` (per test). ``@pytest.mark.needs("cap", ...)``
-skips a scenario on targets lacking a capability, with the reason shown. A failing test's
-report lists the daemon logs; with ``--artifacts DIR`` (or ``--junitxml DIR/junit.xml``) every
-log of a failing run is copied to ``DIR/logs/``. A summary table ends the run.
+skips a scenario on targets lacking a capability, with the reason shown. A scenario
+reaches a capability's operations through its fixture (``faults``, ``restarts``,
+``reboots``, ``xl``, ``dom0_shell``, ``save_restore``, ``power_cut``, ``crash_watch``,
+``hostile_toolstack``: ``harness/capability_fixtures.py``), typed by its protocol in
+``harness.target``; the fixture skips the scenario the same way on a target without it,
+before the target comes up.
+
+A failing test's report lists the daemon logs; with ``--artifacts DIR`` (or ``--junitxml
+DIR/junit.xml``) every log of a failing run is copied to ``DIR/logs/``. A summary table
+ends the run.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ from typing import Any
 import pytest
 
 from harness.crash_watch import Crash, CrashAlarm
-from harness.target import Guest, Target
+from harness.target import Capability, Guest, Target
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
 
+pytest_plugins = ["harness.capability_fixtures"]  # faults, restarts, xl, ...: one per capability
 MARKERS = {
     "needs(*capabilities)": "skip unless the target has every named capability",
     "hostile": "a frontend that breaks the rules",
@@ -193,6 +201,8 @@ def _attached_record(config: pytest.Config) -> Any:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from harness import capability_fixtures  # imported by pytest_plugins, rewritten first
+
     if config.getoption("--attach"):
         from harness.targets.attached import AttachedTarget
 
@@ -202,6 +212,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     else:
         name = config.getoption("--target")
         caps = capabilities_of(name, _target_setup(config)[0])
+    config.stash[capability_fixtures.CAPS_KEY] = (name, caps)  # what they skip by
     markexpr = config.getoption("markexpr", "") or ""
     for item in items:
         for marker, why in OPT_IN.items():
@@ -488,7 +499,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 def _traffic_sections(tgt: Any, started: float) -> list[tuple[str, str]]:
     """Per guest, the TPM requests its vTPM's backend saw during the test (its trace,
     ``harness.traffic``): on any target with the capability, at no cost to passing tests."""
-    from harness.target import Capability
     from harness.traffic import section
 
     if Capability.TRAFFIC_TRACE not in tgt.capabilities:

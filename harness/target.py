@@ -3,8 +3,10 @@
 A *target* brings up guests that each have a vTPM, and can disturb them (restart a
 component, reboot a guest, kill a swtpm). What a target can do is announced as a set of
 capability names; scenarios ask for them with ``@pytest.mark.needs(...)`` and are skipped
-on targets that lack them. Targets live in ``harness/targets/`` and register their name
-in ``harness.targets.TARGETS`` (sim, direct; later xen under QEMU and ssh://host).
+on targets that lack them. Each capability's operations are a small protocol below
+(:class:`Faults`, :class:`Xl`, ...), which a scenario gets from the fixture of that name
+in ``conftest.py`` (STYLE.md 9): it never reads a target's internals. Targets live in
+``harness/targets/`` and register their name in ``harness.targets.TARGETS``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
 
 from harness.transport import RawTransport
+
+if TYPE_CHECKING:
+    from harness.crash_watch import Crash
 
 
 class Capability(enum.StrEnum):
@@ -156,3 +161,116 @@ class Target(Protocol):
 
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc: object) -> None: ...
+
+
+# -- capabilities: what a scenario may do beyond the guests, one protocol each ----------
+class Restarts(Protocol):
+    """``restart-frontend``, ``restart-backend``, ``restart-manager``."""
+
+    def restart(self, component: Component) -> None: ...
+
+
+class Reboots(Protocol):
+    """``reboot``."""
+
+    def reboot(self, guest: Guest) -> None: ...
+
+
+class Faults(Protocol):
+    """``kill-swtpm``: a guest's swtpm killed, hung (SIGSTOP) or resumed, and the
+    operator's reset that ends the instance's failure mode."""
+
+    def swtpm_pid(self, guest: Guest) -> int | None: ...
+    def kill_swtpm(self, guest: Guest) -> None: ...
+    def reset_vtpm(self, guest: Guest) -> None: ...
+    def pause_swtpm(self, guest: Guest) -> None: ...
+    def resume_swtpm(self, guest: Guest) -> None: ...
+
+
+class Dom0Shell(Protocol):
+    """``dom0-shell``: a command as root in dom0: (exit code, stdout, stderr)."""
+
+    def dom0_run(self, command: str, timeout: float = 60.0) -> tuple[int, str, str]: ...
+
+
+class Xl(Protocol):
+    """``xl``: real Xen domains, and what dom0's backend holds for them."""
+
+    def destroy(self, guest: Guest) -> None: ...
+    def create(self, guest: Guest) -> None: ...
+    def detach_vtpm(self, guest: Guest) -> None: ...
+    def attach_vtpm(self, guest: Guest) -> float: ...
+    def stop_frontend(self, guest: Guest) -> None: ...
+    def start_frontend(self, guest: Guest) -> None: ...
+    def wait_for_device(self, guest: Guest) -> float: ...
+
+    def backend_resources(self) -> dict[str, int]:
+        """Grant mappings, ports, fds and threads of dom0's backend now."""
+        ...
+
+
+class SaveRestore(Protocol):
+    """``save-restore``: ``xl save`` then ``xl restore``; the seconds it took."""
+
+    def save_restore(self, guest: Guest) -> float: ...
+
+
+class PowerCut(Protocol):
+    """``power-cut``: the machine killed without a shutdown, then booted cold."""
+
+    def power_cut_and_cold_boot(self) -> float: ...
+
+
+class CrashWatch(Protocol):
+    """``crash-watch``: crashes seen on the consoles, and the kernel logs' problems."""
+
+    @property
+    def crashes(self) -> list[Crash]: ...
+
+    def kernel_log_problems(self) -> list[str]: ...
+
+
+class TrafficTrace(Protocol):
+    """``traffic-trace``: the backend's trace lines of a guest's vTPM."""
+
+    def tpm_trace(self, guest: Guest) -> list[str]: ...
+
+
+ROGUE_INSTANCE = 1900  # the rogue frontend's vTPM instance, beside the guests' own
+
+
+class HostileToolstack(Protocol):
+    """dom0's part in scenarios/test_hostile.py: a vTPM device for a rogue frontend
+    (``python -m xenvtpm rogue ATTACK``, instance :data:`ROGUE_INSTANCE`), attached
+    for one attack and detached after, and what would show a leak.
+
+    A target offers one through ``hostile_toolstack()`` (``xen-probe`` targets whose
+    domains the harness can add to): ``harness/targets/sim_hostile.py``,
+    ``xen_hostile.py``. ``exact``: the target runs the rogue at native speed, so the
+    answers, rates and counts pinned by docs/threat-model.md are checked; under TCG the
+    attacks are scaled down (the xen column of the scenario's table) and only what
+    holds for every target is.
+    """
+
+    exact: bool
+    settle_s: float  # for the counts to come back after a rogue leaves
+    poll_s: float
+
+    def counts(self) -> dict[str, int]:
+        """What a leak would show up in (dom0's mappings and ports, the backend's fds
+        and threads, ...), by name."""
+        ...
+
+    def backend_healthy(self) -> bool:
+        """The backend still runs (and, where its log is at hand, logged no traceback)."""
+        ...
+
+    def rogue(self, attack: str, args: list[str]) -> list[dict[str, Any]]:
+        """Attach the rogue's device, run the attack, detach it: its JSON observations."""
+        ...
+
+    def rogue_status(self) -> dict[str, int] | None:
+        """The manager's ``queued``/``in_flight``/``peak`` for the rogue's instance."""
+        ...
+
+    def close(self) -> None: ...

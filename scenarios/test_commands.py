@@ -172,7 +172,8 @@ def test_create_primary_rsa2048(esapi: ESAPI) -> None:
 def test_create_primary_ecc_p256(esapi: ESAPI) -> None:
     """CreatePrimary ECC P-256: a 32-byte point that lies on the curve, correct Name."""
     handle, pub, _, _, _ = esapi.create_primary(
-        TPM2B_SENSITIVE_CREATE(), storage_template("ecc256"))
+        TPM2B_SENSITIVE_CREATE(), storage_template("ecc256")
+    )
     area = pub.publicArea
     assert area.type == TPM2_ALG.ECC
     assert area.parameters.eccDetail.curveID == TPM2_ECC.NIST_P256
@@ -198,8 +199,12 @@ def _sign(esapi: ESAPI, alg: str, message: bytes) -> tuple[ESYS_TR, TPM2B_PUBLIC
     key = esapi.load(parent, priv, pub)
     esapi.flush_context(parent)
     ticket = TPMT_TK_HASHCHECK(tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL)
-    sig = esapi.sign(key, TPM2B_DIGEST(hashlib.sha256(message).digest()),
-                     TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), ticket)
+    sig = esapi.sign(
+        key,
+        TPM2B_DIGEST(hashlib.sha256(message).digest()),
+        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+        ticket,
+    )
     return key, pub, sig
 
 
@@ -208,8 +213,7 @@ def _verify_outside(area: TPMT_PUBLIC, sig: TPMT_SIGNATURE, message: bytes) -> N
     key = public_key(area)
     if sig.sigAlg == TPM2_ALG.RSASSA:
         assert isinstance(key, rsa.RSAPublicKey)
-        key.verify(bytes(sig.signature.rsassa.sig), message, padding.PKCS1v15(),
-                   hashes.SHA256())
+        key.verify(bytes(sig.signature.rsassa.sig), message, padding.PKCS1v15(), hashes.SHA256())
     elif sig.sigAlg == TPM2_ALG.ECDSA:
         assert isinstance(key, ec.EllipticCurvePublicKey)
         r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
@@ -291,15 +295,15 @@ def test_hmac_session(esapi: ESAPI, salted: bool) -> None:
     if salted:
         salt_key, *_ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), storage_template())
     session = esapi.start_auth_session(
-        salt_key, ESYS_TR.NONE, TPM2_SE.HMAC, "aes128cfb", TPM2_ALG.SHA256)
+        salt_key, ESYS_TR.NONE, TPM2_SE.HMAC, "aes128cfb", TPM2_ALG.SHA256
+    )
     try:
         esapi.trsess_set_attributes(session, 0x01 | 0x20 | 0x40)  # continue, decrypt, encrypt
         data = os.urandom(32)
         with nv_space(esapi, index, len(data), auth=b"nv secret") as nv:
             esapi.tr_set_auth(nv, b"nv secret")
             esapi.nv_write(nv, data, 0, auth_handle=nv, session1=session)
-            assert bytes(esapi.nv_read(nv, len(data), 0, auth_handle=nv,
-                                       session1=session)) == data
+            assert bytes(esapi.nv_read(nv, len(data), 0, auth_handle=nv, session1=session)) == data
             esapi.tr_set_auth(nv, b"not the secret")
             with pytest.raises(TSS2_Exception) as err:
                 esapi.nv_read(nv, len(data), 0, auth_handle=nv, session1=session)
@@ -318,23 +322,27 @@ def test_policy_pcr_gates_unseal(esapi: ESAPI) -> None:
     policy = policy_pcr_digest(selection, pcr_digest)
 
     # The trial session computes the same policy digest as hashlib.
-    trial = esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, None,
-                                     TPM2_ALG.SHA256)
+    trial = esapi.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, None, TPM2_ALG.SHA256
+    )
     esapi.policy_pcr(trial, TPM2B_DIGEST(), f"sha256:{DEBUG_PCR}")
     assert bytes(esapi.policy_get_digest(trial)) == policy
     esapi.flush_context(trial)
 
     secret = os.urandom(32)
     parent, *_ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), storage_template())
-    sealed_tmpl = TPM2B_PUBLIC.parse("keyedhash", objectAttributes=0x00000012 | 0x400,
-                                     authPolicy=policy)  # fixedTPM|fixedParent|noDA
+    sealed_tmpl = TPM2B_PUBLIC.parse(
+        "keyedhash", objectAttributes=0x00000012 | 0x400, authPolicy=policy
+    )  # fixedTPM|fixedParent|noDA
     priv, pub, *_ = esapi.create(
-        parent, TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret)), sealed_tmpl)
+        parent, TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret)), sealed_tmpl
+    )
     sealed = esapi.load(parent, priv, pub)
 
     def unseal() -> bytes:
-        session = esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None,
-                                           TPM2_ALG.SHA256)
+        session = esapi.start_auth_session(
+            ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256
+        )
         try:
             esapi.policy_pcr(session, TPM2B_DIGEST(), f"sha256:{DEBUG_PCR}")
             return bytes(esapi.unseal(sealed, session1=session))
@@ -351,8 +359,9 @@ def test_policy_pcr_gates_unseal(esapi: ESAPI) -> None:
 def test_policy_password_gates_nv_read(esapi: ESAPI) -> None:
     """An NV index readable only by PolicyPassword: the policy with the right password
     reads, a plain password session is refused (the index has no AUTHREAD)."""
-    trial = esapi.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, None,
-                                     TPM2_ALG.SHA256)
+    trial = esapi.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, None, TPM2_ALG.SHA256
+    )
     esapi.policy_password(trial)
     policy = bytes(esapi.policy_get_digest(trial))
     esapi.flush_context(trial)
@@ -370,12 +379,15 @@ def test_policy_password_gates_nv_read(esapi: ESAPI) -> None:
         for password, readable in ((b"pw", True), (b"wrong", False)):
             esapi.tr_set_auth(nv, password)
             session = esapi.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256)
+                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256
+            )
             try:
                 esapi.policy_password(session)
                 if readable:
-                    assert bytes(esapi.nv_read(nv, 8, 0, auth_handle=nv,
-                                               session1=session)) == b"gated!!!"
+                    assert (
+                        bytes(esapi.nv_read(nv, 8, 0, auth_handle=nv, session1=session))
+                        == b"gated!!!"
+                    )
                 else:
                     with pytest.raises(TSS2_Exception) as err:
                         esapi.nv_read(nv, 8, 0, auth_handle=nv, session1=session)
@@ -419,6 +431,7 @@ def _nv_reader(esapi: ESAPI):  # type: ignore[no-untyped-def]
         if index not in handles(esapi, index, 1):
             raise NoSuchIndex(index)
         return nv_read_all(esapi, index)
+
     return read
 
 
@@ -429,8 +442,7 @@ def test_ek_certificate_rsa(esapi: ESAPI) -> None:
     cert_key = cert.public_key()
     assert isinstance(cert_key, rsa.RSAPublicKey) and cert_key.key_size == 2048
     _, template = create_ek_template("EK-RSA2048", _nv_reader(esapi))
-    _ek, pub, *_ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template,
-                                       ESYS_TR.RH_ENDORSEMENT)
+    _ek, pub, *_ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_ENDORSEMENT)
     assert public_key(pub.publicArea).public_numbers() == cert_key.public_numbers()
     persisted, _, _ = esapi.read_public(esapi.tr_from_tpmpublic(EK_PERSISTENT_RSA))
     assert bytes(persisted.publicArea.unique.rsa) == bytes(pub.publicArea.unique.rsa)
@@ -447,6 +459,5 @@ def test_ek_certificate_ecc(esapi: ESAPI) -> None:
     assert isinstance(cert_key, ec.EllipticCurvePublicKey)
     ektype = "EK-ECC256" if index == EK_CERT_ECC_P256 else "EK-HIGH-ECC384"
     _, template = create_ek_template(ektype, _nv_reader(esapi))
-    _ek, pub, *_ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template,
-                                       ESYS_TR.RH_ENDORSEMENT)
+    _ek, pub, *_ = esapi.create_primary(TPM2B_SENSITIVE_CREATE(), template, ESYS_TR.RH_ENDORSEMENT)
     assert public_key(pub.publicArea).public_numbers() == cert_key.public_numbers()

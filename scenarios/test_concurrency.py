@@ -76,11 +76,13 @@ def run_clients(workers: Sequence[Callable[[], None]]) -> None:
 def test_parallel_get_random_sizes(guest: Any) -> None:
     """4 clients x 100 GetRandom, each client with its own size: each answer has the
     asking client's size, so no answer went to the wrong client."""
+
     def client(size: int) -> Callable[[], None]:
         def run() -> None:
             with guest.transport(shared=True) as t:
                 for _ in range(100):
                     assert len(assert_channel_works(t, size)) == size
+
         return run
 
     run_clients([client(5 + 7 * i) for i in range(CLIENTS)])
@@ -94,6 +96,7 @@ def test_parallel_nv_reads_not_mixed(guest: Any) -> None:
         for index in indices:
             nv_define(ctx, index, 32)
     try:
+
         def client(index: int) -> Callable[[], None]:
             def run() -> None:
                 with open_esapi(guest, shared=True) as ctx:
@@ -102,6 +105,7 @@ def test_parallel_nv_reads_not_mixed(guest: Any) -> None:
                         data = struct.pack(">II", index, round_) + os.urandom(24)
                         ctx.nv_write(nv, data, 0)
                         assert bytes(ctx.nv_read(nv, 32, 0)) == data
+
             return run
 
         run_clients([client(i) for i in indices])
@@ -146,6 +150,7 @@ def test_pcr_reads_during_extends(guest: Any) -> None:
 def test_mixed_raw_commands(guest: Any) -> None:
     """4 raw clients send different commands (GetRandom, PCR_Read of their own PCR,
     GetCapability, a bad tag): each answer matches the command its client sent."""
+
     def random_client() -> None:
         with guest.transport(shared=True) as t:
             for _ in range(50):
@@ -156,18 +161,21 @@ def test_mixed_raw_commands(guest: Any) -> None:
             with guest.transport(shared=True) as t:
                 for _ in range(50):
                     resp = Response.from_bytes(
-                        t.transmit(command(CC.PCR_READ, pcr_selection_bytes([pcr]))))
+                        t.transmit(command(CC.PCR_READ, pcr_selection_bytes([pcr])))
+                    )
                     assert resp.code == RC.SUCCESS
                     # pcrUpdateCounter u32, then the selection it read: ours
-                    assert resp.body[4:4 + 10] == pcr_selection_bytes([pcr])
+                    assert resp.body[4 : 4 + 10] == pcr_selection_bytes([pcr])
+
         return run
 
     def capability_client() -> None:
         with guest.transport(shared=True) as t:
             for _ in range(50):
                 # TPM_CAP_TPM_PROPERTIES, TPM_PT_MANUFACTURER, 1 property
-                resp = Response.from_bytes(t.transmit(
-                    command(CC.GET_CAPABILITY, struct.pack(">III", 6, 0x105, 1))))
+                resp = Response.from_bytes(
+                    t.transmit(command(CC.GET_CAPABILITY, struct.pack(">III", 6, 0x105, 1)))
+                )
                 assert resp.code == RC.SUCCESS
                 assert resp.body[1:5] == struct.pack(">I", 6)  # capability echoed
                 assert resp.body[9:13] == struct.pack(">I", 0x105)
@@ -209,6 +217,7 @@ def test_two_guests_in_parallel(guests: Sequence[Any]) -> None:
         with open_esapi(g, shared=True) as ctx:
             nv_define(ctx, index, 16)
     try:
+
         def client(g: Any, tag: bytes) -> Callable[[], None]:
             def run() -> None:
                 # the two clients of one guest share its index: either may have written
@@ -218,6 +227,7 @@ def test_two_guests_in_parallel(guests: Sequence[Any]) -> None:
                     for _ in range(30):
                         ctx.nv_write(nv, tag * 16, 0)
                         assert bytes(ctx.nv_read(nv, 16, 0)) in mine
+
             return run
 
         run_clients([client(a, b"A"), client(a, b"a"), client(b, b"B"), client(b, b"b")])

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from harness.crash_watch import CrashSeen
+from harness.target import CrashWatch, Target
 from harness.tpmwire import get_random
 
 pytestmark = pytest.mark.needs("crash-watch")
@@ -30,7 +31,9 @@ SEEN_WITHIN_S = 90.0
 
 
 @pytest.mark.crashes
-def test_a_guest_crash_fails_the_running_test_at_once(target: Any, guests: Any) -> None:
+def test_a_guest_crash_fails_the_running_test_at_once(
+    target: Target, crash_watch: CrashWatch, guests: Any
+) -> None:
     if target.name == "xen-kernel":  # the watch is the harness's, the same for both kinds
         pytest.skip("one guest crash per nox -s xen: on --target xen (the restore costs minutes)")
     victim = guests[-1]
@@ -44,7 +47,7 @@ def test_a_guest_crash_fails_the_running_test_at_once(target: Any, guests: Any) 
     assert crash.console == f"{victim.name} console", crash
     assert crash.pattern in ("kernel panic", "kernel oops", "kernel bug"), crash
     assert "sysrq" in crash.excerpt, crash.excerpt
-    assert crash in target.crashes
+    assert crash in crash_watch.crashes
 
 
 def test_the_next_test_runs_on_a_restored_machine(target: Any, guests: Any) -> None:
@@ -54,10 +57,12 @@ def test_the_next_test_runs_on_a_restored_machine(target: Any, guests: Any) -> N
         assert response[6:10] == b"\0\0\0\0" and len(response) == 20, response.hex()
 
 
-def test_a_warning_in_a_guests_kernel_log_is_reported_once(target: Any, guest: Any) -> None:
+def test_a_warning_in_a_guests_kernel_log_is_reported_once(
+    crash_watch: CrashWatch, guest: Any
+) -> None:
     line = f"WARNING: CPU: 0 PID: 1 at xenvtpm/probe.c:1 probe_{os.urandom(4).hex()}+0x0/0x0"
-    target.kernel_log_problems()  # whatever came before this test is not its own
+    crash_watch.kernel_log_problems()  # whatever came before this test is not its own
     guest.run(f"echo {shlex.quote('<7>' + line)} > /dev/kmsg")
-    problems = target.kernel_log_problems()  # what a failed test's report gets
+    problems = crash_watch.kernel_log_problems()  # what a failed test's report gets
     assert any(line in p and guest.name in p for p in problems), problems
-    assert not any(line in p for p in target.kernel_log_problems())  # once
+    assert not any(line in p for p in crash_watch.kernel_log_problems())  # once

@@ -81,13 +81,18 @@ INSUFFICIENT_P1 = error_response(0x1DA)
 
 # claimed commandSize -> what a client of a Linux guest's /dev/tpm0 sees
 KERNEL_WRONG_SIZE: dict[int, bytes | Refused] = {
-    14: Refused("EINVAL"), 11: INSUFFICIENT_P1, 10: INSUFFICIENT_P1, 0: Refused("ENODATA"),
-    4096: Refused("EINVAL"), 0xFFFFFFFF: Refused("EINVAL"),
+    14: Refused("EINVAL"),
+    11: INSUFFICIENT_P1,
+    10: INSUFFICIENT_P1,
+    0: Refused("ENODATA"),
+    4096: Refused("EINVAL"),
+    0xFFFFFFFF: Refused("EINVAL"),
 }
 
 
-@pytest.mark.parametrize("claimed", list(KERNEL_WRONG_SIZE),
-                         ids=["more", "less", "header-only", "zero", "max", "huge"])
+@pytest.mark.parametrize(
+    "claimed", list(KERNEL_WRONG_SIZE), ids=["more", "less", "header-only", "zero", "max", "huge"]
+)
 def test_wrong_size_field(raw_tpm: RawTransport, guest: Any, claimed: int) -> None:
     """A 12-byte GetRandom whose header claims another size gets TPM_RC_COMMAND_SIZE
     from the driver (through a Linux guest kernel: see KERNEL_WRONG_SIZE)."""
@@ -108,8 +113,9 @@ def test_truncated_header(raw_tpm: RawTransport, guest: Any, length: int) -> Non
 
 
 @pytest.mark.needs("validation")
-@pytest.mark.parametrize("length", [TPM_MAX_COMMAND_SIZE + 1, 5000, RING_CAPACITY,
-                                    RING_CAPACITY + 1, 65536])
+@pytest.mark.parametrize(
+    "length", [TPM_MAX_COMMAND_SIZE + 1, 5000, RING_CAPACITY, RING_CAPACITY + 1, 65536]
+)
 def test_oversize_packet(raw_tpm: RawTransport, guest: Any, length: int) -> None:
     """A consistent header over the TPM's 4096-byte maximum (up to past the 40960-byte
     ring) gets one TPM_RC_COMMAND_SIZE, and no trailing answers for the excess bytes."""
@@ -153,9 +159,16 @@ def test_largest_command_accepted(raw_tpm: RawTransport, guest: Any) -> None:
 # TPM_RC_VALUE; a TPM_ST that is not a command tag (0x00C4 RSP_COMMAND, 0x8000 NULL,
 # 0x8014..0x801A attestation tags, 0x8021..0x8025 tickets) gets TPM_RC_BAD_TAG.
 # Measured on swtpm 0.7.1 for every tag in 0x8000..0x802F and 0x00C1..0x00C6.
-BAD_TAGS = {0x8003: RC.VALUE, 0x0000: RC.VALUE, 0xFFFF: RC.VALUE, 0x00C1: RC.VALUE,
-            0x8000: RC.BAD_TAG, 0x00C4: RC.BAD_TAG, 0x8018: RC.BAD_TAG,
-            0x8024: RC.BAD_TAG}
+BAD_TAGS = {
+    0x8003: RC.VALUE,
+    0x0000: RC.VALUE,
+    0xFFFF: RC.VALUE,
+    0x00C1: RC.VALUE,
+    0x8000: RC.BAD_TAG,
+    0x00C4: RC.BAD_TAG,
+    0x8018: RC.BAD_TAG,
+    0x8024: RC.BAD_TAG,
+}
 
 
 @pytest.mark.parametrize("tag", list(BAD_TAGS), ids=[f"{t:#06x}" for t in BAD_TAGS])
@@ -170,8 +183,9 @@ def test_unknown_tag_beats_wrong_size(raw_tpm: RawTransport, guest: Any) -> None
     """With both a bad tag and a wrong size, the tag is reported, as the TPM does (a
     Linux guest kernel refuses the write first: commandSize 99 > 12 bytes written)."""
     packet = command(CC.GET_RANDOM, struct.pack(">H", 8), tag=0x8003, size=99)
-    assert answer(raw_tpm, packet) == seen_by_client(guest, error_response(RC.VALUE),
-                                                      Refused("EINVAL"))
+    assert answer(raw_tpm, packet) == seen_by_client(
+        guest, error_response(RC.VALUE), Refused("EINVAL")
+    )
     assert_channel_works(raw_tpm)
 
 
@@ -214,14 +228,17 @@ def test_errors_back_to_back(raw_tpm: RawTransport) -> None:
 
 
 # Commands a random body cannot turn into a state change: reads and computations only.
-SAFE_CODES = [CC.GET_RANDOM, CC.GET_CAPABILITY, CC.PCR_READ,
-              0x0181,  # ReadClock
-              0x017C,  # GetTestResult
-              0x0173,  # ReadPublic
-              0x017D,  # Hash
-              0x0169,  # NV_ReadPublic
-              0x0178,  # TestParms
-              ]
+SAFE_CODES = [
+    CC.GET_RANDOM,
+    CC.GET_CAPABILITY,
+    CC.PCR_READ,
+    0x0181,  # ReadClock
+    0x017C,  # GetTestResult
+    0x0173,  # ReadPublic
+    0x017D,  # Hash
+    0x0169,  # NV_ReadPublic
+    0x0178,  # TestParms
+]
 
 
 @pytest.mark.hostile

@@ -31,6 +31,7 @@ import pytest
 
 from harness.baseline_tpm import ProxySwtpm
 from harness.paths import REPO_ROOT as ROOT
+from harness.target import Dom0Shell
 from harness.tpmwire import DEBUG_PCR, nv_index, pcr_extended
 from harness.unittest_results import (
     Outcome,
@@ -123,12 +124,12 @@ class SelftestReport:
 
 
 @pytest.fixture(scope="module")
-def baseline(target: Any) -> Baseline:
+def baseline(dom0_shell: Dom0Shell) -> Baseline:
     """The selftest classes once in dom0, against swtpm behind dom0's vTPM proxy. A
     class with no passing test there is a broken baseline, which would excuse every
     failure in the guest: that fails here, with swtpm's log."""
-    with ProxySwtpm(target.dom0_run) as tpm:
-        runs = {cls: run_selftests(target.dom0_run, "dom0", cls) for cls in SELFTEST_CLASSES}
+    with ProxySwtpm(dom0_shell.dom0_run) as tpm:
+        runs = {cls: run_selftests(dom0_shell.dom0_run, "dom0", cls) for cls in SELFTEST_CLASSES}
         broken = [
             c for c, run in runs.items() if all(r.outcome is not Outcome.OK for r in run.results)
         ]
@@ -138,7 +139,7 @@ def baseline(target: Any) -> Baseline:
                 f"swtpm in dom0:\n{tpm.log_tail()}",
                 pytrace=False,
             )
-    _, version, _ = target.dom0_run("swtpm --version", 30)
+    _, version, _ = dom0_shell.dom0_run("swtpm --version", 30)
     return Baseline(runs, version.split(",", 1)[0].strip())  # "TPM emulator version 0.7.1"
 
 

@@ -4,7 +4,7 @@
   driver, exactly TPM_RC_FAILURE; on the driverless ``direct`` target the connection
   drops), no command hangs. The guest's volatile TPM state (PCRs, sessions) died with
   swtpm, so through the driver its TPM then fails closed, answering TPM_RC_FAILURE
-  (never a freshly reset TPM) until the operator's reset (``target.reset_vtpm``,
+  (never a freshly reset TPM) until the operator's reset (``faults.reset_vtpm``,
   ``python3 -m xenvtpm reset``) or a reboot; after the reset it works again with
   committed NV data intact.
 - swtpm hung (SIGSTOP) in the middle of a command: the client's wait ends (a guest
@@ -21,7 +21,7 @@ import os
 import random
 import threading
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import pytest
 from tpm2_pytss import ESAPI, ESYS_TR, TSS2_Exception
@@ -37,6 +37,7 @@ from tpm_helpers import (
 )
 
 from harness.errors import DeviceRefused, ResetFailed, TransportTimeout
+from harness.target import Component, Faults, Guest, Restarts, Target
 from harness.tpmwire import (
     DEBUG_PCR,
     RC,
@@ -59,7 +60,7 @@ HUNG_CLIENT_WAIT_S = 10.0  # a client without a kernel gives up then; kernels gi
 LATENCY_BOUND_S = 2.0  # a guest kernel's timeout for a short command (DESIGN.md 4)
 
 
-def wait_until_working(guest: Any, deadline_s: float = RECOVERY_S) -> int:
+def wait_until_working(guest: Guest, deadline_s: float = RECOVERY_S) -> int:
     """Retry GetRandom on fresh transports until one succeeds; return the failures seen."""
     failures = 0
     end = time.monotonic() + deadline_s
@@ -79,7 +80,7 @@ class Busy(threading.Thread):
     """Sends slow commands on its own transport until one fails or it is stopped;
     records each answer (bytes) or the exception that ended it."""
 
-    def __init__(self, guest: Any) -> None:
+    def __init__(self, guest: Guest) -> None:
         super().__init__(daemon=True)
         self.guest = guest
         self.outcomes: list[bytes | Exception] = []
@@ -101,7 +102,7 @@ class Busy(threading.Thread):
             self.outcomes.append(e)
 
 
-def _kill_during_command(target: Any, guest: Any) -> bytes | Exception:
+def _kill_during_command(faults: Faults, guest: Guest) -> bytes | Exception:
     """Kill the guest's swtpm while slow commands run; return what the last one got.
 
     Through the driver that is exactly TPM_RC_FAILURE whether the kill lands inside a
@@ -113,12 +114,12 @@ def _kill_during_command(target: Any, guest: Any) -> bytes | Exception:
         worker.start()
         assert worker.started_one.wait(10)
         time.sleep(random.uniform(0.25, 0.6))  # past the first command's start
-        old_pid = target.swtpm_pid(guest)
-        target.kill_swtpm(guest)
+        old_pid = faults.swtpm_pid(guest)
+        faults.kill_swtpm(guest)
         worker.stop.set()
         worker.join(WORKER_JOIN_S)
         assert not worker.is_alive(), "a command stayed unanswered after swtpm died"
-        assert old_pid is not None and target.swtpm_pid(guest) != old_pid
+        assert old_pid is not None and faults.swtpm_pid(guest) != old_pid
         last = worker.outcomes[-1]
         if isinstance(last, Exception) or Response.from_bytes(last).code != RC.SUCCESS:
             return last
@@ -126,19 +127,19 @@ def _kill_during_command(target: Any, guest: Any) -> bytes | Exception:
     raise AssertionError("never managed to kill swtpm during a command")
 
 
-def assert_fails_closed(target: Any, guest: Any) -> None:
+def assert_fails_closed(target: Target, faults: Faults, guest: Guest) -> None:
     """Through the driver, a guest whose swtpm died gets TPM_RC_FAILURE, never a fresh
     TPM's answer, until the operator resets its instance; then it works again."""
     if target.name not in DRIVERLESS:
         with guest.transport() as t:
             for _ in range(3):
                 assert t.transmit(get_random(8)) == error_response(RC.FAILURE)
-    target.reset_vtpm(guest)
+    faults.reset_vtpm(guest)
     wait_until_working(guest)
 
 
 @pytest.mark.needs("kill-swtpm")
-def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
+def test_swtpm_killed_during_command(target: Target, faults: Faults, guest: Guest) -> None:
     """The command in flight when swtpm dies gets exactly TPM_RC_FAILURE (through the
     driver); the TPM then fails closed until reset, and after the reset a new connection
     works and NV written before the crash is intact."""
@@ -147,26 +148,26 @@ def test_swtpm_killed_during_command(target: Any, guest: Any) -> None:
     with open_esapi(guest) as ctx:
         ctx.nv_write(nv_define(ctx, index, len(data)), data, 0)
     try:
-        outcome = _kill_during_command(target, guest)
+        outcome = _kill_during_command(faults, guest)
         if target.name in DRIVERLESS:
             assert isinstance(outcome, Exception), outcome
         else:
             assert outcome == error_response(RC.FAILURE)
-        assert_fails_closed(target, guest)
+        assert_fails_closed(target, faults, guest)
         with guest.transport() as t:
             for n in range(1, 6):
                 assert len(assert_channel_works(t, n)) == n
         with open_esapi(guest) as ctx:
             assert bytes(ctx.nv_read(ctx.tr_from_tpmpublic(index), len(data), 0)) == data
     finally:
-        target.reset_vtpm(guest)
+        faults.reset_vtpm(guest)
         wait_until_working(guest)
         with open_esapi(guest) as ctx:
             nv_remove(ctx, index)
 
 
 @pytest.mark.needs("kill-swtpm")
-def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
+def test_swtpm_killed_during_esapi_command(target: Target, faults: Faults, guest: Guest) -> None:
     """A TSS user whose CreatePrimary is cut short by the crash gets a TSS error (TPM_RC_
     FAILURE through the driver), not a hang; after the reset a new ESAPI context works."""
     errors: list[BaseException] = []
@@ -199,7 +200,7 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     # swtpm, so a kill before the command reached it changes nothing: kill again.
     for _ in range(ESAPI_KILL_ATTEMPTS):
         time.sleep(0.4)
-        target.kill_swtpm(guest)
+        faults.kill_swtpm(guest)
         thread.join(ESAPI_ERROR_WAIT_S)
         if not thread.is_alive():
             break
@@ -209,13 +210,13 @@ def test_swtpm_killed_during_esapi_command(target: Any, guest: Any) -> None:
     assert errors, "no error although swtpm was killed under a running command loop"
     if target.name not in DRIVERLESS:
         assert isinstance(errors[0], TSS2_Exception) and int(errors[0].rc) == RC.FAILURE
-    assert_fails_closed(target, guest)
+    assert_fails_closed(target, faults, guest)
     with open_esapi(guest) as ctx:
         assert len(bytes(ctx.get_random(32))) == 32
 
 
 @pytest.mark.needs("kill-swtpm")
-def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: Any) -> None:
+def test_hung_swtpm_cancelled_command_answer_reaches_nobody(faults: Faults, guest: Guest) -> None:
     """A command to a hung swtpm ends for its client in bounded time: our frontend's
     guest kernel times it out at 2 s (ETIME; the vTPM proxy drops it); a client without
     a kernel, or on a stock xen-tpmfront guest (whose kernel polls, uninterruptibly, for
@@ -224,14 +225,14 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: 
     each next command (GetRandom(11), (13), ...) gets exactly its own answer."""
     with guest.transport() as t:
         assert_channel_works(t)
-        target.pause_swtpm(guest)
+        faults.pause_swtpm(guest)
         try:
             started = time.monotonic()
             with pytest.raises((DeviceRefused, TransportTimeout)) as ended:
                 t.transmit(get_random(7), timeout=HUNG_CLIENT_WAIT_S)
             waited = time.monotonic() - started
         finally:
-            target.resume_swtpm(guest)
+            faults.resume_swtpm(guest)
     if isinstance(ended.value, DeviceRefused):
         assert ended.value.errno_name == "ETIME", ended.value
         assert waited < HUNG_CLIENT_WAIT_S
@@ -241,17 +242,19 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(target: Any, guest: 
 
 
 @pytest.mark.needs("kill-swtpm")
-def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: RawTransport) -> None:
+def test_swtpm_killed_while_idle(
+    target: Target, faults: Faults, guest: Guest, raw_tpm: RawTransport
+) -> None:
     """After swtpm dies between commands, a connection opened before the crash gets
     TPM_RC_FAILURE (through the driver: failure mode, never a fresh TPM) until the
     operator's reset, and then works again within the recovery time."""
     assert_channel_works(raw_tpm)
-    old = target.swtpm_pid(guest)
-    target.kill_swtpm(guest)
+    old = faults.swtpm_pid(guest)
+    faults.kill_swtpm(guest)
     if target.name not in DRIVERLESS:
         for _ in range(3):
             assert raw_tpm.transmit(get_random(8)) == error_response(RC.FAILURE)
-    target.reset_vtpm(guest)
+    faults.reset_vtpm(guest)
     end = time.monotonic() + RECOVERY_S
     while True:
         resp = raw_tpm.transmit(get_random(8), timeout=RECOVERY_S)
@@ -261,11 +264,11 @@ def test_swtpm_killed_while_idle(target: Any, guest: Any, raw_tpm: RawTransport)
         assert time.monotonic() < end, "no recovery"
         time.sleep(0.1)
     assert_channel_works(raw_tpm)
-    assert target.swtpm_pid(guest) not in (None, old)
+    assert faults.swtpm_pid(guest) not in (None, old)
 
 
 @pytest.mark.needs("kill-swtpm")
-def test_killed_swtpm_never_shows_reset_pcrs(target: Any, guest: Any) -> None:
+def test_killed_swtpm_never_shows_reset_pcrs(target: Target, faults: Faults, guest: Guest) -> None:
     """Extend PCR 16, SIGKILL the swtpm: PCR 16 then reads back the same or the instance
     answers TPM_RC_FAILURE; never the reset value (a running guest could replay its
     measurements). Through the driver only: the driverless target has no such promise."""
@@ -275,18 +278,18 @@ def test_killed_swtpm_never_shows_reset_pcrs(target: Any, guest: Any) -> None:
         ctx.pcr_event(ESYS_TR.PCR16, os.urandom(8))
         extended = read_pcr(ctx, DEBUG_PCR)
     assert extended != bytes(32)
-    target.kill_swtpm(guest)
+    faults.kill_swtpm(guest)
     with guest.transport() as t:
         for _ in range(3):
             answer = t.transmit(pcr_read(DEBUG_PCR))
             if answer != error_response(RC.FAILURE):
                 assert answer[-32:] == extended, answer.hex()
-    target.reset_vtpm(guest)
+    faults.reset_vtpm(guest)
     wait_until_working(guest)
 
 
 @pytest.mark.needs("kill-swtpm", "multi-guest")
-def test_swtpm_crash_leaves_other_guest_alone(target: Any, guests: Any) -> None:
+def test_swtpm_crash_leaves_other_guest_alone(faults: Faults, guests: Sequence[Guest]) -> None:
     """While guest A's swtpm is killed, every command of guest B succeeds."""
     a, b = guests[0], guests[1]
     failures: list[object] = []
@@ -303,28 +306,33 @@ def test_swtpm_crash_leaves_other_guest_alone(target: Any, guests: Any) -> None:
     thread = threading.Thread(target=hammer, daemon=True)
     thread.start()
     time.sleep(0.2)
-    b_pid = target.swtpm_pid(b)
-    target.kill_swtpm(a)
-    target.reset_vtpm(a)
+    b_pid = faults.swtpm_pid(b)
+    faults.kill_swtpm(a)
+    faults.reset_vtpm(a)
     wait_until_working(a)
     time.sleep(0.2)
     stop.set()
     thread.join(30)
     assert not thread.is_alive() and failures == []
-    assert target.swtpm_pid(b) == b_pid
+    assert faults.swtpm_pid(b) == b_pid
 
 
-@pytest.mark.parametrize("component", [
-    pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
-    pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
-])
-def test_restart_while_idle_guest_reconnects(target: Any, guest: Any, component: str) -> None:
+@pytest.mark.parametrize(
+    "component",
+    [
+        pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
+        pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
+    ],
+)
+def test_restart_while_idle_guest_reconnects(
+    restarts: Restarts, guest: Guest, component: Component
+) -> None:
     """After a backend or manager restart the guest's frontend reconnects by itself: a
     TPM connection the guest opened before keeps working (after at most a few
     TPM_RC_FAILURE answers), and new ESAPI contexts work."""
     with guest.transport() as before:
         assert_channel_works(before)
-        target.restart(component)
+        restarts.restart(component)
         end = time.monotonic() + RECOVERY_S
         while True:
             resp = before.transmit(get_random(8), timeout=RECOVERY_S)
@@ -339,23 +347,23 @@ def test_restart_while_idle_guest_reconnects(target: Any, guest: Any, component:
 
 
 @pytest.mark.needs("restart-backend", "xen-probe")
-def test_backend_restart_xenbus_reconnects(target: Any, guest: Any) -> None:
+def test_backend_restart_xenbus_reconnects(restarts: Restarts, guest: Guest) -> None:
     """After a backend restart, the guest's xenstore device state is 4 (Connected) again."""
-    target.restart("backend")
+    restarts.restart("backend")
     wait_until_working(guest)
     res = guest.probe("xs-read", f"/local/domain/{guest.domid}/device/vtpm/0/state")
     assert res["ok"] and str(res["value"]).strip() == "4", res
 
 
 @pytest.mark.needs("restart-backend")
-def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
+def test_backend_restart_during_commands(restarts: Restarts, guest: Guest) -> None:
     """Commands running while the backend restarts are each answered, either normally or
     with exactly TPM_RC_FAILURE; none hangs, and the guest recovers."""
     worker = Busy(guest)
     worker.start()
     assert worker.started_one.wait(10)
     time.sleep(0.3)
-    target.restart("backend")
+    restarts.restart("backend")
     worker.stop.set()
     worker.join(WORKER_JOIN_S)
     assert not worker.is_alive(), "a command stayed unanswered across the backend restart"
@@ -368,7 +376,9 @@ def test_backend_restart_during_commands(target: Any, guest: Any) -> None:
 
 
 @pytest.mark.needs("kill-swtpm", "multi-guest")
-def test_power_cycle_of_a_hung_swtpm_stalls_no_other_guest(target: Any, guests: Any) -> None:
+def test_power_cycle_of_a_hung_swtpm_stalls_no_other_guest(
+    target: Target, faults: Faults, guests: Sequence[Guest]
+) -> None:
     """A power cycle (a reboot's rebind, or the operator's reset) goes through swtpm's
     control channel. With guest A's swtpm hung (SIGSTOP), that cycle waits for A alone:
     guest B's commands stay within the latency bound throughout (the manager once waited
@@ -394,13 +404,13 @@ def test_power_cycle_of_a_hung_swtpm_stalls_no_other_guest(target: Any, guests: 
     thread = threading.Thread(target=hammer, daemon=True)
     thread.start()
     wait_for_samples(latencies, 5)
-    target.pause_swtpm(a)
+    faults.pause_swtpm(a)
     try:
         with pytest.raises(ResetFailed):
-            target.reset_vtpm(a)  # CMD_INIT on the hung swtpm: times out, restarted
+            faults.reset_vtpm(a)  # CMD_INIT on the hung swtpm: times out, restarted
     finally:
         with contextlib.suppress(Exception):
-            target.resume_swtpm(a)
+            faults.resume_swtpm(a)
         stop.set()
         thread.join(30)
     assert not thread.is_alive() and failures == [], failures

@@ -67,8 +67,7 @@ def test_pcr_extend_invisible_to_other_guest(pair: tuple[Any, Any]) -> None:
         b_before = read_pcr(ctx_b, DEBUG_PCR)
         data = os.urandom(16)
         ctx_a.pcr_event(ESYS_TR.PCR16, data)
-        assert read_pcr(ctx_a, DEBUG_PCR) == pcr_extended(bytes(32),
-                                                          hashlib.sha256(data).digest())
+        assert read_pcr(ctx_a, DEBUG_PCR) == pcr_extended(bytes(32), hashlib.sha256(data).digest())
         assert read_pcr(ctx_b, DEBUG_PCR) == b_before == bytes(32)
 
 
@@ -92,8 +91,11 @@ def test_persistent_key_invisible_to_other_guest(pair: tuple[Any, Any]) -> None:
     """A key made persistent by EvictControl in A is absent from B's persistent handles."""
     a, b = pair
     handle = persistent_handle(0x21)
-    with (open_esapi(a) as ctx_a, open_esapi(b) as ctx_b,
-          persistent_key(ctx_a, handle, storage_template("ecc256")) as area):
+    with (
+        open_esapi(a) as ctx_a,
+        open_esapi(b) as ctx_b,
+        persistent_key(ctx_a, handle, storage_template("ecc256")) as area,
+    ):
         assert handle in handles(ctx_a, handle, 1)
         assert handle not in handles(ctx_b, handle, 1)
         pub, _, _ = ctx_a.read_public(ctx_a.tr_from_tpmpublic(handle))
@@ -161,8 +163,13 @@ def test_cannot_write_backend_directory(pair: tuple[Any, Any]) -> None:
     backend = f"/local/domain/0/backend/vtpm/{a.domid}/0"
     _probe_denied(a, "EACCES", "xs-write", f"{backend}/instance", str(b.instance))
     _probe_denied(a, "EACCES", "xs-write", f"{backend}/frontend-id", str(b.domid))
-    _probe_denied(a, "EACCES", "xs-write",
-                  f"/local/domain/0/backend/vtpm/{b.domid}/0/instance", str(a.instance))
+    _probe_denied(
+        a,
+        "EACCES",
+        "xs-write",
+        f"/local/domain/0/backend/vtpm/{b.domid}/0/instance",
+        str(a.instance),
+    )
 
 
 @pytest.mark.needs("xen-probe")

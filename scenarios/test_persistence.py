@@ -41,32 +41,47 @@ from tpm_helpers import (
     storage_template,
 )
 
+from harness.target import Guest, Reboots, Restarts, SaveRestore
 from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, nv_index, pcr_extended, persistent_handle
 
 # A PCR that PCR_Reset cannot clear from locality 0: only a TPM reset zeroes it.
 STATIC_PCR = 8
 
 
-def _restart(component: str) -> Callable[[Any, Any], None]:
-    def run(target: Any, guest: Any) -> None:
-        target.restart(component)
+def _restart(component: str) -> Callable[[Restarts, Guest], None]:
+    def run(restarts: Restarts, guest: Guest) -> None:
+        restarts.restart(component)
+
     return run
 
 
 EVENTS = {
-    "frontend-restart": pytest.param(_restart("frontend"), id="frontend-restart",
-                                     marks=pytest.mark.needs("restart-frontend")),
-    "backend-restart": pytest.param(_restart("backend"), id="backend-restart",
-                                    marks=pytest.mark.needs("restart-backend")),
-    "manager-restart": pytest.param(_restart("manager"), id="manager-restart",
-                                    marks=pytest.mark.needs("restart-manager")),
+    "frontend-restart": pytest.param(
+        _restart("frontend"), id="frontend-restart", marks=pytest.mark.needs("restart-frontend")
+    ),
+    "backend-restart": pytest.param(
+        _restart("backend"), id="backend-restart", marks=pytest.mark.needs("restart-backend")
+    ),
+    "manager-restart": pytest.param(
+        _restart("manager"), id="manager-restart", marks=pytest.mark.needs("restart-manager")
+    ),
 }
-NV_OFFSET = {"frontend-restart": 0x30, "backend-restart": 0x31, "manager-restart": 0x32,
-             "reboot": 0x33, "save-restore": 0x38}
-KEY_OFFSET = {"frontend-restart": 0x34, "backend-restart": 0x35, "manager-restart": 0x36,
-              "reboot": 0x37, "save-restore": 0x39}
+NV_OFFSET = {
+    "frontend-restart": 0x30,
+    "backend-restart": 0x31,
+    "manager-restart": 0x32,
+    "reboot": 0x33,
+    "save-restore": 0x38,
+}
+KEY_OFFSET = {
+    "frontend-restart": 0x34,
+    "backend-restart": 0x35,
+    "manager-restart": 0x36,
+    "reboot": 0x37,
+    "save-restore": 0x39,
+}
 
-Event = Callable[[Any, Any], None]
+Event = Callable[[Restarts, Guest], None]
 
 
 def _reset_count(ctx: ESAPI) -> int:
@@ -74,15 +89,16 @@ def _reset_count(ctx: ESAPI) -> int:
 
 
 @pytest.mark.parametrize("event", list(EVENTS.values()))
-def test_nv_survives(target: Any, guest: Any, event: Event,
-                     request: pytest.FixtureRequest) -> None:
+def test_nv_survives(
+    restarts: Restarts, guest: Any, event: Event, request: pytest.FixtureRequest
+) -> None:
     """NV data written before the event reads back byte for byte after it."""
     index = nv_index(NV_OFFSET[request.node.callspec.id])
     data = os.urandom(48)
     try:
         with open_esapi(guest) as ctx:
             ctx.nv_write(nv_define(ctx, index, len(data)), data, 0)
-        event(target, guest)
+        event(restarts, guest)
         with open_esapi(guest) as ctx:
             nv = ctx.tr_from_tpmpublic(index)
             assert bytes(ctx.nv_read(nv, len(data), 0)) == data
@@ -92,23 +108,25 @@ def test_nv_survives(target: Any, guest: Any, event: Event,
 
 
 @pytest.mark.parametrize("event", list(EVENTS.values()))
-def test_persistent_key_survives(target: Any, guest: Any, event: Event,
-                                 request: pytest.FixtureRequest) -> None:
+def test_persistent_key_survives(
+    restarts: Restarts, guest: Any, event: Event, request: pytest.FixtureRequest
+) -> None:
     """A key made persistent before the event is still there after it, with the same
     public area, and still works as a parent (its private part survived too)."""
     handle = persistent_handle(KEY_OFFSET[request.node.callspec.id])
     with open_esapi(guest) as ctx:
         before = make_persistent(ctx, handle, storage_template()).marshal()
     try:
-        event(target, guest)
+        event(restarts, guest)
         with open_esapi(guest) as ctx:
             assert handle in handles(ctx, handle, 1)
             pub, _, _ = ctx.read_public(ctx.tr_from_tpmpublic(handle))
             assert pub.publicArea.marshal() == before
             # A child created under the persistent key loads: the private part works.
             parent = ctx.tr_from_tpmpublic(handle)
-            priv, child_pub, *_ = ctx.create(parent, TPM2B_SENSITIVE_CREATE(),
-                                             storage_template("ecc256"))
+            priv, child_pub, *_ = ctx.create(
+                parent, TPM2B_SENSITIVE_CREATE(), storage_template("ecc256")
+            )
             ctx.flush_context(ctx.load(parent, priv, child_pub))
     finally:
         with open_esapi(guest) as ctx:
@@ -127,12 +145,15 @@ def _extend_both(ctx: ESAPI) -> tuple[bytes, bytes]:
     return static, read_pcr(ctx, DEBUG_PCR)
 
 
-@pytest.mark.parametrize("component", [
-    pytest.param("frontend", marks=pytest.mark.needs("restart-frontend")),
-    pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
-    pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
-])
-def test_pcrs_kept_on_driver_restart(target: Any, guest: Any, component: str) -> None:
+@pytest.mark.parametrize(
+    "component",
+    [
+        pytest.param("frontend", marks=pytest.mark.needs("restart-frontend")),
+        pytest.param("backend", marks=pytest.mark.needs("restart-backend")),
+        pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
+    ],
+)
+def test_pcrs_kept_on_driver_restart(restarts: Restarts, guest: Any, component: str) -> None:
     """A frontend, backend or manager restart (planned: SIGTERM) is not a TPM reset:
     same domain, PCRs and resetCount unchanged (for the manager, swtpm's volatile state
     is saved and restored once)."""
@@ -140,7 +161,7 @@ def test_pcrs_kept_on_driver_restart(target: Any, guest: Any, component: str) ->
         static, debug = _extend_both(ctx)
         resets = _reset_count(ctx)
     domid = guest.domid
-    target.restart(component)
+    restarts.restart(component)
     assert guest.domid == domid
     with open_esapi(guest) as ctx:
         assert read_pcr(ctx, STATIC_PCR) == static
@@ -198,12 +219,17 @@ def _observe_around(
             with open_esapi(guests[1]) as ctx:
                 b_after = (read_pcr(ctx, DEBUG_PCR), _reset_count(ctx))
         yield Observed(
-            (index, data), (handle, public), (domid, a.domid), (instance, a.instance),
-            (before[0], after[0]), (before[1], after[1]), (before[2], after[2]),
+            (index, data),
+            (handle, public),
+            (domid, a.domid),
+            (instance, a.instance),
+            (before[0], after[0]),
+            (before[1], after[1]),
+            (before[2], after[2]),
             (before[3], after[3]),
             None if b_after is None or b_before is None else (b_before[0], b_after[0]),
             None if b_after is None or b_before is None else (b_before[1], b_after[1]),
-        )  # fmt: skip
+        )
     finally:
         with open_esapi(a) as ctx:
             nv_remove(ctx, index)
@@ -211,18 +237,16 @@ def _observe_around(
 
 
 @pytest.fixture(scope="module")
-def rebooted(target: Any, guests: Any) -> Iterator[Observed]:
+def rebooted(reboots: Reboots, guests: Any) -> Iterator[Observed]:
     """One ``xl reboot`` of guest A for every reboot scenario (about 2 min under TCG)."""
-    target.require("reboot")
-    yield from _observe_around(target.reboot, guests, NV_OFFSET["reboot"], KEY_OFFSET["reboot"])
+    yield from _observe_around(reboots.reboot, guests, NV_OFFSET["reboot"], KEY_OFFSET["reboot"])
 
 
 @pytest.fixture(scope="module")
-def saved_and_restored(target: Any, guests: Any) -> Iterator[Observed]:
+def saved_and_restored(save_restore: SaveRestore, guests: Any) -> Iterator[Observed]:
     """One ``xl save`` + ``xl restore`` of guest A for every such scenario."""
-    target.require("save-restore")
     yield from _observe_around(
-        target.save_restore, guests, NV_OFFSET["save-restore"], KEY_OFFSET["save-restore"]
+        save_restore.save_restore, guests, NV_OFFSET["save-restore"], KEY_OFFSET["save-restore"]
     )
 
 
@@ -255,8 +279,9 @@ def test_persistent_key_survives_a_new_domain(
         assert handle in handles(ctx, handle, 1)
         parent = ctx.tr_from_tpmpublic(handle)
         assert ctx.read_public(parent)[0].publicArea.marshal() == public
-        priv, child_pub, *_ = ctx.create(parent, TPM2B_SENSITIVE_CREATE(),
-                                         storage_template("ecc256"))
+        priv, child_pub, *_ = ctx.create(
+            parent, TPM2B_SENSITIVE_CREATE(), storage_template("ecc256")
+        )
         ctx.flush_context(ctx.load(parent, priv, child_pub))
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import pytest
 
 from harness import tpmwire
-from harness.target import Guest
+from harness.target import Dom0Shell, Guest, PowerCut
 from harness.tpmwire import EK_PERSISTENT_RSA, nv_index
 from harness.transport import RawTransport
 
@@ -58,7 +57,7 @@ def _ek(guest: Guest) -> bytes:
 @pytest.mark.powercut
 @pytest.mark.needs("power-cut", "dom0-shell")
 def test_an_acknowledged_nv_write_survives_a_power_cut(
-    target: Any, guests: Sequence[Guest]
+    dom0_shell: Dom0Shell, power_cut: PowerCut, guests: Sequence[Guest]
 ) -> None:
     """The guest writes its NV index and gets TPM_RC_SUCCESS; at that moment the machine
     loses power. After a cold boot every guest has its own vTPM again (the same EK), and
@@ -71,11 +70,11 @@ def test_an_acknowledged_nv_write_survives_a_power_cut(
         _ok(_send(tpm, tpmwire.nv_define_space(INDEX, SIZE)), "NV_DefineSpace")
         _ok(_send(tpm, tpmwire.nv_write(INDEX, before)), "NV_Write")
     # Everything so far on disk, so that only the next write is at stake.
-    target.dom0_run("sync", timeout=120)
+    dom0_shell.dom0_run("sync", timeout=120)
     tpm = guest.transport()
     try:
         _ok(_send(tpm, tpmwire.nv_write(INDEX, after)), "NV_Write")  # acknowledged
-        target.power_cut_and_cold_boot()
+        power_cut.power_cut_and_cold_boot()
     finally:
         with contextlib.suppress(Exception):
             tpm.close()  # its SSH connection died with the machine

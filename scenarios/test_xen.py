@@ -17,6 +17,7 @@ import pytest
 from tpm2_pytss import ESYS_TR
 from tpm_helpers import nv_define, nv_read_all, nv_remove, open_esapi, read_pcr
 
+from harness.target import Xl
 from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, assert_channel_works, nv_index
 
 pytestmark = pytest.mark.needs("xl")
@@ -50,7 +51,7 @@ def test_tpm0_is_a_tpm2_device_in_the_guest(guest: Any) -> None:
     assert out[1].split() == ["2", "/dev/tpm0", "/dev/tpmrm0"]
 
 
-def test_tpm0_follows_the_frontend(target: Any, guest: Any) -> None:
+def test_tpm0_follows_the_frontend(xl: Xl, guest: Any) -> None:
     """Stopping the frontend removes /dev/tpm0 from the guest; starting it brings it
     back, on the same vTPM: NV written before is still there."""
     index = nv_index(0x70)
@@ -58,30 +59,30 @@ def test_tpm0_follows_the_frontend(target: Any, guest: Any) -> None:
         nv_define(ctx, index, 16)
         ctx.nv_write(ctx.tr_from_tpmpublic(index), b"frontend-restart", 0)
     try:
-        target.stop_frontend(guest)
+        xl.stop_frontend(guest)
         wait_gone(guest)
-        target.start_frontend(guest)
-        target.wait_for_device(guest)
+        xl.start_frontend(guest)
+        xl.wait_for_device(guest)
         with open_esapi(guest) as ctx:
             assert nv_read_all(ctx, index) == b"frontend-restart"
     finally:
         if not device_present(guest):
-            target.start_frontend(guest)
-            target.wait_for_device(guest)
+            xl.start_frontend(guest)
+            xl.wait_for_device(guest)
         with open_esapi(guest) as ctx:
             nv_remove(ctx, index)
 
 
-def test_vtpm_attached_to_a_running_guest(target: Any, guests: Sequence[Any]) -> None:
+def test_vtpm_attached_to_a_running_guest(xl: Xl, guests: Sequence[Any]) -> None:
     """xl vtpm-detach then vtpm-attach on a running guest: /dev/tpm0 goes and comes
     back, it is the same vTPM (same EK), and the other guest is served throughout."""
     guest, other = guests[-1], guests[0]
     ek = ek_public(guest)
-    target.detach_vtpm(guest)
+    xl.detach_vtpm(guest)
     wait_gone(guest)
     with other.transport() as t:
         assert_channel_works(t)
-    target.attach_vtpm(guest)
+    xl.attach_vtpm(guest)
     assert device_present(guest)
     assert ek_public(guest) == ek
     with guest.transport() as t:
@@ -89,7 +90,7 @@ def test_vtpm_attached_to_a_running_guest(target: Any, guests: Sequence[Any]) ->
 
 
 def test_xl_destroy_leaves_the_other_guest_served_and_nothing_leaked(
-    target: Any, guests: Sequence[Any]
+    xl: Xl, guests: Sequence[Any]
 ) -> None:
     """xl destroy of one guest (no shutdown, its frontend never says goodbye): the
     backend drops that guest's mappings and event channel, keeps serving the other
@@ -101,11 +102,11 @@ def test_xl_destroy_leaves_the_other_guest_served_and_nothing_leaked(
         nv_define(ctx, index, 8)
         ctx.nv_write(ctx.tr_from_tpmpublic(index), b"survives", 0)
         ctx.pcr_event(ESYS_TR.PCR16, b"before destroy")
-    baseline = target.backend_resources()
-    target.destroy(victim)
+    baseline = xl.backend_resources()
+    xl.destroy(victim)
     deadline = time.monotonic() + GONE_WITHIN_S
     while True:
-        now = target.backend_resources()
+        now = xl.backend_resources()
         if now["mappings"] < baseline["mappings"] and now["ports"] < baseline["ports"]:
             break
         assert time.monotonic() < deadline, f"backend still holds the guest's share: {now}"
@@ -113,8 +114,8 @@ def test_xl_destroy_leaves_the_other_guest_served_and_nothing_leaked(
     with other.transport() as t:
         for _ in range(20):
             assert_channel_works(t)
-    target.create(victim)
-    assert target.backend_resources() == baseline
+    xl.create(victim)
+    assert xl.backend_resources() == baseline
     with open_esapi(victim) as ctx:
         assert nv_read_all(ctx, index) == b"survives"
         assert read_pcr(ctx, DEBUG_PCR) == bytes(32)  # a new domain: a power-cycled TPM

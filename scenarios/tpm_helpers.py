@@ -99,21 +99,34 @@ def nv_exists(ctx: ESAPI, index: int) -> bool:
     return index in handles(ctx, index, 1)
 
 
-NV_ORDINARY = (TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE
-               | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA)
+NV_ORDINARY = (
+    TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+)
 
 
-def nv_define(ctx: ESAPI, index: int, size: int, auth: bytes = b"",
-              attrs: int = NV_ORDINARY, policy: bytes = b"") -> ESYS_TR:
+def nv_define(
+    ctx: ESAPI,
+    index: int,
+    size: int,
+    auth: bytes = b"",
+    attrs: int = NV_ORDINARY,
+    policy: bytes = b"",
+) -> ESYS_TR:
     """Define an ordinary owner index (by default read/write by owner or its auth value,
     not DA-protected, so that wrong-auth checks never lock the TPM out).
 
     A leftover from an earlier, interrupted run is removed first.
     """
     nv_remove(ctx, index)
-    pub = TPM2B_NV_PUBLIC(nvPublic=TPMS_NV_PUBLIC(
-        nvIndex=index, nameAlg=TPM2_ALG.SHA256, attributes=attrs,
-        authPolicy=policy, dataSize=size))
+    pub = TPM2B_NV_PUBLIC(
+        nvPublic=TPMS_NV_PUBLIC(
+            nvIndex=index,
+            nameAlg=TPM2_ALG.SHA256,
+            attributes=attrs,
+            authPolicy=policy,
+            dataSize=size,
+        )
+    )
     return ctx.nv_define_space(TPM2B_AUTH(auth), pub)
 
 
@@ -188,12 +201,23 @@ def get_property(ctx: ESAPI, prop: int) -> int:
 
 # ---- templates ----------------------------------------------------------------------
 
-STORAGE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-                 | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
-                 | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT | TPMA_OBJECT.NODA)
-SIGNING_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-                 | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH
-                 | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.NODA)
+STORAGE_ATTRS = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.DECRYPT
+    | TPMA_OBJECT.NODA
+)
+SIGNING_ATTRS = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.SIGN_ENCRYPT
+    | TPMA_OBJECT.NODA
+)
 
 
 def template(spec: str, attrs: int) -> TPM2B_PUBLIC:
@@ -219,8 +243,7 @@ def attestation_template(alg: str) -> TPM2B_PUBLIC:
 
 def sha256_digests(digest: bytes) -> TPML_DIGEST_VALUES:
     """The digest list PCR_Extend takes, with one sha256 entry."""
-    return TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256,
-                                       digest=TPMU_HA(sha256=digest))])
+    return TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=digest))])
 
 
 def public_key(pub: TPMT_PUBLIC) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
@@ -234,7 +257,9 @@ def public_key(pub: TPMT_PUBLIC) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey
         return rsa.RSAPublicNumbers(exponent, n).public_key()
     if pub.type == TPM2_ALG.ECC:
         curves: dict[int, ec.EllipticCurve] = {
-            TPM2_ECC.NIST_P256: ec.SECP256R1(), TPM2_ECC.NIST_P384: ec.SECP384R1()}
+            TPM2_ECC.NIST_P256: ec.SECP256R1(),
+            TPM2_ECC.NIST_P384: ec.SECP384R1(),
+        }
         curve = curves[int(pub.parameters.eccDetail.curveID)]
         x = int.from_bytes(bytes(pub.unique.ecc.x), "big")
         y = int.from_bytes(bytes(pub.unique.ecc.y), "big")
@@ -255,12 +280,15 @@ def slow_create_primary_cmd() -> bytes:
     tmpl.publicArea.unique.rsa = os.urandom(384)  # no two commands alike
     public = tmpl.marshal()
     auth = struct.pack(">IHBH", RS_PW, 0, 0, 0)  # empty password, continueSession clear
-    body = (struct.pack(">I", RH_OWNER)
-            + struct.pack(">I", len(auth)) + auth
-            + struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
-            + public
-            + struct.pack(">H", 0)  # outsideInfo
-            + struct.pack(">I", 0))  # creationPCR: no selection
+    body = (
+        struct.pack(">I", RH_OWNER)
+        + struct.pack(">I", len(auth))
+        + auth
+        + struct.pack(">HHH", 4, 0, 0)  # TPM2B_SENSITIVE_CREATE: no auth, no data
+        + public
+        + struct.pack(">H", 0)  # outsideInfo
+        + struct.pack(">I", 0)
+    )  # creationPCR: no selection
     return command(CC.CREATE_PRIMARY, body, tag=ST.SESSIONS)
 
 

@@ -286,3 +286,46 @@ class SimEnv:
             self.dom0.close()
         if self.control is not None:
             self.control.close()
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a leak would show up in: dom0's grant mappings, mapped pages and event
+    channel ports (simxend's ``stats(0)``), the backend's fds and threads, the swtpms."""
+
+    mappings: int
+    mapped_pages: int
+    ports: int
+    grants: int
+    fds: int
+    threads: int
+    swtpms: int
+
+
+def swtpm_count(env: SimEnv) -> int:
+    """swtpm processes of this environment (others may run on the machine)."""
+    needle = str(env.workdir / "state").encode()
+    n = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"swtpm" in cmdline.split(b"\0", 1)[0] and needle in cmdline:
+            n += 1
+    return n
+
+
+def counts(env: SimEnv) -> Counts:
+    assert env.control is not None
+    stats = env.control.stats(0)
+    pid = env.daemon("backend").proc.pid
+    return Counts(
+        mappings=int(stats["mappings"]),
+        mapped_pages=int(stats["mapped_pages"]),
+        ports=int(stats["ports"]),
+        grants=int(stats["grants"]),
+        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        threads=len(os.listdir(f"/proc/{pid}/task")),
+        swtpms=swtpm_count(env),
+    )

@@ -103,10 +103,22 @@ def start_manager(root: Path, *extra: str) -> RunningManager:
     stderr_path = root / "manager.log"
     with stderr_path.open("wb") as err_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "xenvtpm", "manager", "--socket", str(sock),
-             "--state-root", str(root / "state"), *extra],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=err_file, stderr=err_file,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "xenvtpm",
+                "manager",
+                "--socket",
+                str(sock),
+                "--state-root",
+                str(root / "state"),
+                *extra,
+            ],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=err_file,
+            stderr=err_file,
+        )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -263,7 +275,7 @@ MALFORMED = [
     ),
     ("bind too long", bind_command(1) + b"\0", TPM_RC.COMMAND_SIZE),
     ("bind too short", bytes.fromhex("80010000000d20000f00000000"), TPM_RC.COMMAND_SIZE),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "command", "rc"), MALFORMED, ids=[m[0] for m in MALFORMED])
@@ -501,10 +513,20 @@ def test_sigterm_while_manufacturing_leaves_no_swtpm(tmp_root: Path) -> None:
 
 def test_second_manager_refuses_a_served_socket(mgr: RunningManager) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "xenvtpm", "manager", "--socket", str(mgr.socket),
-         "--state-root", str(mgr.root / "state2")],
-        cwd=REPO, capture_output=True, timeout=20,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "xenvtpm",
+            "manager",
+            "--socket",
+            str(mgr.socket),
+            "--state-root",
+            str(mgr.root / "state2"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=20,
+    )
     assert out.returncode == 1
     assert b"another manager already serves" in out.stderr
 

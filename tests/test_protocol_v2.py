@@ -19,9 +19,8 @@ from collections.abc import Iterator
 
 import pytest
 from kernel_frontend import STATUS_IDLE, STATUS_RUNNING, KernelFrontend, get_random_v2
-from simenv import Guest, SimEnv, wait_for
+from simenv import Guest, SimEnv, counts, wait_for
 from test_driver_pair import BAD_REQUESTS, error, get_random, make_env, swtpm_pid
-from test_hostile import counts
 
 from xenvtpm import tpm, tpmif_v2
 from xenvtpm.tools.rogue_v2 import create_primary_rsa

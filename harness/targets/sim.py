@@ -31,7 +31,7 @@ from harness.deadline import Deadline
 from harness.errors import HarnessError, LaunchFailure, ResetFailed, TargetNotReady
 from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess, ProcessRecord, all_procs, proc_cmdline, tail
-from harness.target import Capability, Component, Guest
+from harness.target import Capability, Component, Guest, HostileToolstack
 from harness.targets.base import BaseGuest, BaseTarget
 from harness.traffic import TRACE_DIR_NAME, read_trace
 from harness.transport import RawTransport, SeqpacketTransport
@@ -108,10 +108,14 @@ def probe_as_domain(control: Any, domid: int, args: Sequence[str]) -> dict[str, 
     argv = [sys.executable, "-m", "xenvtpm", "probe", *args]
     try:
         result = subprocess.run(
-            argv, pass_fds=(xs_fd, hc_fd), capture_output=True, timeout=PROBE_TIMEOUT,
+            argv,
+            pass_fds=(xs_fd, hc_fd),
+            capture_output=True,
+            timeout=PROBE_TIMEOUT,
             env=_python_env({SIM_FDS_ENV: f"{xs_fd},{hc_fd}"}, drop=[SIM_DIR_ENV]),
-            check=False, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     finally:
         os.close(xs_fd)
         os.close(hc_fd)
@@ -119,10 +123,12 @@ def probe_as_domain(control: Any, domid: int, args: Sequence[str]) -> dict[str, 
         answer: dict[str, Any] = json.loads(result.stdout)
     except ValueError as e:
         raise LaunchFailure(
-            "probe", argv, result.returncode,
+            "probe",
+            argv,
+            result.returncode,
             (result.stdout + result.stderr).decode(errors="replace")[-2000:],
             reason="did not print one JSON object",
-        ) from e  # fmt: skip
+        ) from e
     return answer
 
 
@@ -165,23 +171,43 @@ class SimTarget(BaseTarget):
         dom0_env = _python_env({SIM_DIR_ENV: str(self.run_dir)}, drop=[SIM_FDS_ENV])
         py = [sys.executable, "-m", "xenvtpm"]
         self.simxend = ManagedProcess(
-            "simxend", [*py, "simxend", "--dir", str(self.run_dir)],
-            self.log_dir / "simxend.log", env=dom0_env, die_with_parent=self.die_with_parent,
-            ready=lambda: all((self.run_dir / s).exists()
-                              for s in ("xenstored.sock", "privcmd.sock")),
-        )  # fmt: skip
+            "simxend",
+            [*py, "simxend", "--dir", str(self.run_dir)],
+            self.log_dir / "simxend.log",
+            env=dom0_env,
+            die_with_parent=self.die_with_parent,
+            ready=lambda: all(
+                (self.run_dir / s).exists() for s in ("xenstored.sock", "privcmd.sock")
+            ),
+        )
         self.manager = ManagedProcess(
             "manager",
-            [*py, "manager", "--socket", str(self.manager_socket),
-             "--state-root", str(self.state_root)],
-            self.log_dir / "manager.log", env=dom0_env, ready=self.manager_socket.exists,
+            [
+                *py,
+                "manager",
+                "--socket",
+                str(self.manager_socket),
+                "--state-root",
+                str(self.state_root),
+            ],
+            self.log_dir / "manager.log",
+            env=dom0_env,
+            ready=self.manager_socket.exists,
             die_with_parent=self.die_with_parent,
-        )  # fmt: skip
+        )
         self.backend = ManagedProcess(
-            "backend", [*py, "backend", "--manager", str(self.manager_socket),
-                        *(["--trace", str(self.trace_dir)] if trace else [])],
-            self.log_dir / "backend.log", env=dom0_env, die_with_parent=self.die_with_parent,
-        )  # fmt: skip
+            "backend",
+            [
+                *py,
+                "backend",
+                "--manager",
+                str(self.manager_socket),
+                *(["--trace", str(self.trace_dir)] if trace else []),
+            ],
+            self.log_dir / "backend.log",
+            env=dom0_env,
+            die_with_parent=self.die_with_parent,
+        )
         self._py = py
         self._guests = [
             SimGuest(f"guest{i}", FIRST_INSTANCE + i, self.run_dir / f"guest{i}.tpm", self)
@@ -241,10 +267,10 @@ class SimTarget(BaseTarget):
                 f"frontend-{g.name}",
                 [*self._py, "frontend", "--socket", str(g.socket)],
                 self.log_dir / f"frontend-{g.name}.log",
-                env=_python_env({self._sim_fds_env: f"{xs_fd},{hc_fd}"},
-                                drop=[self._sim_dir_env]),
-                pass_fds=(xs_fd, hc_fd), die_with_parent=self.die_with_parent,
-            )  # fmt: skip
+                env=_python_env({self._sim_fds_env: f"{xs_fd},{hc_fd}"}, drop=[self._sim_dir_env]),
+                pass_fds=(xs_fd, hc_fd),
+                die_with_parent=self.die_with_parent,
+            )
             g.frontend.start()
         finally:
             os.close(xs_fd)
@@ -415,6 +441,12 @@ class SimTarget(BaseTarget):
             time.sleep(0.02)
         return line
 
+    def hostile_toolstack(self) -> HostileToolstack:
+        """dom0's part for a rogue frontend (scenarios/test_hostile.py)."""
+        from harness.targets.sim_hostile import SimHostileToolstack
+
+        return SimHostileToolstack(self)
+
     def _swtpm_of(self, g: SimGuest) -> int | None:
         return find_swtpm(self.state_root / str(g.instance))
 
@@ -443,8 +475,10 @@ class SimTarget(BaseTarget):
         g = self._own(guest)
         result = subprocess.run(
             [*self._py, "reset", "--manager", str(self.manager_socket), str(g.instance)],
-            capture_output=True, text=True, timeout=90,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         if result.returncode != 0:
             raise ResetFailed(g.instance, result.stderr)
 
@@ -464,8 +498,13 @@ class SimTarget(BaseTarget):
         return {
             "target": self.name,
             "guests": [
-                {"name": g.name, "domid": g.domid, "instance": g.instance,
-                 "tpm": str(g.socket), "transport": "seqpacket"}
+                {
+                    "name": g.name,
+                    "domid": g.domid,
+                    "instance": g.instance,
+                    "tpm": str(g.socket),
+                    "transport": "seqpacket",
+                }
                 for g in self._guests
             ],
-        }  # fmt: skip
+        }

@@ -39,7 +39,7 @@ from harness.errors import HarnessError, TargetNotReady
 from harness.images import Images
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import qemu_version
-from harness.target import Capability, Guest
+from harness.target import Capability, Guest, HostileToolstack
 from harness.targets import Progress
 from harness.targets.xen_base import SESSION_CAPABILITIES, XenDriverTarget
 from harness.targets.xen_frontends import Frontend, KernelFrontend, OurFrontend
@@ -355,12 +355,16 @@ class XenTarget(XenDriverTarget):
         for g in self._guests:
             self._endpoints.append(
                 start_endpoint(
-                    self.run_dir / f"{g.name}.tpm", key=self._images().ssh_key,
-                    port=qemu.config.ssh_port, guest_ip=g.ip, device=g.tpm_device,
-                    name=g.name, log_path=self.log_dir / f"endpoint-{g.name}.log",
+                    self.run_dir / f"{g.name}.tpm",
+                    key=self._images().ssh_key,
+                    port=qemu.config.ssh_port,
+                    guest_ip=g.ip,
+                    device=g.tpm_device,
+                    name=g.name,
+                    log_path=self.log_dir / f"endpoint-{g.name}.log",
                     die_with_parent=self.die_with_parent,
                 )
-            )  # fmt: skip
+            )
 
     def _detach(self) -> list[ProcessRecord]:
         endpoints = [p.detach() for p in self._endpoints]  # stopped first, then the machine
@@ -385,6 +389,12 @@ class XenTarget(XenDriverTarget):
             "timings": self.timings,
             "guests": [g.describe() for g in self._guests],
         }
+
+    def hostile_toolstack(self) -> HostileToolstack:
+        """dom0's part for a rogue frontend (scenarios/test_hostile.py)."""
+        from harness.targets.xen_hostile import XenHostileToolstack
+
+        return XenHostileToolstack(self)
 
 
 class XenKernelFrontendTarget(XenTarget):

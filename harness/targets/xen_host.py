@@ -195,10 +195,12 @@ def _python_checks() -> list[tuple[str, str]]:
             "python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'",
             "python3 >= 3.11 (the driver needs 3.11)",
         ),
-        (f"python3 -c {shlex.quote(load)}", f"Xen's libraries {libs} (Debian: libxenstore4, "
-         "libxengnttab1, libxenevtchn1)"),
+        (
+            f"python3 -c {shlex.quote(load)}",
+            f"Xen's libraries {libs} (Debian: libxenstore4, libxengnttab1, libxenevtchn1)",
+        ),
         ('[ "$(id -u)" = 0 ]', "a root login (the driver needs root)"),
-    ]  # fmt: skip
+    ]
 
 
 def _module_checks(modules: Sequence[str]) -> list[tuple[str, str]]:
@@ -536,8 +538,10 @@ class XenHostTarget(XenDriverTarget):
                 for module in reversed(added):
                     host.run(f"modprobe -r {module}", timeout=30)
             if created or added:
-                self.say(f"{name}: removed {' '.join(created) or 'nothing'}; "
-                         f"unloaded (if unused) {' '.join(added) or 'nothing'}")  # fmt: skip
+                self.say(
+                    f"{name}: removed {' '.join(created) or 'nothing'}; "
+                    f"unloaded (if unused) {' '.join(added) or 'nothing'}"
+                )
 
     def _detach(self) -> list[ProcessRecord]:
         """The daemons keep running on the host; no process of ours is handed on."""

@@ -153,10 +153,11 @@ class XenMachine:
             else:
                 self.accel = "kvm"
         if self.accel is None:
-            self.say("accelerator: TCG -cpu qemu64 (KVM " + (
-                "disabled by " + ACCEL_ENV if os.environ.get(ACCEL_ENV) == "tcg"
-                else "unusable for Xen on this host" if kvm_usable() else "unavailable"
-            ) + ")")  # fmt: skip
+            if os.environ.get(ACCEL_ENV) == "tcg":
+                why = f"disabled by {ACCEL_ENV}"
+            else:
+                why = "unusable for Xen on this host" if kvm_usable() else "unavailable"
+            self.say(f"accelerator: TCG -cpu qemu64 (KVM {why})")
             self._launch("tcg", (), Deadline(15))
             self.accel = "tcg"
         return self._wait_dom0(Deadline(BOOT_TIMEOUT))
