@@ -323,3 +323,34 @@ def test_workers_are_refused_where_they_would_share_or_crowd(
     )
     out = result.stdout + result.stderr
     assert result.returncode == 4 and message in out, out
+
+
+CAPABILITY_SCENARIO = """
+def test_reboots(reboots):
+    pass
+
+def test_cuts_power(power_cut):
+    pass
+"""
+
+
+def test_a_capability_fixture_skips_before_the_target_comes_up(tmp_path: Path) -> None:
+    """A scenario that takes a capability the target lacks is skipped with its name,
+    and when every selected scenario is, no target is brought up at all."""
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
+    (tmp_path / "test_caps.py").write_text(textwrap.dedent(CAPABILITY_SCENARIO))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "test_caps.py", "--target", "direct", "-rs"],
+        cwd=tmp_path,
+        env=inner_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "2 skipped" in out, out
+    assert "target direct lacks capability reboot" in out
+    assert "target direct lacks capability power-cut" in out
+    assert "bringing up target" not in out
