@@ -25,6 +25,23 @@ def inner_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO_ROOT)}
 
 
+def inner_pytest(
+    tmp_path: Path, name: str, scenario: str, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``scenario`` as ``name`` under the repository's conftest.py in ``tmp_path``."""
+    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
+    (tmp_path / name).write_text(textwrap.dedent(scenario))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", name, "-p", "no:cacheprovider", *args],
+        cwd=tmp_path,
+        env=inner_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 pytestmark = pytest.mark.skipif(
     shutil.which("swtpm") is None or shutil.which("swtpm_setup") is None,
     reason="swtpm and swtpm_setup are not installed",
@@ -75,28 +92,15 @@ def test_fails_on_purpose(guest):
 
 
 def test_fixture_contract_on_direct(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
-    (tmp_path / "test_contract.py").write_text(textwrap.dedent(SCENARIO))
     artifacts = tmp_path / "artifacts"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "test_contract.py",
-            "--target",
-            "direct",
-            "-p",
-            "no:cacheprovider",
-            "-rs",
-            f"--junitxml={artifacts / 'junit.xml'}",
-        ],
-        cwd=tmp_path,
-        env=inner_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = inner_pytest(
+        tmp_path,
+        "test_contract.py",
+        SCENARIO,
+        "--target",
+        "direct",
+        "-rs",
+        f"--junitxml={artifacts / 'junit.xml'}",
     )
     out = result.stdout + result.stderr
     assert result.returncode == 1, out
@@ -203,28 +207,7 @@ def test_ordinary():
 def test_power_cut_scenarios_run_only_when_selected(
     tmp_path: Path, select: list[str], expected: str
 ) -> None:
-    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
-    (tmp_path / "test_opt_in.py").write_text(textwrap.dedent(OPT_IN))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "test_opt_in.py",
-            "--target",
-            "direct",
-            "-p",
-            "no:cacheprovider",
-            "-rs",
-            *select,
-        ],
-        cwd=tmp_path,
-        env=inner_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = inner_pytest(tmp_path, "test_opt_in.py", OPT_IN, "--target", "direct", "-rs", *select)
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert expected in out, out
@@ -300,30 +283,12 @@ def test_workers_are_refused_where_they_would_share_or_crowd(
 ) -> None:
     """``-n`` spreads scenarios over sim environments only (README, Quick start)."""
     pytest.importorskip("xdist")
-    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
-    (tmp_path / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "test_nothing.py",
-            "-p",
-            "no:cacheprovider",
-            "-n",
-            "2",
-            *args,
-        ],
-        cwd=tmp_path,
-        env=inner_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = inner_pytest(tmp_path, "test_nothing.py", NOTHING, "-n", "2", *args)
     out = result.stdout + result.stderr
     assert result.returncode == 4 and message in out, out
 
+
+NOTHING = "def test_nothing():\n    pass\n"
 
 CAPABILITY_SCENARIO = """
 def test_reboots(reboots):
@@ -337,16 +302,8 @@ def test_cuts_power(power_cut):
 def test_a_capability_fixture_skips_before_the_target_comes_up(tmp_path: Path) -> None:
     """A scenario that takes a capability the target lacks is skipped with its name,
     and when every selected scenario is, no target is brought up at all."""
-    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
-    (tmp_path / "test_caps.py").write_text(textwrap.dedent(CAPABILITY_SCENARIO))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_caps.py", "--target", "direct", "-rs"],
-        cwd=tmp_path,
-        env=inner_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = inner_pytest(
+        tmp_path, "test_caps.py", CAPABILITY_SCENARIO, "--target", "direct", "-rs"
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
