@@ -41,14 +41,14 @@ from tpm_helpers import (
     storage_template,
 )
 
-from harness.target import Guest, Reboots, Restarts, SaveRestore
+from harness.target import Component, Guest, Reboots, Restarts, SaveRestore
 from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, nv_index, pcr_extended, persistent_handle
 
 # A PCR that PCR_Reset cannot clear from locality 0: only a TPM reset zeroes it.
 STATIC_PCR = 8
 
 
-def _restart(component: str) -> Callable[[Restarts, Guest], None]:
+def _restart(component: Component) -> Callable[[Restarts, Guest], None]:
     def run(restarts: Restarts, guest: Guest) -> None:
         restarts.restart(component)
 
@@ -153,7 +153,7 @@ def _extend_both(ctx: ESAPI) -> tuple[bytes, bytes]:
         pytest.param("manager", marks=pytest.mark.needs("restart-manager")),
     ],
 )
-def test_pcrs_kept_on_driver_restart(restarts: Restarts, guest: Any, component: str) -> None:
+def test_pcrs_kept_on_driver_restart(restarts: Restarts, guest: Any, component: Component) -> None:
     """A frontend, backend or manager restart (planned: SIGTERM) is not a TPM reset:
     same domain, PCRs and resetCount unchanged (for the manager, swtpm's volatile state
     is saved and restored once)."""

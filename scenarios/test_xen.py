@@ -27,7 +27,7 @@ GONE_WITHIN_S = 15.0
 
 def device_present(guest: Any) -> bool:
     rc, _, _ = guest.run("test -c /dev/tpm0 && test -e /sys/class/tpm/tpm0")
-    return rc == 0
+    return bool(rc == 0)
 
 
 def wait_gone(guest: Any) -> None:
