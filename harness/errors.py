@@ -126,3 +126,11 @@ class EnvironmentRunning(RunStateError):
 
 class EnvironmentNotRunning(RunStateError):
     """A command needs a running environment and none is recorded."""
+
+
+class ImageBuildError(HarnessError):
+    """An image could not be built; says which step and where its log is."""
+
+
+class MirrorUnreachable(ImageBuildError):
+    """The apt mirror from the host's sources cannot be reached."""

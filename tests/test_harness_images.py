@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.errors import ImageBuildError
 from harness.images import (
     CACHE_ENV,
-    ImageBuildError,
     build_images,
     ensure_ssh_key,
     prune,

@@ -153,7 +153,8 @@ def test_qemu_argv_with_overlays_and_saved_state(tmp_path: Path) -> None:
 
 
 def test_unreachable_mirror_is_named() -> None:
-    from harness.images import MirrorUnreachable, check_mirror
+    from harness.errors import MirrorUnreachable
+    from harness.images import check_mirror
 
     with pytest.raises(MirrorUnreachable, match=r"127\.0\.0\.1:9/debian"):
         check_mirror("http://127.0.0.1:9/debian", timeout=5)
