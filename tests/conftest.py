@@ -8,7 +8,11 @@ guests), which no test in this folder uses.
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from manager_env import RunningManager, managed, swtpm_pids
 from simxen import Xen, start_simxend, stop
 
 from xenvtpm.sim.adapter import SimControl, SimHypervisor
@@ -52,3 +57,25 @@ def guests(xen: Xen, request: pytest.FixtureRequest) -> Iterator[list[SimHypervi
         for d in domids:
             if d in xen.ctl.list_domains():
                 xen.ctl.destroy_domain(d)
+
+
+# -- the manager's tests (test_manager*.py) ----------------------------------------
+@pytest.fixture
+def tmp_root() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="xvm-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        for pid in swtpm_pids(root):  # never leave anything running, even on failure
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mgr() -> Iterator[RunningManager]:
+    """One manager shared by the module; instances are reused where sensible."""
+    root = Path(tempfile.mkdtemp(prefix="xvm-", dir="/tmp"))
+    try:
+        yield from managed(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -26,6 +26,14 @@ import time
 from pathlib import Path
 
 import pytest
+from manager_env import (
+    err,
+    managed,
+    random_bytes,
+    start_manager,
+    swtpm_pid,
+    swtpm_pids,
+)
 from test_faults import (
     NV_SIZE,
     loaded_sessions_command,
@@ -34,17 +42,8 @@ from test_faults import (
     nv_undefine,
     nv_write,
 )
-from test_manager import (
-    REPO,
-    err,
-    managed,
-    random_bytes,
-    start_manager,
-    swtpm_pid,
-    swtpm_pids,
-)
-from test_manager import tmp_root as manager_tmp_root
 
+from harness.paths import REPO_ROOT
 from xenvtpm.manager.manager import ManagerClient
 from xenvtpm.tpm import (
     TPM_RC,
@@ -56,7 +55,6 @@ from xenvtpm.tpm import (
 )
 
 INSTANCE = 31
-tmp_root = manager_tmp_root  # the fixture: a fresh root, every swtpm killed afterwards
 SUCCESS = bytes.fromhex("80010000000a00000000")
 FAILURE = err(INSTANCE, TPM_RC.FAILURE)[4:]
 GET_TEST_RESULT = struct.pack(">HII", 0x8001, 10, 0x17C)
@@ -195,7 +193,7 @@ def test_an_operator_reset_ends_failure_mode(tmp_root: Path) -> None:
                     str(m.socket),
                     str(INSTANCE),
                 ],
-                cwd=REPO,
+                cwd=REPO_ROOT,
                 capture_output=True,
                 text=True,
                 timeout=60,
