@@ -46,6 +46,8 @@ class BaseGuest:
 class BaseTarget:
     name: ClassVar[str] = "base"
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset()
+    MAX_GUESTS: ClassVar[int] = 1000
+    WHY_MAX: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -56,6 +58,9 @@ class BaseTarget:
     ) -> None:
         if guests < 1:
             raise ValueError(f"a target needs at least one guest, not {guests}")
+        if guests > self.MAX_GUESTS:
+            why = f" {self.WHY_MAX}" if self.WHY_MAX else ""
+            raise ValueError(f"at most {self.MAX_GUESTS} guests{why}, not {guests}")
         self.guest_count = guests
         self.capabilities = self.capabilities_for(guests)
         self._own_run_dir = run_dir is None
@@ -69,6 +74,11 @@ class BaseTarget:
         self.die_with_parent = not detached
         self._started = False
         self.log = log.getChild(self.name)
+        self._compose()
+
+    def _compose(self) -> None:
+        """Make the target's parts, once the run directory and progress exist: a target
+        that needs no arguments of its own adds its parts here, not in ``__init__``."""
 
     @classmethod
     def capabilities_for(cls, guests: int) -> frozenset[str]:

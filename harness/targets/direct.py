@@ -59,16 +59,11 @@ class DirectTarget(BaseTarget):
         }
     )
 
-    def __init__(
-        self,
-        guests: int,
-        run_dir: Path | None = None,
-        progress: Any = None,
-        detached: bool = False,
-    ) -> None:
-        super().__init__(guests, run_dir, progress, detached)
-        self._guests: list[DirectGuest] = []
-        for i in range(guests):
+    _guests: list[DirectGuest]
+
+    def _compose(self) -> None:
+        self._guests = []
+        for i in range(self.guest_count):
             name, instance = f"guest{i}", FIRST_INSTANCE + i
             socket = self.run_dir / f"{name}.tpm"
             state = self.run_dir / "state" / str(instance)

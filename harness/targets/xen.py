@@ -40,7 +40,6 @@ from harness.images import Images
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import qemu_version
 from harness.target import Capability, Guest, HostileToolstack
-from harness.targets import Progress
 from harness.targets.xen_base import SESSION_CAPABILITIES, XenDriverTarget
 from harness.targets.xen_frontends import Frontend, KernelFrontend, OurFrontend
 from harness.targets.xen_guest import FIRST_INSTANCE, XenGuest
@@ -72,26 +71,33 @@ class XenTarget(XenDriverTarget):
     name: ClassVar[str] = "xen"
     FRONTEND: ClassVar[type[Frontend]] = OurFrontend
     CAPABILITIES: ClassVar[frozenset[str]] = capabilities(OurFrontend)
+    MAX_GUESTS: ClassVar[int] = 20
+    WHY_MAX: ClassVar[str] = "(one QEMU drive each)"
 
-    def __init__(
-        self,
-        guests: int,
-        run_dir: Path | None = None,
-        progress: Progress | None = None,
-        detached: bool = False,
-    ) -> None:
-        if guests > 20:
-            raise ValueError(f"at most 20 guests (one QEMU drive each), not {guests}")
-        super().__init__(guests, run_dir, progress, detached)
+    machine: XenMachine
+    toolstack: XlToolstack
+    _endpoints: list[ManagedProcess]  # harness up: one per guest
+    crash_watch: CrashWatch | None
+    _crashed_guests: set[str]  # since this machine started
+    crashes: list[Crash]  # every crash seen since the target started
+    on_crash: Callable[[Crash], None] | None  # the fixtures' alarm
+
+    def _compose(self) -> None:
+        super()._compose()
         self.machine = XenMachine(
-            guests, self.run_dir, self.artifacts, self.die_with_parent, self.say, self.timings
+            self.guest_count,
+            self.run_dir,
+            self.artifacts,
+            self.die_with_parent,
+            self.say,
+            self.timings,
         )
         self.toolstack = XlToolstack(self.session, self._images, self.logs, self.say)
-        self._endpoints: list[ManagedProcess] = []  # harness up: one per guest
-        self.crash_watch: CrashWatch | None = None
-        self._crashed_guests: set[str] = set()  # since this machine started
-        self.crashes: list[Crash] = []  # every crash seen since the target started
-        self.on_crash: Callable[[Crash], None] | None = None  # the fixtures' alarm
+        self._endpoints = []
+        self.crash_watch = None
+        self._crashed_guests = set()
+        self.crashes = []
+        self.on_crash = None
 
     @property
     def accel(self) -> str | None:

@@ -20,7 +20,7 @@ from harness.paths import REPO_ROOT
 from harness.relay_pool import RelayPool
 from harness.ssh import SshHost
 from harness.target import Capability, Component, Guest
-from harness.targets import Progress, xen_driver
+from harness.targets import xen_driver
 from harness.targets.base import BaseTarget
 from harness.targets.health import Check
 from harness.targets.xen_frontends import Frontend, OurFrontend
@@ -52,20 +52,19 @@ class XenDriverTarget(BaseTarget):
     """A dom0 session and a frontend; subclasses say how dom0 and the guests come up."""
 
     FRONTEND: ClassVar[type[Frontend]] = OurFrontend
+    frontend: Frontend
+    artifacts: Path
+    timings: dict[str, float]
+    relays: RelayPool
+    _guests: list[XenGuest]
+    session: Dom0Session
 
-    def __init__(
-        self,
-        guests: int,
-        run_dir: Path | None = None,
-        progress: Progress | None = None,
-        detached: bool = False,
-    ) -> None:
-        super().__init__(guests, run_dir, progress, detached)
-        self.frontend: Frontend = self.FRONTEND()
+    def _compose(self) -> None:
+        self.frontend = self.FRONTEND()
         self.artifacts = artifacts_dir(self.name)
-        self.timings: dict[str, float] = {}
+        self.timings = {}
         self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports
-        self._guests: list[XenGuest] = self.make_guests(guests)
+        self._guests = self.make_guests(self.guest_count)
         self.session = Dom0Session(self._guests, self.artifacts, self.say)
 
     def make_guests(self, count: int) -> list[XenGuest]:
