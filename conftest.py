@@ -130,7 +130,7 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
     if "://" not in config.getoption("--target"):
         return config.getoption("--guests"), {}
     from harness.hostkeys import resolve_known_hosts
-    from harness.targets.xen_host import HostSpec, parse_guests, resolve_key
+    from harness.targets.host_spec import HostSpec, parse_guests, resolve_key
 
     HostSpec.parse(config.getoption("--target"))
     resolve_key(config.getoption("--ssh-key"))

@@ -22,18 +22,16 @@ from harness.errors import HarnessError, TargetNotReady
 from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
-from harness.targets.xen_host import (
+from harness.targets.host_spec import (
     GuestSpec,
     HostSpec,
-    XenHostTarget,
     address_from_neighbours,
-    driver_build,
     parse_guests,
     parse_macs,
     parse_xl_info,
     resolve_key,
-    stop_daemons_command,
 )
+from harness.targets.xen_host import XenHostTarget, driver_build, stop_daemons_command
 
 
 @pytest.mark.parametrize(
