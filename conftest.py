@@ -100,6 +100,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "is always refused",
     )
     group.addoption(
+        "--guest-kind",
+        choices=("python", "kernel"),
+        default="python",
+        help="ssh:// targets: the guests' frontend: ours (python, default) or their "
+        "kernel's own xen-tpmfront (kernel: the guests need only python3 and the module)",
+    )
+    group.addoption(
+        "--destructive",
+        action="store_true",
+        help="ssh:// targets: the host's owner allows the scenarios that restart the "
+        "driver's daemons and kill a guest's swtpm (default: skipped there)",
+    )
+    group.addoption(
         "--attach",
         action="store_true",
         help="run against the environment `python -m harness up` left running "
@@ -141,6 +154,8 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
         "ssh_key": config.getoption("--ssh-key"),
         "known_hosts": config.getoption("--known-hosts"),
         "accept_new_host_keys": config.getoption("--accept-new-host-keys"),
+        "guest_kind": config.getoption("--guest-kind"),
+        "destructive": config.getoption("--destructive"),
     }
     return len(guests), options
 
@@ -211,7 +226,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         caps = AttachedTarget.capabilities_for(record)
     else:
         name = config.getoption("--target")
-        caps = capabilities_of(name, _target_setup(config)[0])
+        guests, options = _target_setup(config)
+        caps = capabilities_of(name, guests, **options)
     config.stash[capability_fixtures.CAPS_KEY] = (name, caps)  # what they skip by
     markexpr = config.getoption("markexpr", "") or ""
     for item in items:

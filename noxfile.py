@@ -217,8 +217,10 @@ def certify(session: nox.Session) -> None:
     """A real Xen host: the xen scenarios on an existing host, and a report of it.
 
     ``nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] [...] [--ssh-key KEY]
-    [--known-hosts FILE] [--accept-new-host-keys] [pytest args]``. Host keys not in
-    ~/.ssh/known_hosts or FILE are refused unless --accept-new-host-keys. Writes
+    [--known-hosts FILE] [--accept-new-host-keys] [--guest-kind kernel] [--destructive]
+    [pytest args]``. Host keys not in ~/.ssh/known_hosts or FILE are refused unless
+    --accept-new-host-keys; --guest-kind kernel tests the guests' own xen-tpmfront;
+    --destructive allows restarts and killed swtpm on the host. Writes
     artifacts/certify/junit.xml and report.md (driver commit, Xen, dom0 and guest
     versions, each login's host key, each scenario's result); the host's logs go to
     artifacts/certify/host/. See README, "Certifying a real Xen host".
@@ -227,7 +229,7 @@ def certify(session: nox.Session) -> None:
         session.error(
             "usage: nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] "
             "[--host-guest ...] [--ssh-key KEY] [--known-hosts FILE] "
-            "[--accept-new-host-keys] [pytest args]"
+            "[--accept-new-host-keys] [--guest-kind kernel] [--destructive] [pytest args]"
         )
     host, rest = session.posargs[0], session.posargs[1:]
     url = host if host.startswith("ssh://") else f"ssh://{host}"

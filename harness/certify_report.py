@@ -206,6 +206,12 @@ def _host_keys(keys: Sequence[Mapping[str, str]] | None) -> list[str]:
     return lines
 
 
+FRONTEND_NAMES = {
+    "python": "xenvtpm's own (python, through tpm_vtpm_proxy)",
+    "kernel": "the guest kernel's xen-tpmfront",
+}
+
+
 def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> str:
     """The report: what was tested (build, versions), every scenario, the totals."""
     host = host or str(versions.get("host", "")) or "unknown host"
@@ -227,6 +233,10 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
     if versions.get("hostname"):
         rows.append(("host", str(versions["hostname"])))
     rows += [("Xen", _xen(versions)), ("dom0", _system(versions.get("dom0") or {}))]
+    if "guest_kind" in versions:  # recorded since certify took --guest-kind
+        frontend = FRONTEND_NAMES.get(str(versions["guest_kind"]), str(versions["guest_kind"]))
+        consent = "allowed (--destructive)" if versions.get("destructive") else "not allowed"
+        rows += [("guests' vTPM frontend", frontend), ("restarts and killed swtpm", consent)]
     for guest in versions.get("guests") or []:
         where = f"domain {guest.get('domid', '?')}, {guest.get('address', '?')}"
         rows.append((f"guest {guest.get('name', '?')} ({where})", _system(guest)))

@@ -31,7 +31,12 @@ from harness.targets.host_spec import (
     parse_xl_info,
     resolve_key,
 )
-from harness.targets.xen_host import XenHostTarget, driver_build, stop_daemons_command
+from harness.targets.xen_host import (
+    XenHostTarget,
+    driver_build,
+    guest_checks,
+    stop_daemons_command,
+)
 
 
 @pytest.mark.parametrize(
@@ -116,6 +121,37 @@ def test_registry_knows_ssh_urls_only_with_a_scheme() -> None:
     assert capabilities_of("ssh://root@h", 2) == {"multi-guest", "shared-clients", "traffic-trace"}
     # never reboot a user's guest
     assert capabilities_of("ssh://root@h", 1) == {"shared-clients", "traffic-trace"}
+
+
+def test_capabilities_follow_the_guest_kind_and_the_owners_consent() -> None:
+    """xen-tpmfront guests lose /dev/tpmrm0 and the restarts they cannot survive;
+    ``destructive`` adds the restarts and killed swtpm, and never a reboot or destroy
+    (a user's host has no toolstack part)."""
+    url, base = "ssh://root@h", {"multi-guest", "traffic-trace"}
+    assert capabilities_of(url, 2, guest_kind="kernel") == base
+    faults = {"restart-manager", "kill-swtpm"}
+    ours = faults | {"restart-backend", "restart-frontend", "shared-clients"}
+    assert capabilities_of(url, 2, destructive=True) == base | ours
+    assert capabilities_of(url, 2, guest_kind="kernel", destructive=True) == base | faults
+    with pytest.raises(ValueError, match="guest kind 'rust'"):
+        XenHostTarget(url=url, host_guests=["a"], guest_kind="rust")
+
+
+def test_kernel_guests_are_checked_for_xen_tpmfront_not_our_frontends_needs() -> None:
+    """A stock guest needs python3 (the relay) and the xen-tpmfront module; not
+    tpm_vtpm_proxy nor Xen's libraries, which only our frontend uses."""
+    for kind, wanted, unwanted in [
+        ("kernel", "xen-tpmfront", ("tpm_vtpm_proxy", "ctypes")),
+        ("python", "tpm_vtpm_proxy", ("xen-tpmfront",)),
+    ]:
+        target = XenHostTarget(url="ssh://root@h", host_guests=["web"], guest_kind=kind)
+        checks = "\n".join(test for test, _ in guest_checks(target.frontend))
+        assert f"modprobe -n -q {wanted}" in checks and "python3 -c" in checks, checks
+        assert not [u for u in unwanted if u in checks], checks
+        size = 4096 - 8 if kind == "kernel" else 4096  # xen-tpmfront's one page
+        assert target.guests[0].max_command_size == size
+        target.close()
+        target.remove_run_dir()
 
 
 def test_make_target_passes_the_url_and_guests(tmp_path: Path) -> None:

@@ -58,7 +58,8 @@ def make_target(
     return target
 
 
-def capabilities_of(name: str, guests: int) -> frozenset[str]:
-    """What ``name`` can do with ``guests`` guests, without starting it (for skipping)."""
-    caps: frozenset[str] = target_class(name).capabilities_for(guests)
+def capabilities_of(name: str, guests: int, **options: Any) -> frozenset[str]:
+    """What ``name`` can do with ``guests`` guests and its ``options``, without starting
+    it (for skipping)."""
+    caps: frozenset[str] = target_class(name).capabilities_for(guests, **options)
     return caps

@@ -81,7 +81,9 @@ class BaseTarget:
         that needs no arguments of its own adds its parts here, not in ``__init__``."""
 
     @classmethod
-    def capabilities_for(cls, guests: int) -> frozenset[str]:
+    def capabilities_for(cls, guests: int, **options: Any) -> frozenset[str]:
+        """What the target can do with ``guests`` guests; ``options`` are its own
+        settings (as ``make_target`` passes them), which some targets' abilities follow."""
         caps = set(cls.CAPABILITIES)
         if guests < 2:
             caps.discard("multi-guest")

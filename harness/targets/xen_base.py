@@ -59,8 +59,12 @@ class XenDriverTarget(BaseTarget):
     _guests: list[XenGuest]
     session: Dom0Session
 
+    def frontend_class(self) -> type[Frontend]:
+        """Which frontend this target's guests have (the class's, unless chosen per run)."""
+        return self.FRONTEND
+
     def _compose(self) -> None:
-        self.frontend = self.FRONTEND()
+        self.frontend = self.frontend_class()()
         self.artifacts = artifacts_dir(self.name)
         self.timings = {}
         self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports

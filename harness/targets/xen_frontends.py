@@ -22,6 +22,9 @@ from harness.transport_ssh import REMOTE_PACKAGE_DIR
 class Frontend(Protocol):
     name: ClassVar[str]
     max_command_size: ClassVar[int]
+    # What a guest needs for it: kernel modules, and Xen's user-space libraries.
+    guest_modules: ClassVar[tuple[str, ...]]
+    needs_xen_libs: ClassVar[bool]
     # What this frontend makes possible on any Xen target, and with a toolstack too.
     capabilities: ClassVar[frozenset[str]]
     with_toolstack: ClassVar[frozenset[str]]
@@ -43,6 +46,8 @@ class OurFrontend:
 
     name: ClassVar[str] = "xenvtpm"
     max_command_size: ClassVar[int] = 4096
+    guest_modules: ClassVar[tuple[str, ...]] = xen_driver.GUEST_MODULES
+    needs_xen_libs: ClassVar[bool] = True
     capabilities: ClassVar[frozenset[str]] = frozenset(
         {Capability.RESTART_FRONTEND, Capability.RESTART_BACKEND, Capability.SHARED_CLIENTS}
     )
@@ -70,6 +75,9 @@ class OurFrontend:
         return []  # the frontend is a daemon: the session checks it runs
 
 
+FRONTENDS: dict[str, type[Frontend]] = {}  # by the kind of guest: filled below
+
+
 class KernelFrontend:
     """The guest kernel's own ``xen-tpmfront``, with no software of ours in the guest.
 
@@ -89,6 +97,8 @@ class KernelFrontend:
     # xen-tpmfront grants no extra pages, and its one page starts with the 8-byte
     # vtpm_shared_page header: vtpm_send refuses a longer command (EINVAL).
     max_command_size: ClassVar[int] = 4096 - 8
+    guest_modules: ClassVar[tuple[str, ...]] = ("xen-tpmfront",)
+    needs_xen_libs: ClassVar[bool] = False  # only the relay of ours runs in the guest
     capabilities: ClassVar[frozenset[str]] = frozenset()
     with_toolstack: ClassVar[frozenset[str]] = frozenset({Capability.SAVE_RESTORE})
 
@@ -127,3 +137,6 @@ class KernelFrontend:
             )
             for guest in guests
         ]
+
+
+FRONTENDS.update(python=OurFrontend, kernel=KernelFrontend)

@@ -51,7 +51,8 @@ from harness.targets.host_spec import (
     resolve_key,
 )
 from harness.targets.xen_base import XenDriverTarget
-from harness.targets.xen_driver import DOM0_MODULES, GUEST_MODULES, STATE_ROOT
+from harness.targets.xen_driver import DOM0_MODULES, STATE_ROOT
+from harness.targets.xen_frontends import FRONTENDS, Frontend
 from harness.targets.xen_guest import XenGuest
 from harness.transport_ssh import REMOTE_PACKAGE_DIR
 from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR
@@ -125,7 +126,15 @@ DOM0_CHECKS: list[tuple[str, str]] = [
     *_python_checks(),
     *_module_checks(DOM0_MODULES),
 ]
-GUEST_CHECKS: list[tuple[str, str]] = [*_python_checks(), *_module_checks(GUEST_MODULES)]
+
+
+def guest_checks(frontend: Frontend) -> list[tuple[str, str]]:
+    """What a guest needs for ``frontend``: python3 for our relay (and frontend), Xen's
+    libraries only for our frontend, and the frontend's kernel modules."""
+    checks = _python_checks()
+    if not frontend.needs_xen_libs:
+        checks = [c for c in checks if "ctypes" not in c[0]]
+    return [*checks, *_module_checks(frontend.guest_modules)]
 
 
 def stop_daemons_command(pattern: str, grace: float = 10.0) -> str:
@@ -163,10 +172,34 @@ class XenHostTarget(XenDriverTarget):
 
     name: ClassVar[str] = "xen-host"
     # Declared here, not derived from the parts: what disturbs the environment (a
-    # restart, a killed swtpm) stays off on a user's host until reviewed there.
+    # restart, a killed swtpm) stays off on a user's host unless its owner allows it
+    # (``destructive``). There is no toolstack part, so no reboot or destroy at all.
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
         {Capability.MULTI_GUEST, Capability.SHARED_CLIENTS, Capability.TRAFFIC_TRACE}
     )
+    DESTRUCTIVE: ClassVar[frozenset[str]] = frozenset(
+        {
+            Capability.RESTART_MANAGER,
+            Capability.RESTART_BACKEND,
+            Capability.RESTART_FRONTEND,
+            Capability.KILL_SWTPM,
+        }
+    )
+    # What only some frontends allow (xen-tpmfront: no /dev/tpmrm0, no reconnect).
+    FLAVOURED: ClassVar[frozenset[str]] = frozenset(
+        {Capability.SHARED_CLIENTS, Capability.RESTART_BACKEND, Capability.RESTART_FRONTEND}
+    )
+
+    @classmethod
+    def capabilities_for(
+        cls, guests: int, *, guest_kind: str = "python", destructive: bool = False, **_: Any
+    ) -> frozenset[str]:
+        """The pinned set, plus the restarts and faults a ``destructive`` run may cause,
+        less what the guests' frontend cannot do."""
+        caps = set(super().capabilities_for(guests))
+        caps |= cls.DESTRUCTIVE if destructive else set()
+        caps -= cls.FLAVOURED - FRONTENDS[guest_kind].capabilities
+        return frozenset(caps)
 
     def __init__(
         self,
@@ -180,16 +213,26 @@ class XenHostTarget(XenDriverTarget):
         ssh_key: str | os.PathLike[str] | None = None,
         known_hosts: Sequence[str | os.PathLike[str]] = (),
         accept_new_host_keys: bool = False,
+        guest_kind: str = "python",
+        destructive: bool = False,
     ) -> None:
         """``guests`` is ignored: the guests are the ``host_guests`` the user named.
         Host keys: ``~/.ssh/known_hosts`` and the ``known_hosts`` files are the known
-        ones; others only with ``accept_new_host_keys``."""
+        ones; others only with ``accept_new_host_keys``. ``guest_kind``: "python" (our
+        frontend in each guest) or "kernel" (the guests' own ``xen-tpmfront``);
+        ``destructive``: the owner allows restarts and killed swtpm on this host."""
+        if guest_kind not in FRONTENDS:
+            raise ValueError(f"guest kind {guest_kind!r}: one of {', '.join(FRONTENDS)}")
+        self.guest_kind, self.destructive = guest_kind, destructive
         self.spec = HostSpec.parse(url)
         self._specs = parse_guests(host_guests)
         self.key = resolve_key(ssh_key)
         known_files = resolve_known_hosts(known_hosts)
         self._host_guest_list: list[HostGuest] = []
         super().__init__(len(self._specs), run_dir, progress, detached)
+        self.capabilities = self.capabilities_for(
+            self.guest_count, guest_kind=guest_kind, destructive=destructive
+        )
         self.host_keys = HostKeyCheck(known_files, accept_new_host_keys, self.say)
         self.versions: dict[str, Any] = {}
         self._collected = False
@@ -197,6 +240,9 @@ class XenHostTarget(XenDriverTarget):
         self._created: dict[str, list[str]] = {}
         self._loaded_before: dict[str, set[str]] = {}
         self._cursors: dict[str, str] = {}  # journal cursors: collect this run's entries
+
+    def frontend_class(self) -> type[Frontend]:
+        return FRONTENDS[self.guest_kind]
 
     def make_guests(self, count: int) -> list[XenGuest]:
         """The guests the user named, in their order."""
@@ -357,7 +403,7 @@ class XenHostTarget(XenDriverTarget):
         would test that one); everything missing is reported at once."""
         problems = []
         for guest in self._host_guests():
-            lacking = missing(guest.host(), GUEST_CHECKS)
+            lacking = missing(guest.host(), guest_checks(self.frontend))
             gone = "i=0; while [ -e /dev/tpm0 ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done"
             if guest.host().run(f"{gone}; test -e /dev/tpm0", timeout=30)[0] == 0:
                 lacking.append("no /dev/tpm0 of its own (it has a TPM already: detach it)")
@@ -383,6 +429,8 @@ class XenHostTarget(XenDriverTarget):
         self.versions = {
             "host": str(self.spec),
             "hostname": info.get("host", ""),
+            "guest_kind": self.guest_kind,
+            "destructive": self.destructive,
             "driver": driver_build(),
             "xen": {k: info[k] for k in xen_keys if info.get(k)},
             "dom0": self._os_versions(dom0),
@@ -437,7 +485,7 @@ class XenHostTarget(XenDriverTarget):
         for name, host in hosts.items():
             created = self._created.get(name, [])
             before = self._loaded_before.get(name)
-            modules = DOM0_MODULES if name == "dom0" else GUEST_MODULES
+            modules = DOM0_MODULES if name == "dom0" else self.frontend.guest_modules
             added = [m for m in modules if before is not None and m.replace("-", "_") not in before]
             with contextlib.suppress(HarnessError):
                 if created:
