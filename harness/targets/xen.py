@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ from harness.images import Images
 from harness.process import ManagedProcess, ProcessRecord
 from harness.qemu import qemu_version
 from harness.target import Capability, Guest, HostileToolstack
+from harness.targets import xen_guest_kernel as guest_kernel
 from harness.targets.xen_base import SESSION_CAPABILITIES, XenDriverTarget
 from harness.targets.xen_frontends import Frontend, KernelFrontend, OurFrontend
 from harness.targets.xen_guest import FIRST_INSTANCE, XenGuest
@@ -115,9 +117,12 @@ class XenTarget(XenDriverTarget):
     def _start(self) -> None:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.machine.build_images()
+        self.use_own_build()
         if not (self._snapshots() and self.restore()):
             self.dom0 = self.machine.boot()
+            guest_kernel.install_in_dom0(self._dom0(), self.prepared, self._images(), self.say)
             self.start_guests()
+            self.install_guest_modules()
             self.provision()
             if self._snapshots() and self.machine.accel == "tcg":
                 self.save_snapshot()
@@ -128,6 +133,36 @@ class XenTarget(XenDriverTarget):
         self.say(
             "xen target ready: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items())
         )
+
+    def use_own_build(self) -> None:
+        """The user's pieces (``--xen``, ``--guest-kernel``...), checked against the
+        images' kernel before QEMU starts, then handed to the parts that use them."""
+        prepared = self.prepare_own_build(self._images().kernel_version)
+        self.machine.own_xen, self.machine.own_dom0_kernel = prepared.xen, prepared.dom0_kernel
+        if prepared.guest_kernel is not None:
+            self.toolstack.guest_boot = guest_kernel.guest_boot_files(prepared, self._images())
+
+    def install_guest_modules(self) -> None:
+        """The user's guest kernel's modules into every guest, all at once."""
+        if self.prepared.guest_modules is None:
+            return
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(len(self._guests)) as pool:
+            installs = [
+                pool.submit(guest_kernel.install_in_guest, g.host(), self.prepared)
+                for g in self._guests
+            ]
+            for install in installs:
+                install.result()
+        self.timings["guest_modules_s"] = round(time.monotonic() - t0, 1)
+
+    def _build_module(self, source: Path) -> Path:
+        """``--tpmfront-source``: built against the images' kernel headers (seconds)."""
+        from harness import kbuild
+
+        images = self._images()
+        manifest = json.loads((images.dir / "manifest.json").read_text())
+        return kbuild.build_module(source, images.dir, manifest, self.say)
 
     def start_guests(self) -> None:
         """``xl create`` every guest, then wait for each one's SSH (they boot in parallel)."""
@@ -181,8 +216,10 @@ class XenTarget(XenDriverTarget):
         return os.environ.get(SNAPSHOT_ENV, "1") != "0"
 
     def snapshot_dir(self) -> Path:
-        """Where the booted machine for this recipe and guest count is saved (TCG only)."""
-        return self._images().dir / f"booted-tcg-{self.guest_count}"
+        """Where the booted machine for this recipe and guest count is saved (TCG only);
+        one booted with the user's own pieces has their key in its name."""
+        own = self.prepared.machine_key()
+        return self._images().dir / f"booted-tcg-{self.guest_count}{f'-own-{own}' if own else ''}"
 
     def restore(self) -> bool:
         """Start from the saved booted machine: dom0 and guests already up. False (and the
@@ -245,7 +282,9 @@ class XenTarget(XenDriverTarget):
         """What a saved machine must match beyond the recipe: the machine's shape and the
         guests' xl configurations (the toolstack's constants and the template)."""
         shape = [*self.machine.fingerprint_shape(), GUEST_MEMORY_MB, "provisioned"]
-        configs = [xl_config(g, self._images()) for g in self._guests]
+        shape.append(self.prepared.machine_key())
+        boot = self.toolstack.guest_boot
+        configs = [xl_config(g, self._images(), boot) for g in self._guests]
         blob = json.dumps([shape, configs], sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -394,6 +433,7 @@ class XenTarget(XenDriverTarget):
             "artifacts": str(self.artifacts),
             "timings": self.timings,
             "guests": [g.describe() for g in self._guests],
+            "own_build": self.prepared.to_json(),
         }
 
     def hostile_toolstack(self) -> HostileToolstack:

@@ -16,14 +16,15 @@ from typing import Any, ClassVar
 from harness import tpmwire
 from harness.deadline import Deadline
 from harness.errors import DeviceRefused, TargetNotReady
+from harness.own_build import OwnBuild, OwnBuildError, PreparedBuild
 from harness.paths import REPO_ROOT
 from harness.relay_pool import RelayPool
 from harness.ssh import SshHost
 from harness.target import Capability, Component, Guest
-from harness.targets import xen_driver
+from harness.targets import Progress, xen_driver
 from harness.targets.base import BaseTarget
 from harness.targets.health import Check
-from harness.targets.xen_frontends import Frontend, OurFrontend
+from harness.targets.xen_frontends import Frontend, KernelFrontend, OurFrontend
 from harness.targets.xen_guest import XenGuest
 from harness.targets.xen_session import Dom0Session
 
@@ -52,12 +53,46 @@ class XenDriverTarget(BaseTarget):
     """A dom0 session and a frontend; subclasses say how dom0 and the guests come up."""
 
     FRONTEND: ClassVar[type[Frontend]] = OurFrontend
+    ON_A_HOST: ClassVar[bool] = False  # a user's own host: its Xen and kernels are its own
     frontend: Frontend
     artifacts: Path
     timings: dict[str, float]
     relays: RelayPool
     _guests: list[XenGuest]
     session: Dom0Session
+
+    def __init__(
+        self,
+        guests: int,
+        run_dir: Path | None = None,
+        progress: Progress | None = None,
+        detached: bool = False,
+        *,
+        own_build: OwnBuild | None = None,
+    ) -> None:
+        """``own_build``: the user's pieces that replace bundled ones for this run
+        (:mod:`harness.own_build`); checked here, before anything starts."""
+        self.own_build = own_build or OwnBuild()
+        super().__init__(guests, run_dir, progress, detached)
+        self.own_build.check(on_a_host=self.ON_A_HOST, guest_kind=self.frontend.kind)
+        self.prepared = PreparedBuild()
+
+    def prepare_own_build(self, kernel_release: str) -> PreparedBuild:
+        """The user's pieces checked against the guests' kernel and made ready; their
+        origins and sha256 recorded in the artifacts."""
+        self.prepared = self.own_build.prepare(
+            self.run_dir / "own", kernel_release, self._build_module
+        )
+        self.session.package = self.prepared.driver
+        if self.prepared.tpmfront is not None and isinstance(self.frontend, KernelFrontend):
+            self.frontend.use_module(self.prepared.tpmfront, self.prepared.tpmfront_info)
+        self.prepared.record(self.artifacts)
+        for piece in self.prepared.pieces:
+            self.say(f"own build: {piece.flag} {piece.origin}: {piece.what} ({piece.sha256[:16]})")
+        return self.prepared
+
+    def _build_module(self, source: Path) -> Path:
+        raise OwnBuildError(f"--tpmfront-source {source}: {self.name} cannot build modules")
 
     def frontend_class(self) -> type[Frontend]:
         """Which frontend this target's guests have (the class's, unless chosen per run)."""
@@ -94,14 +129,15 @@ class XenDriverTarget(BaseTarget):
         return self.session.hosts()
 
     # -- the driver pair -------------------------------------------------------------------
-    def deploy(self, package: Path = REPO_ROOT / "xenvtpm") -> None:
-        """Copy the driver package into dom0 and every guest (``/opt/xenvtpm``) and check
-        that ``python3 -m xenvtpm`` runs there, every host at once. Starting the daemons
-        is ``start_daemon``."""
+    def deploy(self, package: Path | None = None) -> None:
+        """Copy the driver package (the run's: ``--driver`` may name another) into dom0
+        and every guest (``/opt/xenvtpm``) and check that ``python3 -m xenvtpm`` runs
+        there, every host at once. Starting the daemons is ``start_daemon``."""
         t0 = time.monotonic()
+        package = package or self.session.package
         self.session.deploy(package)
         hosts = ", ".join(self.hosts())
-        self.say(f"deployed {package.name}/ to {hosts} in {time.monotonic() - t0:.1f} s")
+        self.say(f"deployed {package} to {hosts} in {time.monotonic() - t0:.1f} s")
 
     def start_driver(self) -> None:
         """Deploy the current driver pair and bring up every guest's TPM device."""

@@ -9,8 +9,10 @@ know which one it has.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Protocol
 
+from harness.errors import TargetNotReady
 from harness.target import Capability
 from harness.targets import xen_driver
 from harness.targets.health import Check
@@ -21,6 +23,7 @@ from harness.transport_ssh import REMOTE_PACKAGE_DIR
 
 class Frontend(Protocol):
     name: ClassVar[str]
+    kind: ClassVar[str]  # the kind of guest it makes: FRONTENDS' key, --guest-kind
     max_command_size: ClassVar[int]
     # What a guest needs for it: kernel modules, and Xen's user-space libraries.
     guest_modules: ClassVar[tuple[str, ...]]
@@ -45,6 +48,7 @@ class OurFrontend:
     reconnects after a restart of either end, and the proxy gives ``/dev/tpmrm0``."""
 
     name: ClassVar[str] = "xenvtpm"
+    kind: ClassVar[str] = "python"
     max_command_size: ClassVar[int] = 4096
     guest_modules: ClassVar[tuple[str, ...]] = xen_driver.GUEST_MODULES
     needs_xen_libs: ClassVar[bool] = True
@@ -76,6 +80,8 @@ class OurFrontend:
 
 
 FRONTENDS: dict[str, type[Frontend]] = {}  # by the kind of guest: filled below
+OWN_DIR = f"{REMOTE_PACKAGE_DIR}/own"  # the user's own modules, in a guest
+OWN_MODULE = f"{OWN_DIR}/xen-tpmfront.ko"
 
 
 class KernelFrontend:
@@ -94,6 +100,7 @@ class KernelFrontend:
     """
 
     name: ClassVar[str] = "xen-tpmfront"
+    kind: ClassVar[str] = "kernel"
     # xen-tpmfront grants no extra pages, and its one page starts with the 8-byte
     # vtpm_shared_page header: vtpm_send refuses a longer command (EINVAL).
     max_command_size: ClassVar[int] = 4096 - 8
@@ -109,7 +116,39 @@ class KernelFrontend:
         assert guest.domid is not None
         vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
         session.host().check(xen_driver.attach_command(vtpm, REMOTE_PACKAGE_DIR))
-        guest.host().check("modprobe xen-tpmfront")
+        if self.own_module is None:
+            guest.host().check("modprobe xen-tpmfront")
+        else:
+            self._load_own(guest)
+
+    # -- the user's own xen-tpmfront (--tpmfront, --tpmfront-source) ---------------------
+    def __init__(self) -> None:
+        self.own_module: Path | None = None
+        self.own_info: dict[str, str] = {}
+
+    def use_module(self, module: Path, info: dict[str, str]) -> None:
+        """Load ``module`` (checked by harness.own_build) instead of the guests' own."""
+        self.own_module, self.own_info = module, info
+
+    def _load_own(self, guest: XenGuest) -> None:
+        """Copy the module in, load what it depends on, ``insmod`` it, and check that
+        the loaded module is this one (its srcversion), not the kernel's own."""
+        assert self.own_module is not None
+        host = guest.host()
+        host.check(f"mkdir -p {OWN_DIR}")
+        host.put(self.own_module, OWN_MODULE)
+        depends = " ".join(d for d in self.own_info.get("depends", "").split(",") if d)
+        load = f"modprobe -a {depends}; " if depends else ""
+        host.check(f"{load}grep -q '^xen_tpmfront ' /proc/modules || insmod {OWN_MODULE}")
+        expected = self.own_info.get("srcversion")
+        if expected:
+            loaded = host.run("cat /sys/module/xen_tpmfront/srcversion")[1].strip()
+            if loaded != expected:
+                raise TargetNotReady(
+                    f"guest {guest.name}",
+                    f"xen_tpmfront loaded there has srcversion {loaded or '(none)'}, not "
+                    f"{expected} of {self.own_module}: the guest's own module was loaded",
+                )
 
     def wait_for_device(self, guest: XenGuest) -> float:
         """Seconds until xen-tpmfront's chip exists; ``guest.tpm_device`` is its device.
@@ -139,4 +178,4 @@ class KernelFrontend:
         ]
 
 
-FRONTENDS.update(python=OurFrontend, kernel=KernelFrontend)
+FRONTENDS.update({f.kind: f for f in (OurFrontend, KernelFrontend)})

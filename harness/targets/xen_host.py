@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady
 from harness.hostkeys import HostKeyCheck, resolve_known_hosts
+from harness.own_build import OwnBuild
 from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess, ProcessRecord
 from harness.ssh import SshHost
@@ -171,6 +172,7 @@ class XenHostTarget(XenDriverTarget):
     no toolstack part: nothing here can boot, destroy or recreate a domain."""
 
     name: ClassVar[str] = "xen-host"
+    ON_A_HOST: ClassVar[bool] = True
     # Declared here, not derived from the parts: what disturbs the environment (a
     # restart, a killed swtpm) stays off on a user's host unless its owner allows it
     # (``destructive``). There is no toolstack part, so no reboot or destroy at all.
@@ -215,6 +217,7 @@ class XenHostTarget(XenDriverTarget):
         accept_new_host_keys: bool = False,
         guest_kind: str = "python",
         destructive: bool = False,
+        own_build: OwnBuild | None = None,
     ) -> None:
         """``guests`` is ignored: the guests are the ``host_guests`` the user named.
         Host keys: ``~/.ssh/known_hosts`` and the ``known_hosts`` files are the known
@@ -229,7 +232,7 @@ class XenHostTarget(XenDriverTarget):
         self.key = resolve_key(ssh_key)
         known_files = resolve_known_hosts(known_hosts)
         self._host_guest_list: list[HostGuest] = []
-        super().__init__(len(self._specs), run_dir, progress, detached)
+        super().__init__(len(self._specs), run_dir, progress, detached, own_build=own_build)
         self.capabilities = self.capabilities_for(
             self.guest_count, guest_kind=guest_kind, destructive=destructive
         )
@@ -268,6 +271,7 @@ class XenHostTarget(XenDriverTarget):
         self.clean_host()
         self.check_guests()
         self.record_before()
+        self.use_own_build()
         self.record_versions()
         self.timings["host_checks_s"] = round(time.monotonic() - t0, 1)
         self.start_driver()
@@ -420,6 +424,32 @@ class XenHostTarget(XenDriverTarget):
             self._created[name] = host.check(script).split()
             self._loaded_before[name] = set(host.check("cut -d' ' -f1 /proc/modules").split())
 
+    def use_own_build(self) -> None:
+        """``--driver`` and ``--tpmfront``: the module must fit every guest's kernel."""
+        if not self.own_build:
+            return
+        releases = {g.name: g.host().check("uname -r").strip() for g in self._host_guests()}
+        own_module = self.own_build.tpmfront or self.own_build.tpmfront_source
+        if own_module and len(set(releases.values())) > 1:
+            raise TargetNotReady(
+                f"host {self.spec}",
+                f"--tpmfront: the guests run different kernels {releases}; one module "
+                "fits one kernel: name guests that run the same one",
+            )
+        self.prepare_own_build(next(iter(releases.values())))
+
+    def _driver_record(self) -> dict[str, Any]:
+        """The deployed driver: this checkout's commit, or the user's ``--driver``."""
+        piece = next((p for p in self.prepared.pieces if p.flag == "--driver"), None)
+        if piece is None:
+            return driver_build()
+        if piece.what.startswith("git commit "):
+            commit = piece.what.removeprefix("git commit ")
+            build = {"commit": commit, "describe": f"--driver {piece.origin}", "dirty": False}
+        else:
+            build = driver_build(Path(piece.path).parent)
+        return {**build, "own": piece.origin, "sha256": piece.sha256}
+
     def record_versions(self) -> None:
         """Driver build, Xen, dom0 and guest versions, the host keys used ->
         ``versions.json``, describe(); the keys also as ``known_hosts`` lines."""
@@ -431,7 +461,8 @@ class XenHostTarget(XenDriverTarget):
             "hostname": info.get("host", ""),
             "guest_kind": self.guest_kind,
             "destructive": self.destructive,
-            "driver": driver_build(),
+            "driver": self._driver_record(),
+            "own_build": self.prepared.to_json(),
             "xen": {k: info[k] for k in xen_keys if info.get(k)},
             "dom0": self._os_versions(dom0),
             "guests": [

@@ -65,6 +65,9 @@ class XenMachine:
         self.say = say
         self.timings = timings
         self.images: Images | None = None
+        # The user's own hypervisor and dom0 kernel (harness.own_build), else the images'.
+        self.own_xen: Path | None = None
+        self.own_dom0_kernel: Path | None = None
         self.qemu: QemuMachine | None = None
         self.accel: Accel | None = None
         self.console: SerialConsole | None = None
@@ -123,8 +126,8 @@ class XenMachine:
             make_overlay(backing, overlay)
             overlays.append(overlay)
         return MachineConfig(
-            xen=images.xen,
-            kernel=images.kernel,
+            xen=self.own_xen or images.xen,
+            kernel=self.own_dom0_kernel or images.kernel,
             initrd=images.initrd,
             dom0_disk=images.dom0,
             guest_disks=[images.guest] * self.guest_count,

@@ -45,6 +45,7 @@ class Dom0Session:
         self.artifacts = artifacts
         self.say = say
         self.dom0: SshHost | None = None
+        self.package = REPO_ROOT / "xenvtpm"  # what deploy copies: --driver may change it
         self.daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
 
     def host(self) -> SshHost:
@@ -67,9 +68,11 @@ class Dom0Session:
         return self.host().run(command, timeout)
 
     # -- deploy and daemons --------------------------------------------------------------
-    def deploy(self, package: Path = REPO_ROOT / "xenvtpm") -> None:
-        """Copy the driver package into dom0 and every guest (``/opt/xenvtpm``) and check
-        that ``python3 -m xenvtpm`` runs there, every host at once."""
+    def deploy(self, package: Path | None = None) -> None:
+        """Copy the driver package (``self.package`` unless given) into dom0 and every
+        guest (``/opt/xenvtpm``) and check that ``python3 -m xenvtpm`` runs there, every
+        host at once."""
+        package = package or self.package
         hosts = self.hosts()
         with ThreadPoolExecutor(len(hosts) or 1) as pool:
             list(pool.map(lambda host: deploy_package(host, package), hosts.values()))
@@ -78,7 +81,7 @@ class Dom0Session:
         """Make the vTPM instances in dom0 (``python3 -m xenvtpm provision``: swtpm_setup,
         all at once), with the package deployed to dom0 first."""
         dom0 = self.host()
-        deploy_package(dom0)
+        deploy_package(dom0, self.package)
         dom0.check(
             f"cd {REMOTE_PACKAGE_DIR} && python3 -m xenvtpm provision "
             f"--state-root {xen_driver.STATE_ROOT} {' '.join(str(i) for i in instances)}",

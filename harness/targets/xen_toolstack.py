@@ -45,13 +45,15 @@ def guest_disk(guest: XenGuest) -> str:
     return f"/dev/vd{chr(ord('b') + guest.index)}"  # QEMU drive index + 1
 
 
-def xl_config(guest: XenGuest, images: Images) -> str:
-    """The guest's xl configuration, from the harness's template."""
+def xl_config(guest: XenGuest, images: Images, boot: tuple[str, str] | None = None) -> str:
+    """The guest's xl configuration, from the harness's template; ``boot``: the kernel
+    and initrd in dom0 (default dom0's own, as the images have them)."""
     text = (REPO_ROOT / "images" / "guest.cfg.in").read_text()
+    kernel, ramdisk = boot or (images.dom0_kernel, images.dom0_initrd)
     values = {
         "NAME": guest.name,
-        "KERNEL": images.dom0_kernel,
-        "RAMDISK": images.dom0_initrd,
+        "KERNEL": kernel,
+        "RAMDISK": ramdisk,
         "IP": guest.ip,
         "MAC": guest_mac(guest),
         "DISK": guest_disk(guest),
@@ -76,6 +78,7 @@ class XlToolstack:
         self._images = images
         self._evidence = evidence  # the target's logs, for a guest that never came up
         self.say = say
+        self.guest_boot: tuple[str, str] | None = None  # the guests' kernel and initrd
 
     def _dom0(self) -> SshHost:
         return self.session.host()
@@ -93,7 +96,11 @@ class XlToolstack:
     def create_guest(self, guest: XenGuest) -> None:
         dom0 = self._dom0()
         cfg = f"/etc/xen/{guest.name}.cfg"
-        dom0.run(f"cat > {cfg}", stdin=xl_config(guest, self._images()).encode(), check=True)
+        dom0.run(
+            f"cat > {cfg}",
+            stdin=xl_config(guest, self._images(), self.guest_boot).encode(),
+            check=True,
+        )
         rc, out, err = dom0.run(f"xl create {cfg}", timeout=XL_CREATE_TIMEOUT)
         if rc != 0 and "because of timeout" in err:
             # xl's hotplug scripts (vif-bridge) have a fixed time budget that a loaded
