@@ -31,7 +31,10 @@ from typing import Any
 import pytest
 
 from harness.crash_watch import Crash, CrashAlarm
-from harness.target import Capability, Guest, Target
+from harness.errors import HarnessError
+from harness.own_build import HELP as OWN_BUILD_HELP
+from harness.own_build import OwnBuild
+from harness.target import XEN_TARGETS, Capability, Guest, Target
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
 
@@ -112,6 +115,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="ssh:// targets: the host's owner allows the scenarios that restart the "
         "driver's daemons and kill a guest's swtpm (default: skipped there)",
     )
+    own = parser.getgroup("xenvtpm own build", "replace a bundled piece for this run (xen)")
+    for flag, (metavar, text) in OWN_BUILD_HELP.items():
+        own.addoption(flag, default=None, metavar=metavar, help=text)
     group.addoption(
         "--attach",
         action="store_true",
@@ -139,9 +145,11 @@ def _terminate_as_interrupt(signum: int, _frame: object) -> None:
 
 def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
     """The guest count and the target's own options: an ``ssh://`` host's guests are
-    the ``--host-guest`` ones; other targets make ``--guests`` guests."""
+    the ``--host-guest`` ones; other targets make ``--guests`` guests. The user's own
+    pieces (``--xen FILE``...) go to Xen targets only."""
+    own = _own_build(config)
     if "://" not in config.getoption("--target"):
-        return config.getoption("--guests"), {}
+        return config.getoption("--guests"), ({"own_build": own} if own else {})
     from harness.hostkeys import resolve_known_hosts
     from harness.targets.host_spec import HostSpec, parse_guests, resolve_key
 
@@ -156,8 +164,25 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
         "accept_new_host_keys": config.getoption("--accept-new-host-keys"),
         "guest_kind": config.getoption("--guest-kind"),
         "destructive": config.getoption("--destructive"),
+        **({"own_build": own} if own else {}),
     }
     return len(guests), options
+
+
+def _own_build(config: pytest.Config) -> OwnBuild | None:
+    """``--xen``, ``--tpmfront``... checked now: a wrong file fails before anything starts."""
+    own = OwnBuild.from_flags({flag: config.getoption(flag) for flag in OWN_BUILD_HELP})
+    if not own:
+        return None
+    target = config.getoption("--target")
+    if "://" in target:
+        kind = config.getoption("--guest-kind")
+    elif target in XEN_TARGETS:
+        kind = target_class(target).FRONTEND.kind
+    else:
+        raise ValueError(f"{', '.join(own.given())}: for xen targets, not --target {target}")
+    own.check(on_a_host="://" in target, guest_kind=kind)
+    return own
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -168,7 +193,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.getoption("--attach"):
         try:
             _target_setup(config)
-        except ValueError as e:
+        except (ValueError, HarnessError) as e:
             raise pytest.UsageError(str(e)) from e
     _check_workers(config)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

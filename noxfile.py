@@ -173,6 +173,12 @@ def xen(session: nox.Session) -> None:
     the opt-in power-cut scenario (a cold boot, about 4 minutes per kind). Each kind writes
     artifacts/<target>/junit.xml and its logs; the session fails if any kind failed or
     a QEMU of the run is left behind.
+
+    Bring your own build (harness/own_build.py): ``--xen FILE``, ``--dom0-kernel FILE``,
+    ``--guest-kernel FILE --guest-modules DIR|TAR``, ``--tpmfront FILE.ko`` or
+    ``--tpmfront-source DIR`` (stock guests only: the kernel kind alone runs unless
+    --kind says otherwise), ``--driver GITREF|DIR``. Each is checked before QEMU starts
+    and recorded with its sha256 in artifacts/<target>/own-build.json.
     """
     ensure_debian_packages(session, XEN_DEBIAN_PACKAGES)
     install_harness(session, *XEN_PYTHON)
@@ -183,6 +189,9 @@ def xen(session: nox.Session) -> None:
             session.error(f"--kind takes one of {', '.join(XEN_GUEST_KINDS)}")
         kinds = [pytest_args[i + 1]]
         del pytest_args[i : i + 2]
+    elif {"--tpmfront", "--tpmfront-source"} & {a.split("=", 1)[0] for a in pytest_args}:
+        kinds = ["kernel"]
+        session.log("xen: --tpmfront replaces the stock guests' driver: the kernel kind only")
     before = orphan_qemu_pids()  # e.g. a `harness up` machine
     failed = []
     try:
@@ -218,9 +227,11 @@ def certify(session: nox.Session) -> None:
 
     ``nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] [...] [--ssh-key KEY]
     [--known-hosts FILE] [--accept-new-host-keys] [--guest-kind kernel] [--destructive]
-    [pytest args]``. Host keys not in ~/.ssh/known_hosts or FILE are refused unless
-    --accept-new-host-keys; --guest-kind kernel tests the guests' own xen-tpmfront;
-    --destructive allows restarts and killed swtpm on the host. Writes
+    [--driver GITREF|DIR] [--tpmfront FILE.ko] [pytest args]``.
+    Host keys not in ~/.ssh/known_hosts or FILE are refused unless
+    --accept-new-host-keys; --guest-kind kernel tests the guests' own xen-tpmfront (or
+    the --tpmfront given); --destructive allows restarts and killed swtpm on the host;
+    --driver certifies another build of the driver (recorded with its sha256). Writes
     artifacts/certify/junit.xml and report.md (driver commit, Xen, dom0 and guest
     versions, each login's host key, each scenario's result); the host's logs go to
     artifacts/certify/host/. See README, "Certifying a real Xen host".
@@ -229,7 +240,8 @@ def certify(session: nox.Session) -> None:
         session.error(
             "usage: nox -s certify -- root@HOST[:PORT] --host-guest NAME[=ADDRESS] "
             "[--host-guest ...] [--ssh-key KEY] [--known-hosts FILE] "
-            "[--accept-new-host-keys] [--guest-kind kernel] [--destructive] [pytest args]"
+            "[--accept-new-host-keys] [--guest-kind kernel] [--destructive] "
+            "[--driver GITREF|DIR] [--tpmfront FILE.ko] [pytest args]"
         )
     host, rest = session.posargs[0], session.posargs[1:]
     url = host if host.startswith("ssh://") else f"ssh://{host}"

@@ -237,6 +237,14 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
         frontend = FRONTEND_NAMES.get(str(versions["guest_kind"]), str(versions["guest_kind"]))
         consent = "allowed (--destructive)" if versions.get("destructive") else "not allowed"
         rows += [("guests' vTPM frontend", frontend), ("restarts and killed swtpm", consent)]
+    for piece in versions.get("own_build") or []:  # the user's own pieces (own_build.py)
+        rows.append(
+            (
+                f"own build {piece.get('flag', '?')}",
+                f"{piece.get('origin', '?')}: {piece.get('what', '')}; "
+                f"sha256 `{piece.get('sha256', '?')}`",
+            )
+        )
     for guest in versions.get("guests") or []:
         where = f"domain {guest.get('domid', '?')}, {guest.get('address', '?')}"
         rows.append((f"guest {guest.get('name', '?')} ({where})", _system(guest)))

@@ -1,6 +1,7 @@
 """``python -m harness`` (console script ``harness``): bring an environment up, keep it up.
 
     up --target sim --guests N   start everything in the background; print ONE JSON object
+       [--xen FILE ...]          (xen) the user's own pieces for this run: harness.own_build
     status [--json]              what runs, pids alive, crashes seen on any console
     logs [NAME] [-n LINES]       every log's path, or the tail of one
     down                         stop everything ``up`` started; nothing is left running
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from harness.crash_watch import GUEST_LOGS_COMMAND, Crash, crashes_in_logs, parse_guest_logs
 from harness.errors import EnvironmentNotRunning, EnvironmentRunning, HarnessError
+from harness.own_build import FLAGS, OwnBuild
+from harness.own_build import HELP as OWN_BUILD_HELP
 from harness.process import ProcessRecord, all_procs, proc_cmdline, stop_family, tail
 from harness.state import RunRecord, RunState
 from harness.target import XEN_TARGETS
@@ -40,7 +43,9 @@ def _say(message: str) -> None:
     print(f"[harness] {message}", file=sys.stderr, flush=True)
 
 
-def cmd_up(state: RunState, target_name: str, guests: int) -> int:
+def cmd_up(
+    state: RunState, target_name: str, guests: int, own_build: OwnBuild | None = None
+) -> int:
     with state.locked():
         record = state.load()
         if record is not None:
@@ -67,7 +72,8 @@ def cmd_up(state: RunState, target_name: str, guests: int) -> int:
 
             shutil.rmtree(state.run_dir)
         t0 = time.monotonic()
-        target = make_target(target_name, guests, state.run_dir, _say, detached=True)
+        options = {"own_build": own_build} if own_build else {}
+        target = make_target(target_name, guests, state.run_dir, _say, detached=True, **options)
         _say(f"bringing up target {target_name} with {guests} guests in {state.run_dir}")
         target.start()  # rolls back by itself on failure
         description = target.describe()
@@ -292,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start an environment in the background")
     up.add_argument("--target", default="sim", choices=TARGETS)
     up.add_argument("--guests", type=int, default=2)
+    for flag, (metavar, text) in OWN_BUILD_HELP.items():
+        up.add_argument(flag, metavar=metavar, help=f"(xen) {text}")
     down = sub.add_parser("down", help="stop everything up started")
     down.add_argument("--timeout", type=float, default=5.0, help="seconds before SIGKILL")
     status = sub.add_parser("status", help="what runs")
@@ -322,7 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = RunState()
     try:
         if args.command == "up":
-            return cmd_up(state, args.target, args.guests)
+            own = OwnBuild.from_flags({f: getattr(args, FLAGS[f]) for f in FLAGS})
+            if own and args.target not in XEN_TARGETS:
+                raise HarnessError(f"{', '.join(own.given())}: for xen targets, not {args.target}")
+            return cmd_up(state, args.target, args.guests, own)
         if args.command == "down":
             return cmd_down(state, args.timeout)
         if args.command == "status":
