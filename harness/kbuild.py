@@ -181,8 +181,9 @@ def fetch_headers(images_dir: Path, manifest: dict[str, Any], say: Progress) -> 
                 raise KbuildError(f"{header_debs(manifest)} hold no {headers}/Makefile")
             shutil.rmtree(root, ignore_errors=True)
             work.rename(root)
-        finally:
-            shutil.rmtree(downloads, ignore_errors=True)
+        finally:  # after the rename, work is gone; after a failure, nothing half-made stays
+            for d in (work, downloads):
+                shutil.rmtree(d, ignore_errors=True)
         say(f"kbuild: headers for {kver} in {root} ({time.monotonic() - t0:.1f} s)")
     return root / headers
 
