@@ -15,8 +15,8 @@ it::
     modules/<key>/               one build (sources, objects, build.log, the .ko); key:
                                  sources' names and contents, kernel and package version
 
-Spec: Documentation/kbuild/modules.rst; Debian Linux Kernel Handbook 4.5 (out-of-tree
-modules); elf(5) for ``.modinfo``.
+Spec: Documentation/kbuild/modules.rst (``make -C <headers> M=<dir> modules``); the
+Debian Linux Kernel Handbook (out-of-tree modules); elf(5) for ``.modinfo``.
 """
 
 from __future__ import annotations
@@ -232,11 +232,10 @@ def _make(headers: Path, work: Path, log_path: Path) -> None:
         try:
             rc: int | None = proc.wait(BUILD_TIMEOUT)
         except subprocess.TimeoutExpired:
-            stop_step(proc)
             rc = None
-        except BaseException:
-            stop_step(proc)
-            raise
+        finally:
+            if proc.returncode is None:  # timed out or interrupted: stop all of it
+                stop_step(proc)
     if rc != 0:
         raise ModuleBuildFailed(argv, rc, tail(log_path), log_path)
 
