@@ -38,6 +38,12 @@ XEN_DEBIAN_PACKAGES = [
     "debootstrap",
     "e2fsprogs",
     "openssh-client",
+    # harness.kbuild builds --tpmfront-source against the guest kernel's headers: their
+    # .kernelvariables names gcc-12 (Debian's kernel compiler), and linux-kbuild's prebuilt
+    # objtool links libelf1 (ldd). dpkg-deb comes with dpkg, which is essential.
+    "gcc-12",
+    "make",
+    "libelf1",
 ]
 XEN_PYTHON = ["paramiko>=3", "pexpect>=4.8"]
 

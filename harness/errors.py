@@ -12,6 +12,10 @@ HarnessError
     RunStateError       the CLI's recorded environment is in the way or missing
         EnvironmentRunning      ``up`` while one is already running
         EnvironmentNotRunning   ``down``/``status`` with nothing recorded
+    KbuildError         building a module against the guest kernel (harness.kbuild) failed
+        HeadersUnavailable      a kernel headers .deb is not on the mirror (or unreachable)
+        ModuleBuildFailed       ``make modules`` failed (carries command, exit code, log tail)
+        BadModule               a .ko that is not ELF64 or has no ``.modinfo``
 """
 
 from __future__ import annotations
@@ -134,3 +138,42 @@ class ImageBuildError(HarnessError):
 
 class MirrorUnreachable(ImageBuildError):
     """The apt mirror from the host's sources cannot be reached."""
+
+
+class KbuildError(HarnessError):
+    """Building an out-of-tree module against the guest kernel failed (harness.kbuild)."""
+
+
+class HeadersUnavailable(KbuildError):
+    """A kernel headers package could not be downloaded; ``url`` says which."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"cannot download {url}: {detail}")
+        self.url = url
+
+
+class ModuleBuildFailed(KbuildError):
+    """``make modules`` failed: the command, its exit code (None: killed on timeout) and
+    the tail of its log (STYLE.md 5)."""
+
+    def __init__(
+        self, command: Sequence[str], returncode: int | None, log_tail: str, log_path: Path
+    ) -> None:
+        super().__init__(
+            f"module build failed: exit code {returncode} (log: {log_path})\n"
+            f"command: {' '.join(command)}\nlog tail:\n{log_tail}"
+        )
+        self.command = list(command)
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+class BadModule(KbuildError):
+    """A file that is not a kernel module we can read: not ELF64 little-endian, or
+    without a ``.modinfo`` section."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
