@@ -12,6 +12,7 @@ import gzip
 import re
 import struct
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,24 +152,48 @@ def unpack_modules(archive: Path, dest: Path, flag: str) -> Path:
     return dest
 
 
-def module_info(path: Path, flag: str = "--tpmfront") -> dict[str, str]:
-    """A kernel module's ``.modinfo`` (name, vermagic, depends, srcversion...), read
-    from its ELF section headers: the host has no ``modinfo``, and needs none."""
-    require_file(path, flag)
-    data = path.read_bytes()
-    if not data.startswith(ELF_MAGIC) or len(data) < 64 or data[4] != 2 or data[5] != 1:
-        raise BadFile(flag, path, f"not a 64-bit little-endian ELF module ({describe_bytes(data)})")
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Spec: elf(5), Elf64_Ehdr
+ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")  # Spec: elf(5), Elf64_Shdr
+ELFCLASS64, ELFDATA2LSB = 2, 1  # e_ident[EI_CLASS], e_ident[EI_DATA]
+
+
+def _sections(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(name, offset, size) of each section of an ELF64 little-endian file."""
+    ehdr = ELF64_EHDR.unpack_from(data)
+    shoff, shentsize, shnum, shstrndx = ehdr[6], *ehdr[11:14]
+    headers = [ELF64_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
+    strtab = headers[shstrndx][4] if shstrndx < shnum else len(data)
+    for sh_name, _, _, _, offset, size, *_ in headers:
+        start = strtab + sh_name
+        yield data[start : data.index(b"\0", start)], offset, size
+
+
+def module_info(ko: Path, flag: str = "--tpmfront") -> dict[str, str]:
+    """A module's ``.modinfo`` (what modinfo(8) shows: name, vermagic, depends ...).
+
+    The section is NUL-separated ``key=value`` strings; a repeated key (alias, parm)
+    has its values joined by newlines. Pure Python: the host has no modinfo.
+    """
     try:
-        headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
-        names_at = headers[shstrndx][4]
-    except (struct.error, IndexError) as e:
-        raise BadFile(flag, path, f"an ELF file with broken section headers ({e})") from e
-    for name_offset, _type, _flags, _addr, offset, size in headers:
-        end = data.find(b"\0", names_at + name_offset)
-        if data[names_at + name_offset : end] == b".modinfo":
-            fields = (f.decode(errors="replace") for f in data[offset : offset + size].split(b"\0"))
-            pairs = (f.partition("=") for f in fields if "=" in f)
-            return {key: value for key, _, value in pairs}
-    raise BadFile(flag, path, "an ELF file without a .modinfo section: not a kernel module")
+        data = ko.read_bytes()
+    except OSError as e:
+        raise BadFile(flag, ko, f"cannot read: {e}") from e
+    if data[:4] != b"\x7fELF":
+        raise BadFile(flag, ko, "not an ELF file")
+    if data[4:6] != bytes((ELFCLASS64, ELFDATA2LSB)):
+        raise BadFile(flag, ko, "not a 64-bit little-endian ELF file")
+    try:
+        found = [(o, s) for n, o, s in _sections(data) if n == b".modinfo"]
+    except (struct.error, ValueError) as e:
+        raise BadFile(flag, ko, f"malformed ELF section headers: {e}") from e
+    if not found:
+        raise BadFile(flag, ko, "no .modinfo section: not a kernel module")
+    offset, size = found[0]
+    if offset + size > len(data):
+        raise BadFile(flag, ko, ".modinfo runs past the end of the file")
+    info: dict[str, str] = {}
+    for entry in data[offset : offset + size].split(b"\0"):
+        key, sep, value = entry.decode(errors="replace").partition("=")
+        if sep:
+            info[key] = f"{info[key]}\n{value}" if key in info else value
+    return info

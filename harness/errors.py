@@ -15,7 +15,6 @@ HarnessError
     KbuildError         building a module against the guest kernel (harness.kbuild) failed
         HeadersUnavailable      a kernel headers .deb is not on the mirror (or unreachable)
         ModuleBuildFailed       ``make modules`` failed (carries command, exit code, log tail)
-        BadModule               a .ko that is not ELF64 or has no ``.modinfo``
 """
 
 from __future__ import annotations
@@ -167,13 +166,3 @@ class ModuleBuildFailed(KbuildError):
         self.returncode = returncode
         self.log_tail = log_tail
         self.log_path = log_path
-
-
-class BadModule(KbuildError):
-    """A file that is not a kernel module we can read: not ELF64 little-endian, or
-    without a ``.modinfo`` section."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason

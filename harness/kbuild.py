@@ -27,7 +27,6 @@ import hashlib
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
@@ -37,7 +36,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from harness.errors import BadModule, HeadersUnavailable, KbuildError, ModuleBuildFailed
+from harness.binaries import module_info
+from harness.errors import HeadersUnavailable, KbuildError, ModuleBuildFailed
 from harness.image_builder import Progress, stop_step
 from harness.images import cache_root
 from harness.process import tail
@@ -282,53 +282,6 @@ def build_module(
 
 
 # -- reading a .ko ----------------------------------------------------------------------
-ELF64_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")  # Spec: elf(5), Elf64_Ehdr
-ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")  # Spec: elf(5), Elf64_Shdr
-ELFCLASS64, ELFDATA2LSB = 2, 1  # e_ident[EI_CLASS], e_ident[EI_DATA]
-
-
-def _sections(data: bytes) -> Iterator[tuple[bytes, int, int]]:
-    """(name, offset, size) of each section of an ELF64 little-endian file."""
-    ehdr = ELF64_EHDR.unpack_from(data)
-    shoff, shentsize, shnum, shstrndx = ehdr[6], *ehdr[11:14]
-    headers = [ELF64_SHDR.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
-    strtab = headers[shstrndx][4] if shstrndx < shnum else len(data)
-    for sh_name, _, _, _, offset, size, *_ in headers:
-        start = strtab + sh_name
-        yield data[start : data.index(b"\0", start)], offset, size
-
-
-def module_info(ko: Path) -> dict[str, str]:
-    """A module's ``.modinfo`` (what modinfo(8) shows: name, vermagic, depends ...).
-
-    The section is NUL-separated ``key=value`` strings; a repeated key (alias, parm)
-    has its values joined by newlines. Pure Python: the host has no modinfo.
-    """
-    try:
-        data = ko.read_bytes()
-    except OSError as e:
-        raise BadModule(ko, f"cannot read: {e}") from e
-    if data[:4] != b"\x7fELF":
-        raise BadModule(ko, "not an ELF file")
-    if data[4:6] != bytes((ELFCLASS64, ELFDATA2LSB)):
-        raise BadModule(ko, "not a 64-bit little-endian ELF file")
-    try:
-        found = [(o, s) for n, o, s in _sections(data) if n == b".modinfo"]
-    except (struct.error, ValueError) as e:
-        raise BadModule(ko, f"malformed ELF section headers: {e}") from e
-    if not found:
-        raise BadModule(ko, "no .modinfo section: not a kernel module")
-    offset, size = found[0]
-    if offset + size > len(data):
-        raise BadModule(ko, ".modinfo runs past the end of the file")
-    info: dict[str, str] = {}
-    for entry in data[offset : offset + size].split(b"\0"):
-        key, sep, value = entry.decode(errors="replace").partition("=")
-        if sep:
-            info[key] = f"{info[key]}\n{value}" if key in info else value
-    return info
-
-
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - python -m harness.kbuild
     import argparse
     import json

@@ -21,18 +21,10 @@ from typing import Any
 
 import pytest
 
-from harness.errors import BadModule, HeadersUnavailable, KbuildError, ModuleBuildFailed
+from harness.binaries import ELF64_EHDR, ELF64_SHDR, BadFile, module_info
+from harness.errors import HeadersUnavailable, KbuildError, ModuleBuildFailed
 from harness.images import CACHE_ENV, cache_root
-from harness.kbuild import (
-    ELF64_EHDR,
-    ELF64_SHDR,
-    build_module,
-    cache_key,
-    fetch_headers,
-    header_debs,
-    module_info,
-    relocate,
-)
+from harness.kbuild import build_module, cache_key, fetch_headers, header_debs, relocate
 
 MANIFEST: dict[str, Any] = {
     "kernel_version": "6.1.0-50-amd64",
@@ -91,7 +83,7 @@ def test_a_file_that_is_not_a_module_is_refused_saying_why(
 ) -> None:
     bad = tmp_path / "bad.ko"
     bad.write_bytes(content)
-    with pytest.raises(BadModule, match=reason) as e:
+    with pytest.raises(BadFile, match=reason) as e:
         module_info(bad)
     assert e.value.path == bad
 

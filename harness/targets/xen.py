@@ -162,7 +162,7 @@ class XenTarget(XenDriverTarget):
 
         images = self._images()
         manifest = json.loads((images.dir / "manifest.json").read_text())
-        return kbuild.build_module(source, images.dir, manifest, self.say)
+        return kbuild.build_module(source, images.dir, manifest, self.say, name="xen-tpmfront")
 
     def start_guests(self) -> None:
         """``xl create`` every guest, then wait for each one's SSH (they boot in parallel)."""
