@@ -119,6 +119,7 @@ class PreparedBuild:
     pieces: list[Piece] = field(default_factory=list)
     xen: Path | None = None
     dom0_kernel: Path | None = None
+    dom0_kernel_release: str | None = None
     guest_kernel: KernelImage | None = None
     guest_modules: Path | None = None  # the release's directory
     tpmfront: Path | None = None
@@ -223,7 +224,7 @@ class OwnBuild:
             dom0 = binaries.kernel_image(self.dom0_kernel, "--dom0-kernel")
             # A copy: QEMU's multiboot module list cannot take a comma or space in a path.
             work.mkdir(parents=True, exist_ok=True)
-            out.dom0_kernel = work / "dom0-vmlinuz"
+            out.dom0_kernel, out.dom0_kernel_release = work / "dom0-vmlinuz", dom0.release
             shutil.copyfile(dom0.path, out.dom0_kernel)
             out.pieces.append(self._piece("--dom0-kernel", dom0.path, _kernel_what(dom0)))
         guest_release = kernel_release

@@ -126,6 +126,7 @@ class XenTarget(XenDriverTarget):
             self.provision()
             if self._snapshots() and self.machine.accel == "tcg":
                 self.save_snapshot()
+        self.check_booted_own()
         self.start_driver()
         self.watch_crashes()
         if not self.die_with_parent:  # harness up: sim's endpoints, a real guest behind
@@ -141,6 +142,20 @@ class XenTarget(XenDriverTarget):
         self.machine.own_xen, self.machine.own_dom0_kernel = prepared.xen, prepared.dom0_kernel
         if prepared.guest_kernel is not None:
             self.toolstack.guest_boot = guest_kernel.guest_boot_files(prepared, self._images())
+
+    def check_booted_own(self) -> None:
+        """dom0 and every guest run the user's kernels (``uname -r``): the proof that a
+        piece was booted, not only recorded."""
+        own = {"dom0": self.prepared.dom0_kernel_release}
+        if self.prepared.guest_kernel is not None:
+            own.update({g.name: self.prepared.guest_kernel.release for g in self._guests})
+        for name, release in own.items():
+            if release is None:
+                continue
+            running = self.hosts()[name].check("uname -r").strip()
+            if running != release:
+                raise TargetNotReady(name, f"runs kernel {running}, not the given {release}")
+            self.say(f"{name} runs the given kernel {running}")
 
     def install_guest_modules(self) -> None:
         """The user's guest kernel's modules into every guest, all at once."""
