@@ -297,7 +297,8 @@ class XenTarget(XenDriverTarget):
         """What a saved machine must match beyond the recipe: the machine's shape and the
         guests' xl configurations (the toolstack's constants and the template)."""
         shape = [*self.machine.fingerprint_shape(), GUEST_MEMORY_MB, "provisioned"]
-        shape.append(self.prepared.machine_key())
+        if own := self.prepared.machine_key():  # the bundled machine's stays as it was
+            shape.append(own)
         boot = self.toolstack.guest_boot
         configs = [xl_config(g, self._images(), boot) for g in self._guests]
         blob = json.dumps([shape, configs], sort_keys=True).encode()

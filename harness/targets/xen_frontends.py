@@ -131,15 +131,28 @@ class KernelFrontend:
         self.own_module, self.own_info = module, info
 
     def _load_own(self, guest: XenGuest) -> None:
-        """Copy the module in, load what it depends on, ``insmod`` it, and check that
-        the loaded module is this one (its srcversion), not the kernel's own."""
+        """Copy the module in, load what it depends on, unload a xen-tpmfront already
+        there (none on a fresh boot: the image blacklists it), ``insmod`` this one, and
+        check what the kernel says of the loaded one: an out-of-tree build taints it
+        ``O``, and a module with a srcversion must show the file's."""
         assert self.own_module is not None
         host = guest.host()
         host.check(f"mkdir -p {OWN_DIR}")
         host.put(self.own_module, OWN_MODULE)
         depends = " ".join(d for d in self.own_info.get("depends", "").split(",") if d)
         load = f"modprobe -a {depends}; " if depends else ""
-        host.check(f"{load}grep -q '^xen_tpmfront ' /proc/modules || insmod {OWN_MODULE}")
+        host.check(
+            f"{load}if grep -q '^xen_tpmfront ' /proc/modules; then rmmod xen_tpmfront; fi; "
+            f"insmod {OWN_MODULE}"
+        )
+        if self.own_info.get("intree") != "Y":
+            taint = host.run("cat /sys/module/xen_tpmfront/taint")[1]
+            if "O" not in taint:
+                raise TargetNotReady(
+                    f"guest {guest.name}",
+                    f"the loaded xen_tpmfront is not out of tree (taint {taint.strip()!r}): "
+                    f"not {self.own_module}",
+                )
         expected = self.own_info.get("srcversion")
         if expected:
             loaded = host.run("cat /sys/module/xen_tpmfront/srcversion")[1].strip()
