@@ -166,7 +166,7 @@ def orphan_qemu_pids() -> set[int]:
 
 # The kinds of guest ``nox -s xen`` runs the suite on, in order: our frontend (through
 # tpm_vtpm_proxy), then the guest kernels' own xen-tpmfront (protocol v2).
-XEN_GUEST_KINDS = {"python": "xen", "kernel": "xen-kernel"}
+XEN_GUEST_KINDS = {"python": "xen", "kernel": "xen-kernel", "kernel-tpm2": "xen-kernel-tpm2"}
 
 
 @nox.session

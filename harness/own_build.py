@@ -73,6 +73,7 @@ ON_A_HOST = frozenset({"driver", "tpmfront"})
 # What a run boots: these are in a saved booted machine's memory and disks.
 BOOTED = ("xen", "dom0_kernel", "guest_kernel", "guest_modules")
 MODULE_NAME = "xen_tpmfront"
+TPMFRONT_KINDS = frozenset({"kernel", "kernel-tpm2"})  # the guest kinds that load it
 
 
 class OwnBuildError(HarnessError):
@@ -186,7 +187,7 @@ class OwnBuild:
             )
         if self.tpmfront and self.tpmfront_source:
             raise OwnBuildError("--tpmfront and --tpmfront-source: give one of them")
-        if (self.tpmfront or self.tpmfront_source) and guest_kind != "kernel":
+        if (self.tpmfront or self.tpmfront_source) and guest_kind not in TPMFRONT_KINDS:
             raise OwnBuildError(
                 "--tpmfront/--tpmfront-source replace the stock guests' xen-tpmfront: use "
                 "them with the stock-guest kind (--target xen-kernel, nox -s xen -- --kind "

@@ -51,12 +51,15 @@ class Capability(enum.StrEnum):
     # every host's kernel logs scanned after a failed test (harness/crash_watch.py)
     TRAFFIC_TRACE = "traffic-trace"  # target.tpm_trace(guest): the backend's trace lines
     # of that guest's vTPM (xenvtpm/backend/traffic_trace.py), for a failed test's report
+    TPM2_CHIP = "tpm2-chip"  # the guest kernel registered its vTPM as a TPM 2.0 chip:
+    # its own users (hwrng, IMA) speak TPM 2.0; with save-restore, it stays /dev/tpm0
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 
 
 Component = Literal["frontend", "backend", "manager"]
-XEN_TARGETS = ("xen", "xen-kernel")  # Xen under QEMU: what harness up can leave running
+# Xen under QEMU: what harness up can leave running
+XEN_TARGETS = ("xen", "xen-kernel", "xen-kernel-tpm2")
 COMPONENT_CAPABILITY: dict[str, Capability] = {
     "frontend": Capability.RESTART_FRONTEND,
     "backend": Capability.RESTART_BACKEND,

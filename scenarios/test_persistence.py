@@ -285,6 +285,15 @@ def test_persistent_key_survives_a_new_domain(
         ctx.flush_context(ctx.load(parent, priv, child_pub))
 
 
+@pytest.mark.needs("save-restore", "tpm2-chip")
+def test_the_tpm_stays_tpm0_across_save_restore(saved_and_restored: Observed, guests: Any) -> None:
+    """After ``xl restore`` the guest's TPM is still ``/dev/tpm0``: the frontend's resume
+    reconnected the same chip (the stock xen-tpmfront re-probes and leaks tpm0, so its
+    chip comes back as tpm1; the patched one of linux/xen-tpmfront/ keeps it)."""
+    assert saved_and_restored.domid[1] != saved_and_restored.domid[0]
+    assert guests[0].tpm_device == "/dev/tpm0"
+
+
 @pytest.mark.needs("reboot")
 def test_pcrs_reset_on_reboot(rebooted: Observed) -> None:
     """After a guest reboot the extended PCRs read zeros and resetCount went up, while the

@@ -330,3 +330,18 @@ def test_harness_up_refuses_the_flags_for_sim(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "--driver: for xen targets, not sim" in result.stderr
+
+
+def test_the_patched_kind_loads_its_tpmfront_and_has_a_tpm2_chip(tmp_path: Path) -> None:
+    """xen-kernel-tpm2: the stock guests' capabilities, plus shared clients and a TPM
+    2.0 chip; its module may be replaced by the user's (the check takes the kind)."""
+    from harness.targets import capabilities_of, target_class
+
+    stock = capabilities_of("xen-kernel", 2)
+    patched = capabilities_of("xen-kernel-tpm2", 2)
+    assert patched - stock == {"shared-clients", "tpm2-chip"}
+    assert "save-restore" in patched and "restart-backend" not in patched
+    assert "tpm2-chip" not in stock
+    ko = fake_module(tmp_path / "x.ko", tpmfront_info())
+    target = target_class("xen-kernel-tpm2")(1, tmp_path / "run", own_build=OwnBuild(tpmfront=ko))
+    assert target.frontend.kind == "kernel-tpm2"

@@ -23,6 +23,7 @@ REGISTRY: dict[str, str] = {
     "direct": "harness.targets.direct:DirectTarget",
     "xen": "harness.targets.xen:XenTarget",  # Xen 4.17 + dom0 under QEMU, PV guests (xl)
     "xen-kernel": "harness.targets.xen:XenKernelFrontendTarget",  # same; guests' own xen-tpmfront
+    "xen-kernel-tpm2": "harness.targets.xen:PatchedKernelFrontendTarget",  # patched, TPM 2.0
     "ssh": "harness.targets.xen_host:XenHostTarget",  # ssh://root@HOST: an existing Xen host
 }
 SCHEMES = frozenset({"ssh"})  # used as ``ssh://...``: the rest of the name says where

@@ -23,6 +23,7 @@ journal, ``xl dmesg``, ``/var/log/xen`` (xl and guest console logs) and daemon l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
+from harness import patched_tpmfront
 from harness.crash_watch import ChannelSource, Crash, CrashWatch, guest_console_command
 from harness.deadline import Deadline
 from harness.endpoint import start_endpoint
@@ -43,7 +45,12 @@ from harness.qemu import qemu_version
 from harness.target import Capability, Guest, HostileToolstack
 from harness.targets import xen_guest_kernel as guest_kernel
 from harness.targets.xen_base import SESSION_CAPABILITIES, XenDriverTarget
-from harness.targets.xen_frontends import Frontend, KernelFrontend, OurFrontend
+from harness.targets.xen_frontends import (
+    Frontend,
+    KernelFrontend,
+    OurFrontend,
+    PatchedKernelFrontend,
+)
 from harness.targets.xen_guest import FIRST_INSTANCE, XenGuest
 from harness.targets.xen_machine import XenMachine
 from harness.targets.xen_toolstack import GUEST_MEMORY_MB, GUEST_TIMEOUT, XlToolstack, xl_config
@@ -468,3 +475,21 @@ class XenKernelFrontendTarget(XenTarget):
     name: ClassVar[str] = "xen-kernel"
     FRONTEND: ClassVar[type[Frontend]] = KernelFrontend
     CAPABILITIES: ClassVar[frozenset[str]] = capabilities(KernelFrontend)
+
+
+class PatchedKernelFrontendTarget(XenKernelFrontendTarget):
+    """``--target xen-kernel-tpm2``: stock guests whose ``xen-tpmfront`` carries the
+    patch series of ``linux/xen-tpmfront/`` (:mod:`harness.patched_tpmfront`), built out of
+    tree for the guests' kernel and loaded in place of theirs: the vTPM is a TPM 2.0
+    chip to the guest kernel, and stays ``/dev/tpm0`` across ``xl save``/``restore``.
+    A ``--tpmfront`` or ``--tpmfront-source`` of the user's replaces the patched one."""
+
+    name: ClassVar[str] = "xen-kernel-tpm2"
+    FRONTEND: ClassVar[type[Frontend]] = PatchedKernelFrontend
+    CAPABILITIES: ClassVar[frozenset[str]] = capabilities(PatchedKernelFrontend)
+
+    def use_own_build(self) -> None:
+        if not (self.own_build.tpmfront or self.own_build.tpmfront_source):
+            source = patched_tpmfront.source_dir(self._images(), self.say)
+            self.own_build = dataclasses.replace(self.own_build, tpmfront_source=source)
+        super().use_own_build()

@@ -53,7 +53,12 @@ class OurFrontend:
     guest_modules: ClassVar[tuple[str, ...]] = xen_driver.GUEST_MODULES
     needs_xen_libs: ClassVar[bool] = True
     capabilities: ClassVar[frozenset[str]] = frozenset(
-        {Capability.RESTART_FRONTEND, Capability.RESTART_BACKEND, Capability.SHARED_CLIENTS}
+        {
+            Capability.RESTART_FRONTEND,
+            Capability.RESTART_BACKEND,
+            Capability.SHARED_CLIENTS,
+            Capability.TPM2_CHIP,  # tpm_vtpm_proxy's chip, made with VTPM_PROXY_FLAG_TPM2
+        }
     )
     with_toolstack: ClassVar[frozenset[str]] = frozenset({Capability.XL})
 
@@ -191,4 +196,19 @@ class KernelFrontend:
         ]
 
 
-FRONTENDS.update({f.kind: f for f in (OurFrontend, KernelFrontend)})
+class PatchedKernelFrontend(KernelFrontend):
+    """Stock guests whose ``xen-tpmfront`` carries the patch series of
+    ``linux/xen-tpmfront/`` (issue 17), built out of tree for the guest's kernel and loaded
+    in place of its own. It registers a TPM 2.0 backend as a TPM 2.0 chip, so the
+    kernel makes ``/dev/tpmrm0`` (shared clients) and its own users speak TPM 2.0, and
+    its resume reconnects the ring for the same chip, which stays ``/dev/tpm0``.
+    Restarts of the backend stay out, as with the stock driver."""
+
+    name: ClassVar[str] = "xen-tpmfront + linux/xen-tpmfront patches"
+    kind: ClassVar[str] = "kernel-tpm2"
+    capabilities: ClassVar[frozenset[str]] = frozenset(
+        {Capability.SHARED_CLIENTS, Capability.TPM2_CHIP}
+    )
+
+
+FRONTENDS.update({f.kind: f for f in (OurFrontend, KernelFrontend, PatchedKernelFrontend)})
