@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.images import Images, cache_root
+from harness.images import cache_root
 from harness.paths import REPO_ROOT
 
 PATCH_DIR = REPO_ROOT / "linux" / "xen-tpmfront"
@@ -40,9 +40,9 @@ def recipe_key() -> str:
     return h.hexdigest()[:16]
 
 
-def linux_source_deb(images: Images) -> Path:
+def linux_source_deb(images_dir: Path) -> Path:
     """The images' own ``linux-source-6.1`` .deb: the kernel's exact source."""
-    manifest = json.loads((images.dir / "manifest.json").read_text())
+    manifest = json.loads((images_dir / "manifest.json").read_text())
     version = manifest.get("kernel_source_version", "?")
     deb = cache_root() / "debs" / f"linux-source-6.1_{version}_all.deb"
     if not deb.exists():
@@ -53,12 +53,13 @@ def linux_source_deb(images: Images) -> Path:
     return deb
 
 
-def source_dir(images: Images, say: Callable[[str], None]) -> Path:
-    """The patched source directory for the images' kernel (made now if need be)."""
-    out = images.dir / "tpmfront-patched" / recipe_key()
+def source_dir(images_dir: Path, say: Callable[[str], None]) -> Path:
+    """The patched source directory for the kernel of the images in ``images_dir``
+    (made now if need be)."""
+    out = images_dir / "tpmfront-patched" / recipe_key()
     if (out / "SOURCE").exists():
         return out
-    deb = linux_source_deb(images)
+    deb = linux_source_deb(images_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)

@@ -490,6 +490,6 @@ class PatchedKernelFrontendTarget(XenKernelFrontendTarget):
 
     def use_own_build(self) -> None:
         if not (self.own_build.tpmfront or self.own_build.tpmfront_source):
-            source = patched_tpmfront.source_dir(self._images(), self.say)
+            source = patched_tpmfront.source_dir(self._images().dir, self.say)
             self.own_build = dataclasses.replace(self.own_build, tpmfront_source=source)
         super().use_own_build()
