@@ -165,7 +165,8 @@ def orphan_qemu_pids() -> set[int]:
 
 
 # The kinds of guest ``nox -s xen`` runs the suite on, in order: our frontend (through
-# tpm_vtpm_proxy), then the guest kernels' own xen-tpmfront (protocol v2).
+# tpm_vtpm_proxy), the guest kernels' own xen-tpmfront (protocol v2), and the same with
+# the patches of linux/xen-tpmfront/ (a TPM 2.0 chip).
 XEN_GUEST_KINDS = {"python": "xen", "kernel": "xen-kernel", "kernel-tpm2": "xen-kernel-tpm2"}
 
 
@@ -173,7 +174,8 @@ XEN_GUEST_KINDS = {"python": "xen", "kernel": "xen-kernel", "kernel-tpm2": "xen-
 def xen(session: nox.Session) -> None:
     """Boot Xen 4.17 + dom0 under QEMU with 2 PV guests and run the whole scenario suite
     through their kernels' /dev/tpm0, once per kind of guest: with our frontend
-    (``--target xen``), then with stock xen-tpmfront (``--target xen-kernel``).
+    (``--target xen``), with stock xen-tpmfront (``--target xen-kernel``), and with
+    xen-tpmfront patched for TPM 2.0 (``--target xen-kernel-tpm2``).
 
     ``nox -s xen -- --kind kernel [pytest args]`` runs one kind; ``-- -m powercut`` runs
     the opt-in power-cut scenario (a cold boot, about 4 minutes per kind). Each kind writes

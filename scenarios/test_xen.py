@@ -43,14 +43,6 @@ def ek_public(guest: Any) -> bytes:
         return bytes(pub.publicArea.unique.rsa)
 
 
-def test_tpm0_is_a_tpm2_device_in_the_guest(guest: Any) -> None:
-    """The guest's kernel sees a TPM 2.0 chip: sysfs says version 2, and both the
-    device and its resource-managed twin exist."""
-    out = guest.run("cat /sys/class/tpm/tpm0/tpm_version_major; ls /dev/tpm0 /dev/tpmrm0")
-    assert out[0] == 0, out
-    assert out[1].split() == ["2", "/dev/tpm0", "/dev/tpmrm0"]
-
-
 def test_tpm0_follows_the_frontend(xl: Xl, guest: Any) -> None:
     """Stopping the frontend removes /dev/tpm0 from the guest; starting it brings it
     back, on the same vTPM: NV written before is still there."""

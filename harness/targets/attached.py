@@ -49,6 +49,14 @@ ATTACHED_CAPABILITIES: dict[str, frozenset[str]] = {
     "xen-kernel": frozenset(
         {Capability.MULTI_GUEST, Capability.TRAFFIC_TRACE, Capability.VALIDATION}
     ),
+    "xen-kernel-tpm2": frozenset(
+        {
+            Capability.MULTI_GUEST,
+            Capability.SHARED_CLIENTS,
+            Capability.TRAFFIC_TRACE,
+            Capability.VALIDATION,
+        }
+    ),
 }
 
 

@@ -50,7 +50,7 @@ class XenHostileToolstack:
         self.victim = target.guests[0]
         # A stock guest's xen-tpmfront binds every new vtpm device at once; the rogue's
         # must stay free, so the guest's xen bus stops binding new devices meanwhile.
-        self.hold_probe = target.name == "xen-kernel"
+        self.hold_probe = target.frontend.kind != "python"  # a kernel's xen-tpmfront
 
     def close(self) -> None:
         self.detach()
