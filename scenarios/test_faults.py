@@ -387,6 +387,12 @@ def test_power_cycle_of_a_hung_swtpm_stalls_no_other_guest(
     if target.name in DRIVERLESS:
         pytest.skip("no manager: nothing routes A's and B's commands together")
     a, b = guests[0], guests[1]
+    # A must be idle when its swtpm hangs: a command of A still in flight (one that an
+    # earlier test's relay handed the guest kernel late) would hold the reset behind it
+    # until the manager's 60 s timeout restarts swtpm, and the reset would then succeed
+    # on the fresh one (seen in CI, 2026-12-07). A command answered now shows that none
+    # is left over: the guest's /dev/tpm0 takes one at a time.
+    wait_until_working(a)
     latencies: list[float] = []
     failures: list[BaseException] = []
     stop = threading.Event()
