@@ -32,13 +32,13 @@ import pytest
 
 from harness.crash_watch import Crash, CrashAlarm
 from harness.errors import HarnessError
-from harness.own_build import HELP as OWN_BUILD_HELP
-from harness.own_build import OwnBuild
-from harness.target import XEN_TARGETS, Capability, Guest, Target
+from harness.own_build_options import own_build
+from harness.target import Capability, Guest, Target
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
 
-pytest_plugins = ["harness.capability_fixtures"]  # faults, restarts, xl, ...: one per capability
+# A fixture per capability (faults, xl, ...); the own-build flags (--xen, --tpmfront ...)
+pytest_plugins = ["harness.capability_fixtures", "harness.own_build_options"]
 MARKERS = {
     "needs(*capabilities)": "skip unless the target has every named capability",
     "hostile": "a frontend that breaks the rules",
@@ -115,9 +115,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="ssh:// targets: the host's owner allows the scenarios that restart the "
         "driver's daemons and kill a guest's swtpm (default: skipped there)",
     )
-    own = parser.getgroup("xenvtpm own build", "replace a bundled piece for this run (xen)")
-    for flag, (metavar, text) in OWN_BUILD_HELP.items():
-        own.addoption(flag, default=None, metavar=metavar, help=text)
     group.addoption(
         "--attach",
         action="store_true",
@@ -147,7 +144,7 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
     """The guest count and the target's own options: an ``ssh://`` host's guests are
     the ``--host-guest`` ones; other targets make ``--guests`` guests. The user's own
     pieces (``--xen FILE``...) go to Xen targets only."""
-    own = _own_build(config)
+    own = own_build(config)
     if "://" not in config.getoption("--target"):
         return config.getoption("--guests"), ({"own_build": own} if own else {})
     from harness.hostkeys import resolve_known_hosts
@@ -167,22 +164,6 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
         **({"own_build": own} if own else {}),
     }
     return len(guests), options
-
-
-def _own_build(config: pytest.Config) -> OwnBuild | None:
-    """``--xen``, ``--tpmfront``... checked now: a wrong file fails before anything starts."""
-    own = OwnBuild.from_flags({flag: config.getoption(flag) for flag in OWN_BUILD_HELP})
-    if not own:
-        return None
-    target = config.getoption("--target")
-    if "://" in target:
-        kind = config.getoption("--guest-kind")
-    elif target in XEN_TARGETS:
-        kind = target_class(target).FRONTEND.kind
-    else:
-        raise ValueError(f"{', '.join(own.given())}: for xen targets, not --target {target}")
-    own.check(on_a_host="://" in target, guest_kind=kind)
-    return own
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -285,11 +285,12 @@ def test_xen_target_checks_the_pieces_before_anything_starts(tmp_path: Path) -> 
     assert target.own_build.tpmfront == ko and target.machine.qemu is None
 
 
-def test_pytest_refuses_the_flags_for_a_target_without_xen(tmp_path: Path) -> None:
+def pytest_with_flags(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """An inner pytest of one empty test under the repository's conftest, with ``args``."""
     (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
     (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_x.py", "--target", "sim", "--xen", "/etc/hostname"],
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "test_x.py", *args],
         cwd=tmp_path,
         env=inner_env(),
         capture_output=True,
@@ -297,23 +298,17 @@ def test_pytest_refuses_the_flags_for_a_target_without_xen(tmp_path: Path) -> No
         timeout=120,
         check=False,
     )
+
+
+def test_pytest_refuses_the_flags_for_a_target_without_xen(tmp_path: Path) -> None:
+    result = pytest_with_flags(tmp_path, "--target", "sim", "--xen", "/etc/hostname")
     assert result.returncode == 4, result.stdout + result.stderr
     assert "--xen: for xen targets, not --target sim" in result.stderr
 
 
 def test_pytest_refuses_a_wrong_file_before_the_target_starts(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text((REPO_ROOT / "conftest.py").read_text())
-    (tmp_path / "test_x.py").write_text("def test_x():\n    pass\n")
     (tmp_path / "notxen").write_text("hello\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "test_x.py", "--target", "xen", "--xen", "notxen"],
-        cwd=tmp_path,
-        env=inner_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = pytest_with_flags(tmp_path, "--target", "xen", "--xen", "notxen")
     assert result.returncode == 4, result.stdout + result.stderr
     assert "not a multiboot image (a text file" in result.stderr
 
