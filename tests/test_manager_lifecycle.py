@@ -28,7 +28,7 @@ from manager_env import (
 from harness.paths import REPO_ROOT
 from xenvtpm.daemon import LOG_LEVEL_ENV
 from xenvtpm.manager.cli import build_parser
-from xenvtpm.manager.manager import InstanceStatus, Manager, ManagerClient
+from xenvtpm.manager.manager import InstanceStatus, Manager, ManagerClient, status_counts
 from xenvtpm.tpm import (
     TPM_RC,
     get_random_command,
@@ -57,6 +57,21 @@ def test_sigterm_stops_every_swtpm(tmp_root: Path) -> None:
     log = m.stderr()
     assert "status: 2 instance(s)" in log and "stopping: 2 instance(s)" in log
     assert ":queued=0:in_flight=0:peak=1" in log
+
+
+@pytest.mark.parametrize("hour", ["09", "20"])
+def test_status_counts_reads_the_instance_not_the_clock(hour: str) -> None:
+    """The daemon's log line starts with the time: at 20:xx o'clock instance 20's counts
+    must still come from its own field, not from the timestamp (a CI failure that came
+    and went with the hour)."""
+    line = (
+        f"2026-12-07 {hour}:41:24,123 vtpm-manager xenvtpm.manager: status: 2 instance(s) "
+        "9:running:pid=11:queued=0:in_flight=0:peak=1 "
+        "20:running:pid=12:queued=2:in_flight=1:peak=3"
+    )
+    assert status_counts(line, 20) == {"queued": 2, "in_flight": 1, "peak": 3}
+    assert status_counts(line, 9) == {"queued": 0, "in_flight": 0, "peak": 1}
+    assert status_counts(line, 41) is None
 
 
 def test_sigterm_while_manufacturing_leaves_no_swtpm(tmp_root: Path) -> None:
