@@ -564,8 +564,11 @@ class Manager(CommandPath):
 
 def status_counts(line: str, instance: int) -> dict[str, int] | None:
     """``queued``, ``in_flight`` and ``peak`` of ``instance`` in a logged status line
-    (SIGUSR1), for tests and operators; None if the line does not name it."""
-    for part in line.split():
+    (SIGUSR1), for tests and operators; None if the line does not name it. Only the part
+    after "instance(s)" is read: the log's time, at 20:xx, would otherwise pass for
+    instance 20."""
+    _, found, parts = line.rpartition(" instance(s) ")
+    for part in parts.split() if found else ():
         if part.startswith(f"{instance}:"):
             fields = dict(f.split("=", 1) for f in part.split(":")[2:] if "=" in f)
             return {k: int(v) for k, v in fields.items() if k != "pid"}
