@@ -74,8 +74,9 @@ def ensure_debian_packages(session: nox.Session, packages: list[str]) -> None:
         )
     session.log(f"installing Debian packages: {' '.join(missing)}")
     env = {"DEBIAN_FRONTEND": "noninteractive"}
-    session.run("apt-get", "update", "-q", external=True, env=env)
-    session.run(*command, external=True, env=env)
+    # run_install: installing is what --install-only (a venv prepared ahead) must still do
+    session.run_install("apt-get", "update", "-q", external=True, env=env)
+    session.run_install(*command, external=True, env=env)
 
 
 def install_harness(session: nox.Session, *extra: str) -> None:
