@@ -32,7 +32,6 @@ import pytest
 
 from harness.crash_watch import Crash, CrashAlarm
 from harness.errors import HarnessError
-from harness.own_build_options import own_build
 from harness.target import Capability, Guest, Target
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.transport import RawTransport
@@ -144,6 +143,9 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
     """The guest count and the target's own options: an ``ssh://`` host's guests are
     the ``--host-guest`` ones; other targets make ``--guests`` guests. The user's own
     pieces (``--xen FILE``...) go to Xen targets only."""
+    # imported here, once pytest has loaded it as a plugin (and rewritten its asserts)
+    from harness.own_build_options import own_build
+
     own = own_build(config)
     if "://" not in config.getoption("--target"):
         return config.getoption("--guests"), ({"own_build": own} if own else {})
