@@ -166,11 +166,14 @@ class SimEnv:
             timeout=60,
         )
 
-    def start_backend(self, timeout: float = 10.0, trace: Path | None = None) -> Daemon:
+    def start_backend(
+        self, timeout: float = 10.0, trace: Path | None = None, uuid_map: Path | None = None
+    ) -> Daemon:
         return self.spawn(
             "backend",
             ["backend", "--manager", self.manager_socket, "--timeout", str(timeout)]
-            + (["--trace", str(trace)] if trace is not None else []),
+            + (["--trace", str(trace)] if trace is not None else [])
+            + (["--uuid-map", str(uuid_map)] if uuid_map is not None else []),
             env={SIM_DIR_ENV: str(self.run_dir)},
         )
 

@@ -1,0 +1,88 @@
+"""What xl itself writes for a ``vtpm=[...]`` device, and how it takes one away.
+
+Read from Xen 4.17's libxl (test helper, not the driver): ``libxl__set_xenstore_vtpm``
+(tools/libs/light/libxl_vtpm.c) adds ``handle``, ``uuid`` and ``resume = "False"`` to
+the generic backend nodes of ``libxl__device_generic_add`` (``frontend``,
+``frontend-id``, ``online``, ``state``), and ``handle`` to the frontend's; there is no
+``instance``. libxl then waits LIBXL_INIT_TIMEOUT (10 s) for the backend's InitWait.
+To remove a device, ``libxl__initiate_device_generic_remove`` writes ``online = 0``
+and ``state = 5`` (Closing) into the backend directory in one transaction, waits
+LIBXL_DESTROY_TIMEOUT (10 s) for the backend's Closed, then removes both directories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from xenvtpm.errors import XenStoreError
+from xenvtpm.tools.toolstack import VtpmDevice
+from xenvtpm.xen.interface import Access, Perm, XenStore
+
+LIBXL_INIT_TIMEOUT = 10.0
+LIBXL_DESTROY_TIMEOUT = 10.0
+
+
+def libxl_add(
+    xs: XenStore, domid: int, uuid: str, devid: int = 0, resume: str = "False"
+) -> VtpmDevice:
+    """Both directories as libxl writes them, in one transaction, with its permissions."""
+    dev = VtpmDevice(domid, 0, devid)
+    backend = {
+        "frontend": dev.frontend_path,
+        "frontend-id": str(domid),
+        "online": "1",
+        "state": "1",
+        "handle": str(devid),
+        "uuid": uuid,
+        "resume": resume,
+    }
+    frontend = {"backend": dev.backend_path, "backend-id": "0", "state": "1", "handle": str(devid)}
+    fe_perms = [Perm(domid, Access.NONE), Perm(0, Access.READ)]
+    be_perms = [Perm(0, Access.NONE), Perm(domid, Access.READ)]
+    while True:
+        tx = xs.transaction_start()
+        for base, nodes, perms in (
+            (dev.frontend_path, frontend, fe_perms),
+            (dev.backend_path, backend, be_perms),
+        ):
+            xs.mkdir(base, tx=tx)
+            xs.set_perms(base, perms, tx=tx)
+            for key, value in nodes.items():
+                xs.write(f"{base}/{key}", value, tx=tx)
+        if xs.transaction_end(tx, commit=True):
+            return dev
+
+
+def backend_state(xs: XenStore, dev: VtpmDevice) -> str:
+    try:
+        return xs.read(f"{dev.backend_path}/state").decode()
+    except XenStoreError:
+        return ""
+
+
+def wait_backend_state(xs: XenStore, dev: VtpmDevice, state: str, timeout: float) -> bool:
+    """Whether the backend says ``state`` within ``timeout``, as libxl's devstate wait."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if backend_state(xs, dev) == state:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def libxl_remove(xs: XenStore, dev: VtpmDevice) -> bool:
+    """libxl's generic remove; whether the backend reached Closed within libxl's wait
+    (the directories go either way, as libxl removes them after its timeout too)."""
+    while True:
+        tx = xs.transaction_start()
+        xs.write(f"{dev.backend_path}/online", "0", tx=tx)
+        if backend_state(xs, dev) != "6":
+            xs.write(f"{dev.backend_path}/state", "5", tx=tx)
+        if xs.transaction_end(tx, commit=True):
+            break
+    closed = wait_backend_state(xs, dev, "6", LIBXL_DESTROY_TIMEOUT)
+    for path in (dev.backend_path, dev.frontend_path):
+        with contextlib.suppress(XenStoreError):
+            xs.rm(path)
+    return closed
