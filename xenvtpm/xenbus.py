@@ -44,9 +44,11 @@ _UINT = re.compile(rb"\A[0-9]{1,10}\Z")
 #: device, so a transaction that can never commit must cost it that, not for ever.
 PUBLISH_BACKOFF_S = (0.0, 0.001, 0.002, 0.004, 0.008, 0.016)
 
-#: Toolstack key in a vTPM's backend directory: "1" when the domain resumes a saved one
-#: (``xl restore``), so its vTPM keeps its state (PCRs too) instead of power-cycling.
+#: Toolstack key in a vTPM's backend directory: "True" when the domain resumes a saved
+#: one (``xl restore``), so its vTPM keeps its state (PCRs too) instead of power-cycling.
+#: libxl writes "False" or "True"; "1" and "0" (older xenvtpm) are read as well.
 RESUME_KEY = "resume"
+_FLAGS = {b"True": True, b"1": True, b"False": False, b"0": False}
 
 
 def parse_uint(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
@@ -55,6 +57,14 @@ def parse_uint(raw: bytes, limit: int = 0xFFFFFFFF) -> int:
     if not _UINT.match(value) or int(value) > limit:
         raise MalformedMessage(f"not a number in 0..{limit}: {raw[:32]!r}")
     return int(value)
+
+
+def parse_flag(raw: bytes) -> bool:
+    """A toolstack flag as libxl spells it ("True"/"False") or as "1"/"0"; nothing else."""
+    try:
+        return _FLAGS[raw.strip(b"\0")]
+    except KeyError:
+        raise MalformedMessage(f"not True, False, 1 or 0: {raw[:32]!r}") from None
 
 
 # Moves a frontend makes. Initialising is re-entered after the backend went away, so the

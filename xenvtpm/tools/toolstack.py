@@ -51,7 +51,7 @@ def attach_vtpm(
     """Write both device directories in one transaction, with xl's permissions.
 
     ``resumed``: the domain resumes a saved one (``xl restore``), so the backend binds
-    the instance without power-cycling it (``resume = 1``, xenvtpm.xenbus.RESUME_KEY).
+    the instance without power-cycling it (``resume = True``, xenvtpm.xenbus.RESUME_KEY).
 
     The guest owns its ``device/vtpm/<id>`` node and the backend may read it; the
     backend owns ``backend/vtpm/<domid>/<id>`` and the guest may only read it.
@@ -71,9 +71,8 @@ def attach_vtpm(
         "pref_instance": str(instance if pref_instance is None else pref_instance),
         "domain": name,
         "state": str(int(XenbusState.INITIALISING)),
+        RESUME_KEY: "True" if resumed else "False",  # libxl's spelling
     }
-    if resumed:
-        backend[RESUME_KEY] = "1"
     while True:
         tx = xs.transaction_start()
         try:
