@@ -24,6 +24,7 @@ import logging
 from xenvtpm.backend.device import BackendDevice, DeviceKey
 from xenvtpm.backend.manager_link import ManagerLink, Ticket
 from xenvtpm.backend.traffic_trace import TrafficTrace
+from xenvtpm.backend.vtpm_identity import DEFAULT_UUID_MAP, UuidInstances
 from xenvtpm.daemon import default_log_level, run_service
 from xenvtpm.errors import XenStoreError
 from xenvtpm.loop import Loop
@@ -46,6 +47,7 @@ class Backend:
         manager_path: str,
         timeout: float = DEFAULT_TIMEOUT,
         trace: TrafficTrace | None = None,
+        uuid_map: str = DEFAULT_UUID_MAP,
     ) -> None:
         self.hv = hv
         self.trace = trace  # a line per request answered (--trace), or None
@@ -55,6 +57,7 @@ class Backend:
         self.devices: dict[DeviceKey, BackendDevice] = {}
         self.binds: dict[int, Ticket] = {}  # per instance: the latest BIND sent
         self.manager = ManagerLink(manager_path, loop, self._on_manager_up)
+        self.uuids = UuidInstances(uuid_map)  # xl's devices: read at the first one
         self._started = False
 
     def start(self) -> None:
@@ -89,9 +92,13 @@ class Backend:
     def _on_xenstore(self) -> None:
         rescan = release = False
         touched: set[DeviceKey] = set()
+        offline: set[DeviceKey] = set()  # the toolstack wrote their ``online``
         for event in self.xs.read_watches():
             if event.token == DEVICES_TOKEN:
                 rescan = True
+                key = online_node_key(event.path)
+                if key is not None:
+                    offline.add(key)
             elif event.token == RELEASE_TOKEN:
                 release = True
             else:
@@ -102,6 +109,10 @@ class Backend:
             self._rescan()
         if release:
             self._reap_dead_domains()
+        for key in offline:
+            dev = self.devices.get(key)
+            if dev is not None:
+                dev.on_toolstack_changed()
         for key in touched:
             dev = self.devices.get(key)
             if dev is not None:
@@ -145,6 +156,10 @@ class Backend:
 
     # -- the manager ---------------------------------------------------------------
 
+    def instance_for_uuid(self, uuid: str) -> int:
+        """xl's device: the uuid's instance, given and saved at its first use."""
+        return self.uuids.instance_for(uuid)
+
     def device_for_instance(self, instance: int) -> BackendDevice | None:
         for dev in self.devices.values():
             if dev.instance == instance and dev.connected:
@@ -154,6 +169,15 @@ class Backend:
     def _on_manager_up(self) -> None:
         for dev in self.devices.values():
             dev.on_manager_up()
+
+
+def online_node_key(path: str) -> DeviceKey | None:
+    """The device whose ``online`` node ``path`` is (``.../backend/vtpm/D/N/online``)."""
+    _, found, rest = path.partition("backend/vtpm/")
+    parts = rest.split("/")
+    if not found or len(parts) != 3 or parts[2] != "online":
+        return None
+    return DeviceKey.parse(parts[0], parts[1])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a line per TPM request and its answer to DIR/instance-<N>.trace "
         "(time, codes, sizes; rotated at 256 KiB): python -m harness trace GUEST reads it",
     )
+    p.add_argument(
+        "--uuid-map",
+        default=DEFAULT_UUID_MAP,
+        help="where the instances of xl's vtpm uuids are kept; keep it with the manager's "
+        "--state-root (default %(default)s)",
+    )
     p.add_argument("--log-level", default=default_log_level())
     return p
 
@@ -185,5 +215,5 @@ def main(argv: list[str] | None = None) -> int:
     return run_service(
         "backend",
         args.log_level,
-        lambda hv, loop: Backend(hv, loop, args.manager, args.timeout, trace),
+        lambda hv, loop: Backend(hv, loop, args.manager, args.timeout, trace, args.uuid_map),
     )

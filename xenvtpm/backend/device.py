@@ -51,6 +51,7 @@ from xenvtpm.xenbus import (
     RESUME_KEY,
     StateNode,
     XenbusState,
+    parse_flag,
     parse_uint,
     read_state,
 )
@@ -67,6 +68,8 @@ class Owner(Protocol):
     binds: dict[int, Ticket]  # per instance: the latest BIND sent
     manager: ManagerLink
     trace: TrafficTrace | None
+
+    def instance_for_uuid(self, uuid: str) -> int: ...
 
     def device_for_instance(self, instance: int) -> BackendDevice | None: ...
 
@@ -119,6 +122,7 @@ class BackendDevice:
         self.frontend = ""
         self.instance = -1
         self.resumed = False  # the toolstack's ``resume``: this domain resumes a saved one
+        self.offline = False  # the toolstack wrote ``online = 0``: it is taking it away
         self._ring: Ring | None = None
         self._channel: EventChannel | None = None
         self._ticket: Ticket | None = None  # the slot: this device's request on the path
@@ -152,9 +156,9 @@ class BackendDevice:
         try:
             frontend_id = parse_uint(self._xs.read(f"{self.path}/frontend-id"), 0x7FEF)
             self.frontend = self._xs.read(f"{self.path}/frontend").decode("ascii")
-            self.instance = parse_uint(self._xs.read(f"{self.path}/instance"))
+            self.instance = self._read_instance()
             self.resumed = self._read_flag(RESUME_KEY)
-        except (XenStoreError, MalformedMessage, UnicodeDecodeError) as e:
+        except (XenStoreError, MalformedMessage, UnicodeDecodeError, ValueError, OSError) as e:
             self.log.error("vtpm %d: incomplete toolstack entries: %s", self.key.devid, e)
             return
         expected = f"/local/domain/{self.key.domid}/device/vtpm/"
@@ -181,9 +185,25 @@ class BackendDevice:
         if publish:
             self._switch(S.CLOSED)
 
+    def on_toolstack_changed(self) -> None:
+        """``online = 0`` (libxl's device remove, with ``state = 5``): close now and stay
+        closed, so libxl sees Closed within its 10 s whether or not a frontend is there."""
+        if self.offline or not self.frontend:
+            return
+        try:
+            self.offline = self._xs.read(f"{self.path}/online").strip(b"\0") == b"0"
+        except XenStoreError:
+            return  # gone: the rescan forgets the device
+        if self.offline:
+            self.log.info("vtpm %d: the toolstack takes it away (online = 0)", self.key.devid)
+            self.disconnect()
+            self._switch(S.CLOSED)
+
     def on_frontend_changed(self) -> None:
         if not self.frontend:
             return
+        if self.offline:
+            return  # Closed for good: only the toolstack's removal comes next
         frontend = read_state(self._xs, self.frontend)
         mine = self._state.state
         if mine == S.UNKNOWN:  # start() could not publish InitWait: again, then go on
@@ -291,10 +311,21 @@ class BackendDevice:
             return False
         return True
 
-    def _read_flag(self, key: str) -> bool:
-        """An optional toolstack flag in the backend directory: absent means 0."""
+    def _read_instance(self) -> int:
+        """The toolstack's ``instance`` (the seed's interface) where it wrote one, else
+        the instance of xl's ``uuid`` (xenvtpm.backend.vtpm_identity)."""
         try:
-            return parse_uint(self._xs.read(f"{self.path}/{key}"), 1) == 1
+            return parse_uint(self._xs.read(f"{self.path}/instance"))
+        except XenStoreError as e:
+            if e.errno_name != "ENOENT":
+                raise
+        uuid = self._xs.read(f"{self.path}/uuid").decode("ascii")
+        return self._backend.instance_for_uuid(uuid)
+
+    def _read_flag(self, key: str) -> bool:
+        """An optional toolstack flag in the backend directory: absent means False."""
+        try:
+            return parse_flag(self._xs.read(f"{self.path}/{key}"))
         except XenStoreError as e:
             if e.errno_name == "ENOENT":
                 return False
