@@ -152,7 +152,14 @@ class Frontend:
             self._retry.cancel()
             self._retry = None
         try:
-            self._react(read_state(self._xs, self._backend_path))
+            backend = read_state(self._xs, self._backend_path)
+        except XenStoreError as e:
+            # the toolstack removed the device (xl vtpm-detach): its directory is gone,
+            # which xenstored answers ENOENT or EACCES; wait for the next one
+            self.log.info("backend's state unreadable (%s): as gone", e.errno_name)
+            backend = S.UNKNOWN
+        try:
+            self._react(backend)
         except TransactionConflict:
             self._retry_later()
 
