@@ -4,7 +4,9 @@ Read from Xen 4.17's libxl (test helper, not the driver): ``libxl__set_xenstore_
 (tools/libs/light/libxl_vtpm.c) adds ``handle``, ``uuid`` and ``resume = "False"`` to
 the generic backend nodes of ``libxl__device_generic_add`` (``frontend``,
 ``frontend-id``, ``online``, ``state``), and ``handle`` to the frontend's; there is no
-``instance``. libxl then waits LIBXL_INIT_TIMEOUT (10 s) for the backend's InitWait.
+``instance``, and copies the backend's nodes, ``frontend`` and ``backend`` to
+``/libxl/<domid>/device/vtpm/<devid>``, where it looks for devices (the next devid,
+``xl vtpm-list``). libxl then waits LIBXL_INIT_TIMEOUT (10 s) for the backend's InitWait.
 To remove a device, ``libxl__initiate_device_generic_remove`` writes ``online = 0``
 and ``state = 5`` (Closing) into the backend directory in one transaction, waits
 LIBXL_DESTROY_TIMEOUT (10 s) for the backend's Closed, then removes both directories.
@@ -23,11 +25,26 @@ LIBXL_INIT_TIMEOUT = 10.0
 LIBXL_DESTROY_TIMEOUT = 10.0
 
 
+def libxl_devices(xs: XenStore, domid: int) -> list[str]:
+    try:
+        return xs.directory(f"/libxl/{domid}/device/vtpm")
+    except XenStoreError:
+        return []
+
+
+def libxl_next_devid(xs: XenStore, domid: int) -> int:
+    """libxl__device_nextid: one above the last devid under /libxl, else 0."""
+    devids = libxl_devices(xs, domid)
+    return int(devids[-1]) + 1 if devids else 0
+
+
 def libxl_add(
-    xs: XenStore, domid: int, uuid: str, devid: int = 0, resume: str = "False"
+    xs: XenStore, domid: int, uuid: str, devid: int | None = None, resume: str = "False"
 ) -> VtpmDevice:
-    """Both directories as libxl writes them, in one transaction, with its permissions."""
-    dev = VtpmDevice(domid, 0, devid)
+    """The three directories as libxl writes them, in one transaction, with its
+    permissions; the devid xl would take unless given."""
+    dev = VtpmDevice(domid, 0, libxl_next_devid(xs, domid) if devid is None else devid)
+    devid = dev.devid
     backend = {
         "frontend": dev.frontend_path,
         "frontend-id": str(domid),
@@ -50,6 +67,9 @@ def libxl_add(
             xs.set_perms(base, perms, tx=tx)
             for key, value in nodes.items():
                 xs.write(f"{base}/{key}", value, tx=tx)
+        libxl_path = f"/libxl/{domid}/device/vtpm/{devid}"
+        for key, value in {**backend, "backend": dev.backend_path}.items():
+            xs.write(f"{libxl_path}/{key}", value, tx=tx)
         if xs.transaction_end(tx, commit=True):
             return dev
 
@@ -82,7 +102,8 @@ def libxl_remove(xs: XenStore, dev: VtpmDevice) -> bool:
         if xs.transaction_end(tx, commit=True):
             break
     closed = wait_backend_state(xs, dev, "6", LIBXL_DESTROY_TIMEOUT)
-    for path in (dev.backend_path, dev.frontend_path):
+    libxl_path = f"/libxl/{dev.frontend_domid}/device/vtpm/{dev.devid}"
+    for path in (dev.backend_path, dev.frontend_path, libxl_path):
         with contextlib.suppress(XenStoreError):
             xs.rm(path)
     return closed

@@ -18,6 +18,7 @@ from libxl_vtpm import (
     LIBXL_INIT_TIMEOUT,
     backend_state,
     libxl_add,
+    libxl_next_devid,
     libxl_remove,
     wait_backend_state,
 )
@@ -27,7 +28,7 @@ from test_driver_pair import get_random
 from xenvtpm import tpm
 from xenvtpm.backend.vtpm_identity import UUID_INSTANCE_BASE, UuidInstances
 from xenvtpm.errors import MalformedMessage
-from xenvtpm.tools.toolstack import VtpmDevice
+from xenvtpm.tools.toolstack import VtpmDevice, attach_vtpm, detach_vtpm
 from xenvtpm.xenbus import parse_flag
 
 UUID_A = "6a0c6e4e-0f2c-4f0e-9d2a-0c6c6b4f7a11"
@@ -201,3 +202,25 @@ def test_the_uuid_map_never_reuses_a_number(tmp_path: Path) -> None:
     assert uuids.instance_for(UUID_B.upper()) == UUID_INSTANCE_BASE + 1
     assert UuidInstances(path).instance_for(UUID_B) == UUID_INSTANCE_BASE + 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vtpm-uuids.json"]
+
+
+def test_our_attach_is_a_device_where_xl_looks(env: SimEnv) -> None:
+    """``python3 -m xenvtpm attach`` records its device under /libxl as libxl does, with
+    a uuid of its instance, so that ``xl vtpm-attach`` takes the next devid instead of
+    overwriting it (as it did on Xen), ``xl vtpm-list`` lists it, and detach clears it."""
+    assert env.control is not None and env.dom0 is not None
+    xs = env.dom0.xenstore
+    domid = env.control.create_domain("ours")
+    dev = attach_vtpm(xs, domid, 1000, "ours")
+    base = f"/libxl/{domid}/device/vtpm/0"
+    assert xs.read(f"{base}/backend").decode() == dev.backend_path
+    assert xs.read(f"{base}/frontend").decode() == dev.frontend_path
+    uuid = xs.read(f"{base}/uuid").decode()
+    assert xs.read(f"{dev.backend_path}/uuid").decode() == uuid
+    assert libxl_next_devid(xs, domid) == 1
+    added = libxl_add(xs, domid, UUID_A)
+    assert added.devid == 1
+    assert xs.read(f"{dev.backend_path}/instance") == b"1000"
+    detach_vtpm(xs, domid)
+    assert libxl_next_devid(xs, domid) == 2
+    assert xs.directory(f"/libxl/{domid}/device/vtpm") == ["1"]
