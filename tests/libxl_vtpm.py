@@ -67,9 +67,8 @@ def libxl_add(
             xs.set_perms(base, perms, tx=tx)
             for key, value in nodes.items():
                 xs.write(f"{base}/{key}", value, tx=tx)
-        libxl_path = f"/libxl/{domid}/device/vtpm/{devid}"
         for key, value in {**backend, "backend": dev.backend_path}.items():
-            xs.write(f"{libxl_path}/{key}", value, tx=tx)
+            xs.write(f"{dev.libxl_path}/{key}", value, tx=tx)
         if xs.transaction_end(tx, commit=True):
             return dev
 
@@ -102,8 +101,7 @@ def libxl_remove(xs: XenStore, dev: VtpmDevice) -> bool:
         if xs.transaction_end(tx, commit=True):
             break
     closed = wait_backend_state(xs, dev, "6", LIBXL_DESTROY_TIMEOUT)
-    libxl_path = f"/libxl/{dev.frontend_domid}/device/vtpm/{dev.devid}"
-    for path in (dev.backend_path, dev.frontend_path, libxl_path):
+    for path in (dev.backend_path, dev.frontend_path, dev.libxl_path):
         with contextlib.suppress(XenStoreError):
             xs.rm(path)
     return closed

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import uuid
 from dataclasses import dataclass
 
 from xenvtpm.errors import XenStoreError
@@ -37,6 +38,20 @@ class VtpmDevice:
     def backend_path(self) -> str:
         return f"/local/domain/{self.backend_domid}/backend/vtpm/{self.frontend_domid}/{self.devid}"
 
+    @property
+    def libxl_path(self) -> str:
+        """Where libxl keeps its copy of the device, and looks for devices."""
+        return f"/libxl/{self.frontend_domid}/device/vtpm/{self.devid}"
+
+
+#: Names the uuid that an ``instance`` device shows xl (``xl vtpm-list``), stable per
+#: instance; the backend serves the ``instance`` and never looks this uuid up.
+INSTANCE_UUID_NAMESPACE = uuid.UUID("5b6c2a0e-3f47-4c1e-9a8d-7e2f0c1b9d44")
+
+
+def instance_uuid(instance: int) -> str:
+    return str(uuid.uuid5(INSTANCE_UUID_NAMESPACE, f"xenvtpm-instance-{instance}"))
+
 
 def attach_vtpm(
     xs: XenStore,
@@ -54,7 +69,9 @@ def attach_vtpm(
     the instance without power-cycling it (``resume = True``, xenvtpm.xenbus.RESUME_KEY).
 
     The guest owns its ``device/vtpm/<id>`` node and the backend may read it; the
-    backend owns ``backend/vtpm/<domid>/<id>`` and the guest may only read it.
+    backend owns ``backend/vtpm/<domid>/<id>`` and the guest may only read it. As libxl
+    does, the backend's nodes are copied to ``/libxl/<domid>/device/vtpm/<id>`` (dom0's
+    only), so xl counts the device: its next devid, ``xl vtpm-list`` (docs/xl.md).
     """
     dev = VtpmDevice(frontend_domid, backend_domid, devid)
     fe_perms = [Perm(frontend_domid, Access.NONE), Perm(backend_domid, Access.READ)]
@@ -70,6 +87,9 @@ def attach_vtpm(
         "instance": str(instance),
         "pref_instance": str(instance if pref_instance is None else pref_instance),
         "domain": name,
+        "uuid": instance_uuid(instance),
+        "handle": str(devid),
+        "online": "1",
         "state": str(int(XenbusState.INITIALISING)),
         RESUME_KEY: "True" if resumed else "False",  # libxl's spelling
     }
@@ -85,6 +105,8 @@ def attach_vtpm(
                 for key, value in nodes.items():
                     xs.write(f"{base}/{key}", value, tx=tx)
                     xs.set_perms(f"{base}/{key}", perms, tx=tx)
+            for key, value in {**backend, "backend": dev.backend_path}.items():
+                xs.write(f"{dev.libxl_path}/{key}", value, tx=tx)
         except BaseException:
             xs.transaction_end(tx, commit=False)
             raise
@@ -97,7 +119,7 @@ def attach_vtpm(
 def detach_vtpm(xs: XenStore, frontend_domid: int, backend_domid: int = 0, devid: int = 0) -> None:
     """Remove both directories; the backend tears the device down when they go."""
     dev = VtpmDevice(frontend_domid, backend_domid, devid)
-    for path in (dev.backend_path, dev.frontend_path):
+    for path in (dev.backend_path, dev.frontend_path, dev.libxl_path):
         try:
             xs.rm(path)
         except XenStoreError as e:
