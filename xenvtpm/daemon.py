@@ -5,7 +5,8 @@ All four daemons (frontend, backend, manager, simxend) run through :func:`serve`
 
 A daemon that cannot start (no hypervisor, a socket in use) says why in one line and
 exits 1 instead of printing a traceback; SIGTERM and SIGINT stop the loop, the daemon
-closes what it holds, and the process exits 0.
+closes what it holds, and the process exits 0. Under systemd (``Type=notify``), it says
+READY=1 once started and STOPPING=1 when its loop ends (xenvtpm.notify).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Protocol
 
 from xenvtpm.errors import XenVTPMError
 from xenvtpm.loop import Loop
+from xenvtpm.notify import Notifier
 from xenvtpm.xen import open_hypervisor
 from xenvtpm.xen.interface import Hypervisor
 
@@ -46,6 +48,7 @@ def serve(name: str, level: str, build: Callable[[Loop], Service]) -> int:
     """
     configure_logging(name, level)
     log = logging.getLogger(f"xenvtpm.{name}")
+    notifier = Notifier.from_environment()
     loop = Loop()
     loop.stop_on_signals()
     try:
@@ -60,7 +63,9 @@ def serve(name: str, level: str, build: Callable[[Loop], Service]) -> int:
         except (XenVTPMError, OSError) as e:
             log.error("cannot start: %s", e)
             return 1
+        notifier.ready(f"{name} serving")
         loop.run()
+        notifier.stopping()
         log.info("stopping")
     finally:
         service.close()
