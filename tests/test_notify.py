@@ -76,9 +76,9 @@ def test_the_manager_is_ready_only_when_it_listens(
     may connect at once), STOPPING=1 on SIGTERM, and swtpm has no $NOTIFY_SOCKET."""
     path, s = listener
     sock = tmp_path / "vtpm.sock"
+    args = ["manager", "--socket", str(sock), "--state-root", str(tmp_path / "state")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xenvtpm", "manager", "--socket", str(sock)]
-        + ["--state-root", str(tmp_path / "state")],
+        [sys.executable, "-m", "xenvtpm", *args],
         cwd=REPO_ROOT,
         env={**os.environ, NOTIFY_SOCKET_ENV: path},
         stdout=subprocess.DEVNULL,
