@@ -35,6 +35,8 @@ class Capability(enum.StrEnum):
     XEN_PROBE = "xen-probe"  # guest.probe(...): xenstore/grant/evtchn as that domain
     XL = "xl"  # real Xen domains: target.destroy/create(guest), detach/attach of a vTPM
     # on a running guest, start/stop_frontend, backend_resources(), guest.run(cmd)
+    XL_DEVICES = "xl-devices"  # xl vtpm-attach / vtpm-list / vtpm-detach in dom0 on a
+    # running guest whose kernel binds the new device (xen-tpmfront): docs/xl.md
     SAVE_RESTORE = "save-restore"  # target.save_restore(guest): xl save, xl restore;
     # the guest's kernel re-probes its vTPM, which keeps its state (PCRs too)
     SHARED_CLIENTS = "shared-clients"  # guest.transport(shared=True) beside other clients:

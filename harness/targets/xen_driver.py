@@ -66,7 +66,11 @@ def manager_args() -> str:
 
 
 def backend_args() -> str:
-    return f"backend --manager {MANAGER_SOCKET} --trace {TRACE_DIR}"
+    """xl's vtpm uuids are given instances in a map kept with the manager's state."""
+    return (
+        f"backend --manager {MANAGER_SOCKET} --trace {TRACE_DIR} "
+        f"--uuid-map {STATE_ROOT}/vtpm-uuids.json"
+    )
 
 
 def trace_command(instance: int) -> str:

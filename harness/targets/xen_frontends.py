@@ -101,7 +101,9 @@ class KernelFrontend:
       after an unbind, so restarts of the backend or the frontend are left out (and with
       them the xl scenarios, which stop and start the frontend);
     - reboots work (a new domain probes afresh), and so do ``xl save`` / ``xl restore``,
-      which only this kind of guest can survive: the kernel re-probes on resume.
+      which only this kind of guest can survive: the kernel re-probes on resume;
+    - xl's own ``vtpm-attach`` gives the running guest another chip, which the kernel
+      probes as a new device (docs/xl.md).
     """
 
     name: ClassVar[str] = "xen-tpmfront"
@@ -112,7 +114,9 @@ class KernelFrontend:
     guest_modules: ClassVar[tuple[str, ...]] = ("xen-tpmfront",)
     needs_xen_libs: ClassVar[bool] = False  # only the relay of ours runs in the guest
     capabilities: ClassVar[frozenset[str]] = frozenset()
-    with_toolstack: ClassVar[frozenset[str]] = frozenset({Capability.SAVE_RESTORE})
+    with_toolstack: ClassVar[frozenset[str]] = frozenset(
+        {Capability.SAVE_RESTORE, Capability.XL_DEVICES}
+    )
 
     def connect(self, session: Dom0Session, guest: XenGuest) -> None:
         """Toolstack entries in dom0, then ``modprobe xen-tpmfront`` in the guest (the
