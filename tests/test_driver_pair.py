@@ -287,7 +287,7 @@ def test_other_domains_grants_and_xenstore_are_refused(shared_env: SimEnv) -> No
 @pytest.mark.parametrize("resumed", [False, True], ids=["reboot", "restore"])
 def test_new_domain_power_cycles_the_vtpm_unless_it_resumes(env: SimEnv, resumed: bool) -> None:
     """The same instance on a new domid: a reboot power-cycles it (PCRs reset); a domain
-    that resumes a saved one (``xl restore``, the toolstack's ``resume = 1``) keeps the
+    that resumes a saved one (``xl restore``, the toolstack's ``resume = True``) keeps the
     same boot's PCRs, through the backend's BIND marked resumed."""
     old = env.guests[0]
     extend = tpm.pcr_extend_command(16, hashlib.sha256(b"measured").digest())

@@ -223,7 +223,7 @@ VTPM_PROXY_CC_SET_LOCALITY = 0x20001000
 #:
 #: A domain that *resumes* a saved one (``xl restore``: same guest, same boot, new
 #: domid) must keep its PCRs, so the toolstack marks its backend directory
-#: (``resume = 1``) and the backend sends the 18-byte form: domid, then a u32 of
+#: (``resume = True``) and the backend sends the 18-byte form: domid, then a u32 of
 #: flags, :data:`BIND_RESUMED` set; the manager then binds without a power cycle.
 XENVTPM_CC_BIND = TPM_CC_VENDOR_BIT | 0x0F00
 BIND_RESUMED = 0x1

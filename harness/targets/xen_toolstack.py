@@ -192,7 +192,7 @@ class XlToolstack:
         """``xl save``, then ``xl restore -p``: the toolstack writes the vTPM's
         directories for the new domain while it is still paused, as xl does for its own
         devices, so that the guest's kernel finds its device on resume. They say
-        ``resume = 1``: the same boot goes on, so the vTPM keeps its PCRs. Returns (old
+        ``resume = True``: the same boot goes on, so the vTPM keeps its PCRs. Returns (old
         domid, seconds to save); the domain is unpaused and logged in to."""
         dom0 = self._dom0()
         old = guest.domid
