@@ -27,6 +27,7 @@ from harness.target import (
     Restarts,
     SaveRestore,
     Xl,
+    XlDevices,
 )
 
 CAPS_KEY = pytest.StashKey[tuple[str, frozenset[str]]]()  # the target's name and capabilities
@@ -74,6 +75,11 @@ def dom0_shell(request: pytest.FixtureRequest) -> Dom0Shell:
 @pytest.fixture(scope="session")
 def xl(request: pytest.FixtureRequest) -> Xl:
     return cast(Xl, _capable(request, Capability.XL))
+
+
+@pytest.fixture(scope="session")
+def xl_devices(request: pytest.FixtureRequest) -> XlDevices:
+    return cast(XlDevices, _capable(request, Capability.XL_DEVICES))
 
 
 @pytest.fixture(scope="session")

@@ -214,6 +214,16 @@ class Xl(Protocol):
         ...
 
 
+class XlDevices(Protocol):
+    """``xl-devices``: xl's own vTPM devices (docs/xl.md). A destroyed guest is created
+    again with ``vtpm = ["backend=0,uuid=..."]`` in its configuration (no attach of
+    ours), or as the harness makes it (``create``)."""
+
+    def destroy(self, guest: Guest) -> None: ...
+    def create(self, guest: Guest) -> None: ...
+    def create_with_xl_vtpm(self, guest: Guest, vtpm_uuid: str) -> float: ...
+
+
 class SaveRestore(Protocol):
     """``save-restore``: ``xl save`` then ``xl restore``; the seconds it took."""
 

@@ -34,6 +34,10 @@ class Frontend(Protocol):
 
     def connect(self, session: Dom0Session, guest: XenGuest) -> None: ...
 
+    def bind(self, session: Dom0Session, guest: XenGuest) -> None:
+        """Bind a vTPM device that another toolstack made (xl's ``vtpm=`` line)."""
+        ...
+
     def wait_for_device(self, guest: XenGuest) -> float: ...
 
     def stop(self, session: Dom0Session, guest: XenGuest) -> None: ...
@@ -69,6 +73,9 @@ class OurFrontend:
         xen_driver.attach_guest(
             session.host(), guest.host(), vtpm, REMOTE_PACKAGE_DIR, session.start_daemon
         )
+
+    def bind(self, session: Dom0Session, guest: XenGuest) -> None:
+        self.start(session, guest)
 
     def wait_for_device(self, guest: XenGuest) -> float:
         """Seconds until the guest's TPM device exists (``guest.tpm_device``)."""
@@ -125,6 +132,10 @@ class KernelFrontend:
         assert guest.domid is not None
         vtpm = xen_driver.GuestVtpm(guest.name, guest.domid, guest.instance)
         session.host().check(xen_driver.attach_command(vtpm, REMOTE_PACKAGE_DIR))
+        self.bind(session, guest)
+
+    def bind(self, session: Dom0Session, guest: XenGuest) -> None:
+        """Load xen-tpmfront (the guest's own, or the user's), which binds the device."""
         if self.own_module is None:
             guest.host().check("modprobe xen-tpmfront")
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,14 +94,15 @@ class XlToolstack:
         for guest in guests:
             self.wait_guest(guest, Deadline(GUEST_TIMEOUT))
 
-    def create_guest(self, guest: XenGuest) -> None:
+    def create_guest(self, guest: XenGuest, vtpm_uuid: str | None = None) -> None:
+        """``xl create`` the guest; ``vtpm_uuid``: with xl's own vTPM device of that uuid
+        in its configuration (docs/xl.md), otherwise with none (the harness attaches)."""
         dom0 = self._dom0()
         cfg = f"/etc/xen/{guest.name}.cfg"
-        dom0.run(
-            f"cat > {cfg}",
-            stdin=xl_config(guest, self._images(), self.guest_boot).encode(),
-            check=True,
-        )
+        config = xl_config(guest, self._images(), self.guest_boot)
+        if vtpm_uuid is not None:
+            config += f'vtpm = ["backend=0,uuid={uuid.UUID(vtpm_uuid)}"]\n'
+        dom0.run(f"cat > {cfg}", stdin=config.encode(), check=True)
         rc, out, err = dom0.run(f"xl create {cfg}", timeout=XL_CREATE_TIMEOUT)
         if rc != 0 and "because of timeout" in err:
             # xl's hotplug scripts (vif-bridge) have a fixed time budget that a loaded
@@ -157,9 +159,9 @@ class XlToolstack:
         self.session.detach_domain(guest.domid)
         guest.domid = None
 
-    def create(self, guest: XenGuest) -> None:
+    def create(self, guest: XenGuest, vtpm_uuid: str | None = None) -> None:
         """``xl create`` a destroyed guest again and log in to it."""
-        self.create_guest(guest)
+        self.create_guest(guest, vtpm_uuid)
         self.wait_guest(guest, Deadline(GUEST_TIMEOUT))
 
     def reboot(self, guest: XenGuest) -> tuple[int, float, float]:
