@@ -1,6 +1,7 @@
 """xl's own vTPM devices: ``xl vtpm-attach``, ``xl vtpm-list`` and ``xl vtpm-detach``
-on a running guest, with libxl's xenstore layout (a ``uuid``, ``resume = False``, no
-``instance``) served by our backend and no step of ours in between (docs/xl.md).
+on a running guest, and a guest that ``xl create`` makes with a ``vtpm=`` line, with
+libxl's xenstore layout (a ``uuid``, ``resume = False``, no ``instance``) served by our
+backend and no step of ours in between (docs/xl.md).
 
 Stock-kernel guests only (``xl-devices``): their ``xen-tpmfront`` binds the new device
 as another chip beside the guest's own vTPM. The uuid's instance is kept in dom0's
@@ -17,8 +18,10 @@ import uuid
 from typing import Any
 
 import pytest
+from tpm_helpers import nv_define, nv_read_all, nv_remove, open_esapi
 
-from harness.target import Dom0Shell
+from harness.target import Dom0Shell, XlDevices
+from harness.tpmwire import nv_index
 from xenvtpm import tpm
 
 pytestmark = [pytest.mark.device, pytest.mark.needs("xl-devices", "kernel-tpm", "dom0-shell")]
@@ -113,4 +116,36 @@ def test_xl_vtpm_attach_list_and_detach_on_a_running_guest(
     finally:
         dom0_shell.dom0_run(f"xl vtpm-detach {guest.name} {vtpm_uuid}", timeout=120)
     wait_chips(guest, lambda c: c == before, "the detached chip stays")
+    assert len(transact(guest, own, tpm.get_random_command(8))) == 20
+
+
+def test_a_guest_xl_creates_with_a_vtpm_line_keeps_its_nv_across_destroy_and_create(
+    xl_devices: XlDevices, dom0_shell: Dom0Shell, guests: Any
+) -> None:
+    """``vtpm = ["backend=0,uuid=U"]`` in the guest's configuration and ``xl create``:
+    the guest's kernel finds its TPM with nothing of ours in between; NV written then is
+    still there after ``xl destroy`` and ``xl create`` with the same uuid (the same
+    instance, from dom0's uuid map). The guest is then made as the harness makes it."""
+    guest = guests[-1]  # the first guest stays served throughout
+    vtpm_uuid = str(uuid.uuid5(uuid.NAMESPACE_DNS, f"{guest.name}.vtpm-line.xenvtpm.test"))
+    index = nv_index(0x71)
+    xl_devices.destroy(guest)
+    try:
+        xl_devices.create_with_xl_vtpm(guest, vtpm_uuid)
+        instance = mapped(dom0_shell)[vtpm_uuid]
+        assert instance >= 0x10000 and instance != guest.instance
+        with open_esapi(guest) as ctx:
+            nv_define(ctx, index, 16)
+            ctx.nv_write(ctx.tr_from_tpmpublic(index), b"xl-created-guest", 0)
+        xl_devices.destroy(guest)
+        xl_devices.create_with_xl_vtpm(guest, vtpm_uuid)
+        assert mapped(dom0_shell)[vtpm_uuid] == instance
+        with open_esapi(guest) as ctx:
+            assert nv_read_all(ctx, index) == b"xl-created-guest"
+            nv_remove(ctx, index)
+    finally:
+        if guest.domid is not None:
+            xl_devices.destroy(guest)
+        xl_devices.create(guest)
+    own = str(guest.tpm_device).rsplit("/", 1)[-1]
     assert len(transact(guest, own, tpm.get_random_command(8))) == 20
