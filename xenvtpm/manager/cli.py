@@ -11,6 +11,7 @@ import signal
 
 from xenvtpm.daemon import default_log_level, serve
 from xenvtpm.loop import Loop
+from xenvtpm.manager.confinement import DEFAULT_FILE_SIZE_LIMIT, Confinement
 from xenvtpm.manager.continuity import BOOT_ID_FILE
 from xenvtpm.manager.manager import Manager
 
@@ -46,6 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
         "acknowledged NV write can then be lost in a power cut)",
     )
     p.add_argument(
+        "--confine-swtpm",
+        metavar="UID_BASE",
+        type=int,
+        help="run each instance's swtpm as uid UID_BASE + instance, alone in its state "
+        "directory, with no network and a file-size limit (root only; "
+        "xenvtpm/manager/confinement.py)",
+    )
+    p.add_argument(
+        "--swtpm-file-size-limit",
+        type=int,
+        default=DEFAULT_FILE_SIZE_LIMIT,
+        metavar="BYTES",
+        help="with --confine-swtpm: RLIMIT_FSIZE of each swtpm (default %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         default=default_log_level(),
         type=str.upper,
@@ -59,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def build(loop: Loop) -> Manager:
+        confinement = None
+        if args.confine_swtpm is not None:
+            confinement = Confinement(args.confine_swtpm, args.swtpm_file_size_limit)
         manager = Manager(
             args.socket,
             args.state_root,
@@ -69,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             boot_id_file=args.boot_id_file,
             durable=args.durable,
             loop=loop,
+            confinement=confinement,
         )
         for signum in (signal.SIGTERM, signal.SIGINT):  # a planned stop: drain, then stop
             loop.call_on_signal(signum, manager.request_stop)

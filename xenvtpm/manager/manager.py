@@ -86,6 +86,7 @@ from xenvtpm.errors import VTPMError
 from xenvtpm.loop import Loop, Timer
 from xenvtpm.manager.client import PREFIX_SIZE, ManagerClient
 from xenvtpm.manager.commands import CommandPath
+from xenvtpm.manager.confinement import Confinement
 from xenvtpm.manager.continuity import BOOT_ID_FILE, read_boot_id
 from xenvtpm.manager.durability import Syncer
 from xenvtpm.manager.instance import (
@@ -154,6 +155,7 @@ class Manager(CommandPath):
         boot_id_file: str | os.PathLike[str] = BOOT_ID_FILE,
         durable: bool = True,
         loop: Loop | None = None,
+        confinement: Confinement | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         self.state_root = Path(state_root).absolute()
@@ -163,6 +165,7 @@ class Manager(CommandPath):
             swtpm_setup=swtpm_setup,
             start_timeout=start_timeout,
             log_level=swtpm_log_level,
+            confinement=confinement,
         )
         self.command_timeout = command_timeout
         self.max_instances = max_instances

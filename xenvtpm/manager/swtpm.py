@@ -38,6 +38,7 @@ from enum import IntEnum
 from pathlib import Path
 
 from xenvtpm.errors import InstanceStartError, VTPMError
+from xenvtpm.manager.confinement import Confinement
 
 __all__ = [
     "PERMALL",
@@ -160,6 +161,7 @@ class SwtpmConfig:
     ctrl_timeout: float = 5.0
     stop_timeout: float = 2.0
     log_level: int | None = None
+    confinement: Confinement | None = None  # --confine-swtpm: a uid, no network, a limit
 
     def __post_init__(self) -> None:
         # swtpm splits its option values at ',' and '=': such a path cannot be passed.
@@ -304,11 +306,18 @@ class Swtpm:
         ctrl, ctrl_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.data, self.ctrl = data, ctrl
         cmd = self._command(data_peer.fileno(), ctrl_peer.fileno())
+        confinement = self.config.confinement
+        if confinement is not None:
+            cmd = confinement.wrap(cmd, self.instance)
         try:
             with self._lock:
                 self._check_not_closing(cmd)
                 with self.log_path.open("ab") as out:
                     try:
+                        if confinement is not None:  # the log just made is its uid's too
+                            confinement.prepare(
+                                self.config.state_root, self.state_dir, self.instance
+                            )
                         self._proc = subprocess.Popen(
                             cmd,
                             stdin=subprocess.DEVNULL,
