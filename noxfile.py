@@ -115,13 +115,23 @@ def lint(session: nox.Session) -> None:
     """ruff's lint and format check over the whole tree; mypy strict over the package,
     the harness, the tests and examples, then over the scenarios and conftest.py."""
     session.install(*LINT)
-    tree = ["xenvtpm", "harness", "scenarios", "tests", "examples", "noxfile.py", "conftest.py"]
+    tree = [
+        "xenvtpm", "harness", "scenarios", "tests", "examples", "deploy", "noxfile.py",
+        "conftest.py",
+    ]  # fmt: skip
     session.run("ruff", "check", *tree)
     session.run("ruff", "format", "--check", *tree)
     session.run("mypy")
     # The scenarios in a run of their own: their module names (test_faults, ...) are also
     # those of tests/, which one mypy run would take for duplicates.
     session.run("mypy", "scenarios", "conftest.py")
+
+
+@nox.session(python=False)
+def deb(session: nox.Session) -> None:
+    """The Debian package: artifacts/deb/xenvtpm_<version>_all.deb (deploy/deb.py; the
+    driver pair, its systemd units and docs; reproducible, dpkg-deb only)."""
+    session.run("python3", "deploy/deb.py", str(ARTIFACTS / "deb"), external=True)
 
 
 @nox.session
