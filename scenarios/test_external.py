@@ -9,6 +9,8 @@ this driver, uses the guest kernel's ``/dev/tpm0``.
   fails in the guest must fail there too, or it is ours. Each test's result on both sides
   is printed and written to ``artifacts/external/tpm2-selftests-<target>.md``.
 - Debian's tpm2-tools on ``/dev/tpm0`` through the device TCTI, no resource manager.
+- Debian's tpm2-pytss (1.2, ``python3-tpm2-pytss``) in the guest's own Python, on
+  ``device:/dev/tpm0`` and, where the kernel has a resource manager, ``/dev/tpmrm0``.
 
 The selftests open ``/dev/tpm0``, which admits one opener: nothing here opens a harness
 transport (``guest.transport()`` holds ``/dev/tpm0`` while it is open), and each run
@@ -312,3 +314,30 @@ def test_tpm2_nv_define_write_read_undefine(guest: Any) -> None:
     assert re.search(r"^\s+size: 32$", out, re.M), out
     left = out.rsplit("left:", 1)[1].lower()
     assert index not in left, out
+
+
+# Run by the guest's own python3 with Debian's tpm2-pytss: random bytes and the TPM's
+# family, through ESAPI on the device TCTI named in argv[1].
+PYTSS_SCRIPT = """
+import sys
+from tpm2_pytss import ESAPI, TPM2_CAP, TPM2_PT
+with ESAPI("device:" + sys.argv[1]) as esys:
+    first, second = bytes(esys.get_random(16)), bytes(esys.get_random(16))
+    _, caps = esys.get_capability(TPM2_CAP.TPM_PROPERTIES, TPM2_PT.FAMILY_INDICATOR, 1)
+    family = caps.data.tpmProperties.tpmProperty[0].value
+    print(first.hex(), second.hex(), hex(family))
+"""
+
+
+def test_tpm2_pytss_in_the_guests_own_python(guest: Any) -> None:
+    """ESAPI of the guest's own tpm2-pytss on its TPM device, and on /dev/tpmrm0 where
+    its kernel registered a TPM 2.0 chip: 16 random bytes twice, family "2.0"."""
+    chip = str(guest.tpm_device)
+    rm = chip.replace("/tpm", "/tpmrm")
+    devices = [chip] + ([rm] if guest.run(f"test -c {rm}")[0] == 0 else [])
+    for device in devices:
+        rc, out, err = guest.run(f"python3 -c {shlex.quote(PYTSS_SCRIPT)} {device}")
+        assert rc == 0, f"{device}: {err}"
+        first, second, family = out.split()
+        assert re.fullmatch(r"[0-9a-f]{32}", first) and first != second, out
+        assert family == "0x322e3000", f"{device}: family {family}"
