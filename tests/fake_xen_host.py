@@ -4,7 +4,8 @@ in this process) in front of a fake dom0 and fake guests.
 What is real: the SSH handshake (so the client's host-key checks run as against any
 sshd), the root login, exec channels, and the ``direct-tcpip`` channel through which the
 harness reaches a guest from dom0 (``ssh -J``). What is faked: the commands. dom0's
-shell knows ``xl domid``/``xl list``/``xl network-list``, ``xenstore-read``/``-list``
+shell knows ``xl domid``/``xl list``/``xl network-list``/``xl reboot`` (a new domid
+for the guest, as xl makes a new domain), ``xenstore-read``/``-list``
 over a dict of nodes (both dom0's and the guests' own, as a guest writes them) and
 ``ip neigh show``; any other command succeeds with no output (the target's checks print
 only what is missing). A guest's shell answers ``hostname``, so a test can see which
@@ -167,14 +168,31 @@ class FakeDom0:
         self.guests = {g.name: g for g in guests}
         self.neighbours = neighbours
         self.xenstore: dict[str, str] = {}
+        self.commands: list[str] = []  # every command dom0 was given, in order
         for g in self.guests.values():
-            self.xenstore[f"/local/domain/{g.domid}/domid"] = str(g.domid)
-            self.xenstore[f"/local/domain/0/backend/vif/{g.domid}/0/mac"] = g.mac
-            self.xenstore[f"/local/domain/0/backend/vif/{g.domid}/0/frontend-id"] = str(g.domid)
-            self.xenstore[f"/libxl/{g.domid}/device/vif/0/mac"] = g.mac
-            self.xenstore[f"/local/domain/{g.domid}/device/vif/0/mac"] = g.mac
+            self._domain_nodes(g)
+
+    def _domain_nodes(self, g: FakeGuest) -> None:
+        self.xenstore[f"/local/domain/{g.domid}/domid"] = str(g.domid)
+        self.xenstore[f"/local/domain/0/backend/vif/{g.domid}/0/mac"] = g.mac
+        self.xenstore[f"/local/domain/0/backend/vif/{g.domid}/0/frontend-id"] = str(g.domid)
+        self.xenstore[f"/libxl/{g.domid}/device/vif/0/mac"] = g.mac
+        self.xenstore[f"/local/domain/{g.domid}/device/vif/0/mac"] = g.mac
+
+    def _reboot(self, name: str) -> tuple[int, str, str]:
+        """xl reboot: the guest comes back as a new domain; the old one's nodes go."""
+        guest = self.guests.get(name)
+        if guest is None:
+            return 1, "", f"{name} is an invalid domain identifier\n"
+        old = guest.domid
+        for path in [p for p in self.xenstore if f"/{old}/" in p or p.endswith(f"/{old}")]:
+            del self.xenstore[path]
+        guest.domid = old + 100
+        self._domain_nodes(guest)
+        return 0, "", ""
 
     def __call__(self, command: str) -> tuple[int, str, str]:
+        self.commands.append(command)
         try:
             argv = shlex.split(command)
         except ValueError:
@@ -189,6 +207,8 @@ class FakeDom0:
                 return 0, f"{guest.domid}\n", ""
             case ["xl", "network-list", name]:
                 return self._network_list(name)
+            case ["xl", "reboot", name]:
+                return self._reboot(name)
             case ["xenstore-read", path]:
                 if path not in self.xenstore:
                     return 1, "", f"xenstore-read: couldn't read path {path}\n"

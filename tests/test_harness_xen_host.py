@@ -18,9 +18,10 @@ import pytest
 from fake_xen_host import FakeGuest, FakeXenHost
 
 from harness.deadline import Deadline
-from harness.errors import HarnessError, TargetNotReady
+from harness.errors import HarnessError, TargetNotReady, UnsupportedOperation
 from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
+from harness.target import Capability
 from harness.targets import TARGETS, capabilities_of, make_target, target_class
 from harness.targets.host_spec import (
     GuestSpec,
@@ -530,3 +531,45 @@ def test_pytest_refuses_a_known_hosts_file_that_does_not_exist(tmp_path: Path) -
     )
     assert result.returncode == 4, result.stdout + result.stderr
     assert f"known_hosts file {missing} does not exist" in result.stderr
+
+
+# -- reboot on a user's host, with the owner's consent (issue 16, point 5) ---------------
+def test_without_consent_there_is_no_reboot_at_all(home: Path) -> None:
+    """No --destructive: no REBOOT capability and no part that could reboot."""
+    with FakeXenHost([FakeGuest(*WEB)], NEIGHBOURS) as host:
+        target = host_target(host, home, ["web"])
+        try:
+            assert Capability.REBOOT not in target.capabilities
+            assert target.reboots is None
+            with pytest.raises(UnsupportedOperation):
+                target.reboot(target.guests[0])
+        finally:
+            target.close()
+
+
+def test_a_consented_reboot_is_xl_reboot_then_the_same_vtpm_on_the_new_domain(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--destructive: ``xl reboot web``, the new domain's id from xl, the old domain's
+    vTPM detached, web logged in to again (found by its MAC anew) and its vTPM attached
+    to the new domain."""
+    with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], NEIGHBOURS) as host:
+        host.known_hosts(home / ".ssh" / "known_hosts")
+        target = host_target(host, home, ["web"], destructive=True)
+        assert Capability.REBOOT in target.capabilities
+        attached: list[int | None] = []
+        monkeypatch.setattr(target, "connect_vtpm", lambda g: attached.append(g.domid))
+        monkeypatch.setattr(target, "wait_for_device", lambda g: 0.1)
+        try:
+            target.connect_host()
+            target.find_guests()
+            web = target.guests[0]
+            target.reboot(web)
+            assert web.domid == WEB[1] + 100 and attached == [WEB[1] + 100]
+            commands = host.dom0_shell.commands
+            reboot = commands.index("xl reboot web")
+            detach = next(i for i, c in enumerate(commands) if f"detach --domid {WEB[1]}" in c)
+            assert reboot < detach
+            assert web.host().check("hostname").strip() == "web"
+        finally:
+            target.close()
