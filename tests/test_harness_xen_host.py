@@ -126,11 +126,11 @@ def test_registry_knows_ssh_urls_only_with_a_scheme() -> None:
 
 def test_capabilities_follow_the_guest_kind_and_the_owners_consent() -> None:
     """xen-tpmfront guests lose /dev/tpmrm0 and the restarts they cannot survive;
-    ``destructive`` adds the restarts and killed swtpm, and never a reboot or destroy
-    (a user's host has no toolstack part)."""
+    ``destructive`` adds the restarts, killed swtpm and ``xl reboot``, never a destroy
+    or a create (a user's host has no toolstack part beyond its reboots)."""
     url, base = "ssh://root@h", {"multi-guest", "traffic-trace"}
     assert capabilities_of(url, 2, guest_kind="kernel") == base
-    faults = {"restart-manager", "kill-swtpm"}
+    faults = {"restart-manager", "kill-swtpm", "reboot"}
     ours = faults | {"restart-backend", "restart-frontend", "shared-clients"}
     assert capabilities_of(url, 2, destructive=True) == base | ours
     assert capabilities_of(url, 2, guest_kind="kernel", destructive=True) == base | faults
@@ -551,7 +551,7 @@ def test_a_consented_reboot_is_xl_reboot_then_the_same_vtpm_on_the_new_domain(
     home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--destructive: ``xl reboot web``, the new domain's id from xl, the old domain's
-    vTPM detached, web logged in to again (found by its MAC anew) and its vTPM attached
+    vTPM detached, web logged in to again at the address found before, and its vTPM attached
     to the new domain."""
     with FakeXenHost([FakeGuest(*WEB), FakeGuest(*DB)], NEIGHBOURS) as host:
         host.known_hosts(home / ".ssh" / "known_hosts")

@@ -40,7 +40,7 @@ from harness.own_build import OwnBuild
 from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess, ProcessRecord
 from harness.ssh import SshHost
-from harness.target import Capability
+from harness.target import Capability, Guest
 from harness.targets import Progress
 from harness.targets.host_spec import (
     GuestSpec,
@@ -55,6 +55,7 @@ from harness.targets.xen_base import XenDriverTarget
 from harness.targets.xen_driver import DOM0_MODULES, STATE_ROOT
 from harness.targets.xen_frontends import FRONTENDS, Frontend
 from harness.targets.xen_guest import XenGuest
+from harness.targets.xen_host_reboots import REBOOT_TIMEOUT, HostReboots
 from harness.transport_ssh import REMOTE_PACKAGE_DIR
 from harness.xenlogs import JOURNAL_CURSOR, REMOTE_LOG_DIR
 
@@ -169,13 +170,14 @@ class HostGuest(XenGuest):
 class XenHostTarget(XenDriverTarget):
     """The xen target on an existing Xen host: an SSH login to the user's dom0, the dom0
     session (deploy, daemons, log collection) and our frontend. There is no machine and
-    no toolstack part: nothing here can boot, destroy or recreate a domain."""
+    no toolstack part: nothing here can boot, destroy or recreate a domain. With the
+    owner's consent (``destructive``) one part is added, ``reboots``: ``xl reboot``."""
 
     name: ClassVar[str] = "xen-host"
     ON_A_HOST: ClassVar[bool] = True
     # Declared here, not derived from the parts: what disturbs the environment (a
     # restart, a killed swtpm) stays off on a user's host unless its owner allows it
-    # (``destructive``). There is no toolstack part, so no reboot or destroy at all.
+    # (``destructive``); so does ``xl reboot`` of their guests. Nothing destroys a domain.
     CAPABILITIES: ClassVar[frozenset[str]] = frozenset(
         {Capability.MULTI_GUEST, Capability.SHARED_CLIENTS, Capability.TRAFFIC_TRACE}
     )
@@ -185,6 +187,7 @@ class XenHostTarget(XenDriverTarget):
             Capability.RESTART_BACKEND,
             Capability.RESTART_FRONTEND,
             Capability.KILL_SWTPM,
+            Capability.REBOOT,
         }
     )
     # What only some frontends allow (xen-tpmfront: no /dev/tpmrm0, no reconnect).
@@ -237,6 +240,8 @@ class XenHostTarget(XenDriverTarget):
             self.guest_count, guest_kind=guest_kind, destructive=destructive
         )
         self.host_keys = HostKeyCheck(known_files, accept_new_host_keys, self.say)
+        # The one toolstack operation on a user's host, there only with consent.
+        self.reboots = HostReboots(self._dom0, self.say) if destructive else None
         self.versions: dict[str, Any] = {}
         self._collected = False
         # Per domain: the paths this run created and the modules it loaded (to undo).
@@ -313,18 +318,40 @@ class XenHostTarget(XenDriverTarget):
                 raise TargetNotReady(f"guest {guest.name}", "that is dom0, not a guest")
             guest.ip = guest.given_address or self.lookup_address(guest)
             self.say(f"{guest.name}: domain {guest.domid}, ssh {guest.ip} through dom0")
-            guest.ssh = SshHost(
-                guest.name, guest.ip, 22, self.key, via=dom0, host_keys=self.host_keys
-            )
-            try:
-                guest.ssh.connect(Deadline(CONNECT_TIMEOUT))
-            except TargetNotReady as e:
-                raise TargetNotReady(
-                    f"guest {guest.name}",
-                    f"no root login at {guest.ip} through dom0 ({e}); give the right address "
-                    f"with --host-guest {guest.name}=ADDRESS",
-                ) from e
-            self._cursors[guest.name] = guest.ssh.run(JOURNAL_CURSOR)[1].strip()
+            login = self.login_guest(guest, Deadline(CONNECT_TIMEOUT))
+            self._cursors[guest.name] = login.run(JOURNAL_CURSOR)[1].strip()
+
+    def login_guest(self, guest: HostGuest, deadline: Deadline) -> SshHost:
+        """Root's SSH login to the guest at its address, through dom0."""
+        guest.ssh = login = SshHost(
+            guest.name, guest.ip, 22, self.key, via=self._dom0(), host_keys=self.host_keys
+        )
+        try:
+            login.connect(deadline)
+        except TargetNotReady as e:
+            raise TargetNotReady(
+                f"guest {guest.name}",
+                f"no root login at {guest.ip} through dom0 ({e}); give the right address "
+                f"with --host-guest {guest.name}=ADDRESS",
+            ) from e
+        return login
+
+    # -- xl reboot, with the owner's consent ----------------------------------------------
+    def reboot(self, guest: Guest) -> None:
+        """``xl reboot`` of a user's guest (``--destructive`` only): its kernel reboots
+        into a new domain; the old domain's vTPM is detached, the guest logged in to
+        again at the address found before (its MAC is the same) and the same vTPM
+        instance attached to the new domain, whose TPM device then comes back."""
+        self.require(Capability.REBOOT)
+        assert self.reboots is not None  # composed with the capability
+        g: HostGuest = self._own(guest)
+        self.stop_frontend(g)
+        self.session.forget(g)
+        old = self.reboots.reboot(g)
+        self.session.detach_domain(old)
+        self.login_guest(g, Deadline(REBOOT_TIMEOUT))
+        self.connect_vtpm(g)
+        self.wait_for_device(g)
 
     def lookup_address(self, guest: HostGuest) -> str:
         """The guest's address as dom0 knows it: the MACs xl gave its vifs, read from
