@@ -112,7 +112,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--destructive",
         action="store_true",
         help="ssh:// targets: the host's owner allows the scenarios that restart the "
-        "driver's daemons and kill a guest's swtpm (default: skipped there)",
+        "driver's daemons, kill a guest's swtpm and xl reboot a guest (default: skipped)",
     )
     group.addoption(
         "--attach",

@@ -249,7 +249,7 @@ def certify(session: nox.Session) -> None:
     [--driver GITREF|DIR] [--tpmfront FILE.ko] [pytest args]``.
     Host keys not in ~/.ssh/known_hosts or FILE are refused unless
     --accept-new-host-keys; --guest-kind kernel tests the guests' own xen-tpmfront (or
-    the --tpmfront given); --destructive allows restarts and killed swtpm on the host;
+    the --tpmfront given); --destructive allows restarts, killed swtpm and xl reboot;
     --driver certifies another build of the driver (recorded with its sha256). Writes
     artifacts/certify/junit.xml and report.md (driver commit, Xen, dom0 and guest
     versions, each login's host key, each scenario's result); the host's logs go to

@@ -236,7 +236,10 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
     if "guest_kind" in versions:  # recorded since certify took --guest-kind
         frontend = FRONTEND_NAMES.get(str(versions["guest_kind"]), str(versions["guest_kind"]))
         consent = "allowed (--destructive)" if versions.get("destructive") else "not allowed"
-        rows += [("guests' vTPM frontend", frontend), ("restarts and killed swtpm", consent)]
+        rows += [
+            ("guests' vTPM frontend", frontend),
+            ("restarts, killed swtpm, xl reboot", consent),
+        ]
     for piece in versions.get("own_build") or []:  # the user's own pieces (own_build.py)
         rows.append(
             (

@@ -68,9 +68,9 @@ def test_parse_junit_outcomes_durations_and_totals() -> None:
 def test_report_says_which_frontend_and_whether_faults_were_allowed() -> None:
     text = render(VERSIONS | {"guest_kind": "kernel", "destructive": True}, parse_junit(JUNIT))
     assert "| guests' vTPM frontend | the guest kernel's xen-tpmfront |" in text.splitlines()
-    assert "| restarts and killed swtpm | allowed (--destructive) |" in text.splitlines()
+    assert "| restarts, killed swtpm, xl reboot | allowed (--destructive) |" in text.splitlines()
     text = render(VERSIONS | {"guest_kind": "python", "destructive": False}, None)
-    assert "| restarts and killed swtpm | not allowed |" in text.splitlines()
+    assert "| restarts, killed swtpm, xl reboot | not allowed |" in text.splitlines()
 
 
 def test_report_has_versions_every_scenario_and_totals() -> None:

@@ -226,7 +226,7 @@ class XenHostTarget(XenDriverTarget):
         Host keys: ``~/.ssh/known_hosts`` and the ``known_hosts`` files are the known
         ones; others only with ``accept_new_host_keys``. ``guest_kind``: "python" (our
         frontend in each guest) or "kernel" (the guests' own ``xen-tpmfront``);
-        ``destructive``: the owner allows restarts and killed swtpm on this host."""
+        ``destructive``: the owner allows restarts, killed swtpm and reboots here."""
         if guest_kind not in FRONTENDS:
             raise ValueError(f"guest kind {guest_kind!r}: one of {', '.join(FRONTENDS)}")
         self.guest_kind, self.destructive = guest_kind, destructive
