@@ -343,7 +343,13 @@ class Swtpm:
                 self.instance, cmd, rc, f"{exc}\n{_tail(self.log_path)}"
             ) from exc
         ctrl.settimeout(self.config.ctrl_timeout)
-        self.log.info("swtpm pid %s serving %s", self.pid, self.state_dir)
+        confined = self.config.confinement
+        self.log.info(
+            "swtpm pid %s serving %s%s",
+            self.pid,
+            self.state_dir,
+            f" as uid {confined.uid(self.instance)}, offline" if confined else "",
+        )
 
     def _exit_status(self, grace: float) -> int | None:
         """swtpm's exit status, waiting up to ``grace`` s for it; None if it still runs."""
