@@ -18,8 +18,8 @@ import contextlib
 import time
 
 from xenvtpm.errors import XenStoreError
-from xenvtpm.tools.toolstack import VtpmDevice
-from xenvtpm.xen.interface import Access, Perm, XenStore
+from xenvtpm.tools.toolstack import VtpmDevice, write_device
+from xenvtpm.xen.interface import XenStore
 
 LIBXL_INIT_TIMEOUT = 10.0
 LIBXL_DESTROY_TIMEOUT = 10.0
@@ -41,8 +41,9 @@ def libxl_next_devid(xs: XenStore, domid: int) -> int:
 def libxl_add(
     xs: XenStore, domid: int, uuid: str, devid: int | None = None, resume: str = "False"
 ) -> VtpmDevice:
-    """The three directories as libxl writes them, in one transaction, with its
-    permissions; the devid xl would take unless given."""
+    """The three directories as libxl writes them (toolstack.write_device, the same
+    transaction and permissions), with libxl's nodes; the devid xl would take unless
+    given."""
     dev = VtpmDevice(domid, 0, libxl_next_devid(xs, domid) if devid is None else devid)
     devid = dev.devid
     backend = {
@@ -55,22 +56,8 @@ def libxl_add(
         "resume": resume,
     }
     frontend = {"backend": dev.backend_path, "backend-id": "0", "state": "1", "handle": str(devid)}
-    fe_perms = [Perm(domid, Access.NONE), Perm(0, Access.READ)]
-    be_perms = [Perm(0, Access.NONE), Perm(domid, Access.READ)]
-    while True:
-        tx = xs.transaction_start()
-        for base, nodes, perms in (
-            (dev.frontend_path, frontend, fe_perms),
-            (dev.backend_path, backend, be_perms),
-        ):
-            xs.mkdir(base, tx=tx)
-            xs.set_perms(base, perms, tx=tx)
-            for key, value in nodes.items():
-                xs.write(f"{base}/{key}", value, tx=tx)
-        for key, value in {**backend, "backend": dev.backend_path}.items():
-            xs.write(f"{dev.libxl_path}/{key}", value, tx=tx)
-        if xs.transaction_end(tx, commit=True):
-            return dev
+    write_device(xs, dev, frontend, backend)
+    return dev
 
 
 def backend_state(xs: XenStore, dev: VtpmDevice) -> str:

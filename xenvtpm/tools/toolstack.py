@@ -53,6 +53,35 @@ def instance_uuid(instance: int) -> str:
     return str(uuid.uuid5(INSTANCE_UUID_NAMESPACE, f"xenvtpm-instance-{instance}"))
 
 
+def write_device(
+    xs: XenStore, dev: VtpmDevice, frontend: dict[str, str], backend: dict[str, str]
+) -> None:
+    """Both directories and libxl's copy of the backend's nodes in one transaction, with
+    libxl's permissions (libxl__device_generic_add): the guest owns its frontend node
+    and dom0 may read it; dom0 owns the backend node and the guest may only read it."""
+    fe_perms = [Perm(dev.frontend_domid, Access.NONE), Perm(dev.backend_domid, Access.READ)]
+    be_perms = [Perm(dev.backend_domid, Access.NONE), Perm(dev.frontend_domid, Access.READ)]
+    while True:
+        tx = xs.transaction_start()
+        try:
+            for base, nodes, perms in (
+                (dev.frontend_path, frontend, fe_perms),
+                (dev.backend_path, backend, be_perms),
+            ):
+                xs.mkdir(base, tx=tx)
+                xs.set_perms(base, perms, tx=tx)
+                for key, value in nodes.items():
+                    xs.write(f"{base}/{key}", value, tx=tx)
+                    xs.set_perms(f"{base}/{key}", perms, tx=tx)
+            for key, value in {**backend, "backend": dev.backend_path}.items():
+                xs.write(f"{dev.libxl_path}/{key}", value, tx=tx)
+        except BaseException:
+            xs.transaction_end(tx, commit=False)
+            raise
+        if xs.transaction_end(tx, commit=True):
+            return
+
+
 def attach_vtpm(
     xs: XenStore,
     frontend_domid: int,
@@ -74,8 +103,6 @@ def attach_vtpm(
     only), so xl counts the device: its next devid, ``xl vtpm-list`` (docs/xl.md).
     """
     dev = VtpmDevice(frontend_domid, backend_domid, devid)
-    fe_perms = [Perm(frontend_domid, Access.NONE), Perm(backend_domid, Access.READ)]
-    be_perms = [Perm(backend_domid, Access.NONE), Perm(frontend_domid, Access.READ)]
     frontend = {
         "backend-id": str(backend_domid),
         "backend": dev.backend_path,
@@ -93,25 +120,7 @@ def attach_vtpm(
         "state": str(int(XenbusState.INITIALISING)),
         RESUME_KEY: "True" if resumed else "False",  # libxl's spelling
     }
-    while True:
-        tx = xs.transaction_start()
-        try:
-            for base, nodes, perms in (
-                (dev.frontend_path, frontend, fe_perms),
-                (dev.backend_path, backend, be_perms),
-            ):
-                xs.mkdir(base, tx=tx)
-                xs.set_perms(base, perms, tx=tx)
-                for key, value in nodes.items():
-                    xs.write(f"{base}/{key}", value, tx=tx)
-                    xs.set_perms(f"{base}/{key}", perms, tx=tx)
-            for key, value in {**backend, "backend": dev.backend_path}.items():
-                xs.write(f"{dev.libxl_path}/{key}", value, tx=tx)
-        except BaseException:
-            xs.transaction_end(tx, commit=False)
-            raise
-        if xs.transaction_end(tx, commit=True):
-            break
+    write_device(xs, dev, frontend, backend)
     log.info("attached vTPM instance %d to domain %d (%s)", instance, frontend_domid, name)
     return dev
 
