@@ -10,13 +10,12 @@ owner's, and ``xl reboot`` keeps it.
 from __future__ import annotations
 
 import shlex
-import time
 from collections.abc import Callable
 
 from harness.deadline import Deadline
-from harness.errors import TargetNotReady
 from harness.ssh import SshHost
 from harness.targets.xen_guest import XenGuest
+from harness.targets.xen_toolstack import wait_new_domain
 
 #: A real host's guest may take long to shut down and boot; past this, the run says so.
 REBOOT_TIMEOUT = 600.0
@@ -34,19 +33,8 @@ class HostReboots:
         domid is returned. The guest's login and vTPM are the caller's."""
         dom0 = self._dom0()
         old = guest.domid
-        name = shlex.quote(guest.name)
-        dom0.check(f"xl reboot {name}", timeout=60)
-        deadline = Deadline(timeout)
-        while True:
-            rc, out, _ = dom0.run(f"xl domid {name}", timeout=30)
-            if rc == 0 and out.strip().isdigit() and int(out) != old:
-                guest.domid = int(out)
-                break
-            if deadline.expired:
-                raise TargetNotReady(
-                    guest.name, f"no new domain {timeout:.0f} s after xl reboot (was {old})"
-                )
-            time.sleep(1.0)
         assert old is not None
+        dom0.check(f"xl reboot {shlex.quote(guest.name)}", timeout=60)
+        wait_new_domain(dom0, guest, old, Deadline(timeout))
         self.say(f"{guest.name}: xl reboot, domain {old} -> {guest.domid}")
         return old

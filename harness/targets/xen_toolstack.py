@@ -65,6 +65,20 @@ def xl_config(guest: XenGuest, images: Images, boot: tuple[str, str] | None = No
     return text
 
 
+def wait_new_domain(dom0: SshHost, guest: XenGuest, old: int, deadline: Deadline) -> None:
+    """After ``xl reboot``: poll ``xl domid`` until xl names a domain other than ``old``,
+    and give ``guest`` its id (TargetNotReady at ``deadline``)."""
+    name = shlex.quote(guest.name)
+    while True:
+        rc, out, _ = dom0.run(f"xl domid {name}", timeout=30)
+        if rc == 0 and out.strip().isdigit() and int(out) != old:
+            guest.domid = int(out)
+            return
+        if deadline.expired:
+            raise TargetNotReady(guest.name, f"no new domain after xl reboot (was {old})")
+        time.sleep(1.0)
+
+
 class XlToolstack:
     """The guests' domains in the harness's dom0, through ``session``'s login."""
 
@@ -173,16 +187,7 @@ class XlToolstack:
         t0 = time.monotonic()
         dom0.check(f"xl reboot {guest.name}", timeout=60)
         deadline = Deadline(GUEST_TIMEOUT)
-        while True:
-            rc, out, _ = dom0.run(f"xl domid {guest.name}", timeout=30)
-            if rc == 0 and out.strip().isdigit() and int(out) != old:
-                guest.domid = int(out)
-                break
-            if deadline.expired:
-                raise TargetNotReady(
-                    guest.name, f"no new domain {GUEST_TIMEOUT:.0f} s after xl reboot"
-                )
-            time.sleep(1.0)
+        wait_new_domain(dom0, guest, old, deadline)
         t1 = time.monotonic()
         with ThreadPoolExecutor(1) as pool:  # the old domain's vTPM goes while the new boots
             detached = pool.submit(self.session.detach_domain, old)
