@@ -4,11 +4,10 @@
 Chain (STYLE.md 9): ``target`` (session: brought up once, down at the end) -> ``guests``
 / ``guest`` -> ``raw_tpm`` / ``esapi`` (per test). ``@pytest.mark.needs("cap", ...)``
 skips a scenario on targets lacking a capability, with the reason shown. A scenario
-reaches a capability's operations through its fixture (``faults``, ``restarts``,
-``reboots``, ``xl``, ``dom0_shell``, ``save_restore``, ``power_cut``, ``crash_watch``,
-``hostile_toolstack``: ``harness/capability_fixtures.py``), typed by its protocol in
-``harness.target``; the fixture skips the scenario the same way on a target without it,
-before the target comes up.
+reaches a capability's operations through its fixture (``faults``, ``xl``, ``xl_devices``
+... in ``harness/capability_fixtures.py``), typed by its protocol in ``harness.target``;
+the fixture skips the scenario the same way on a target without it, before the target
+comes up.
 
 A failing test's report lists the daemon logs; with ``--artifacts DIR`` (or ``--junitxml
 DIR/junit.xml``) every log of a failing run is copied to ``DIR/logs/``. A summary table
@@ -143,12 +142,11 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
     """The guest count and the target's own options: an ``ssh://`` host's guests are
     the ``--host-guest`` ones; other targets make ``--guests`` guests. The user's own
     pieces (``--xen FILE``...) go to Xen targets only."""
-    # imported here, once pytest has loaded it as a plugin (and rewritten its asserts)
-    from harness.own_build_options import own_build
+    from harness.own_build_options import own_build  # a plugin: pytest loaded it first
 
-    own = own_build(config)
+    own = {"own_build": built} if (built := own_build(config)) else {}
     if "://" not in config.getoption("--target"):
-        return config.getoption("--guests"), ({"own_build": own} if own else {})
+        return config.getoption("--guests"), own
     from harness.hostkeys import resolve_known_hosts
     from harness.targets.host_spec import HostSpec, parse_guests, resolve_key
 
@@ -163,7 +161,7 @@ def _target_setup(config: pytest.Config) -> tuple[int, dict[str, Any]]:
         "accept_new_host_keys": config.getoption("--accept-new-host-keys"),
         "guest_kind": config.getoption("--guest-kind"),
         "destructive": config.getoption("--destructive"),
-        **({"own_build": own} if own else {}),
+        **own,
     }
     return len(guests), options
 
