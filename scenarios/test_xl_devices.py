@@ -21,7 +21,7 @@ import pytest
 from tpm_helpers import nv_define, nv_read_all, nv_remove, open_esapi
 
 from harness.target import Dom0Shell, XlDevices
-from harness.tpmwire import nv_index
+from harness.tpmwire import DEBUG_PCR, nv_index
 from xenvtpm import tpm
 
 pytestmark = [pytest.mark.device, pytest.mark.needs("xl-devices", "kernel-tpm", "dom0-shell")]
@@ -31,7 +31,6 @@ UUID_MAP = "/var/lib/xenvtpm/vtpm-uuids.json"
 CHIP_WITHIN_S = 60.0
 # libxl's own wait for the backend (LIBXL_INIT_TIMEOUT, LIBXL_DESTROY_TIMEOUT)
 LIBXL_TIMEOUT_S = 10.0
-DEBUG_PCR = 16
 
 # Sends one command to a TPM device in the guest and prints the answer in hex.
 _TRANSACT = (
