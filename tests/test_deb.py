@@ -86,3 +86,34 @@ def test_the_same_sources_give_the_same_package(package: Path, tmp_path: Path) -
     assert (
         hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(package.read_bytes()).digest()
     )
+
+
+def test_the_packaged_units_run_the_installed_package_not_a_copied_folder(
+    package: Path, tmp_path: Path
+) -> None:
+    """The units of deploy/systemd/ start in /opt/xenvtpm when it exists (the copied
+    folder's home); the package's must not, or a folder left there would shadow what
+    the package installed. Every other line is the same."""
+    root = tmp_path / "root"
+    subprocess.run(["dpkg-deb", "-x", str(package), str(root)], check=True)
+    for source in sorted((REPO_ROOT / "deploy" / "systemd").glob("*.service")):
+        packaged = (root / deb.UNIT_DIR / source.name).read_text().splitlines()
+        assert not [line for line in packaged if line.startswith("WorkingDirectory=")]
+        assert packaged == [
+            line
+            for line in source.read_text().splitlines()
+            if not line.startswith("WorkingDirectory=")
+        ]
+
+
+def test_it_packages_another_source_folder(tmp_path: Path) -> None:
+    """``--driver GITREF|DIR`` of the Xen harness: the package holds that folder's
+    sources, not this checkout's."""
+    source = tmp_path / "src" / "xenvtpm"
+    shutil.copytree(REPO_ROOT / "xenvtpm", source, ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "marker.py").write_text("MARK = 1\n")
+    built = deb.build(tmp_path / "out", source=source)
+    listing = subprocess.run(
+        ["dpkg-deb", "--contents", str(built)], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"./{deb.PYTHON_DIR}/xenvtpm/marker.py" in listing
