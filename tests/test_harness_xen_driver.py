@@ -44,7 +44,7 @@ def test_dom0_then_guest_in_order() -> None:
         f"dom0:manager:manager --socket {xen_driver.MANAGER_SOCKET} "
         f"--state-root {xen_driver.STATE_ROOT}",
         f"dom0:backend:backend --manager {xen_driver.MANAGER_SOCKET} "
-        f"--trace {xen_driver.TRACE_DIR} --uuid-map {xen_driver.STATE_ROOT}/vtpm-uuids.json",
+        f"--uuid-map {xen_driver.STATE_ROOT}/vtpm-uuids.json --trace {xen_driver.TRACE_DIR}",
         "guest0:frontend:frontend --device",
     ]
     attach = next(c for c in log if "attach" in c)

@@ -57,19 +57,27 @@ class GuestVtpm:
 StartDaemon = Callable[[Host, str, str], int]
 
 
+def manager_options() -> list[str]:
+    """What the harness adds to the manager's command line: ``$XENVTPM_MANAGER_FLAGS``."""
+    return shlex.split(os.environ.get(MANAGER_FLAGS_ENV, ""))
+
+
+def backend_options() -> list[str]:
+    """What the harness adds to the backend's: the traffic trace, for failed tests."""
+    return ["--trace", TRACE_DIR]
+
+
 def manager_args() -> str:
-    """The manager's arguments in dom0, with ``$XENVTPM_MANAGER_FLAGS`` after them."""
-    extra = shlex.split(os.environ.get(MANAGER_FLAGS_ENV, ""))
+    """The manager's arguments in dom0: its unit's (deploy/systemd), then the harness's."""
     return f"manager --socket {MANAGER_SOCKET} --state-root {STATE_ROOT}" + "".join(
-        f" {shlex.quote(flag)}" for flag in extra
+        f" {shlex.quote(flag)}" for flag in manager_options()
     )
 
 
 def backend_args() -> str:
     """xl's vtpm uuids are given instances in a map kept with the manager's state."""
-    return (
-        f"backend --manager {MANAGER_SOCKET} --trace {TRACE_DIR} "
-        f"--uuid-map {STATE_ROOT}/vtpm-uuids.json"
+    return f"backend --manager {MANAGER_SOCKET} --uuid-map {STATE_ROOT}/vtpm-uuids.json " + (
+        shlex.join(backend_options())
     )
 
 
