@@ -50,12 +50,22 @@ def version() -> str:
     return found.group(1)
 
 
-def sources() -> list[Path]:
-    """The package's files: every .py under xenvtpm/, no caches, no build leftovers."""
+SOURCE = REPO_ROOT / "xenvtpm"
+
+
+def sources(source: Path = SOURCE) -> list[Path]:
+    """The package's files, relative to ``source``'s parent: every .py under it, no
+    caches, no build leftovers."""
     return sorted(
-        p.relative_to(REPO_ROOT)
-        for p in (REPO_ROOT / "xenvtpm").rglob("*.py")
-        if "__pycache__" not in p.parts
+        p.relative_to(source.parent) for p in source.rglob("*.py") if "__pycache__" not in p.parts
+    )
+
+
+def packaged_unit(text: str) -> str:
+    """A unit as the package installs it: without ``WorkingDirectory=`` (the copied
+    folder's /opt/xenvtpm), so that nothing left there shadows the installed package."""
+    return "".join(
+        line for line in text.splitlines(keepends=True) if not line.startswith("WorkingDirectory=")
     )
 
 
@@ -65,12 +75,16 @@ def _copy(src: Path, dest: Path, mode: int = 0o644) -> None:
     dest.chmod(mode)
 
 
-def stage(root: Path) -> int:
-    """Lay the package's tree out under ``root``; its installed size in KiB."""
-    for rel in sources():
-        _copy(REPO_ROOT / rel, root / PYTHON_DIR / rel)
+def stage(root: Path, source: Path = SOURCE) -> int:
+    """Lay the package's tree out under ``root``, the driver from ``source``; its
+    installed size in KiB."""
+    for rel in sources(source):
+        _copy(source.parent / rel, root / PYTHON_DIR / rel)
     for unit in sorted((REPO_ROOT / "deploy" / "systemd").glob("*.service")):
-        _copy(unit, root / UNIT_DIR / unit.name)
+        dest = root / UNIT_DIR / unit.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(packaged_unit(unit.read_text()))
+        dest.chmod(0o644)
     docs = root / DOC_DIR
     _copy(REPO_ROOT / "README.md", docs / "README.md")
     _copy(REPO_ROOT / "deploy" / "README.md", docs / "deploy.md")
@@ -105,13 +119,14 @@ def control(installed_kib: int) -> str:
     )
 
 
-def build(out_dir: Path) -> Path:
-    """The .deb in ``out_dir``; every file root-owned, mtimes from SOURCE_DATE_EPOCH."""
+def build(out_dir: Path, source: Path = SOURCE) -> Path:
+    """The .deb in ``out_dir``, of the driver folder ``source``; every file root-owned,
+    mtimes from SOURCE_DATE_EPOCH."""
     out_dir.mkdir(parents=True, exist_ok=True)
     deb = out_dir / f"xenvtpm_{version()}_all.deb"
     with tempfile.TemporaryDirectory(prefix="xenvtpm-deb-") as tmp:
         root = Path(tmp) / "root"
-        size = stage(root)
+        size = stage(root, source)
         meta = root / "DEBIAN"
         meta.mkdir(mode=0o755)
         (meta / "control").write_text(control(size))
@@ -136,11 +151,17 @@ def build(out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir", type=Path, nargs="?", default=REPO_ROOT / "artifacts" / "deb")
+    p.add_argument(
+        "--source", type=Path, default=SOURCE, help="the xenvtpm/ folder to package (default: ours)"
+    )
     args = p.parse_args(argv)
+    if not (args.source / "__main__.py").is_file():
+        print(f"deb: {args.source} is not a xenvtpm package folder", file=sys.stderr)
+        return 1
     if shutil.which("dpkg-deb") is None:
         print("deb: dpkg-deb not found (a Debian host builds the package)", file=sys.stderr)
         return 1
-    print(build(args.out_dir))
+    print(build(args.out_dir, args.source.resolve()))
     return 0
 
 
