@@ -104,7 +104,11 @@ class XenDriverTarget(BaseTarget):
         self.timings = {}
         self.relays = RelayPool()  # each guest's /dev/tpm0 relay, kept between transports
         self._guests = self.make_guests(self.guest_count)
-        self.session = Dom0Session(self._guests, self.artifacts, self.say)
+        # dom0 of our own machine runs the package and its units; a user's host, the
+        # copied folder (the harness installs nothing there)
+        self.session = Dom0Session(
+            self._guests, self.artifacts, self.say, packaged=not self.ON_A_HOST
+        )
 
     def make_guests(self, count: int) -> list[XenGuest]:
         return [XenGuest(i, self) for i in range(count)]

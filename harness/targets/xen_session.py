@@ -9,6 +9,7 @@ makes no domain and boots nothing (that is :mod:`harness.targets.xen_toolstack` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -18,10 +19,10 @@ from typing import Any
 
 from harness.crash_watch import DOM0_KERNEL_LOGS, GUEST_KERNEL_LOGS, new_crash_lines_check
 from harness.deadline import Deadline
-from harness.errors import ResetFailed, TargetNotReady
+from harness.errors import HarnessError, ResetFailed, TargetNotReady
 from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
-from harness.targets import xen_driver
+from harness.targets import dom0_units, xen_driver
 from harness.targets.health import Check, failures
 from harness.targets.xen_guest import XenGuest
 from harness.transport_ssh import REMOTE_PACKAGE_DIR
@@ -39,7 +40,11 @@ class Dom0Session:
     """dom0's login, the guests' logins through it, and the daemons started on them."""
 
     def __init__(
-        self, guests: Sequence[XenGuest], artifacts: Path, say: Callable[[str], None]
+        self,
+        guests: Sequence[XenGuest],
+        artifacts: Path,
+        say: Callable[[str], None],
+        packaged: bool = False,
     ) -> None:
         self.guests = guests
         self.artifacts = artifacts
@@ -47,6 +52,10 @@ class Dom0Session:
         self.dom0: SshHost | None = None
         self.package = REPO_ROOT / "xenvtpm"  # what deploy copies: --driver may change it
         self.daemons: dict[str, dict[str, int]] = {}  # host name -> daemon name -> pid
+        # dom0 gets the .deb of the package and runs its units (dom0_units), as users do;
+        # else the copied folder and the daemons as background processes (a user's host)
+        self.packaged = packaged
+        self.installed: dict[str, str] = {}  # the package dom0 runs: version, sha256, file
 
     def host(self) -> SshHost:
         """dom0's login (TargetNotReady before there is one)."""
@@ -74,8 +83,28 @@ class Dom0Session:
         host at once."""
         package = package or self.package
         hosts = self.hosts()
+        packaged = {"dom0"} if self.packaged else set()
+
+        def deploy_to(name: str) -> None:
+            if name in packaged:
+                self.install_package(package)
+            else:
+                deploy_package(hosts[name], package)
+
         with ThreadPoolExecutor(len(hosts) or 1) as pool:
-            list(pool.map(lambda host: deploy_package(host, package), hosts.values()))
+            list(pool.map(deploy_to, hosts))
+
+    def install_package(self, package: Path) -> None:
+        """The .deb of ``package`` (kept in the artifacts: it is what this run tested)
+        installed in dom0, which then runs nothing else of ours."""
+        deb = dom0_units.build_deb(package, self.artifacts)
+        dom0 = self.host()
+        remote = f"{dom0_units.REMOTE_DEB_DIR}/{deb.name}"
+        dom0.check(f"mkdir -p {dom0_units.REMOTE_DEB_DIR}")
+        dom0.put(deb, remote)
+        version = dom0_units.check_installed(dom0.check(dom0_units.install_command(remote)))
+        self.installed = {"version": version, "sha256": dom0_units.sha256(deb), "file": deb.name}
+        self.say(f"dom0: installed {deb.name} (sha256 {self.installed['sha256'][:16]}...)")
 
     def provision(self, instances: Sequence[int]) -> None:
         """Make the vTPM instances in dom0 (``python3 -m xenvtpm provision``: swtpm_setup,
@@ -109,16 +138,38 @@ class Dom0Session:
             xen_driver.stop_daemon(host, f"{name} on {host.name}", pid)
 
     def start_dom0_daemons(self) -> None:
-        """The manager, then the backend (which connects to it)."""
-        xen_driver.start_dom0(self.host(), self.start_daemon)
+        """The manager, then the backend (which connects to it): through the package's
+        units when dom0 has it, else as background processes."""
+        if not self.packaged:
+            xen_driver.start_dom0(self.host(), self.start_daemon)
+            return
+        dom0 = self.host()
+        dom0.run(f"cat > {dom0_units.DEFAULTS_FILE}", stdin=dom0_units.defaults_text().encode())
+        self._started_units(dom0_units.start_command(), list(dom0_units.UNITS))
+
+    def _started_units(self, command: str, names: list[str]) -> None:
+        """Run ``command`` (it starts units and prints their main pids); record them."""
+        rc, out, err = self.host().run(command, timeout=180)
+        if rc != 0:
+            evidence = "\n".join(
+                self.host().run(dom0_units.failure_evidence_command(n))[1] for n in names
+            )
+            raise TargetNotReady("dom0", f"{command} exited {rc}: {err.strip()}\n{evidence}")
+        self.daemons.setdefault("dom0", {}).update(dom0_units.read_pids(out, names))
 
     def restart_backend(self) -> None:
         dom0 = self.host()
+        if self.packaged:
+            self._started_units(dom0_units.restart_command("backend"), ["backend"])
+            return
         self.stop_daemon(dom0, "backend")
         self.start_daemon(dom0, "backend", xen_driver.backend_args())
 
     def restart_manager(self) -> None:
         dom0 = self.host()
+        if self.packaged:
+            self._started_units(dom0_units.restart_command("manager"), ["manager"])
+            return
         self.stop_daemon(dom0, "manager")
         dom0.check(f"rm -f {xen_driver.MANAGER_SOCKET}")
         self.start_daemon(dom0, "manager", xen_driver.manager_args())
@@ -145,12 +196,17 @@ class Dom0Session:
             Check(
                 name,
                 f"kill -0 {pid}",
-                f"{daemon} in {name} exited; log {REMOTE_LOG_DIR}/{daemon}.log there "
+                f"{daemon} in {name} exited; log {self._log_place(name, daemon)} there "
                 f"(fetched into {self.artifacts} on close)",
             )
             for name, daemons in self.daemons.items()
             for daemon, pid in daemons.items()
         ]
+
+    def _log_place(self, host: str, daemon: str) -> str:
+        if self.packaged and host == "dom0" and daemon in dom0_units.UNITS:
+            return f"journalctl -u {dom0_units.UNITS[daemon]}"
+        return f"{REMOTE_LOG_DIR}/{daemon}.log"
 
     def problems(self, checks: Sequence[Check]) -> list[str]:
         """What ``checks`` find broken: one command per host, all hosts at once."""
@@ -205,11 +261,14 @@ class Dom0Session:
         pid = self.daemons.get("dom0", {}).get("manager")
         if pid is None:
             raise TargetNotReady("manager", "not started by this target")
-        log = f"{REMOTE_LOG_DIR}/manager.log"
+        if self.packaged:
+            log = dom0_units.log_command("manager")
+        else:
+            log = f"cat {REMOTE_LOG_DIR}/manager.log"
         line: str = self.host().check(
-            f"n=$(grep -c ' status: ' {log}); kill -USR1 {pid}; "
-            f"for i in $(seq 50); do [ $(grep -c ' status: ' {log}) -gt $n ] && break; "
-            f"sleep 0.2; done; grep ' status: ' {log} | tail -n 1"
+            f"n=$({log} | grep -c ' status: '); kill -USR1 {pid}; "
+            f"for i in $(seq 50); do [ $({log} | grep -c ' status: ') -gt $n ] && break; "
+            f"sleep 0.2; done; {log} | grep ' status: ' | tail -n 1"
         )
         return line.strip()
 
@@ -265,6 +324,9 @@ class Dom0Session:
             guests = {
                 g.name: g.ssh for g in self.guests if g.ssh is not None and g.name not in skip
             }
+            if self.packaged:
+                with contextlib.suppress(HarnessError):
+                    self.dom0.run(dom0_units.save_logs_command(REMOTE_LOG_DIR), timeout=60)
             collect_logs(self.dom0, guests, self.artifacts, cursors)
 
     def close(self) -> None:
