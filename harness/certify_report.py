@@ -156,6 +156,13 @@ def _driver(versions: Mapping[str, Any]) -> str:
     return f"`{commit}`" + (f" ({describe}, {state})" if describe else f" ({state})")
 
 
+def _package(package: Mapping[str, Any]) -> str:
+    """The version tested (deployed as a folder) and what the host has installed."""
+    installed = package.get("installed") or ""
+    host = f"xenvtpm {installed} installed on the host, not used" if installed else "none installed"
+    return f"xenvtpm {package.get('version', 'unknown')}, deployed as a folder ({host})"
+
+
 def _xen(versions: Mapping[str, Any]) -> str:
     xen = versions.get("xen") or {}
     if not xen:
@@ -230,6 +237,8 @@ def render(versions: Mapping[str, Any], suite: Suite | None, host: str = "") -> 
         lines += [f"Run started {suite.timestamp}.", ""]
     lines += ["| what | version |", "|---|---|"]
     rows: list[tuple[str, str]] = [("driver build (git)", _driver(versions))]
+    if versions.get("package"):  # recorded since the harness installs packages
+        rows.append(("driver package", _package(versions["package"])))
     if versions.get("hostname"):
         rows.append(("host", str(versions["hostname"])))
     rows += [("Xen", _xen(versions)), ("dom0", _system(versions.get("dom0") or {}))]

@@ -222,3 +222,13 @@ def test_exit_code_by_verdict(tmp_path: Path, cases: tuple[str, ...], code: int)
     (tmp_path / "junit.xml").write_text(_junit(*cases))
     argv = ["--junit", str(tmp_path / "junit.xml"), "--versions", str(tmp_path / "v.json")]
     assert main([*argv, "--out", str(tmp_path / "r.md")]) == code
+
+
+def test_report_names_the_package_version_tested_and_the_hosts_own() -> None:
+    tested = render(VERSIONS | {"package": {"version": "0.1.0", "installed": ""}}, None)
+    assert "| driver package | xenvtpm 0.1.0, deployed as a folder (none installed) |" in tested
+    both = render(VERSIONS | {"package": {"version": "0.2.0", "installed": "0.1.0"}}, None)
+    assert (
+        "xenvtpm 0.2.0, deployed as a folder (xenvtpm 0.1.0 installed on the host, not used)"
+        in both
+    )

@@ -17,6 +17,7 @@ import paramiko
 import pytest
 from fake_xen_host import FakeGuest, FakeXenHost
 
+import xenvtpm
 from harness.deadline import Deadline
 from harness.errors import HarnessError, TargetNotReady, UnsupportedOperation
 from harness.paths import REPO_ROOT
@@ -421,6 +422,8 @@ def test_new_keys_accepted_on_request_are_recorded_and_can_be_pinned(
         finally:
             target.close()
         artifacts = tmp_path / "artifacts"
+        package = json.loads((artifacts / "versions.json").read_text())["package"]
+        assert package == {"version": xenvtpm.__version__, "installed": ""}
         recorded = json.loads((artifacts / "versions.json").read_text())["host_keys"]
         assert [(k["login"], k["host"], k["trust"]) for k in recorded] == [
             ("dom0", dom0_name, "accepted-new"),

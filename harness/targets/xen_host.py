@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -86,6 +87,15 @@ def driver_build(root: Path = REPO_ROOT) -> dict[str, Any]:
         "dirty": bool(changed),
         "changed_files": len(changed),
     }
+
+
+def package_version(package: Path) -> str:
+    """``__version__`` of a xenvtpm package folder, or "unknown"."""
+    try:
+        found = re.search(r'^__version__ = "([^"]+)"', (package / "__init__.py").read_text(), re.M)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
 
 
 def missing(host: SshHost, checks: Sequence[tuple[str, str]], timeout: float = 60.0) -> list[str]:
@@ -489,6 +499,7 @@ class XenHostTarget(XenDriverTarget):
             "guest_kind": self.guest_kind,
             "destructive": self.destructive,
             "driver": self._driver_record(),
+            "package": self._package_record(dom0),
             "own_build": self.prepared.to_json(),
             "xen": {k: info[k] for k in xen_keys if info.get(k)},
             "dom0": self._os_versions(dom0),
@@ -501,6 +512,18 @@ class XenHostTarget(XenDriverTarget):
         (self.artifacts / VERSIONS_FILE).write_text(json.dumps(self.versions, indent=2) + "\n")
         lines = [k.known_hosts_line() for k in self.host_keys.seen]
         (self.artifacts / KNOWN_HOSTS_FILE).write_text("".join(f"{line}\n" for line in lines))
+
+    def _package_record(self, dom0: SshHost) -> dict[str, str]:
+        """The version of the driver this run deployed (its ``__version__``), and of a
+        xenvtpm package installed on the host, which this run does not use."""
+        _, installed, _ = dom0.run(
+            "dpkg-query -W -f '${Status} ${Version}' xenvtpm 2>/dev/null", timeout=30
+        )
+        words = installed.split()
+        return {
+            "version": package_version(self.session.package),
+            "installed": words[-1] if installed.startswith("install ok installed") else "",
+        }
 
     @staticmethod
     def _os_versions(host: SshHost) -> dict[str, str]:
