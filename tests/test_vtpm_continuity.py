@@ -18,6 +18,7 @@ Against real swtpm, with the manager as a subprocess (tests/test_manager.py's he
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -44,6 +45,7 @@ from test_faults import (
 )
 
 from harness.paths import REPO_ROOT
+from xenvtpm.backend.vtpm_identity import UuidInstances
 from xenvtpm.manager.manager import ManagerClient
 from xenvtpm.tpm import (
     TPM_RC,
@@ -264,3 +266,27 @@ def test_a_planned_restart_then_a_reboot_resets(tmp_root: Path, domid: int) -> N
         with m.client() as c:
             assert c.transact(INSTANCE, bind_command(domid + 1)) == SUCCESS  # rebooted
             assert pcr16(c) == bytes(32)
+
+
+def test_a_copy_of_the_stopped_state_root_is_a_whole_backup(tmp_root: Path) -> None:
+    """README, "Deploying on a Xen host": the state root copied with ``cp -a`` while the
+    manager is stopped holds every instance's NV and xl's uuid map; put back after the
+    disk is lost, the next manager serves the same NV and the uuid the same instance."""
+    state = tmp_root / "state"
+    m = start_manager(tmp_root)
+    try:
+        with m.client() as c:
+            _, value = in_use(c, 5)
+    finally:
+        assert m.stop() == 0, m.stderr()
+    uuid = "5c0a3b9e-1d2f-4e6a-8b7c-0d1e2f3a4b5c"
+    instance = UuidInstances(state / "vtpm-uuids.json").instance_for(uuid)
+    backup = tmp_root / "backup"
+    subprocess.run(["cp", "-a", str(state), str(backup)], check=True)
+    shutil.rmtree(state)  # the disk is lost
+    subprocess.run(["cp", "-a", str(backup), str(state)], check=True)
+    for m in managed(tmp_root):
+        with m.client() as c:
+            assert c.transact(INSTANCE, bind_command(6)) == SUCCESS  # the guest booted again
+            assert nv_value(c) == value
+    assert UuidInstances(state / "vtpm-uuids.json").instance_for(uuid) == instance
