@@ -26,6 +26,7 @@ from harness.target import (
     Reboots,
     Restarts,
     SaveRestore,
+    Services,
     Xl,
     XlDevices,
 )
@@ -65,6 +66,11 @@ def restarts(request: pytest.FixtureRequest) -> Restarts:
     component = params.params.get("component") if params is not None else None
     needed = [COMPONENT_CAPABILITY[component]] if component in COMPONENT_CAPABILITY else []
     return cast(Restarts, _capable(request, *needed))
+
+
+@pytest.fixture(scope="session")
+def services(request: pytest.FixtureRequest) -> Services:
+    return cast(Services, _capable(request, Capability.SERVICES))
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,8 @@ class Capability(enum.StrEnum):
     # of that guest's vTPM (xenvtpm/backend/traffic_trace.py), for a failed test's report
     TPM2_CHIP = "tpm2-chip"  # the guest kernel registered its vTPM as a TPM 2.0 chip:
     # its own users (hwrng, IMA) speak TPM 2.0; with save-restore, it stays /dev/tpm0
+    SERVICES = "services"  # dom0's manager and backend run as the package's systemd units:
+    # target.crash_service(name) SIGKILLs one, and its unit must start it again
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 
@@ -173,6 +175,15 @@ class Restarts(Protocol):
     """``restart-frontend``, ``restart-backend``, ``restart-manager``."""
 
     def restart(self, component: Component) -> None: ...
+
+
+class Services(Protocol):
+    """``services``: dom0's daemons under the package's units (deploy/systemd)."""
+
+    def crash_service(self, component: Literal["backend", "manager"]) -> float:
+        """SIGKILL the component's main process; the seconds until systemd has started
+        it again and every guest's vTPM is Connected."""
+        ...
 
 
 class Reboots(Protocol):

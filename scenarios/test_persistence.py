@@ -41,7 +41,7 @@ from tpm_helpers import (
     storage_template,
 )
 
-from harness.target import Component, Guest, Reboots, Restarts, SaveRestore
+from harness.target import Component, Guest, Reboots, Restarts, SaveRestore, Services
 from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, nv_index, pcr_extended, persistent_handle
 
 # A PCR that PCR_Reset cannot clear from locality 0: only a TPM reset zeroes it.
@@ -162,6 +162,23 @@ def test_pcrs_kept_on_driver_restart(restarts: Restarts, guest: Any, component: 
         resets = _reset_count(ctx)
     domid = guest.domid
     restarts.restart(component)
+    assert guest.domid == domid
+    with open_esapi(guest) as ctx:
+        assert read_pcr(ctx, STATIC_PCR) == static
+        assert read_pcr(ctx, DEBUG_PCR) == debug
+        assert _reset_count(ctx) == resets
+
+
+@pytest.mark.needs("services")
+def test_pcrs_kept_when_systemd_restarts_a_crashed_backend(services: Services, guest: Any) -> None:
+    """dom0's backend crashes (SIGKILL): its unit's Restart=on-failure starts it again
+    with no one's help (deploy/systemd), and the guest's TPM is not reset: the same
+    domain, PCRs and resetCount."""
+    with open_esapi(guest) as ctx:
+        static, debug = _extend_both(ctx)
+        resets = _reset_count(ctx)
+    domid = guest.domid
+    services.crash_service("backend")
     assert guest.domid == domid
     with open_esapi(guest) as ctx:
         assert read_pcr(ctx, STATIC_PCR) == static

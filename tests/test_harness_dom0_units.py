@@ -69,6 +69,8 @@ class Dom0Double:
         self.copied: list[tuple[Path, str]] = []
         self.pid = 700
         self.start_fails = False
+        self.killed = 0
+        self.polls = 0
 
     def run(
         self, command: str, timeout: float = 60.0, *, check: bool = False, stdin: bytes = b""
@@ -78,6 +80,15 @@ class Dom0Double:
             self.stdin[command] = stdin
         if command.startswith("dpkg -i"):
             return 0, f"0.1.0\n{dom0_units.INSTALLED_DIR}/__init__.py\n", ""
+        if command.startswith("kill -KILL"):
+            self.killed = int(command.split()[-1])
+            return 0, "", ""
+        if command.startswith("systemctl show -p ActiveState"):
+            self.polls += 1
+            if self.polls < 3:  # systemd's RestartSec: still the old one, then none
+                pid = self.killed if self.polls == 1 else 0
+                return 0, f"ActiveState=activating\nMainPID={pid}\n", ""
+            return 0, "MainPID=750\nActiveState=active\n", ""
         if command.startswith("systemctl status"):
             return 3, "xenvtpm-manager.service: failed (Result: exit-code)", ""
         if "systemctl enable" in command or "systemctl restart" in command:
@@ -142,3 +153,20 @@ def test_a_unit_that_fails_to_start_says_why(session: tuple[Dom0Session, Dom0Dou
     dom0.start_fails = True
     with pytest.raises(TargetNotReady, match=r"(?s)exited 1.*failed \(Result: exit-code\)"):
         s.start_dom0_daemons()
+
+
+def test_a_crashed_unit_is_watched_again_once_systemd_started_a_new_one(
+    session: tuple[Dom0Session, Dom0Double],
+) -> None:
+    s, dom0 = session
+    s.start_dom0_daemons()
+    s.crash_unit("backend", timeout=30)
+    assert dom0.killed == 702 and dom0.polls == 3
+    assert s.daemons["dom0"]["backend"] == 750
+
+
+def test_a_crash_is_refused_where_the_daemons_are_not_units(tmp_path: Path) -> None:
+    s = Dom0Session([], tmp_path, lambda _: None, packaged=False)
+    s.dom0 = Dom0Double()  # type: ignore[assignment]
+    with pytest.raises(TargetNotReady, match="not running as a unit"):
+        s.crash_unit("backend")

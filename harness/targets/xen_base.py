@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from harness import tpmwire
 from harness.deadline import Deadline
@@ -197,6 +197,19 @@ class XenDriverTarget(BaseTarget):
         if component == "manager":
             self._wait_served(deadline)
         self.say(f"restarted the {component}")
+
+    def crash_service(self, component: Literal["backend", "manager"]) -> float:
+        """SIGKILL dom0's backend or manager; its unit's Restart= starts it again."""
+        self.require(Capability.SERVICES)
+        t0 = time.monotonic()
+        self.session.crash_unit(component)
+        deadline = Deadline(xen_driver.DEVICE_TIMEOUT)
+        self.session.wait_connected(deadline)
+        if component == "manager":
+            self._wait_served(deadline)
+        waited = time.monotonic() - t0
+        self.say(f"systemd started the crashed {component} again; served {waited:.1f} s on")
+        return waited
 
     def _wait_served(self, deadline: Deadline) -> None:
         """Until each guest's vTPM answers a GetRandom. A restarted manager starts each

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shlex
+import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -156,6 +157,28 @@ class Dom0Session:
             )
             raise TargetNotReady("dom0", f"{command} exited {rc}: {err.strip()}\n{evidence}")
         self.daemons.setdefault("dom0", {}).update(dom0_units.read_pids(out, names))
+
+    def crash_unit(self, name: str, timeout: float = 60.0) -> None:
+        """SIGKILL a unit's main process (a crash); until systemd has started another
+        and it said READY=1 (the unit is active again with a new main pid)."""
+        old = self.daemons.get("dom0", {}).get(name)
+        if not self.packaged or old is None:
+            raise TargetNotReady(name, "not running as a unit started by this target")
+        dom0 = self.host()
+        dom0.check(f"kill -KILL {old}")
+        unit = dom0_units.UNITS[name]
+        deadline = Deadline(timeout)
+        while True:
+            shown = dom0.check(f"systemctl show -p ActiveState -p MainPID {unit}")
+            out = dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
+            pid = out.get("MainPID", "0")
+            if out.get("ActiveState") == "active" and pid not in ("0", str(old)):
+                self.daemons["dom0"][name] = int(pid)
+                return
+            if deadline.expired:
+                evidence = dom0.run(dom0_units.failure_evidence_command(name))[1]
+                raise TargetNotReady(name, f"systemd did not start it again: {out}\n{evidence}")
+            time.sleep(0.5)
 
     def restart_backend(self) -> None:
         dom0 = self.host()
