@@ -10,12 +10,14 @@ any Debian machine with no toolchain. The package holds:
 
 It depends on what every host needs (python3, Xen's libxenstore, libxengnttab and
 libxenevtchn, which the real adapter opens by ctypes) and recommends what only dom0
-needs (swtpm, swtpm-tools, util-linux's unshare, prlimit and setpriv).
+needs (swtpm and swtpm-tools; util-linux, for --confine-swtpm's unshare, prlimit and
+setpriv, is essential on Debian). ``nox -s deb`` runs lintian over it.
 """
 
 from __future__ import annotations
 
 import argparse
+import email.utils
 import gzip
 import hashlib
 import os
@@ -31,7 +33,11 @@ PYTHON_DIR = "usr/lib/python3/dist-packages"
 UNIT_DIR = "lib/systemd/system"
 DOC_DIR = "usr/share/doc/xenvtpm"
 DEPENDS = "python3 (>= 3.11), libxenstore4, libxengnttab1, libxenevtchn1"
-RECOMMENDS = "swtpm, swtpm-tools, util-linux"
+RECOMMENDS = "swtpm, swtpm-tools"
+MAINTAINER = "xenvtpm developers <xenvtpm@example.org>"
+# Every file's mtime, unless SOURCE_DATE_EPOCH says otherwise: fixed, so the same
+# sources give the same bytes, and not 1970, which lintian calls ancient.
+DEFAULT_EPOCH = 1764547200  # 2025-12-01 00:00:00 UTC
 POSTINST = """#!/bin/sh
 set -e
 # The units are installed, not enabled: dom0 enables the manager and the backend, a
@@ -90,14 +96,31 @@ def stage(root: Path, source: Path = SOURCE) -> int:
     _copy(REPO_ROOT / "deploy" / "README.md", docs / "deploy.md")
     for doc in sorted((REPO_ROOT / "docs").glob("*.md")):
         _copy(doc, docs / "docs" / doc.name)
-    license_text = "xenvtpm is distributed under the MIT license (pyproject.toml).\n"
+    license_text = (
+        "Copyright 2025-2026 the xenvtpm developers.\n"
+        "xenvtpm is distributed under the MIT license (pyproject.toml).\n"
+    )
     (docs / "copyright").write_text(license_text)
     with gzip.GzipFile(docs / "changelog.gz", "wb", mtime=0) as out:
-        out.write(f"xenvtpm ({version()}) unstable; urgency=medium\n".encode())
+        out.write(changelog().encode())
     for path in root.rglob("*"):
         if path.is_dir():
             path.chmod(0o755)
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) // 1024 + 1
+
+
+def epoch() -> int:
+    return int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
+
+
+def changelog() -> str:
+    """One Debian changelog entry for this version, dated at ``epoch()``."""
+    date = email.utils.formatdate(epoch(), usegmt=False)
+    return (
+        f"xenvtpm ({version()}) unstable; urgency=medium\n\n"
+        "  * Built from the xenvtpm sources by deploy/deb.py.\n\n"
+        f" -- {MAINTAINER}  {date}\n"
+    )
 
 
 def control(installed_kib: int) -> str:
@@ -105,7 +128,7 @@ def control(installed_kib: int) -> str:
         "Package: xenvtpm\n"
         f"Version: {version()}\n"
         "Architecture: all\n"
-        "Maintainer: xenvtpm developers <xenvtpm@localhost>\n"
+        f"Maintainer: {MAINTAINER}\n"
         f"Installed-Size: {installed_kib}\n"
         f"Depends: {DEPENDS}\n"
         f"Recommends: {RECOMMENDS}\n"
@@ -138,7 +161,7 @@ def build(out_dir: Path, source: Path = SOURCE) -> Path:
             if p.is_file() and meta not in p.parents
         ]
         (meta / "md5sums").write_text("".join(sums))
-        env = {**os.environ, "SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "0")}
+        env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch())}
         subprocess.run(
             ["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
             check=True,
