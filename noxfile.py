@@ -130,8 +130,13 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=False)
 def deb(session: nox.Session) -> None:
     """The Debian package: artifacts/deb/xenvtpm_<version>_all.deb (deploy/deb.py; the
-    driver pair, its systemd units and docs; reproducible, dpkg-deb only)."""
-    session.run("python3", "deploy/deb.py", str(ARTIFACTS / "deb"), external=True)
+    driver pair, its systemd units and docs; reproducible, dpkg-deb only), then lintian
+    over it: any error fails the session (issue 18)."""
+    ensure_debian_packages(session, ["lintian"])
+    out = ARTIFACTS / "deb"
+    session.run("python3", "deploy/deb.py", str(out), external=True)
+    (package,) = sorted(out.glob("xenvtpm_*_all.deb"))
+    session.run("lintian", "--fail-on", "error", "--info", str(package), external=True)
 
 
 @nox.session
