@@ -329,15 +329,47 @@ with ESAPI("device:" + sys.argv[1]) as esys:
 """
 
 
-def test_tpm2_pytss_in_the_guests_own_python(guest: Any) -> None:
+def pytss_check(guest: Any, device: str) -> tuple[str, str]:
+    """The guest's tpm2-pytss on ``device``: ("ok", family) or ("failed", why)."""
+    rc, out, err = guest.run(f"python3 -c {shlex.quote(PYTSS_SCRIPT)} {device}")
+    words = out.split()
+    if rc != 0 or len(words) != 3:
+        return "failed", (err.strip().splitlines() or [f"exit {rc}: {out!r}"])[-1]
+    first, second, family = words
+    if not re.fullmatch(r"[0-9a-f]{32}", first) or first == second:
+        return "failed", f"GetRandom gave {first} then {second}"
+    if family != "0x322e3000":
+        return "failed", f"TPM_PT_FAMILY_INDICATOR {family}, not '2.0'"
+    return "ok", "2.0"
+
+
+def test_tpm2_pytss_in_the_guests_own_python(target: Any, guest: Any) -> None:
     """ESAPI of the guest's own tpm2-pytss on its TPM device, and on /dev/tpmrm0 where
-    its kernel registered a TPM 2.0 chip: 16 random bytes twice, family "2.0"."""
+    its kernel registered a TPM 2.0 chip: 16 random bytes twice, family "2.0". Each
+    device's result goes to ``artifacts/external/tpm2-pytss-<target>.md``."""
     chip = str(guest.tpm_device)
     rm = chip.replace("/tpm", "/tpmrm")
-    devices = [chip] + ([rm] if guest.run(f"test -c {rm}")[0] == 0 else [])
-    for device in devices:
-        rc, out, err = guest.run(f"python3 -c {shlex.quote(PYTSS_SCRIPT)} {device}")
-        assert rc == 0, f"{device}: {err}"
-        first, second, family = out.split()
-        assert re.fullmatch(r"[0-9a-f]{32}", first) and first != second, out
-        assert family == "0x322e3000", f"{device}: family {family}"
+    has_rm = guest.run(f"test -c {rm}")[0] == 0
+    results = {
+        device: pytss_check(guest, device) for device in [chip, rm] if has_rm or device == chip
+    }
+    _, versions, _ = guest.run(
+        "dpkg-query -W -f '${Package} ${Version}\\n' python3-tpm2-pytss libtss2-esys-3.0.2-0"
+    )
+    _, kernel, _ = guest.run("uname -r")
+    rows = [f"| `device:{d}` | {outcome} | {detail} |" for d, (outcome, detail) in results.items()]
+    if not has_rm:
+        rows.append(f"| `device:{rm}` | n/a | {NO_TPMRM} |")
+    write_report(
+        REPORT_DIR / f"tpm2-pytss-{target.name}.md",
+        "tpm2-pytss in the guest's own Python",
+        [
+            f"- target: {target.name}; guest: {guest.name}, kernel {kernel.strip()}",
+            *(f"- {line}" for line in versions.strip().splitlines()),
+            "- check: ESAPI on the device TCTI, GetRandom(16) twice, TPM_PT_FAMILY_INDICATOR",
+        ],
+        "| TCTI | result | family, or why not |\n|---|---|---|\n" + "\n".join(rows) + "\n",
+    )
+    print(f"\ntpm2-pytss in {guest.name}: {results}")
+    failed = {d: why for d, (outcome, why) in results.items() if outcome != "ok"}
+    assert not failed, failed
