@@ -45,6 +45,7 @@ class CC(enum.IntEnum):
     NV_READ = 0x014E
     FLUSH_CONTEXT = 0x0165
     READ_PUBLIC = 0x0173
+    START_AUTH_SESSION = 0x0176
     GET_CAPABILITY = 0x017A
     GET_RANDOM = 0x017B
     PCR_READ = 0x017E
@@ -82,6 +83,9 @@ SU_CLEAR = 0x0000
 RH_OWNER = 0x40000001  # TPM_RH_OWNER
 RS_PW = 0x40000009  # TPM_RS_PW: the password session
 ALG_SHA256 = 0x000B  # TPM_ALG_SHA256
+ALG_NULL = 0x0010  # TPM_ALG_NULL
+RH_NULL = 0x40000007  # TPM_RH_NULL
+SE_HMAC = 0x00  # TPM_SE_HMAC
 
 ERROR_RESPONSE_SIZE = 10
 TPM_MAX_COMMAND_SIZE = 4096  # swtpm's TPM_PT_MAX_COMMAND_SIZE (measured)
@@ -209,6 +213,27 @@ def nv_read(index: int, size: int, offset: int = 0) -> bytes:
     return with_password(
         CC.NV_READ, struct.pack(">II", index, index), struct.pack(">HH", size, offset)
     )
+
+
+def start_hmac_session(nonce: bytes) -> bytes:
+    """TPM2_StartAuthSession: an unbound, unsalted HMAC session with SHA256 and no
+    symmetric cipher; ``nonce`` is nonceCaller (16 bytes or more). Spec: Part 3, 11.1."""
+    params = (
+        struct.pack(">II", RH_NULL, RH_NULL)  # tpmKey, bind
+        + struct.pack(">H", len(nonce))
+        + nonce
+        + struct.pack(">HBHH", 0, SE_HMAC, ALG_NULL, ALG_SHA256)  # salt, type, symmetric, hash
+    )
+    return command(CC.START_AUTH_SESSION, params)
+
+
+def parse_session_handle(resp: Response) -> int:
+    """The sessionHandle of a StartAuthSession response."""
+    try:
+        (handle,) = struct.unpack_from(">I", resp.body)
+    except struct.error as e:
+        raise TransportError(f"malformed StartAuthSession response {resp.body.hex()}") from e
+    return int(handle)
 
 
 def read_public(handle: int) -> bytes:
