@@ -9,9 +9,13 @@
   committed NV data intact.
 - swtpm hung (SIGSTOP) in the middle of a command: the client's wait ends (a guest
   kernel cancels the command at its timeout and answers ETIME; elsewhere the client gives
-  up), and once swtpm runs again its late answer reaches nobody.
+  up), once swtpm runs again its late answer reaches nobody, and NV is as it was.
 - backend or manager restarted while the guest is idle: the guest's frontend reconnects
-  by itself and the guest's open TPM connection carries commands again.
+  by itself and the guest's open TPM connection carries commands again; across a backend
+  restart, what lives in swtpm (an auth session that connection started, NV) is kept.
+
+The faults that need the simulated host's insides (the manager stopped with a command
+in flight, a full disk, a corrupted state file) are in tests/test_faults.py.
 """
 
 from __future__ import annotations
@@ -41,13 +45,25 @@ from harness.target import Component, Faults, Guest, Restarts, Target
 from harness.tpmwire import (
     DEBUG_PCR,
     RC,
+    HandleRange,
     Response,
     assert_channel_works,
     command,
     error_response,
+    flush_context,
+    get_capability_handles,
     get_random,
+    nv_define_space,
     nv_index,
+    nv_read,
+    nv_undefine_space,
+    nv_write,
+    parse_handles,
+    parse_nv_read,
+    parse_session_handle,
     pcr_read,
+    rc_of,
+    start_hmac_session,
 )
 from harness.transport import RawTransport
 
@@ -222,23 +238,33 @@ def test_hung_swtpm_cancelled_command_answer_reaches_nobody(faults: Faults, gues
     a kernel, or on a stock xen-tpmfront guest (whose kernel polls, uninterruptibly, for
     the 2 minutes its TPM 1.2 table gives a TPM 2.0 ordinal), gives up by itself. swtpm
     then wakes and answers the old GetRandom(7): that late answer must reach nobody, so
-    each next command (GetRandom(11), (13), ...) gets exactly its own answer."""
-    with guest.transport() as t:
-        assert_channel_works(t)
-        faults.pause_swtpm(guest)
-        try:
-            started = time.monotonic()
-            with pytest.raises((DeviceRefused, TransportTimeout)) as ended:
-                t.transmit(get_random(7), timeout=HUNG_CLIENT_WAIT_S)
-            waited = time.monotonic() - started
-        finally:
-            faults.resume_swtpm(guest)
-    if isinstance(ended.value, DeviceRefused):
-        assert ended.value.errno_name == "ETIME", ended.value
-        assert waited < HUNG_CLIENT_WAIT_S
-    with guest.transport() as t:
-        for n in (11, 13, 17, 19, 23):
-            assert len(assert_channel_works(t, n)) == n
+    each next command (GetRandom(11), (13), ...) gets exactly its own answer. NV written
+    before the hang reads back unchanged after it."""
+    index, data = nv_index(0x41), os.urandom(32)
+    with open_esapi(guest) as ctx:
+        ctx.nv_write(nv_define(ctx, index, len(data)), data, 0)
+    try:
+        with guest.transport() as t:
+            assert_channel_works(t)
+            faults.pause_swtpm(guest)
+            try:
+                started = time.monotonic()
+                with pytest.raises((DeviceRefused, TransportTimeout)) as ended:
+                    t.transmit(get_random(7), timeout=HUNG_CLIENT_WAIT_S)
+                waited = time.monotonic() - started
+            finally:
+                faults.resume_swtpm(guest)
+        if isinstance(ended.value, DeviceRefused):
+            assert ended.value.errno_name == "ETIME", ended.value
+            assert waited < HUNG_CLIENT_WAIT_S
+        with guest.transport() as t:
+            for n in (11, 13, 17, 19, 23):
+                assert len(assert_channel_works(t, n)) == n
+        with open_esapi(guest) as ctx:
+            assert bytes(ctx.nv_read(ctx.tr_from_tpmpublic(index), len(data), 0)) == data
+    finally:
+        with open_esapi(guest) as ctx:
+            nv_remove(ctx, index)
 
 
 @pytest.mark.needs("kill-swtpm")
@@ -333,17 +359,50 @@ def test_restart_while_idle_guest_reconnects(
     with guest.transport() as before:
         assert_channel_works(before)
         restarts.restart(component)
-        end = time.monotonic() + RECOVERY_S
-        while True:
-            resp = before.transmit(get_random(8), timeout=RECOVERY_S)
-            if Response.from_bytes(resp).code == RC.SUCCESS:
-                break
-            assert resp == error_response(RC.FAILURE)
-            assert time.monotonic() < end, "the guest never reconnected"
-            time.sleep(0.1)
+        _answers_again(before)
         assert_channel_works(before)
     with open_esapi(guest) as ctx:
         assert len(bytes(ctx.get_random(16))) == 16
+
+
+def _answers_again(transport: RawTransport) -> None:
+    """Until ``transport`` answers GetRandom, after at most TPM_RC_FAILURE answers."""
+    end = time.monotonic() + RECOVERY_S
+    while True:
+        resp = transport.transmit(get_random(8), timeout=RECOVERY_S)
+        if Response.from_bytes(resp).code == RC.SUCCESS:
+            return
+        assert resp == error_response(RC.FAILURE)
+        assert time.monotonic() < end, "the guest never reconnected"
+        time.sleep(0.1)
+
+
+@pytest.mark.needs("restart-backend")
+def test_backend_restart_keeps_a_held_connections_session_and_nv(
+    restarts: Restarts, raw_tpm: RawTransport
+) -> None:
+    """A connection held open across a backend restart carries commands again, and what
+    lives in swtpm is untouched: the HMAC session that connection started is still
+    loaded, and NV written before reads back (the backend holds no TPM state)."""
+    index, data = nv_index(0x42), os.urandom(32)
+    raw_tpm.transmit(nv_undefine_space(index))  # left by an aborted run, or not there
+    assert rc_of(raw_tpm.transmit(nv_define_space(index, len(data)))) == RC.SUCCESS
+    try:
+        assert rc_of(raw_tpm.transmit(nv_write(index, data))) == RC.SUCCESS
+        started = Response.from_bytes(raw_tpm.transmit(start_hmac_session(os.urandom(16))))
+        assert started.code == RC.SUCCESS, started
+        session = parse_session_handle(started)
+        restarts.restart("backend")
+        _answers_again(raw_tpm)
+        loaded = Response.from_bytes(
+            raw_tpm.transmit(get_capability_handles(HandleRange.HMAC_SESSION))
+        )
+        assert session in parse_handles(loaded)[1]
+        raw_tpm.transmit(flush_context(session))
+        read = Response.from_bytes(raw_tpm.transmit(nv_read(index, len(data))))
+        assert read.code == RC.SUCCESS and parse_nv_read(read) == data
+    finally:
+        raw_tpm.transmit(nv_undefine_space(index))
 
 
 @pytest.mark.needs("restart-backend", "xen-probe")
