@@ -92,6 +92,18 @@ def wait_until_working(guest: Guest, deadline_s: float = RECOVERY_S) -> int:
             time.sleep(0.1)
 
 
+def answers_again(transport: RawTransport) -> None:
+    """Until ``transport`` answers GetRandom, after at most TPM_RC_FAILURE answers."""
+    end = time.monotonic() + RECOVERY_S
+    while True:
+        resp = transport.transmit(get_random(8), timeout=RECOVERY_S)
+        if Response.from_bytes(resp).code == RC.SUCCESS:
+            return
+        assert resp == error_response(RC.FAILURE)
+        assert time.monotonic() < end, "the guest's TPM never answered again"
+        time.sleep(0.1)
+
+
 class Busy(threading.Thread):
     """Sends slow commands on its own transport until one fails or it is stopped;
     records each answer (bytes) or the exception that ended it."""
@@ -281,14 +293,7 @@ def test_swtpm_killed_while_idle(
         for _ in range(3):
             assert raw_tpm.transmit(get_random(8)) == error_response(RC.FAILURE)
     faults.reset_vtpm(guest)
-    end = time.monotonic() + RECOVERY_S
-    while True:
-        resp = raw_tpm.transmit(get_random(8), timeout=RECOVERY_S)
-        if Response.from_bytes(resp).code == RC.SUCCESS:
-            break
-        assert resp == error_response(RC.FAILURE)
-        assert time.monotonic() < end, "no recovery"
-        time.sleep(0.1)
+    answers_again(raw_tpm)
     assert_channel_works(raw_tpm)
     assert faults.swtpm_pid(guest) not in (None, old)
 
@@ -359,22 +364,10 @@ def test_restart_while_idle_guest_reconnects(
     with guest.transport() as before:
         assert_channel_works(before)
         restarts.restart(component)
-        _answers_again(before)
+        answers_again(before)
         assert_channel_works(before)
     with open_esapi(guest) as ctx:
         assert len(bytes(ctx.get_random(16))) == 16
-
-
-def _answers_again(transport: RawTransport) -> None:
-    """Until ``transport`` answers GetRandom, after at most TPM_RC_FAILURE answers."""
-    end = time.monotonic() + RECOVERY_S
-    while True:
-        resp = transport.transmit(get_random(8), timeout=RECOVERY_S)
-        if Response.from_bytes(resp).code == RC.SUCCESS:
-            return
-        assert resp == error_response(RC.FAILURE)
-        assert time.monotonic() < end, "the guest never reconnected"
-        time.sleep(0.1)
 
 
 @pytest.mark.needs("restart-backend")
@@ -393,7 +386,7 @@ def test_backend_restart_keeps_a_held_connections_session_and_nv(
         assert started.code == RC.SUCCESS, started
         session = parse_session_handle(started)
         restarts.restart("backend")
-        _answers_again(raw_tpm)
+        answers_again(raw_tpm)
         loaded = Response.from_bytes(
             raw_tpm.transmit(get_capability_handles(HandleRange.HMAC_SESSION))
         )
