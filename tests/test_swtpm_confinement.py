@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -110,3 +111,75 @@ def test_a_state_root_others_cannot_reach_is_named(tmp_path: Path) -> None:
 def test_an_instance_beyond_the_uid_range_is_refused() -> None:
     with pytest.raises(VTPMError, match="no uid"):
         Confinement(2**31 - 10).uid(100)
+
+
+def as_uid(uid: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``argv`` run as ``uid`` (and gid), no groups: what a confined swtpm could do."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv],
+        stdout=subprocess.DEVNULL,  # a state file is binary
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+
+
+def test_one_instances_uid_can_neither_read_nor_write_anothers_state(tmp_root: Path) -> None:
+    """Code running as instance 1's uid (a guest that took over its swtpm) reaches its own
+    state, and not a byte of instance 2's: no read, no write, no new file, no listing."""
+    with manager(tmp_root, "--confine-swtpm", str(UID_BASE)) as c:
+        for instance in (1, 2):
+            random_bytes(c.transact(instance, get_random_command(8)))
+        mine, theirs = tmp_root / "state" / "1", tmp_root / "state" / "2"
+        uid = UID_BASE + 1
+        assert as_uid(uid, "cat", str(mine / "tpm2-00.permall")).returncode == 0
+        for argv in (
+            ["cat", str(theirs / "tpm2-00.permall")],
+            ["sh", "-c", f"echo x >> {theirs / 'tpm2-00.permall'}"],
+            ["touch", str(theirs / "planted")],
+            ["ls", str(theirs)],
+            ["ls", str(tmp_root / "state")],
+        ):
+            done = as_uid(uid, *argv)
+            assert done.returncode != 0 and "Permission denied" in done.stderr, (argv, done)
+        assert not (theirs / "planted").exists()
+
+
+def start_refused(tmp_root: Path, instance: int) -> str:
+    """Instance ``instance``'s first command under a confined manager: TPM_RC_FAILURE;
+    the manager's log."""
+    m = start_manager(tmp_root, "--confine-swtpm", str(UID_BASE))
+    try:
+        with m.client() as c:
+            answer = c.transact(instance, get_random_command(8))
+            assert answer[6:10] == (0x101).to_bytes(4, "big"), answer.hex()  # TPM_RC_FAILURE
+    finally:
+        assert m.stop() == 0
+    return m.stderr()
+
+
+def test_a_state_directory_of_another_uid_is_reported_not_repaired(tmp_root: Path) -> None:
+    """Instance 3's state found owned by instance 4's uid (moved, or written by another
+    swtpm): the manager does not start swtpm on it, says whose it is, and leaves it as it
+    found it; the operator decides."""
+    with manager(tmp_root, "--confine-swtpm", str(UID_BASE)) as c:
+        random_bytes(c.transact(3, get_random_command(8)))
+    state = tmp_root / "state" / "3"
+    stranger = UID_BASE + 4
+    for path in [state, *state.iterdir()]:
+        os.chown(path, stranger, stranger, follow_symlinks=False)
+    log = start_refused(tmp_root, 3)
+    assert f"owned by uid {stranger}" in log and str(state) in log, log
+    assert state.stat().st_uid == stranger
+    assert (state / "tpm2-00.permall").stat().st_uid == stranger
+
+
+def test_a_state_directory_open_to_others_is_reported_not_repaired(tmp_root: Path) -> None:
+    with manager(tmp_root, "--confine-swtpm", str(UID_BASE)) as c:
+        random_bytes(c.transact(5, get_random_command(8)))
+    state = tmp_root / "state" / "5"
+    state.chmod(0o777)
+    log = start_refused(tmp_root, 5)
+    assert "mode 777" in log and str(state) in log, log
+    assert stat.S_IMODE(state.stat().st_mode) == 0o777
