@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,9 @@ class Confinement:
         return uid
 
     def prepare(self, state_root: Path, state_dir: Path, instance: int) -> None:
-        """Give the instance's state (what swtpm_setup or the manager wrote as root
-        too) to its uid, mode 0700; the root may be crossed, not listed."""
+        """Give the instance's state that root wrote (swtpm_setup, the manager) to its
+        uid; the root may be crossed, not listed. State of another owner, or open to
+        others, is refused as found (:func:`check_state`)."""
         uid = self.uid(instance)
         closed = [p for p in state_root.parents if not os.stat(p).st_mode & 0o001]
         if closed:
@@ -64,12 +66,11 @@ class Confinement:
                 f"{closed[0]} is closed to others (mode {os.stat(closed[0]).st_mode & 0o777:o})"
                 f": a confined swtpm cannot reach {state_dir}"
             )
+        paths = check_state(state_dir, instance, uid)
         os.chmod(state_root, 0o711)
-        for directory, _, files in os.walk(state_dir):
-            os.chown(directory, uid, uid)
-            for name in files:
-                os.chown(os.path.join(directory, name), uid, uid, follow_symlinks=False)
-        os.chmod(state_dir, 0o700)
+        for path in paths:
+            if os.lstat(path).st_uid == 0:
+                os.chown(path, uid, uid, follow_symlinks=False)
 
     def wrap(self, command: list[str], instance: int) -> list[str]:
         """``command`` run with no network, the file-size limit, and the instance's uid."""
@@ -81,3 +82,30 @@ class Confinement:
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
             *command,
         ]  # fmt: skip
+
+
+def check_state(state_dir: Path, instance: int, uid: int) -> list[str]:
+    """Every path of the instance's state; VTPMError for one owned by neither root nor
+    ``uid`` (another instance's swtpm may have written it), for a state directory that
+    others may enter, and for a file anyone may write. Nothing is repaired: whoever
+    runs the host decides, and the error says what was found."""
+    mode = stat.S_IMODE(os.lstat(state_dir).st_mode)
+    if mode & 0o077:
+        raise VTPMError(
+            f"instance {instance}: {state_dir} has mode {mode:o}, open to others: refused, "
+            f"not repaired (check it, then chmod 700 {state_dir})"
+        )
+    paths = [str(state_dir)]
+    for directory, dirs, files in os.walk(state_dir):
+        paths += [os.path.join(directory, name) for name in dirs + files]
+    for path in paths:
+        info = os.lstat(path)
+        if info.st_uid not in (0, uid):
+            raise VTPMError(
+                f"instance {instance}: {path} is owned by uid {info.st_uid}, neither root "
+                f"nor the instance's uid {uid}: refused, not repaired (check it, then "
+                f"chown -R {uid}:{uid} {state_dir})"
+            )
+        if stat.S_ISREG(info.st_mode) and info.st_mode & 0o002:
+            raise VTPMError(f"instance {instance}: {path} is writable by anyone: refused")
+    return paths
