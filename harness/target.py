@@ -57,6 +57,8 @@ class Capability(enum.StrEnum):
     # its own users (hwrng, IMA) speak TPM 2.0; with save-restore, it stays /dev/tpm0
     SERVICES = "services"  # dom0's manager and backend run as the package's systemd units:
     # target.crash_service(name) SIGKILLs one, and its unit must start it again
+    CONFINED_SWTPM = "confined-swtpm"  # dom0's manager runs each swtpm confined
+    # (--confine-swtpm): a uid of its own per instance, no network; with dom0-shell
     VALIDATION = "validation"  # the driver checks packet lengths itself (short header,
     # empty write, oversize): plain swtpm cannot even receive those as one command
 

@@ -26,7 +26,15 @@ from tpm_helpers import (
     storage_template,
 )
 
-from harness.tpmwire import DEBUG_PCR, EK_PERSISTENT_RSA, nv_index, pcr_extended, persistent_handle
+from harness.target import Dom0Shell, Faults
+from harness.tpmwire import (
+    DEBUG_PCR,
+    EK_PERSISTENT_RSA,
+    assert_channel_works,
+    nv_index,
+    pcr_extended,
+    persistent_handle,
+)
 
 pytestmark = pytest.mark.needs("multi-guest")
 
@@ -197,3 +205,45 @@ def test_other_guest_still_works_after_probes(pair: tuple[Any, Any]) -> None:
     _probe_denied(a, "EACCES", "xs-write", f"/local/domain/{b.domid}/{DEVICE}/ring-ref", "9")
     with open_esapi(b) as ctx:
         assert len(bytes(ctx.get_random(16))) == 16
+
+
+@pytest.mark.needs("confined-swtpm", "dom0-shell", "kill-swtpm")
+def test_each_swtpm_is_confined_away_from_the_other_guests_state(
+    pair: tuple[Any, Any], faults: Faults, dom0_shell: Dom0Shell
+) -> None:
+    """In dom0, each guest's swtpm runs as a uid of its own (not root) with a network
+    namespace of its own, and as guest A's swtpm uid, guest B's state can be neither
+    read, written, added to nor listed: a guest that took over its swtpm through a
+    libtpms bug gets no further (docs/threat-model.md, "swtpm confined"). A's own state
+    is readable to that uid: the positive control."""
+
+    def dom0(command: str) -> tuple[int, str, str]:
+        return dom0_shell.dom0_run(command, 30)
+
+    seen = {}
+    for guest in pair:
+        with guest.transport() as t:
+            assert_channel_works(t)  # its swtpm runs
+        pid = faults.swtpm_pid(guest)
+        assert pid is not None
+        _, out, _ = dom0(
+            f"stat -c %u /proc/{pid}; readlink /proc/{pid}/ns/net /proc/1/ns/net; "
+            f"tr '\\0' '\\n' </proc/{pid}/cmdline | sed -n 's/^dir=\\([^,]*\\).*/\\1/p'"
+        )
+        uid, own_net, dom0_net, state = out.split()
+        assert int(uid) != 0 and own_net != dom0_net, out
+        seen[guest.name] = (int(uid), state)
+    (uid_a, state_a), (uid_b, state_b) = seen[pair[0].name], seen[pair[1].name]
+    assert uid_a != uid_b and state_a != state_b
+    as_a = f"setpriv --reuid={uid_a} --regid={uid_a} --clear-groups"
+    rc, _, err = dom0(f"{as_a} cat {state_a}/tpm2-00.permall >/dev/null")
+    assert rc == 0, err
+    for attempt in (
+        f"cat {state_b}/tpm2-00.permall >/dev/null",
+        f"sh -c 'echo x >> {state_b}/tpm2-00.permall'",
+        f"touch {state_b}/planted",
+        f"ls {state_b}",
+    ):
+        rc, _, err = dom0(f"{as_a} {attempt}")
+        assert rc != 0 and "Permission denied" in err, (attempt, rc, err)
+    assert dom0(f"test -e {state_b}/planted")[0] != 0

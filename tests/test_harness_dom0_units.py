@@ -27,16 +27,21 @@ def systemd_words(defaults: str, variable: str) -> list[str]:
 def test_the_defaults_file_gives_each_unit_the_harness_options(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv(xen_driver.MANAGER_FLAGS_ENV, "--no-fsync --confine-swtpm 620000")
+    monkeypatch.setenv(xen_driver.MANAGER_FLAGS_ENV, "--no-fsync --command-timeout 90")
     text = dom0_units.defaults_text()
     assert systemd_words(text, "XENVTPM_MANAGER_OPTS") == [
-        "--no-fsync",
         "--confine-swtpm",
-        "620000",
+        str(dom0_units.CONFINE_UID_BASE),  # every swtpm of our dom0 confined
+        "--no-fsync",
+        "--command-timeout",
+        "90",
     ]
     assert systemd_words(text, "XENVTPM_BACKEND_OPTS") == ["--trace", xen_driver.TRACE_DIR]
     monkeypatch.delenv(xen_driver.MANAGER_FLAGS_ENV)
-    assert systemd_words(dom0_units.defaults_text(), "XENVTPM_MANAGER_OPTS") == []
+    assert systemd_words(dom0_units.defaults_text(), "XENVTPM_MANAGER_OPTS") == [
+        "--confine-swtpm",
+        str(dom0_units.CONFINE_UID_BASE),
+    ]
 
 
 def test_dom0_must_import_the_installed_package_not_a_copied_folder() -> None:

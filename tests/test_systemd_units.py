@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from harness.paths import REPO_ROOT
-from harness.targets import xen_driver
+from harness.targets import dom0_units, xen_driver
 from xenvtpm.backend.backend import build_parser as backend_parser
 from xenvtpm.frontend.frontend import build_parser as frontend_parser
 from xenvtpm.manager.cli import build_parser as manager_parser
@@ -70,13 +70,15 @@ def test_the_harness_runs_the_units_command_lines_with_its_options(
 ) -> None:
     """On Xen the harness starts these units (harness/targets/dom0_units.py) with its
     options in /etc/default/xenvtpm: the unit's command line with them is exactly what
-    xen_driver says each daemon runs, with the manager's flags from the environment."""
+    xen_driver says each daemon runs, with the manager's flags from the environment, and
+    each swtpm confined."""
     monkeypatch.setenv(xen_driver.MANAGER_FLAGS_ENV, "--no-fsync")
-    options = {"manager": xen_driver.manager_options, "backend": xen_driver.backend_options}
+    options = {"manager": dom0_units.manager_options, "backend": xen_driver.backend_options}
     args = {"manager": xen_driver.manager_args, "backend": xen_driver.backend_args}
+    confined = ["--confine-swtpm", str(dom0_units.CONFINE_UID_BASE)] if name == "manager" else []
     parser = PARSERS[name]()
     via_unit = parser.parse_args(exec_start(name, options[name]()))
-    assert via_unit == parser.parse_args(shlex.split(args[name]())[1:])
+    assert via_unit == parser.parse_args(shlex.split(args[name]())[1:] + confined)
 
 
 @pytest.mark.parametrize("name", sorted(PARSERS))

@@ -22,6 +22,8 @@ from harness.targets import xen_driver
 from harness.transport_ssh import REMOTE_PACKAGE_DIR
 
 UNITS = {"manager": "xenvtpm-manager.service", "backend": "xenvtpm-backend.service"}
+# Each swtpm confined, as the README advises a host: uid 620000 + instance, no network
+CONFINE_UID_BASE = 620000
 DEFAULTS_FILE = "/etc/default/xenvtpm"
 INSTALLED_DIR = "/usr/lib/python3/dist-packages/xenvtpm"
 REMOTE_DEB_DIR = "/var/cache/xenvtpm"
@@ -67,10 +69,15 @@ def check_installed(output: str) -> str:
     return lines[0]
 
 
+def manager_options() -> list[str]:
+    """The manager's options in our dom0: each swtpm confined, then the run's flags."""
+    return ["--confine-swtpm", str(CONFINE_UID_BASE), *xen_driver.manager_options()]
+
+
 def defaults_text() -> str:
     """``/etc/default/xenvtpm`` as the harness writes it: its options for each unit."""
     options = {
-        "XENVTPM_MANAGER_OPTS": xen_driver.manager_options(),
+        "XENVTPM_MANAGER_OPTS": manager_options(),
         "XENVTPM_BACKEND_OPTS": xen_driver.backend_options(),
     }
     lines = [f"{name}={shlex.quote(shlex.join(value))}" for name, value in options.items()]

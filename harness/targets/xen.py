@@ -59,9 +59,14 @@ from harness.transport_ssh import REMOTE_PACKAGE_DIR
 __all__ = ["FIRST_INSTANCE", "REMOTE_PACKAGE_DIR", "XenGuest", "XenKernelFrontendTarget"]
 
 SNAPSHOT_ENV = "XENVTPM_SNAPSHOT"  # "0": always boot cold, never save a booted machine
-# our own machine's dom0 runs the package's units (dom0_units): services
+# our own machine's dom0 runs the package's units, each swtpm confined (dom0_units)
 MACHINE_CAPABILITIES = frozenset(
-    {Capability.POWER_CUT, Capability.CRASH_WATCH, Capability.SERVICES}
+    {
+        Capability.POWER_CUT,
+        Capability.CRASH_WATCH,
+        Capability.SERVICES,
+        Capability.CONFINED_SWTPM,
+    }
 )
 TOOLSTACK_CAPABILITIES = frozenset({Capability.REBOOT})
 
