@@ -477,6 +477,7 @@ class XenTarget(XenDriverTarget):
             "timings": self.timings,
             "guests": [g.describe() for g in self._guests],
             "own_build": self.prepared.to_json(),
+            "dom0_package": self.session.installed,  # version, sha256, file (artifacts)
         }
 
     def hostile_toolstack(self) -> HostileToolstack:
