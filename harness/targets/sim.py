@@ -143,6 +143,8 @@ class SimTarget(BaseTarget):
         Capability.DOM0_SHELL,
         Capability.SAVE_RESTORE,
         Capability.CRASH_WATCH,  # nothing to crash but processes: their exits are problems()
+        Capability.SERVICES,  # its daemons are processes of the run, not systemd units
+        Capability.CONFINED_SWTPM,  # its manager runs each swtpm as it is (tests/ confine)
     }
 
     def __init__(
