@@ -199,8 +199,10 @@ class XenDriverTarget(BaseTarget):
         self.say(f"restarted the {component}")
 
     def crash_service(self, component: Literal["backend", "manager"]) -> float:
-        """SIGKILL dom0's backend or manager; its unit's Restart= starts it again."""
+        """SIGKILL dom0's backend or manager; its unit's Restart= starts it again. Only
+        where the guests get over a restart of it (stock xen-tpmfront does not)."""
         self.require(Capability.SERVICES)
+        self.require(f"restart-{component}")
         t0 = time.monotonic()
         self.session.crash_unit(component)
         deadline = Deadline(xen_driver.DEVICE_TIMEOUT)
