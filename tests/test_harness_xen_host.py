@@ -19,6 +19,7 @@ from fake_xen_host import FakeGuest, FakeXenHost
 
 import xenvtpm
 from harness.deadline import Deadline
+from harness.driver_record import driver_build
 from harness.errors import HarnessError, TargetNotReady, UnsupportedOperation
 from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
@@ -35,7 +36,6 @@ from harness.targets.host_spec import (
 )
 from harness.targets.xen_host import (
     XenHostTarget,
-    driver_build,
     guest_checks,
     stop_daemons_command,
 )

@@ -26,19 +26,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shlex
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.deadline import Deadline
+from harness.driver_record import driver_build, package_version
 from harness.errors import HarnessError, TargetNotReady
 from harness.hostkeys import HostKeyCheck, resolve_known_hosts
 from harness.own_build import OwnBuild
-from harness.paths import REPO_ROOT
 from harness.process import ManagedProcess, ProcessRecord
 from harness.ssh import SshHost
 from harness.target import Capability, Guest
@@ -71,31 +69,6 @@ SWTPM_PATTERN = f"^[^ ]*swtpm .*{STATE_ROOT}/"
 # What this run may create in a domain, removed on close unless it was there before.
 DOM0_PATHS = (REMOTE_PACKAGE_DIR, REMOTE_LOG_DIR, "/run/xenvtpm", STATE_ROOT)
 GUEST_PATHS = (REMOTE_PACKAGE_DIR, REMOTE_LOG_DIR)
-
-
-def driver_build(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """The git commit of the driver being deployed, and whether the tree had changes."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    return {
-        "commit": git("rev-parse", "HEAD") or "unknown (not a git checkout)",
-        "describe": git("describe", "--always", "--dirty"),
-        "dirty": bool(changed),
-        "changed_files": len(changed),
-    }
-
-
-def package_version(package: Path) -> str:
-    """``__version__`` of a xenvtpm package folder, or "unknown"."""
-    try:
-        found = re.search(r'^__version__ = "([^"]+)"', (package / "__init__.py").read_text(), re.M)
-    except OSError:
-        found = None
-    return found.group(1) if found else "unknown"
 
 
 def missing(host: SshHost, checks: Sequence[tuple[str, str]], timeout: float = 60.0) -> list[str]:
