@@ -134,8 +134,10 @@ def _kill_during_command(faults: Faults, guest: Guest) -> bytes | Exception:
     """Kill the guest's swtpm while slow commands run; return what the last one got.
 
     Through the driver that is exactly TPM_RC_FAILURE whether the kill lands inside a
-    command or between two (the next one then meets failure mode). The driverless
-    target restarts a fresh swtpm, so a kill between two commands is retried there.
+    command or between two (the next one then meets failure mode). A kill that lands
+    after the worker's last command (it stopped before sending another) is retried,
+    after the reset that ends failure mode; so is one on the driverless target, which
+    restarts a fresh swtpm.
     """
     for _ in range(5):
         worker = Busy(guest)
@@ -151,6 +153,9 @@ def _kill_during_command(faults: Faults, guest: Guest) -> bytes | Exception:
         last = worker.outcomes[-1]
         if isinstance(last, Exception) or Response.from_bytes(last).code != RC.SUCCESS:
             return last
+        # The kill fell between two commands and the worker stopped before the next: the
+        # instance is now in failure mode (through the driver) until the reset
+        faults.reset_vtpm(guest)
         wait_until_working(guest)
     raise AssertionError("never managed to kill swtpm during a command")
 
