@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,33 @@ def test_it_packages_another_source_folder(tmp_path: Path) -> None:
         ["dpkg-deb", "--contents", str(built)], capture_output=True, text=True, check=True
     ).stdout
     assert f"./{deb.PYTHON_DIR}/xenvtpm/marker.py" in listing
+
+
+def test_pip_builds_a_wheel_with_the_console_scripts(tmp_path: Path) -> None:
+    """Issue 18: ``pip install .`` builds a wheel with the console scripts, ``xenvtpm``
+    (the driver's daemons and tools) and ``harness``. Built from a copy of the tree, so
+    that nothing is left in the checkout."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, tree / name)
+    for package in ("xenvtpm", "harness"):
+        shutil.copytree(
+            REPO_ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    wheel_command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"]
+    built = subprocess.run(
+        [*wheel_command, "-q", "-w", str(tmp_path / "dist"), str(tree)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("xenvtpm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    assert "xenvtpm = xenvtpm.__main__:main" in scripts, scripts
+    assert "harness = harness.cli:main" in scripts, scripts
+    assert "xenvtpm/__main__.py" in names and "xenvtpm/manager/manager.py" in names
