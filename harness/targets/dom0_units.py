@@ -10,7 +10,6 @@ a user's own host (certify) keeps it too: the harness installs no package there.
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 import subprocess
 import sys
@@ -41,10 +40,6 @@ def build_deb(package: Path, out_dir: Path) -> Path:
     if result.returncode != 0:
         raise TargetNotReady("package", f"deploy/deb.py failed: {result.stderr.strip()}")
     return Path(result.stdout.strip().splitlines()[-1])
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def install_command(remote_deb: str) -> str:

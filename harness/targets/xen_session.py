@@ -21,6 +21,7 @@ from typing import Any
 from harness.crash_watch import DOM0_KERNEL_LOGS, GUEST_KERNEL_LOGS, new_crash_lines_check
 from harness.deadline import Deadline
 from harness.errors import HarnessError, ResetFailed, TargetNotReady
+from harness.own_build import sha256_file
 from harness.paths import REPO_ROOT
 from harness.ssh import SshHost
 from harness.targets import dom0_units, xen_driver
@@ -104,7 +105,7 @@ class Dom0Session:
         dom0.check(f"mkdir -p {dom0_units.REMOTE_DEB_DIR}")
         dom0.put(deb, remote)
         version = dom0_units.check_installed(dom0.check(dom0_units.install_command(remote)))
-        self.installed = {"version": version, "sha256": dom0_units.sha256(deb), "file": deb.name}
+        self.installed = {"version": version, "sha256": sha256_file(deb), "file": deb.name}
         self.say(f"dom0: installed {deb.name} (sha256 {self.installed['sha256'][:16]}...)")
 
     def provision(self, instances: Sequence[int]) -> None:
@@ -145,7 +146,11 @@ class Dom0Session:
             xen_driver.start_dom0(self.host(), self.start_daemon)
             return
         dom0 = self.host()
-        dom0.run(f"cat > {dom0_units.DEFAULTS_FILE}", stdin=dom0_units.defaults_text().encode())
+        dom0.run(
+            f"cat > {dom0_units.DEFAULTS_FILE}",
+            stdin=dom0_units.defaults_text().encode(),
+            check=True,
+        )
         self._started_units(dom0_units.start_command(), list(dom0_units.UNITS))
 
     def _started_units(self, command: str, names: list[str]) -> None:
